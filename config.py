@@ -1,0 +1,220 @@
+"""Settings: built-in defaults < TOML config file < ``DISTILLERY_*`` env vars < CLI flags.
+
+The CLI resolves flags and environment variables (click's ``envvar=``) and hands
+only the values that were actually given to :func:`load_settings`, which layers
+them over the config file.  Unknown keys in the file are errors, so a typo never
+silently turns a feature off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from distillery.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+
+
+def data_dir() -> Path:
+    """Where the database and spool live unless configured otherwise."""
+    env = os.environ.get("DISTILLERY_DATA_DIR")
+    return Path(env) if env else Path(platformdirs.user_data_dir("distillery"))
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir("distillery")) / "distillery.toml"
+
+
+def key_fingerprint(api_key: str) -> str:
+    """A stable, irreversible name for an API key: what we store instead of the key."""
+    return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProxySettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65535)
+    max_body_mb: float = Field(100, gt=0, description="largest chat completion request body")
+    access_log: bool = True
+
+
+class UpstreamSettings(_Section):
+    url: str = DEFAULT_UPSTREAM
+    api_key: str | None = None
+    api_key_env: str | None = None
+    store: bool = True
+    metadata: bool = True
+    stream_usage: bool = True
+    timeout: float = Field(600, gt=0, description="seconds to wait for the next byte")
+    connect_timeout: float = Field(10, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/]+", value):
+            raise ValueError(f"must be an http(s) URL like {DEFAULT_UPSTREAM}, got {value!r}")
+        return value.rstrip("/")
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+class AuthSettings(_Section):
+    # Keys clients must present when the proxy holds the upstream key.  Either
+    # the key itself or its fingerprint (`distillery key-fingerprint`), so the
+    # config file need not hold secrets.
+    keys: list[str] = []
+
+    def accepts(self, api_key: str) -> bool:
+        return api_key in self.keys or key_fingerprint(api_key) in self.keys
+
+
+class StorageSettings(_Section):
+    database_url: str | None = None
+    data_dir: str | None = None
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else data_dir()
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir() / 'distillery.db'}"
+
+
+class SampleRule(_Section):
+    tag: str
+    rate: float = Field(ge=0, le=1)
+
+    @field_validator("tag")
+    @classmethod
+    def _key_value(cls, value: str) -> str:
+        if "=" not in value:
+            raise ValueError(f"must look like key=value, got {value!r}")
+        return value
+
+
+class CaptureSettings(_Section):
+    enabled: bool = True
+    sample_rate: float = Field(1.0, ge=0, le=1)
+    sample: list[SampleRule] = []
+    queue_size: int = Field(10_000, ge=1)
+    batch_size: int = Field(500, ge=1)
+    flush_interval: float = Field(0.05, gt=0)
+
+
+class FingerprintSettings(_Section):
+    enabled: bool = True
+    key: str = "prompt_fp"
+
+
+class TagRule(_Section):
+    model: str | None = None
+    text: str | None = None
+    set: dict[str, str]
+
+    @model_validator(mode="after")
+    def _valid(self) -> TagRule:
+        if self.model is None and self.text is None:
+            raise ValueError("a rule needs `model` or `text` (a regular expression)")
+        for pattern in (self.model, self.text):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return self
+
+
+class RedactPattern(_Section):
+    name: str
+    pattern: str
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"bad regular expression {value!r}: {exc}") from None
+        return value
+
+
+class RedactSettings(_Section):
+    defaults: bool = True
+    patterns: list[RedactPattern] = []
+
+
+class TaggingSettings(_Section):
+    header_prefix: str = "X-Distillery-Tag-"
+    app_key: str = "app"
+
+
+class Settings(_Section):
+    proxy: ProxySettings = ProxySettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    auth: AuthSettings = AuthSettings()
+    storage: StorageSettings = StorageSettings()
+    capture: CaptureSettings = CaptureSettings()
+    tagging: TaggingSettings = TaggingSettings()
+    tags: dict[str, str] = {}
+    apps: dict[str, str] = {}
+    fingerprint: FingerprintSettings = FingerprintSettings()
+    rules: list[TagRule] = []
+    redact: RedactSettings = RedactSettings()
+
+    @model_validator(mode="after")
+    def _no_open_relay(self) -> Settings:
+        if self.upstream.resolved_api_key() and not self.auth.keys:
+            raise ValueError(
+                "upstream.api_key is set but auth.keys is empty: anyone who can reach the "
+                "proxy would spend your key. Add proxy keys under [auth] keys = [...]"
+            )
+        return self
+
+
+def load_settings(
+    config_path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build settings from the config file (if any) and dotted-key overrides.
+
+    ``overrides`` maps dotted names such as ``"proxy.port"`` to values given on
+    the command line or in the environment; ``None`` values are ignored.
+    """
+    explicit = config_path is not None
+    path = config_path or Path(os.environ.get("DISTILLERY_CONFIG") or default_config_path())
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"Cannot read config file {path}: {exc}") from None
+    elif explicit or os.environ.get("DISTILLERY_CONFIG"):
+        raise ConfigError(f"Config file {path} does not exist.")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, name = dotted.partition(".")
+        raw.setdefault(section, {})[name] = value
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"Invalid configuration ({path}): {problems}") from None

@@ -1,0 +1,1 @@
+"""The offline path: datasets, evals and fine-tunes built from captured traffic."""

@@ -1,0 +1,163 @@
+"""The aiohttp application: routes, the canonical log line, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+from distillery.config import Settings
+from distillery.proxy.capture import Capture
+from distillery.proxy.chat import chat_completions
+from distillery.proxy.errors import APIError
+from distillery.proxy.forward import passthrough
+from distillery.proxy.metrics import Metrics
+from distillery.proxy.state import LOG_FIELDS, PROXY, Proxy
+from distillery.proxy.tagging import Tagger
+from distillery.redact import Redactor
+from distillery.store import Store
+
+log = structlog.get_logger()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route_name(request: web.Request) -> str:
+    name = request.match_info.route.name
+    return name.removesuffix("_app") if name else "other"
+
+
+@web.middleware
+async def canonical_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """OpenAI-shaped errors, metrics, and exactly one log line per request."""
+    started = time.perf_counter()
+    structlog.contextvars.clear_contextvars()
+    fields: dict[str, object] = {}
+    request[LOG_FIELDS] = fields
+    proxy = request.app[PROXY]
+    try:
+        response = await handler(request)
+    except APIError as error:
+        response = error.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = APIError(
+            exc.status,
+            f"{exc.reason}: {request.method} {request.path}",
+            code="not_found" if exc.status == 404 else None,
+        ).response()
+    elapsed = time.perf_counter() - started
+    route = _route_name(request)
+    proxy.metrics.requests.labels(route, str(response.status)).inc()
+    proxy.metrics.latency.labels(route).observe(elapsed)
+    if proxy.settings.proxy.access_log and route not in ("healthz", "metrics"):
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            latency_ms=round(elapsed * 1000, 3),
+            **fields,
+        )
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness and what storage looks like; 200 even while spooling (nothing is lost)."""
+    proxy = request.app[PROXY]
+    body: dict[str, object] = {"status": "ok", "upstream": proxy.upstream_url}
+    if proxy.capture is not None:
+        capture = proxy.capture.health()
+        body["capture"] = capture
+        if capture["database"] != "ok":
+            body["status"] = "degraded"
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[PROXY].metrics.render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+def make_app(settings: Settings, store: Store | None) -> web.Application:
+    """Build the proxy; ``store=None`` (or capture disabled) forwards without recording."""
+    capture = None
+    if store is not None and settings.capture.enabled:
+        redactor = Redactor.from_settings(
+            settings.redact.defaults, [(p.name, p.pattern) for p in settings.redact.patterns]
+        )
+        spool_dir = Path(settings.storage.resolved_data_dir()) / "spool"
+        capture = Capture(store, spool_dir, settings.capture, redactor)
+    proxy = Proxy(settings=settings, tagger=Tagger(settings), metrics=Metrics(), capture=capture)
+    if capture is not None:
+        proxy.metrics.watch(
+            "distillery_capture_queue_depth",
+            "Records waiting for the database writer.",
+            lambda: capture.queue.qsize(),
+        )
+        proxy.metrics.watch(
+            "distillery_spool_bytes",
+            "Bytes in spool segments not yet deleted.",
+            lambda: capture.spool.pending_bytes(),
+        )
+        proxy.metrics.watch(
+            "distillery_capture_write_errors",
+            "Database writes that failed (records spooled).",
+            lambda: capture.write_errors,
+        )
+        proxy.metrics.watch(
+            "distillery_captured_stored",
+            "Records the writer has stored in the database.",
+            lambda: capture.stored,
+        )
+
+    app = web.Application(
+        middlewares=[canonical_request],
+        client_max_size=int(settings.proxy.max_body_mb * 1024 * 1024),
+    )
+    app[PROXY] = proxy
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/metrics", metrics, name="metrics")
+    for prefix in ("", "/a/{app}"):
+        suffix = "_app" if prefix else ""
+        app.router.add_post(prefix + "/v1/chat/completions", chat_completions, name="chat" + suffix)
+        app.router.add_route(
+            "*", prefix + "/v1/{tail:.*}", passthrough, name="passthrough" + suffix
+        )
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """One client session and one writer for the app's life; flushed on the way out."""
+    proxy = app[PROXY]
+    upstream = proxy.settings.upstream
+    proxy.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1000, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.timeout
+        ),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+    )
+    if proxy.capture is not None:
+        proxy.capture.start()
+    log.info(
+        "proxy ready",
+        upstream=proxy.upstream_url,
+        capture="on" if proxy.capture else "off",
+        database=proxy.capture.store.url if proxy.capture else None,
+    )
+    yield
+    await proxy.session.close()
+    if proxy.capture is not None:
+        await asyncio.to_thread(proxy.capture.close)
+        log.info("capture flushed", **proxy.capture.health())

@@ -1,0 +1,63 @@
+"""Errors the proxy itself answers with, in OpenAI's error JSON shape.
+
+Upstream errors are never rewritten: they pass through byte for byte.  These
+are only for what the proxy decides on its own (bad body, unreachable upstream).
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+
+class APIError(Exception):
+    """An error response in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status, body=orjson.dumps(self.body()), content_type="application/json"
+        )
+
+
+def upstream_unreachable(exc: BaseException) -> APIError:
+    return APIError(
+        502,
+        f"Distillery could not reach the upstream API: {exc or type(exc).__name__}",
+        type="upstream_error",
+        code="upstream_unreachable",
+    )
+
+
+def upstream_timeout() -> APIError:
+    return APIError(
+        504,
+        "The upstream API did not answer in time (see upstream.timeout).",
+        type="upstream_error",
+        code="upstream_timeout",
+    )

@@ -1,0 +1,129 @@
+"""Forwarding to the upstream: header filters, the URL mapping, and pass-through.
+
+Every ``/v1/*`` request that is not a chat completion goes through
+:func:`passthrough` untouched: bodies stream both ways, compressed responses
+stay compressed (the client session never decompresses), and only hop-by-hop
+headers and Distillery's own ``X-Distillery-*`` headers are removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+import structlog
+from aiohttp import web
+from distillery.proxy.errors import upstream_timeout, upstream_unreachable
+from distillery.proxy.state import PROXY, log_fields
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+log = structlog.get_logger()
+
+# RFC 9110 section 7.6.1, plus the headers the HTTP client sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+REQUEST_DROP = HOP_BY_HOP | {"host", "authorization"}
+RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+OWN_PREFIX = "x-distillery-"
+
+
+def upstream_url(base: str, request: web.Request) -> URL:
+    """``base`` + the part of the raw path after ``/v1`` (and after ``/a/<app>``)."""
+    raw = request.raw_path
+    if raw.startswith("/a/"):
+        raw = raw[raw.index("/", 3) :]
+    return URL(base + raw[3:], encoded=True)
+
+
+def request_headers(
+    headers: Mapping[str, str], authorization: str | None, *, identity: bool = False
+) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in REQUEST_DROP or lower.startswith(OWN_PREFIX):
+            continue
+        out.add(name, value)
+    if "content-encoding" in out:
+        # aiohttp's server has already decoded the body; forward it decoded.
+        del out["content-encoding"]
+        out.popall("content-length", None)
+    if identity:
+        # The proxy sends a body of its own and must read the answer.
+        out.popall("content-length", None)
+        out["Accept-Encoding"] = "identity"
+    if authorization:
+        out["Authorization"] = authorization
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in RESPONSE_DROP:
+            out.add(name, value)
+    return out
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    proxy = request.app[PROXY]
+    tenant, authorization = proxy.authorize(request)
+    log_fields(request)["tenant"] = tenant
+    headers = request_headers(request.headers, authorization)
+    data = request.content if request.body_exists else None
+    response: web.StreamResponse | None = None
+    try:
+        async with proxy.session.request(
+            request.method,
+            upstream_url(proxy.upstream_url, request),
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+        ) as upstream:
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=response_headers(upstream.headers),
+            )
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except ConnectionResetError:
+        log.info("client went away", path=request.path)
+        assert response is not None
+        return response
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if response is None or not response.prepared:
+            proxy.metrics.upstream_errors.labels(
+                "timeout" if isinstance(exc, TimeoutError) else "unreachable"
+            ).inc()
+            raise (
+                upstream_timeout() if isinstance(exc, TimeoutError) else upstream_unreachable(exc)
+            ) from None
+        # Headers are already out: the only honest signal left is a cut connection.
+        log.warning("upstream failed mid-response", error=repr(exc))
+        abort(request)
+        return response
+
+
+def abort(request: web.Request) -> None:
+    """Close the client connection without ending the body, as the upstream did."""
+    if request.transport is not None:
+        request.transport.abort()

@@ -1,0 +1,61 @@
+"""Running the proxy: one process, uvloop, graceful shutdown on SIGTERM/SIGINT.
+
+aiohttp's ``run_app`` already does what a graceful stop needs: on a signal it
+stops accepting, waits up to ``shutdown_timeout`` for in-flight requests
+(streams included) and then runs the app's cleanup, where the capture writer
+flushes its queue to the database (or leaves it in the spool).
+"""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+from distillery.config import Settings
+from distillery.errors import DistilleryError
+from distillery.proxy.app import make_app
+from distillery.store import Store
+from distillery.store.db import create_engine, migrate
+
+log = structlog.get_logger()
+
+SHUTDOWN_TIMEOUT = 60.0
+
+
+def open_capture_store(settings: Settings) -> Store:
+    """The store for capture; a database that is down at start is not fatal (we spool)."""
+    engine = create_engine(settings.storage.resolved_database_url())
+    try:
+        migrate(engine)
+    except Exception as exc:
+        log.error("database unavailable at start; capturing to the spool", error=str(exc))
+        return Store(engine)
+    return Store(engine, migrated=True)
+
+
+def serve(settings: Settings) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    store = open_capture_store(settings) if settings.capture.enabled else None
+    app = make_app(settings, store)
+    try:
+        web.run_app(
+            app,
+            host=settings.proxy.host,
+            port=settings.proxy.port,
+            access_log=None,
+            print=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            loop=loop_factory() if loop_factory else None,
+        )
+    except OSError as exc:
+        raise DistilleryError(
+            f"Cannot listen on {settings.proxy.host}:{settings.proxy.port}: {exc.strerror}. "
+            "Pick another port with --port."
+        ) from None
+    finally:
+        if store is not None:
+            store.close()

@@ -1,0 +1,67 @@
+"""The schema for captured traffic.
+
+One row per chat completion call in ``completions``: the (redacted) request
+and reassembled response as JSON, plus the columns that later commands filter
+and aggregate on, pulled out so that they need no JSON parsing.  The final
+metadata sent upstream is kept twice on purpose: as a JSON column (to show a
+call whole) and as rows in ``completion_tags`` with a ``(key, value)`` index,
+because dataset builds select millions of rows by tag and a JSON scan would
+not scale on SQLite.
+
+``id`` is ours, not the upstream's: it is minted before the response is
+delivered, written to the spool with the record and used as the idempotency
+key, so replaying a spool after a crash can never insert a call twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+JSONColumn = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Completion(SQLModel, table=True):
+    __tablename__ = "completions"
+
+    id: str = Field(primary_key=True, max_length=40)
+    completion_id: str | None = Field(default=None, index=True, description="upstream id")
+    created_at: datetime = Field(
+        sa_column=Column(DateTime(timezone=True), nullable=False, index=True),
+        description="when the request arrived, UTC",
+    )
+    tenant: str = Field(index=True, description="fingerprint of the caller's API key")
+    upstream: str
+    path: str
+    model_requested: str | None = Field(default=None, index=True)
+    model_served: str | None = None
+    status: int = Field(description="HTTP status the client received")
+    stream: bool
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    latency_ms: float
+    ttft_ms: float | None = Field(default=None, description="time to first byte of the body")
+    upstream_request_id: str | None = None
+    prompt_fingerprint: str | None = Field(default=None, index=True)
+    request: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+    response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONColumn))
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONColumn))
+    # `metadata` is taken by SQLModel itself, hence the attribute name.
+    metadata_: dict[str, str] = Field(
+        default_factory=dict, sa_column=Column("metadata", JSONColumn, nullable=False)
+    )
+
+
+class CompletionTag(SQLModel, table=True):
+    __tablename__ = "completion_tags"
+    __table_args__ = (Index("ix_completion_tags_key_value", "key", "value"),)
+
+    completion_id: str = Field(foreign_key="completions.id", primary_key=True, max_length=40)
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=512)
