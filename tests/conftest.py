@@ -183,3 +183,21 @@ def postgres_url() -> Iterator[str]:
 
 
 __all__ = ["RunningProxy", "ServerThread", "load_settings", "wait_for"]
+
+
+@pytest.fixture
+def sdk() -> Iterator[Callable[..., Any]]:
+    """``sdk(base_url, api_key, async_=False, **kw)``: real openai clients, closed at teardown."""
+    import openai
+
+    made: list[Any] = []
+
+    def make(base_url: str, api_key: str = "sk-app-key", **kwargs: Any) -> openai.OpenAI:
+        kwargs.setdefault("max_retries", 0)
+        client = openai.OpenAI(base_url=base_url, api_key=api_key, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()

@@ -7,7 +7,7 @@ What it answers depends on the request's ``model``:
     fake-error-400    OpenAI's 400 error JSON
     fake-error-500    a 500 error JSON
     fake-cut          a stream (or body) cut off mid-way by closing the socket
-    fake-slow         waits `slow_seconds` before answering
+    fake-slow         takes `slow_seconds` to answer (spread over the chunks when streaming)
     fake-midstream-error  an SSE stream that ends with an error event
 
 Streams follow OpenAI: compact JSON chunks, ``"usage":null`` on every chunk and a
@@ -128,7 +128,7 @@ class FakeOpenAI:
             return self._error(400, "Invalid value for 'temperature'.", "invalid_value")
         if model == "fake-error-500":
             return self._error(500, "The server had an error while processing your request.", None)
-        if model == "fake-slow":
+        if model == "fake-slow" and not body.get("stream"):
             await asyncio.sleep(self.slow_seconds)
         # Deterministic per conversation, so direct and proxied answers compare byte for byte.
         digest = hashlib.sha1(orjson.dumps(body.get("messages"))).hexdigest()[:12]
@@ -269,6 +269,8 @@ class FakeOpenAI:
             finish = "tool_calls"
         else:
             for number, piece in enumerate(TEXT_PIECES):
+                if model == "fake-slow":
+                    await asyncio.sleep(self.slow_seconds / len(TEXT_PIECES))
                 for i in range(n):
                     await send(
                         [

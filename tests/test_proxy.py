@@ -26,16 +26,20 @@ TOOLS = [
 ]
 
 
-def clients(proxy: RunningProxy, upstream: FakeOpenAI) -> tuple[openai.OpenAI, openai.OpenAI]:
-    direct = openai.OpenAI(base_url=upstream.url + "/v1", api_key="sk-app-key", max_retries=0)  # type: ignore[attr-defined]
-    proxied = openai.OpenAI(base_url=proxy.base_url, api_key="sk-app-key", max_retries=0)
-    return direct, proxied
+@pytest.fixture
+def clients(sdk, upstream):
+    """(direct, proxied) sync clients that differ only in base_url."""
+
+    def make(proxy: RunningProxy) -> tuple[openai.OpenAI, openai.OpenAI]:
+        return sdk(upstream.url + "/v1"), sdk(proxy.base_url)
+
+    return make
 
 
-def test_non_streaming_answer_is_byte_identical_and_stored(start_proxy, upstream):
+def test_non_streaming_answer_is_byte_identical_and_stored(start_proxy, upstream, clients):
     """Only base_url changes: same bytes back, one stored row with tags and usage."""
     proxy = start_proxy({"tags": {"env": "prod"}})
-    direct, proxied = clients(proxy, upstream)
+    direct, proxied = clients(proxy)
 
     want = direct.chat.completions.with_raw_response.create(model="fake-model", messages=MESSAGES)
     got = proxied.chat.completions.with_raw_response.create(model="fake-model", messages=MESSAGES)
@@ -75,11 +79,11 @@ def test_non_streaming_answer_is_byte_identical_and_stored(start_proxy, upstream
     assert sent["messages"] == MESSAGES
 
 
-def test_streaming_is_byte_identical_and_reassembled(start_proxy, upstream):
+def test_streaming_is_byte_identical_and_reassembled(start_proxy, upstream, clients):
     """SSE bytes pass unchanged (the usage the proxy asked for is stripped) and one
     chat.completion with the usage is stored."""
     proxy = start_proxy()
-    direct, proxied = clients(proxy, upstream)
+    direct, proxied = clients(proxy)
     kwargs = {"model": "fake-model", "messages": MESSAGES, "stream": True}
     with direct.chat.completions.with_streaming_response.create(**kwargs) as response:
         want = b"".join(response.iter_bytes())
@@ -104,10 +108,10 @@ def test_streaming_is_byte_identical_and_reassembled(start_proxy, upstream):
     assert "stream_options" not in json.loads(row["request"])
 
 
-def test_streaming_with_client_usage_passes_usage_chunk(start_proxy, upstream):
+def test_streaming_with_client_usage_passes_usage_chunk(start_proxy, upstream, clients):
     """A client that asked for usage gets the usage chunk, exactly as direct."""
     proxy = start_proxy()
-    direct, proxied = clients(proxy, upstream)
+    direct, proxied = clients(proxy)
     kwargs = {
         "model": "fake-model",
         "messages": MESSAGES,
@@ -121,9 +125,9 @@ def test_streaming_with_client_usage_passes_usage_chunk(start_proxy, upstream):
     ]
 
 
-def test_streamed_tool_calls_and_n_choices_are_merged(start_proxy, upstream):
+def test_streamed_tool_calls_and_n_choices_are_merged(start_proxy, upstream, clients):
     proxy = start_proxy()
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     list(
         proxied.chat.completions.create(
             model="fake-tools", messages=MESSAGES, tools=TOOLS, stream=True
@@ -149,7 +153,7 @@ def test_async_client_concurrent_calls_all_stored(start_proxy, upstream):
     proxy = start_proxy()
 
     async def run() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-async", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-async")
         async with client:
 
             async def one(i: int) -> str:
@@ -171,7 +175,7 @@ def test_async_client_concurrent_calls_all_stored(start_proxy, upstream):
     assert len({row["completion_id"] for row in rows}) == 40
 
 
-def test_tags_from_headers_path_prefix_and_rules(start_proxy, upstream):
+def test_tags_from_headers_path_prefix_and_rules(start_proxy, upstream, sdk):
     """Header tags are stored and stripped; /a/<app>/ names the app; rules match text."""
     proxy = start_proxy(
         {
@@ -182,9 +186,8 @@ def test_tags_from_headers_path_prefix_and_rules(start_proxy, upstream):
             ],
         }
     )
-    client = openai.OpenAI(
-        base_url=proxy.url + "/a/support-bot/v1",
-        api_key="sk-app-key",
+    client = sdk(
+        proxy.url + "/a/support-bot/v1",
         default_headers={"X-Distillery-Tag-Team": "payments", "X-Distillery-Tag-Ticket": "T-1"},
     )
     client.chat.completions.create(
@@ -207,22 +210,22 @@ def test_tags_from_headers_path_prefix_and_rules(start_proxy, upstream):
     assert seen["path"] == "/v1/chat/completions"
 
 
-def test_app_from_key_fingerprint_map(start_proxy, upstream):
+def test_app_from_key_fingerprint_map(start_proxy, upstream, clients):
     from distillery.config import key_fingerprint
 
     proxy = start_proxy({"apps": {key_fingerprint("sk-app-key"): "checkout"}})
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     proxied.chat.completions.create(model="fake-model", messages=MESSAGES)
     [row] = proxy.wait_stored(1)
     assert proxy.tags(row["id"])["app"] == "checkout"
 
 
-def test_metadata_never_exceeds_openai_limits(start_proxy, upstream, caplog):
+def test_metadata_never_exceeds_openai_limits(start_proxy, upstream, caplog, clients):
     """16 pairs at most: client metadata wins, extra proxy tags are dropped and logged."""
     from structlog.testing import capture_logs
 
     proxy = start_proxy({"tags": {"env": "prod", "long": "x" * 600, "k" * 70: "v"}})
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     client_metadata = {f"c{i}": str(i) for i in range(15)}
     with capture_logs() as logs:
         proxied.chat.completions.create(
@@ -238,23 +241,21 @@ def test_metadata_never_exceeds_openai_limits(start_proxy, upstream, caplog):
     assert reasons["prompt_fp"] == "metadata already holds 16 pairs"
 
 
-def test_store_and_metadata_switch_off_for_strict_upstreams(start_proxy, upstream):
+def test_store_and_metadata_switch_off_for_strict_upstreams(start_proxy, upstream, clients):
     proxy = start_proxy(
         {"upstream": {"store": False, "metadata": False, "stream_usage": False}, "tags": {"a": "b"}}
     )
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     proxied.chat.completions.create(model="fake-model", messages=MESSAGES)
     list(proxied.chat.completions.create(model="fake-model", messages=MESSAGES, stream=True))
-    assert all(
-        set(r["body"]) <= {"model", "messages", "stream"} for r in upstream.requests
-    )
+    assert all(set(r["body"]) <= {"model", "messages", "stream"} for r in upstream.requests)
     rows = proxy.wait_stored(2)
     assert proxy.tags(rows[0]["id"])["a"] == "b"  # still tagged locally
 
 
-def test_upstream_errors_pass_through_unchanged_and_are_stored(start_proxy, upstream):
+def test_upstream_errors_pass_through_unchanged_and_are_stored(start_proxy, upstream, clients):
     proxy = start_proxy()
-    direct, proxied = clients(proxy, upstream)
+    direct, proxied = clients(proxy)
     for model, status in (("fake-error-400", 400), ("fake-error-500", 500)):
         with pytest.raises(openai.APIStatusError) as want:
             direct.chat.completions.create(model=model, messages=MESSAGES)
@@ -274,7 +275,12 @@ def test_bad_input_gets_openai_errors_and_stores_nothing(start_proxy, upstream):
     cases = [
         (b"{not json", 400),
         (b"[1, 2]", 400),
-        (orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x" * 20_000}]}), 413),
+        (
+            orjson.dumps(
+                {"model": "fake-model", "messages": [{"role": "user", "content": "x" * 20_000}]}
+            ),
+            413,
+        ),
     ]
     for body, status in cases:
         response = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
@@ -289,9 +295,11 @@ def test_bad_input_gets_openai_errors_and_stores_nothing(start_proxy, upstream):
     assert proxy._count() == 0
 
 
-def test_unreachable_upstream_is_502_and_timeout_is_504(start_proxy, upstream, unused_tcp_port):
+def test_unreachable_upstream_is_502_and_timeout_is_504(
+    start_proxy, upstream, unused_tcp_port, sdk
+):
     dead = start_proxy({"upstream": {"url": f"http://127.0.0.1:{unused_tcp_port}/v1"}})
-    client = openai.OpenAI(base_url=dead.base_url, api_key="sk-x", max_retries=0)
+    client = sdk(dead.base_url, api_key="sk-x")
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model="fake-model", messages=MESSAGES)
     assert err.value.status_code == 502
@@ -299,7 +307,7 @@ def test_unreachable_upstream_is_502_and_timeout_is_504(start_proxy, upstream, u
 
     upstream.slow_seconds = 2.0
     slow = start_proxy({"upstream": {"timeout": 0.3}})
-    client = openai.OpenAI(base_url=slow.base_url, api_key="sk-x", max_retries=0)
+    client = sdk(slow.base_url, api_key="sk-x")
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model="fake-slow", messages=MESSAGES)
     assert err.value.status_code == 504
@@ -309,9 +317,11 @@ def test_unreachable_upstream_is_502_and_timeout_is_504(start_proxy, upstream, u
     assert [row["status"] for row in rows] == [502, 504]
 
 
-def test_stream_cut_off_midway_reaches_client_as_error_and_is_stored(start_proxy, upstream):
+def test_stream_cut_off_midway_reaches_client_as_error_and_is_stored(
+    start_proxy, upstream, clients
+):
     proxy = start_proxy()
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     received = []
     with pytest.raises((openai.APIConnectionError, httpx.HTTPError)):
         for chunk in proxied.chat.completions.create(
@@ -324,18 +334,20 @@ def test_stream_cut_off_midway_reaches_client_as_error_and_is_stored(start_proxy
     assert json.loads(row["response"])["choices"][0]["message"]["content"] == "Hello from the"
 
 
-def test_midstream_error_event_is_relayed_and_stored(start_proxy, upstream):
+def test_midstream_error_event_is_relayed_and_stored(start_proxy, upstream, clients):
     proxy = start_proxy()
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     with pytest.raises(openai.APIError, match="overloaded"):
-        list(proxied.chat.completions.create(
-            model="fake-midstream-error", messages=MESSAGES, stream=True
-        ))
+        list(
+            proxied.chat.completions.create(
+                model="fake-midstream-error", messages=MESSAGES, stream=True
+            )
+        )
     [row] = proxy.wait_stored(1)
     assert json.loads(row["error"])["error"]["message"] == "The model overloaded."
 
 
-def test_passthrough_routes_are_untouched(start_proxy, upstream):
+def test_passthrough_routes_are_untouched(start_proxy, upstream, clients):
     """Models (gzip stays gzip), embeddings and multipart uploads pass unchanged."""
     proxy = start_proxy()
     raw = httpx.get(
@@ -347,7 +359,7 @@ def test_passthrough_routes_are_untouched(start_proxy, upstream):
     assert upstream.requests[-1]["path"] == "/v1/models?limit=5"
     assert upstream.requests[-1]["headers"]["Authorization"] == "Bearer sk-app-key"
 
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     embedding = proxied.embeddings.create(model="fake-embed", input="hello")
     assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
     uploaded = proxied.files.create(file=("train.jsonl", b"x" * 300_000), purpose="fine-tune")
@@ -368,7 +380,7 @@ def test_gzip_request_body_is_accepted(start_proxy, upstream):
     assert proxy.wait_stored(1)[0]["status"] == 200
 
 
-def test_upstream_key_requires_proxy_keys(start_proxy, upstream, monkeypatch):
+def test_upstream_key_requires_proxy_keys(start_proxy, upstream, monkeypatch, sdk):
     """With the key held by the proxy, callers need a proxy key; the upstream sees only
     the real key, and each proxy key is its own tenant."""
     from distillery.config import key_fingerprint
@@ -381,26 +393,29 @@ def test_upstream_key_requires_proxy_keys(start_proxy, upstream, monkeypatch):
         }
     )
     for key in ("dk-alice", "dk-bob"):
-        client = openai.OpenAI(base_url=proxy.base_url, api_key=key, max_retries=0)
+        client = sdk(proxy.base_url, api_key=key)
         client.chat.completions.create(model="fake-model", messages=MESSAGES)
         assert upstream.requests[-1]["headers"]["Authorization"] == "Bearer sk-real-upstream"
-    intruder = openai.OpenAI(base_url=proxy.base_url, api_key="sk-guess", max_retries=0)
+    intruder = sdk(proxy.base_url, api_key="sk-guess")
     with pytest.raises(openai.AuthenticationError):
         intruder.chat.completions.create(model="fake-model", messages=MESSAGES)
     with pytest.raises(openai.AuthenticationError):
         intruder.models.list()
     rows = proxy.wait_stored(2)
-    assert {row["tenant"] for row in rows} == {key_fingerprint("dk-alice"), key_fingerprint("dk-bob")}
+    assert {row["tenant"] for row in rows} == {
+        key_fingerprint("dk-alice"),
+        key_fingerprint("dk-bob"),
+    }
 
 
-def test_sampling_forwards_everything_but_stores_a_share(start_proxy, upstream):
+def test_sampling_forwards_everything_but_stores_a_share(start_proxy, upstream, clients, sdk):
     proxy = start_proxy(
         {"capture": {"sample_rate": 0.0, "sample": [{"tag": "app=keep", "rate": 1.0}]}}
     )
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     for _ in range(5):
         proxied.chat.completions.create(model="fake-model", messages=MESSAGES)
-    keep = openai.OpenAI(base_url=proxy.url + "/a/keep/v1", api_key="sk-app-key")
+    keep = sdk(proxy.url + "/a/keep/v1", api_key="sk-app-key")
     keep.chat.completions.create(model="fake-model", messages=MESSAGES)
     assert all(r["body"]["store"] is True for r in upstream.requests)
     assert all("prompt_fp" in r["body"]["metadata"] for r in upstream.requests)
@@ -408,17 +423,17 @@ def test_sampling_forwards_everything_but_stores_a_share(start_proxy, upstream):
     assert proxy.tags(row["id"])["app"] == "keep"
 
 
-def test_explicit_store_false_is_respected(start_proxy, upstream):
+def test_explicit_store_false_is_respected(start_proxy, upstream, clients):
     proxy = start_proxy()
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     proxied.chat.completions.create(model="fake-model", messages=MESSAGES, store=False)
     assert upstream.requests[-1]["body"]["store"] is False
     assert proxy.wait_stored(1)
 
 
-def test_healthz_and_metrics(start_proxy, upstream):
+def test_healthz_and_metrics(start_proxy, upstream, clients):
     proxy = start_proxy()
-    _, proxied = clients(proxy, upstream)
+    _, proxied = clients(proxy)
     proxied.chat.completions.create(model="fake-model", messages=MESSAGES)
     proxy.wait_stored(1)
     health = httpx.get(proxy.url + "/healthz").json()

@@ -1,0 +1,290 @@
+"""No captured call is ever lost or stored twice: spool, replay, crashes, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from conftest import wait_for
+from distillery.config import CaptureSettings
+from distillery.proxy.capture import Capture, new_record_id, read_segment
+from distillery.redact import Redactor
+from distillery.store import open_store
+
+MESSAGES = [{"role": "system", "content": "Answer briefly."}]
+
+
+def ask(client: openai.OpenAI, i: int, stream: bool) -> str:
+    messages = [*MESSAGES, {"role": "user", "content": f"question {i}"}]
+    if stream:
+        chunks = list(
+            client.chat.completions.create(model="fake-model", messages=messages, stream=True)
+        )
+        return chunks[0].id
+    return client.chat.completions.create(model="fake-model", messages=messages).id
+
+
+def stored_ids(database_url: str, column: str = "completion_id") -> list[str]:
+    store = open_store(database_url)
+    try:
+        with store.engine.connect() as conn:
+            return [row[0] for row in conn.execute(sa.text(f"SELECT {column} FROM completions"))]
+    finally:
+        store.close()
+
+
+def test_database_down_spools_then_replays_exactly_once(start_proxy, upstream, tmp_path, sdk):
+    """A locked database (another writer holding it) is 'down': calls keep succeeding,
+    land in the spool, and are replayed once it is free again, with no duplicates."""
+    db = tmp_path / "locked.db"
+    proxy = start_proxy({"capture": {"queue_size": 5}}, database_url=f"sqlite:///{db}?timeout=0.05")
+    client = sdk(proxy.base_url, api_key="sk-a")
+    ask(client, 0, stream=False)
+    proxy.wait_stored(1)
+
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    ids = [ask(client, i, stream=bool(i % 2)) for i in range(1, 31)]
+    wait_for(
+        lambda: httpx.get(proxy.url + "/healthz").json()["status"] == "degraded", what="degraded"
+    )
+    health = httpx.get(proxy.url + "/healthz").json()["capture"]
+    assert health["database"] == "unavailable"
+    assert health["spool_dirty_segments"] >= 1 and health["spool_bytes"] > 0
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert 'distillery_captured_total{outcome="spooled"}' in metrics  # the queue overflowed too
+    blocker.execute("ROLLBACK")
+    blocker.close()
+
+    rows = proxy.wait_stored(31, timeout=20)
+    stored = [row["completion_id"] for row in rows]
+    assert len(stored) == 31 and set(ids) <= set(stored) and len(set(stored)) == 31
+    wait_for(lambda: httpx.get(proxy.url + "/healthz").json()["status"] == "ok", what="ok")
+    wait_for(
+        lambda: (
+            not list((tmp_path / "data" / "spool").glob("*.jsonl"))
+            or httpx.get(proxy.url + "/healthz").json()["capture"]["spool_dirty_segments"] == 0
+        ),
+        what="spool drained",
+    )
+
+
+def test_torn_last_line_is_skipped_and_orphans_replayed(tmp_path):
+    """A crash mid-write leaves half a line: replay keeps every whole record."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    records = [
+        {
+            "id": new_record_id(),
+            "created_at": time.time(),
+            "tenant": "anonymous",
+            "upstream": "http://x/v1",
+            "path": "/v1/chat/completions",
+            "status": 200,
+            "stream": False,
+            "latency_ms": 1.0,
+            "request": {"messages": [{"role": "user", "content": f"m{i}"}]},
+            "metadata": {"env": "test"},
+        }
+        for i in range(3)
+    ]
+    segment = spool / "12345-dead00-00000001.jsonl"
+    segment.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records) + b'{"id": "cap_tor')
+    assert [r["id"] for r in read_segment(segment)] == [r["id"] for r in records]
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store = open_store(url)
+    capture = Capture(store, spool, CaptureSettings(), Redactor([]))
+    capture.start()
+    capture.close()
+    assert sorted(stored_ids(url, "id")) == sorted(r["id"] for r in records)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM completion_tags")).scalar_one() == 3
+    assert list(spool.iterdir()) == []
+    # Replaying the same records again changes nothing.
+    store.insert(records)
+    assert store.count() == 3
+    store.close()
+
+
+# -- the real process ---------------------------------------------------------
+
+
+class ProxyProcess:
+    def __init__(self, port: int, upstream_url: str, data_dir: Path, database_url: str) -> None:
+        self.port = port
+        self.args = [
+            sys.executable,
+            "-m",
+            "distillery",
+            "proxy",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream_url,
+            "--data-dir",
+            str(data_dir),
+            "--database-url",
+            database_url,
+            "--log-json",
+        ]
+        self.log = data_dir.parent / f"proxy-{port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> ProxyProcess:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            assert self.process is not None and self.process.poll() is None, self.log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=20, what="proxy process to listen")
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'proc.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_kill_9_loses_no_delivered_response(upstream, tmp_path, unused_tcp_port, database_url, sdk):
+    """Every response a client fully received survives SIGKILL: the next start replays
+    the spool.  The database is held locked while the calls run, so the records can only
+    have come back from the spool."""
+    proxy = ProxyProcess(
+        unused_tcp_port, upstream.url + "/v1", tmp_path / "data", database_url
+    ).start()
+    client = sdk(proxy.base_url, api_key="sk-a")
+    ids = [ask(client, i, stream=bool(i % 2)) for i in range(10)]
+    wait_for(lambda: len(stored_ids(database_url)) == 10, what="first 10 stored")
+
+    blocker = _lock_database(database_url)
+    ids += [ask(client, i, stream=bool(i % 2)) for i in range(10, 40)]
+    proxy.signal(signal.SIGKILL)
+    proxy.wait()
+    blocker()
+
+    restarted = ProxyProcess(
+        unused_tcp_port, upstream.url + "/v1", tmp_path / "data", database_url
+    ).start()
+    wait_for(lambda: len(stored_ids(database_url)) >= 40, what="replay after restart")
+    restarted.signal(signal.SIGTERM)
+    assert restarted.wait() == 0
+    stored = stored_ids(database_url)
+    assert sorted(stored) == sorted(ids)
+
+
+def _lock_database(database_url: str):
+    """Make the database refuse writes; returns a function that undoes it."""
+    if database_url.startswith("sqlite"):
+        path = database_url.removeprefix("sqlite:///")
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+
+        def release() -> None:
+            conn.execute("ROLLBACK")
+            conn.close()
+
+        return release
+    store = open_store(database_url)
+    conn = store.engine.connect()
+    transaction = conn.begin()
+    conn.execute(sa.text("LOCK TABLE completions IN ACCESS EXCLUSIVE MODE"))
+
+    def release_pg() -> None:
+        transaction.rollback()
+        conn.close()
+        store.close()
+
+    return release_pg
+
+
+def test_sigterm_under_load_loses_nothing(upstream, tmp_path, unused_tcp_port):
+    """SIGTERM mid-load: in-flight calls finish, everything answered is stored once."""
+    database_url = f"sqlite:///{tmp_path / 'term.db'}"
+    upstream.slow_seconds = 0.3
+    proxy = ProxyProcess(
+        unused_tcp_port, upstream.url + "/v1", tmp_path / "data", database_url
+    ).start()
+
+    async def load() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-a")
+        answered: list[str] = []
+
+        async def one(i: int) -> None:
+            messages = [{"role": "user", "content": f"load {i}"}]
+            try:
+                if i % 2:
+                    stream = await client.chat.completions.create(
+                        model="fake-slow", messages=messages, stream=True
+                    )
+                    chunks = [chunk async for chunk in stream]
+                    answered.append(chunks[0].id)
+                else:
+                    result = await client.chat.completions.create(
+                        model="fake-slow", messages=messages
+                    )
+                    answered.append(result.id)
+            except openai.APIConnectionError:
+                pass  # refused once the proxy stopped accepting: never answered, fine
+
+        async def sigterm_soon() -> None:
+            await asyncio.sleep(0.4)
+            proxy.signal(signal.SIGTERM)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(60)]
+        await asyncio.sleep(0.05)
+        tasks.append(asyncio.create_task(sigterm_soon()))
+        tasks += [asyncio.create_task(one(i)) for i in range(60, 120)]
+        await asyncio.gather(*tasks)
+        await client.close()
+        return answered
+
+    answered = asyncio.run(load())
+    assert proxy.wait() == 0
+    assert len(answered) >= 60  # the first wave was in flight and had to finish
+    stored = stored_ids(database_url)
+    assert len(stored) == len(set(stored))
+    assert set(answered) <= set(stored)
+    assert not list((tmp_path / "data" / "spool").glob("*.jsonl"))
+
+
+def test_spool_files_are_private(start_proxy, upstream, tmp_path, sdk):
+    proxy = start_proxy()
+    client = sdk(proxy.base_url, api_key="sk-a")
+    ask(client, 1, stream=False)
+    spool = tmp_path / "data" / "spool"
+    assert oct(spool.stat().st_mode & 0o777) == "0o700"
+    for path in spool.iterdir():
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert os.environ["DISTILLERY_DATA_DIR"] == str(tmp_path / "data")
