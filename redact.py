@@ -4,68 +4,147 @@ Redaction applies to what Distillery *stores* (database rows, the spool,
 exported datasets), never to what it forwards: the upstream model sees the
 request exactly as the app sent it.  Only string values are rewritten; keys,
 numbers and structure are untouched, so a redacted record is still a valid
-chat completion.  Each match becomes ``[REDACTED:<name>]``.
+chat completion.  Each match becomes ``[REDACTED:<name>]``; when a pattern has
+a group named ``redact``, only that group is replaced.
+
+This runs on the proxy's request path, so the built-in patterns are written
+for Python's regex engine: each starts with a literal or a character class
+(which the engine scans for quickly) instead of a look-behind, skips strings
+that lack a required substring (no ``@``, no e-mail), and checks word
+boundaries in Python only for the rare candidate match.  Values under keys
+that only ever hold API identifiers or enums (``id``, ``role``, ``model``, ...)
+are not scanned.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-# Ordered: the first alternative that matches at a position wins, so the
-# specific secret shapes come before the looser phone pattern.
-DEFAULT_PATTERNS: dict[str, str] = {
-    "api_key": (
-        r"\b(?:sk-(?:proj-|svcacct-|ant-)?[A-Za-z0-9_\-]{20,}"
-        r"|gh[pousr]_[A-Za-z0-9]{30,}"
-        r"|xox[abpr]-[A-Za-z0-9\-]{10,}"
-        r"|AKIA[0-9A-Z]{16}"
-        r"|AIza[0-9A-Za-z_\-]{35})"
-        r"|(?<=Bearer )[A-Za-z0-9._~+/\-]{20,}=*"
+# Keys whose string values are identifiers or enum members, never free text.
+STRUCTURAL_KEYS = frozenset(
+    {
+        "id",
+        "object",
+        "model",
+        "role",
+        "finish_reason",
+        "type",
+        "system_fingerprint",
+        "service_tier",
+        "tool_call_id",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    regex: re.Pattern[str]
+    triggers: tuple[str, ...] = ()  # skip the string unless one of these occurs in it
+    bounded: bool = False  # a match must not touch a letter, digit or _ on either side
+
+
+DEFAULT_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "api_key",
+        re.compile(
+            r"(?:sk-(?:proj-|svcacct-|ant-)?[A-Za-z0-9_\-]{20,}"
+            r"|gh[pousr]_[A-Za-z0-9]{30,}"
+            r"|xox[abpr]-[A-Za-z0-9\-]{10,}"
+            r"|AKIA[0-9A-Z]{16}"
+            r"|AIza[0-9A-Za-z_\-]{35})"
+        ),
+        triggers=("sk-", "gh", "xox", "AKIA", "AIza"),
+        bounded=True,
     ),
-    "email": r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b",
-    "phone": (
-        r"(?<![\w+])(?:\+\d{1,3}[\s.\-]?)?(?:\(\d{2,4}\)[\s.\-]?|\d{2,4}[\s.\-])"
-        r"\d{3,4}[\s.\-]?\d{3,4}(?![\w])"
-        r"|(?<![\w+])\+\d{8,15}(?!\w)"
+    Pattern(
+        "api_key",
+        re.compile(r"Bearer (?P<redact>[A-Za-z0-9._~+/\-]{20,}=*)"),
+        triggers=("Bearer ",),
     ),
-}
+    Pattern(
+        "email",
+        re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"),
+        triggers=("@",),
+        bounded=True,
+    ),
+    Pattern(
+        "phone",
+        # One leading character class, then the shape chosen by what it matched:
+        # +CC (AREA) 555-0100, +CC 30 1234 5678, +15555550100, (030) 1234 5678,
+        # 030 1234 5678, 415-555-0100.
+        re.compile(
+            r"[+(\d](?:"
+            r"(?<=\+)(?:\d{1,3}[\s.\-]?(?:\(\d{2,4}\)[\s.\-]?|\d{2,4}[\s.\-])"
+            r"\d{3,4}[\s.\-]?\d{3,4}|\d{8,15})"
+            r"|(?<=\()\d{2,4}\)[\s.\-]?\d{3,4}[\s.\-]?\d{3,4}"
+            r"|(?<=\d)\d{1,3}[\s.\-]\d{3,4}[\s.\-]?\d{3,4})"
+        ),
+        bounded=True,
+    ),
+)
+
+
+def _touches_word(text: str, start: int, end: int) -> bool:
+    before = text[start - 1] if start else " "
+    after = text[end] if end < len(text) else " "
+    return before.isalnum() or before in "_+" or after.isalnum() or after == "_"
 
 
 class Redactor:
     """Rewrites every string in a JSON-like structure through a set of patterns."""
 
-    def __init__(self, patterns: Iterable[tuple[str, str]]) -> None:
-        self.names: list[str] = []
-        parts = []
-        for index, (name, pattern) in enumerate(patterns):
-            self.names.append(name)
-            parts.append(f"(?P<g{index}>{pattern})")
-        self._regex = re.compile("|".join(parts)) if parts else None
+    def __init__(self, patterns: Iterable[Pattern]) -> None:
+        self.patterns = tuple(patterns)
 
     @classmethod
     def from_settings(cls, defaults: bool, extra: Iterable[tuple[str, str]] = ()) -> Redactor:
-        patterns = list(DEFAULT_PATTERNS.items()) if defaults else []
-        return cls([*patterns, *extra])
-
-    def _replace(self, match: re.Match[str]) -> str:
-        group = match.lastgroup or "g0"
-        return f"[REDACTED:{self.names[int(group[1:])]}]"
+        custom = [Pattern(name, re.compile(pattern)) for name, pattern in extra]
+        return cls([*(DEFAULT_PATTERNS if defaults else ()), *custom])
 
     def text(self, value: str) -> str:
-        if self._regex is None:
-            return value
-        return self._regex.sub(self._replace, value)
+        for pattern in self.patterns:
+            if pattern.triggers and not any(t in value for t in pattern.triggers):
+                continue
+            value = pattern.regex.sub(_Replacer(pattern, value), value)
+        return value
 
     def __call__(self, value: Any) -> Any:
         """Return ``value`` with every string redacted; dicts and lists are rebuilt."""
-        if self._regex is None:
+        if not self.patterns:
             return value
+        return self._walk(value)
+
+    def _walk(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
-            return {key: self(item) for key, item in value.items()}
+            return {
+                key: item if key in STRUCTURAL_KEYS and isinstance(item, str) else self._walk(item)
+                for key, item in value.items()
+            }
         if isinstance(value, list):
-            return [self(item) for item in value]
+            return [self._walk(item) for item in value]
         return value
+
+
+class _Replacer:
+    __slots__ = ("label", "pattern", "text")
+
+    def __init__(self, pattern: Pattern, text: str) -> None:
+        self.pattern = pattern
+        self.text = text
+        self.label = f"[REDACTED:{pattern.name}]"
+
+    def __call__(self, match: re.Match[str]) -> str:
+        start, end = match.span()
+        if self.pattern.bounded and _touches_word(self.text, start, end):
+            return match.group(0)
+        if "redact" in self.pattern.regex.groupindex:
+            inner_start, inner_end = match.span("redact")
+            whole = match.group(0)
+            return whole[: inner_start - start] + self.label + whole[inner_end - start :]
+        return self.label

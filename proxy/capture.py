@@ -249,11 +249,15 @@ class Capture:
                 )
 
     def _take_batch(self) -> list[tuple[int, dict[str, Any]]]:
-        try:
-            first = self.queue.get(timeout=self.settings.flush_interval)
-        except queue.Empty:
-            return []
-        batch = [first]
+        """Up to ``batch_size`` records, after sleeping ``flush_interval`` unless one is full.
+
+        Sleeping instead of waking on every record keeps the writer off the GIL
+        between batches; the event loop on the request path would feel every
+        wake-up as added latency.
+        """
+        if self.queue.qsize() < self.settings.batch_size:
+            self._stopping.wait(self.settings.flush_interval)
+        batch: list[tuple[int, dict[str, Any]]] = []
         with contextlib.suppress(queue.Empty):
             while len(batch) < self.settings.batch_size:
                 batch.append(self.queue.get_nowait())

@@ -1,0 +1,346 @@
+"""How much does the capture proxy cost?  Prints a table; numbers go in the README.
+
+Starts the stub upstream and ``distillery proxy`` (capture on, SQLite by default)
+as separate processes and drives both with a raw-asyncio HTTP/1.1 client, so the
+same run measures the stub directly and through the proxy:
+
+* added latency (p50/p99) at concurrency 1, non-streaming and streaming
+  (time to first body byte), and at a fixed request rate;
+* the maximum sustained request rate through the proxy with capture on;
+* captured rows in the database vs chat requests sent (must be equal).
+
+    python bench/proxy_bench.py [--requests 2000] [--rate 500] [--seconds 10]
+                                [--concurrency 64] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+HERE = Path(__file__).parent
+
+REQUEST_BODY = orjson.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a geography tutor. Answer in one sentence."},
+            {"role": "user", "content": "What is the capital of France? Reply to me@example.com"},
+        ],
+        "temperature": 0.2,
+    }
+)
+STREAM_BODY = orjson.dumps({**orjson.loads(REQUEST_BODY), "stream": True})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def request_bytes(path: str, body: bytes) -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sk-bench\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), len(body), body)
+    )
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection; ``send`` resolves to (time to first body byte, total)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[tuple[float, float]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, payload: bytes) -> asyncio.Future[tuple[float, float]]:
+        self.buffer = b""
+        self.head_end = -1
+        self.first = 0.0
+        self.started = time.perf_counter()
+        self.waiter = asyncio.get_running_loop().create_future()
+        assert self.transport is not None
+        self.transport.write(payload)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.head_end == -1:
+            self.head_end = self.buffer.find(b"\r\n\r\n")
+            if self.head_end == -1:
+                return
+            head = self.buffer[: self.head_end].lower()
+            self.status = int(head[9:12])
+            start = head.find(b"content-length:")
+            self.length = (
+                int(
+                    head[
+                        start + 15 : head.find(b"\r\n", start)
+                        if head.find(b"\r\n", start) != -1
+                        else None
+                    ]
+                )
+                if start != -1
+                else None
+            )
+        if not self.first and len(self.buffer) > self.head_end + 4:
+            self.first = time.perf_counter()
+        body_len = len(self.buffer) - self.head_end - 4
+        done = (
+            body_len >= self.length
+            if self.length is not None
+            else self.buffer.endswith(b"\r\n0\r\n\r\n")
+        )
+        if done and self.waiter is not None and not self.waiter.done():
+            if self.status != 200:
+                self.waiter.set_exception(
+                    RuntimeError(f"HTTP {self.status}: {self.buffer[:300]!r}")
+                )
+            else:
+                now = time.perf_counter()
+                self.waiter.set_result((self.first - self.started, now - self.started))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+
+async def connect(port: int) -> Connection:
+    _, protocol = await asyncio.get_running_loop().create_connection(Connection, "127.0.0.1", port)
+    return protocol
+
+
+@dataclass
+class Sample:
+    first: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] * 1000
+
+
+async def sequential(port: int, payload: bytes, n: int) -> Sample:
+    conn = await connect(port)
+    sample = Sample()
+    for _ in range(200):  # warm-up
+        await conn.send(payload)
+    for _ in range(n):
+        first, total = await conn.send(payload)
+        sample.first.append(first)
+        sample.total.append(total)
+    conn.transport.close()  # type: ignore[union-attr]
+    return sample
+
+
+async def fixed_rate(port: int, payload: bytes, rate: float, seconds: float) -> Sample:
+    """Open loop: request i is due at i/rate; latency counts from when it was due."""
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(64):
+        pool.put_nowait(await connect(port))
+    sample = Sample()
+    start = time.perf_counter() + 0.05
+
+    async def one(due: float) -> None:
+        conn = await pool.get()
+        wait = due - time.perf_counter()
+        _, total = await conn.send(payload)
+        sample.total.append(total + max(0.0, -wait))
+        pool.put_nowait(conn)
+
+    tasks = []
+    for i in range(int(rate * seconds)):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(due)))
+    await asyncio.gather(*tasks)
+    while not pool.empty():
+        pool.get_nowait().transport.close()  # type: ignore[union-attr]
+    return sample
+
+
+async def saturate(
+    port: int, payload: bytes, concurrency: int, seconds: float
+) -> tuple[int, float]:
+    conns = [await connect(port) for _ in range(concurrency)]
+    deadline = time.perf_counter() + seconds
+    count = 0
+
+    async def worker(conn: Connection) -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            await conn.send(payload)
+            count += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    elapsed = time.perf_counter() - started
+    for conn in conns:
+        conn.transport.close()  # type: ignore[union-attr]
+    return count, count / elapsed
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"{what} exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    sys.exit(f"{what} did not start")
+
+
+def count_rows(database_url: str) -> int:
+    from distillery.store import open_store
+
+    store = open_store(database_url)
+    try:
+        return store.count()
+    finally:
+        store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--requests", type=int, default=2000, help="sequential requests per scenario"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=500, help="requests/second for the fixed-rate run"
+    )
+    parser.add_argument("--seconds", type=float, default=10, help="length of the saturation run")
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="connections for the saturation run"
+    )
+    parser.add_argument("--database-url", help="default: a SQLite file in a temp dir")
+    parser.add_argument(
+        "--proxy-arg",
+        action="append",
+        default=[],
+        help="extra flag for `distillery proxy` (repeatable)",
+    )
+    args = parser.parse_args()
+
+    import uvloop
+
+    tmp = Path(tempfile.mkdtemp(prefix="distillery-bench-"))
+    database_url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
+    stub_port, proxy_port = free_port(), free_port()
+    stub = subprocess.Popen([sys.executable, str(HERE / "stub_upstream.py"), str(stub_port)])
+    wait_listening(stub_port, stub, "stub")
+    proxy_log = (tmp / "proxy.log").open("wb")
+    proxy = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distillery",
+            "proxy",
+            "--port",
+            str(proxy_port),
+            "--upstream",
+            f"http://127.0.0.1:{stub_port}/v1",
+            "--data-dir",
+            str(tmp / "data"),
+            "--database-url",
+            database_url,
+            "--log-json",
+            *args.proxy_arg,
+        ],
+        stdout=proxy_log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "DISTILLERY_CONFIG": ""},
+    )
+    wait_listening(proxy_port, proxy, "proxy")
+    chat = "/v1/chat/completions"
+    json_req, sse_req = request_bytes(chat, REQUEST_BODY), request_bytes(chat, STREAM_BODY)
+    sent_through_proxy = 0
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        run = uvloop.run
+        for label, payload in (("non-streaming, c=1", json_req), ("streaming TTFB, c=1", sse_req)):
+            direct = run(sequential(stub_port, payload, args.requests))
+            proxied = run(sequential(proxy_port, payload, args.requests))
+            sent_through_proxy += args.requests + 200
+            key = "first" if "TTFB" in label else "total"
+            d, p = getattr(direct, key), getattr(proxied, key)
+            rows.append(
+                (
+                    label,
+                    f"{pct(d, 50):.3f} / {pct(d, 99):.3f}",
+                    f"{pct(p, 50):.3f} / {pct(p, 99):.3f}",
+                    f"{pct(p, 50) - pct(d, 50):.3f} / {pct(p, 99) - pct(d, 99):.3f}",
+                )
+            )
+        direct = run(fixed_rate(stub_port, json_req, args.rate, 5))
+        proxied = run(fixed_rate(proxy_port, json_req, args.rate, 5))
+        sent_through_proxy += int(args.rate * 5)
+        rows.append(
+            (
+                f"non-streaming, {args.rate:.0f} req/s",
+                f"{pct(direct.total, 50):.3f} / {pct(direct.total, 99):.3f}",
+                f"{pct(proxied.total, 50):.3f} / {pct(proxied.total, 99):.3f}",
+                f"{pct(proxied.total, 50) - pct(direct.total, 50):.3f} / "
+                f"{pct(proxied.total, 99) - pct(direct.total, 99):.3f}",
+            )
+        )
+        direct_n, direct_rps = run(saturate(stub_port, json_req, args.concurrency, 3))
+        proxy_n, proxy_rps = run(saturate(proxy_port, json_req, args.concurrency, args.seconds))
+        sent_through_proxy += proxy_n
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(60)
+        stub.terminate()
+        stub.wait()
+    captured = count_rows(database_url)
+
+    print(
+        f"\nDistillery proxy benchmark: {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"{database_url.split(':')[0]}"
+    )
+    widths = (26, 20, 20, 20)
+    header = ("scenario (ms, p50 / p99)", "stub direct", "through proxy", "added by proxy")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(
+        f"\nmax sustained rate, c={args.concurrency}: stub direct {direct_rps:,.0f} req/s, "
+        f"through proxy with capture {proxy_rps:,.0f} req/s over {args.seconds:.0f} s"
+    )
+    if "--no-capture" in args.proxy_arg:
+        return
+    lost = sent_through_proxy - captured
+    print(f"captured rows: {captured:,} of {sent_through_proxy:,} chat requests sent ({lost} lost)")
+    if lost:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The command line: configuration layering, clean errors, help everywhere."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from distillery.cli import cli
+from distillery.config import key_fingerprint
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def run(*args: str, **kwargs) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False, **kwargs)
+    return result.exit_code, result.output
+
+
+def test_defaults_are_safe(tmp_path):
+    code, out = run("proxy", "--check-config")
+    assert code == 0
+    assert "listening on 127.0.0.1:8787" in out
+    assert "forwarding to https://api.openai.com/v1" in out
+    assert f"sqlite:///{tmp_path / 'data' / 'distillery.db'}" in out
+
+
+def test_flags_beat_env_beat_file_beat_defaults(tmp_path, monkeypatch):
+    config = tmp_path / "d.toml"
+    config.write_text(
+        '[proxy]\nport = 9000\nhost = "127.0.0.2"\n[upstream]\nurl = "http://file:1/v1"\n'
+    )
+    code, out = run("proxy", "-c", str(config), "--check-config")
+    assert "127.0.0.2:9000" in out and "http://file:1/v1" in out
+    monkeypatch.setenv("DISTILLERY_PORT", "9100")
+    monkeypatch.setenv("DISTILLERY_UPSTREAM", "http://env:2/v1")
+    code, out = run("proxy", "-c", str(config), "--check-config")
+    assert "127.0.0.2:9100" in out and "http://env:2/v1" in out
+    code, out = run("proxy", "-c", str(config), "--port", "9200", "--check-config")
+    assert "127.0.0.2:9200" in out
+    monkeypatch.setenv("DISTILLERY_CONFIG", str(config))
+    code, out = run("proxy", "--check-config")
+    assert code == 0 and "127.0.0.2:9100" in out
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[proxy]\nprot = 1\n", "proxy.prot: Extra inputs are not permitted"),
+        ("[upstream]\nurl = 'api.openai.com'\n", "must be an http(s) URL"),
+        ("[[rules]]\ntext = '(unclosed'\nset = {a = 'b'}\n", "bad regular expression"),
+        ("[[rules]]\nset = {a = 'b'}\n", "a rule needs `model` or `text`"),
+        ("[upstream]\napi_key = 'sk-x'\n", "auth.keys is empty"),
+        ("[proxy\n", "Cannot read config file"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path, toml, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    result = CliRunner().invoke(cli, ["proxy", "-c", str(config), "--check-config"])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    result = CliRunner().invoke(cli, ["proxy", "-c", str(tmp_path / "nope.toml"), "--check-config"])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_key_fingerprint_reads_stdin():
+    code, out = run("key-fingerprint", input="sk-secret\n")
+    assert code == 0 and out.strip() == key_fingerprint("sk-secret")
+    assert "sk-secret" not in out
+    result = CliRunner().invoke(cli, ["key-fingerprint"], input="")
+    assert result.exit_code == 1 and "No API key on stdin" in result.output
+
+
+def _commands(group: click.Group, prefix: str = "distillery"):
+    for name, command in group.commands.items():
+        yield f"{prefix} {name}", command
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{prefix} {name}")
+
+
+def test_every_command_has_help_and_is_documented():
+    readme = README.read_text()
+    for name, command in _commands(cli):
+        assert command.help and command.help.strip(), f"{name} has no help text"
+        assert re.search(rf"`{re.escape(name)}\b", readme), f"{name} is not in the README"

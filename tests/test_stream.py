@@ -1,0 +1,162 @@
+"""SSE relay and reassembly, byte by byte."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from distillery.proxy.stream import StreamAssembler, StreamRelay
+
+
+def event(payload: dict | str, sep: bytes = b"\n\n") -> bytes:
+    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    return b"data: " + data + sep
+
+
+def chunk(content: str | None = None, finish: str | None = None, **extra) -> dict:
+    delta = {} if content is None else {"content": content}
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    body.update(extra)
+    return body
+
+
+STREAM = [chunk("Hel"), chunk("lo"), chunk(finish="stop")]
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64, 10_000])
+def test_relay_forwards_same_bytes_whatever_the_chunking(size):
+    """Events split at any byte boundary come out whole and unchanged, [DONE] last."""
+    raw = b"".join(event(c) for c in STREAM) + event("[DONE]")
+    relay = StreamRelay(strip_usage=False)
+    out = b"".join(relay.feed(raw[i : i + size]) for i in range(0, len(raw), size))
+    assert b"[DONE]" not in out  # held back until the call is captured
+    assert out + relay.finish() == raw
+    assert relay.done
+    assert relay.assembler.result()["choices"][0]["message"]["content"] == "Hello"
+
+
+def test_relay_handles_crlf_comments_and_multiline_data():
+    raw = (
+        b": keep-alive\r\n\r\n"
+        + b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",\r\n'
+        + b'data: "choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\r\n\r\n'
+        + b"data: [DONE]\r\n\r\n"
+    )
+    relay = StreamRelay(strip_usage=False)
+    assert relay.feed(raw) + relay.finish() == raw
+    assert relay.assembler.result()["choices"][0]["message"]["content"] == "x"
+
+
+def test_strip_usage_removes_exactly_what_include_usage_added():
+    with_usage = [
+        chunk("Hel", usage=None),
+        chunk("lo", usage=None),
+        chunk(finish="stop", usage=None),
+        {
+            **chunk(),
+            "choices": [],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        },
+    ]
+    without = b"".join(event(c) for c in STREAM) + event("[DONE]")
+    relay = StreamRelay(strip_usage=True)
+    out = relay.feed(b"".join(event(c) for c in with_usage) + event("[DONE]")) + relay.finish()
+    assert out == without
+    assert relay.assembler.result()["usage"]["total_tokens"] == 3
+
+
+def test_strip_usage_falls_back_to_reserialising_odd_formatting():
+    spaced = b'data: {"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}}], "usage": null}\n\n'
+    relay = StreamRelay(strip_usage=True)
+    out = relay.feed(spaced)
+    assert b"usage" not in out
+    assert orjson.loads(out[6:]) == {
+        "id": "c",
+        "choices": [{"index": 0, "delta": {"content": "a"}}],
+    }
+
+
+def test_assembler_merges_choices_tool_calls_refusals_and_logprobs():
+    assembler = StreamAssembler()
+    token = {"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": []}
+    parts = [
+        {
+            "id": "c",
+            "created": 1,
+            "model": "m",
+            "system_fingerprint": "fp",
+            "choices": [
+                {"index": 1, "delta": {"role": "assistant", "refusal": "I can"}},
+                {
+                    "index": 0,
+                    "delta": {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_a",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": ""},
+                            }
+                        ],
+                    },
+                    "logprobs": {"content": [token], "refusal": None},
+                },
+            ],
+        },
+        {
+            "choices": [
+                {"index": 1, "delta": {"refusal": "not help"}, "finish_reason": "stop"},
+                {
+                    "index": 0,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]},
+                    "logprobs": {"content": [token], "refusal": None},
+                },
+            ]
+        },
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": 0, "function": {"arguments": " 1}"}},
+                            {
+                                "index": 1,
+                                "id": "call_b",
+                                "type": "function",
+                                "function": {"name": "g", "arguments": "{}"},
+                            },
+                        ]
+                    },
+                    "finish_reason": "tool_calls",
+                }
+            ]
+        },
+        {"choices": [], "usage": {"total_tokens": 5}},
+    ]
+    for part in parts:
+        assembler.add(part)
+    result = assembler.result()
+    assert result["id"] == "c" and result["object"] == "chat.completion"
+    assert result["system_fingerprint"] == "fp"
+    first, second = result["choices"]
+    assert first["message"]["tool_calls"] == [
+        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+    ]
+    assert first["finish_reason"] == "tool_calls"
+    assert first["logprobs"]["content"] == [token, token]
+    assert second["message"]["refusal"] == "I cannot help"
+    assert second["message"]["content"] is None
+    assert result["usage"] == {"total_tokens": 5}
+
+
+def test_assembler_with_no_chunks_has_no_result():
+    assert StreamAssembler().result() is None
