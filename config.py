@@ -46,6 +46,7 @@ class ProxySettings(_Section):
     port: int = Field(8787, ge=0, le=65535)
     max_body_mb: float = Field(100, gt=0, description="largest chat completion request body")
     access_log: bool = True
+    shutdown_timeout: float = Field(60, ge=0, description="seconds in-flight requests get on stop")
 
 
 class UpstreamSettings(_Section):

@@ -147,7 +147,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     headers["Content-Type"] = "application/json"
     try:
         async with proxy.session.post(
-            upstream_url(proxy.upstream_url, request), data=call.payload(), headers=headers
+            upstream_url(proxy.upstream_url, request),
+            data=call.payload(),
+            headers=headers,
+            allow_redirects=False,
         ) as upstream:
             if (
                 call.stream

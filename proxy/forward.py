@@ -48,13 +48,22 @@ def upstream_url(base: str, request: web.Request) -> URL:
     return URL(base + raw[3:], encoded=True)
 
 
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Headers the sender named in ``Connection``: hop-by-hop too (RFC 9110 7.6.1)."""
+    value = headers.get("Connection")
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(","))
+
+
 def request_headers(
     headers: Mapping[str, str], authorization: str | None, *, identity: bool = False
 ) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
+    named = _connection_tokens(headers)
     for name, value in headers.items():
         lower = name.lower()
-        if lower in REQUEST_DROP or lower.startswith(OWN_PREFIX):
+        if lower in REQUEST_DROP or lower in named or lower.startswith(OWN_PREFIX):
             continue
         out.add(name, value)
     if "content-encoding" in out:
@@ -72,8 +81,10 @@ def request_headers(
 
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
+    named = _connection_tokens(headers)
     for name, value in headers.items():
-        if name.lower() not in RESPONSE_DROP:
+        lower = name.lower()
+        if lower not in RESPONSE_DROP and lower not in named:
             out.add(name, value)
     return out
 

@@ -20,8 +20,6 @@ from distillery.store.db import create_engine, migrate
 
 log = structlog.get_logger()
 
-SHUTDOWN_TIMEOUT = 60.0
-
 
 def open_capture_store(settings: Settings) -> Store:
     """The store for capture; a database that is down at start is not fatal (we spool)."""
@@ -54,7 +52,7 @@ def serve(settings: Settings) -> None:
             port=settings.proxy.port,
             access_log=None,
             print=None,
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            shutdown_timeout=settings.proxy.shutdown_timeout,
             loop=loop_factory() if loop_factory else None,
         )
     except OSError as exc:

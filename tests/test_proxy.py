@@ -445,3 +445,35 @@ def test_healthz_and_metrics(start_proxy, upstream, clients):
     assert 'distillery_captured_total{outcome="queued"} 1.0' in text
     assert "distillery_capture_queue_depth 0.0" in text
     assert "distillery_request_duration_seconds_bucket" in text
+
+
+def test_client_leaving_mid_stream_is_logged_and_stored(start_proxy, upstream):
+    """A client that hangs up mid-stream costs nothing but a stored partial call."""
+    import socket
+
+    upstream.slow_seconds = 1.0
+    proxy = start_proxy()
+    body = orjson.dumps({"model": "fake-slow", "messages": MESSAGES, "stream": True})
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    [row] = proxy.wait_stored(1)
+    assert json.loads(row["error"]) == {
+        "message": "client disconnected before the stream ended",
+        "type": "client_error",
+    }
+    assert httpx.get(proxy.url + "/healthz").json()["status"] == "ok"
+
+
+def test_hop_by_hop_headers_are_not_forwarded(start_proxy, upstream):
+    proxy = start_proxy()
+    httpx.get(
+        proxy.base_url + "/models",
+        headers={"Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "X-Kept": "2"},
+    )
+    seen = {name.lower() for name in upstream.requests[-1]["headers"]}
+    assert "x-kept" in seen and "x-secret-hop" not in seen
