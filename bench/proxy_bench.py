@@ -21,7 +21,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,7 +136,7 @@ class Sample:
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] * 1000
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] * 1000
 
 
 async def sequential(port: int, payload: bytes, n: int) -> Sample:
@@ -309,7 +308,7 @@ def main() -> None:
                 f"{pct(proxied.total, 99) - pct(direct.total, 99):.3f}",
             )
         )
-        direct_n, direct_rps = run(saturate(stub_port, json_req, args.concurrency, 3))
+        _direct_n, direct_rps = run(saturate(stub_port, json_req, args.concurrency, 3))
         proxy_n, proxy_rps = run(saturate(proxy_port, json_req, args.concurrency, args.seconds))
         sent_through_proxy += proxy_n
     finally:
@@ -326,10 +325,10 @@ def main() -> None:
     )
     widths = (26, 20, 20, 20)
     header = ("scenario (ms, p50 / p99)", "stub direct", "through proxy", "added by proxy")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)))
     print("  ".join("-" * w for w in widths))
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)))
     print(
         f"\nmax sustained rate, c={args.concurrency}: stub direct {direct_rps:,.0f} req/s, "
         f"through proxy with capture {proxy_rps:,.0f} req/s over {args.seconds:.0f} s"

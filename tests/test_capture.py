@@ -16,7 +16,6 @@ import openai
 import orjson
 import pytest
 import sqlalchemy as sa
-
 from conftest import wait_for
 from distillery.config import CaptureSettings
 from distillery.proxy.capture import Capture, new_record_id, read_segment

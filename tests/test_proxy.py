@@ -10,9 +10,8 @@ import httpx
 import openai
 import orjson
 import pytest
-
 from conftest import RunningProxy
-from fake_openai import TEXT_PIECES, FakeOpenAI
+from fake_openai import TEXT_PIECES
 
 MESSAGES = [
     {"role": "system", "content": "You are a support bot for ACME. Today is 2026-11-28."},

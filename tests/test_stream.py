@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import orjson
 import pytest
-
 from distillery.proxy.stream import StreamAssembler, StreamRelay
 
 
