@@ -12,12 +12,12 @@ import orjson
 import structlog
 from aiohttp import web
 from distillery.config import Settings
-from distillery.proxy.capture import Capture
+from distillery.proxy.capture import Capture, new_record_id
 from distillery.proxy.chat import chat_completions
 from distillery.proxy.errors import APIError
 from distillery.proxy.forward import passthrough
 from distillery.proxy.metrics import Metrics
-from distillery.proxy.state import LOG_FIELDS, PROXY, Proxy
+from distillery.proxy.state import LOG_FIELDS, PROXY, REQUEST_ID, Proxy
 from distillery.proxy.tagging import Tagger
 from distillery.redact import Redactor
 from distillery.store import Store
@@ -36,7 +36,11 @@ def _route_name(request: web.Request) -> str:
 async def canonical_request(request: web.Request, handler: Handler) -> web.StreamResponse:
     """OpenAI-shaped errors, metrics, and exactly one log line per request."""
     started = time.perf_counter()
+    # One id names the request in every log line and, for a chat completion,
+    # is the stored record's id.
+    request_id = request[REQUEST_ID] = new_record_id()
     structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
     fields: dict[str, object] = {}
     request[LOG_FIELDS] = fields
     proxy = request.app[PROXY]
@@ -59,6 +63,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     if proxy.settings.proxy.access_log and route not in ("healthz", "metrics"):
         log.info(
             "request",
+            request_id=request_id,
             method=request.method,
             path=request.path,
             status=response.status,

@@ -17,10 +17,9 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
-from distillery.proxy.capture import new_record_id
 from distillery.proxy.errors import APIError, upstream_timeout, upstream_unreachable
 from distillery.proxy.forward import abort, request_headers, response_headers, upstream_url
-from distillery.proxy.state import PROXY, Proxy, log_fields
+from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, log_fields
 from distillery.proxy.stream import StreamRelay
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
 from multidict import CIMultiDictProxy
@@ -33,7 +32,7 @@ class Call:
 
     def __init__(self, proxy: Proxy, request: web.Request, tenant: str, body: dict[str, Any]):
         self.proxy = proxy
-        self.id = new_record_id()
+        self.id = request[REQUEST_ID]
         self.created_at = time.time()
         self.started = time.perf_counter()
         self.path = request.path
@@ -142,7 +141,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")
     call = Call(proxy, request, tenant, body)
-    fields.update(id=call.id, model=body.get("model"), stream=call.stream, tags=len(call.metadata))
+    fields.update(model=body.get("model"), stream=call.stream, tags=len(call.metadata))
     headers = request_headers(request.headers, authorization, identity=True)
     headers["Content-Type"] = "application/json"
     try:

@@ -68,6 +68,7 @@ class Proxy:
 
 PROXY = web.AppKey("proxy", Proxy)
 LOG_FIELDS = web.RequestKey("log_fields", dict[str, Any])
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def log_fields(request: web.Request) -> dict[str, Any]:

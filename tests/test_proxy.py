@@ -476,3 +476,48 @@ def test_hop_by_hop_headers_are_not_forwarded(start_proxy, upstream):
     )
     seen = {name.lower() for name in upstream.requests[-1]["headers"]}
     assert "x-kept" in seen and "x-secret-hop" not in seen
+
+
+def test_one_canonical_log_line_per_request(start_proxy, upstream, clients):
+    from structlog.testing import capture_logs
+
+    proxy = start_proxy({"tags": {"env": "prod"}})
+    _, proxied = clients(proxy)
+    with capture_logs() as logs:
+        proxied.chat.completions.create(model="fake-model", messages=MESSAGES)
+        proxied.models.list()
+    [row] = proxy.wait_stored(1)
+    lines = [entry for entry in logs if entry["event"] == "request"]
+    assert len(lines) == 2
+    chat, models = lines
+    assert chat["request_id"] == row["id"]
+    assert chat["tenant"] == row["tenant"]
+    assert (chat["model"], chat["status"], chat["tags"], chat["capture"]) == (
+        "fake-model",
+        200,
+        2,
+        "queued",
+    )
+    assert chat["latency_ms"] > 0 and chat["log_level"] == "info"
+    assert models["path"] == "/v1/models" and models["status"] == 200
+    assert models["request_id"] != chat["request_id"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": 5, "messages": "not a list", "metadata": "bad", "stream_options": 3},
+        {"messages": [None, 1, {"role": "system", "content": [None, {"type": "text"}]}]},
+        {"model": "fake-model", "messages": [], "stream": "yes", "tools": [1, {"function": None}]},
+        {},
+    ],
+)
+def test_odd_json_objects_are_forwarded_not_crashed_on(start_proxy, upstream, body):
+    """Validation is the upstream's job: whatever it answers reaches the client."""
+    proxy = start_proxy({"rules": [{"text": "x", "set": {"a": "b"}}]})
+    response = httpx.post(proxy.base_url + "/chat/completions", json=body)
+    assert response.status_code in (200, 400, 500)
+    if response.status_code != 200:
+        assert "Traceback" not in response.text
+    assert upstream.requests, "the request reached the upstream"
+    assert httpx.get(proxy.url + "/healthz").status_code == 200
