@@ -18,7 +18,6 @@ import orjson
 import sqlalchemy as sa
 from distillery.errors import StoreError
 from distillery.store.models import Completion, CompletionTag
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
@@ -80,9 +79,54 @@ def migrate(engine: Engine) -> None:
     SQLModel.metadata.create_all(engine, tables=[COMPLETIONS, TAGS])
 
 
-def _insert_ignoring_duplicates(engine: Engine, table: sa.Table) -> Any:
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing()
+class _BatchInsert:
+    """``INSERT ... ON CONFLICT DO NOTHING`` as one driver-level ``executemany``.
+
+    This is the capture writer's whole job, and SQLAlchemy's per-row
+    parameter processing cost more than the request it records (the writer
+    shares the GIL with the event loop).  So the statement is compiled once
+    and rows are plain tuples, each value converted by its column's type:
+    JSON columns serialised with orjson, timestamps as the dialect stores them.
+    """
+
+    def __init__(self, engine: Engine, table: sa.Table) -> None:
+        postgres = engine.dialect.name == "postgresql"
+        self.columns = tuple(column.name for column in table.columns)
+        self.converters = tuple(_converter(column.type, postgres) for column in table.columns)
+        placeholders = ", ".join(
+            ("%s::jsonb" if _is_json(column.type) else "%s") if postgres else "?"
+            for column in table.columns
+        )
+        quote = engine.dialect.identifier_preparer.quote
+        self.sql = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in self.columns)}) "
+            f"VALUES ({placeholders}) ON CONFLICT DO NOTHING"
+        )
+
+    def rows(self, rows: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        pairs = tuple(zip(self.columns, self.converters, strict=True))
+        return [
+            tuple(convert(row.get(name)) if convert else row.get(name) for name, convert in pairs)
+            for row in rows
+        ]
+
+
+def _is_json(column_type: sa.types.TypeEngine[Any]) -> bool:
+    # JSONColumn is a variant: JSON, with JSONB on Postgres.
+    return isinstance(column_type, sa.JSON) or isinstance(
+        getattr(column_type, "impl", None), sa.JSON
+    )
+
+
+def _converter(column_type: sa.types.TypeEngine[Any], postgres: bool) -> Any:
+    if _is_json(column_type):
+        return lambda value: None if value is None else _json_dumps(value)
+    if isinstance(column_type, sa.DateTime):
+        if postgres:
+            return lambda value: datetime.fromtimestamp(value, UTC)
+        # SQLAlchemy's own SQLite storage format, so ORM reads parse it back.
+        return lambda value: datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return None
 
 
 class Store:
@@ -91,38 +135,37 @@ class Store:
     def __init__(self, engine: Engine, migrated: bool = False) -> None:
         self.engine = engine
         self.migrated = migrated
-        self._insert_completion = _insert_ignoring_duplicates(engine, COMPLETIONS)
-        self._insert_tag = _insert_ignoring_duplicates(engine, TAGS)
+        self._completions = _BatchInsert(engine, COMPLETIONS)
+        self._tags = _BatchInsert(engine, TAGS)
 
     @property
     def url(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
 
     def insert(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Insert capture records (the dicts the proxy builds); duplicates by id are skipped."""
-        rows: list[dict[str, Any]] = []
-        tags: list[dict[str, Any]] = []
-        for record in records:
-            row = {name: record.get(name) for name in COMPLETION_COLUMNS}
-            # Records carry epoch seconds (cheap to mint, JSON-safe in the spool).
-            row["created_at"] = datetime.fromtimestamp(record["created_at"], UTC)
-            rows.append(row)
-            tags.extend(
-                {"completion_id": record["id"], "key": key, "value": value}
-                for key, value in record["metadata"].items()
-            )
-        if not rows:
+        """Insert capture records (the dicts the proxy builds); duplicates by id are skipped.
+
+        Records carry ``created_at`` as epoch seconds: cheap to mint on the
+        request path and JSON-safe in the spool.
+        """
+        records = list(records)
+        if not records:
             return 0
+        tags = [
+            {"completion_id": record["id"], "key": key, "value": value}
+            for record in records
+            for key, value in record["metadata"].items()
+        ]
         if not self.migrated:
             # The proxy starts even when the database is down; the schema is
             # created the first time it answers.
             migrate(self.engine)
             self.migrated = True
         with self.engine.begin() as conn:
-            conn.execute(self._insert_completion, rows)
+            conn.exec_driver_sql(self._completions.sql, self._completions.rows(records))
             if tags:
-                conn.execute(self._insert_tag, tags)
-        return len(rows)
+                conn.exec_driver_sql(self._tags.sql, self._tags.rows(tags))
+        return len(records)
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
