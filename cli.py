@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from distillery import __version__
 from distillery.config import Settings, key_fingerprint, load_settings
 from distillery.errors import DistilleryError

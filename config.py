@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from distillery.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distillery.errors import ConfigError
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 

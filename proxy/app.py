@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+
 from distillery.config import Settings
 from distillery.proxy.capture import Capture, new_record_id
 from distillery.proxy.chat import chat_completions

@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 import structlog
+
 from distillery.config import CaptureSettings
 from distillery.redact import Redactor
 from distillery.store import Store

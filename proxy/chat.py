@@ -17,12 +17,13 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from multidict import CIMultiDictProxy
+
 from distillery.proxy.errors import APIError, upstream_timeout, upstream_unreachable
 from distillery.proxy.forward import abort, request_headers, response_headers, upstream_url
 from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, log_fields
 from distillery.proxy.stream import StreamRelay
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
-from multidict import CIMultiDictProxy
 
 log = structlog.get_logger()
 

@@ -13,10 +13,11 @@ from collections.abc import Mapping
 import aiohttp
 import structlog
 from aiohttp import web
-from distillery.proxy.errors import upstream_timeout, upstream_unreachable
-from distillery.proxy.state import PROXY, log_fields
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from distillery.proxy.errors import upstream_timeout, upstream_unreachable
+from distillery.proxy.state import PROXY, log_fields
 
 log = structlog.get_logger()
 

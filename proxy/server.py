@@ -12,6 +12,7 @@ import sys
 
 import structlog
 from aiohttp import web
+
 from distillery.config import Settings
 from distillery.errors import DistilleryError
 from distillery.proxy.app import make_app

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
 from distillery.config import Settings, key_fingerprint
 from distillery.proxy.capture import Capture
 from distillery.proxy.errors import APIError

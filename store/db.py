@@ -16,10 +16,11 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from distillery.errors import StoreError
-from distillery.store.models import Completion, CompletionTag
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
+
+from distillery.errors import StoreError
+from distillery.store.models import Completion, CompletionTag
 
 COMPLETIONS: sa.Table = Completion.__table__  # type: ignore[attr-defined]
 TAGS: sa.Table = CompletionTag.__table__  # type: ignore[attr-defined]

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
+
 from distillery.config import Settings, load_settings
 from distillery.proxy.app import make_app
 from distillery.store import Store
 from distillery.store.db import create_engine
+
 from fake_openai import FakeOpenAI
 
 POSTGRES_ENV = "DISTILLERY_TEST_POSTGRES_URL"

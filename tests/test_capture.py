@@ -16,11 +16,13 @@ import openai
 import orjson
 import pytest
 import sqlalchemy as sa
-from conftest import wait_for
+
 from distillery.config import CaptureSettings
 from distillery.proxy.capture import Capture, new_record_id, read_segment
 from distillery.redact import Redactor
 from distillery.store import open_store
+
+from conftest import wait_for
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}]
 

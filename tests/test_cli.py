@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+
 from distillery.cli import cli
 from distillery.config import key_fingerprint
 

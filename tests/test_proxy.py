@@ -10,6 +10,7 @@ import httpx
 import openai
 import orjson
 import pytest
+
 from conftest import RunningProxy
 from fake_openai import TEXT_PIECES
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from distillery.redact import Redactor
 
 DEFAULT = Redactor.from_settings(True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from sqlmodel import Session, select
+
 from distillery.errors import StoreError
 from distillery.store import Completion, CompletionTag, open_store
-from sqlmodel import Session, select
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
