@@ -522,3 +522,16 @@ def test_odd_json_objects_are_forwarded_not_crashed_on(start_proxy, upstream, bo
         assert "Traceback" not in response.text
     assert upstream.requests, "the request reached the upstream"
     assert httpx.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_upstream_stalling_mid_stream_times_out_and_is_stored(start_proxy, upstream, sdk):
+    upstream.slow_seconds = 5.0  # one second between chunks
+    proxy = start_proxy({"upstream": {"timeout": 0.3}})
+    client = sdk(proxy.base_url)
+    with pytest.raises((openai.APIConnectionError, httpx.HTTPError)):
+        list(client.chat.completions.create(model="fake-slow", messages=MESSAGES, stream=True))
+    [row] = proxy.wait_stored(1)
+    assert json.loads(row["error"]) == {
+        "message": "upstream stream timed out",
+        "type": "upstream_error",
+    }
