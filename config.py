@@ -38,6 +38,14 @@ def key_fingerprint(api_key: str) -> str:
     return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
+def _regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+    return pattern
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -135,10 +143,7 @@ class TagRule(_Section):
             raise ValueError("a rule needs `model` or `text` (a regular expression)")
         for pattern in (self.model, self.text):
             if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+                _regex(pattern)
         return self
 
 
@@ -149,11 +154,7 @@ class RedactPattern(_Section):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"bad regular expression {value!r}: {exc}") from None
-        return value
+        return _regex(value)
 
 
 class RedactSettings(_Section):
