@@ -140,5 +140,10 @@ def key_fingerprint_command() -> None:
     click.echo(key_fingerprint(key))
 
 
+from distillery.cli_completions import completions  # noqa: E402
+
+cli.add_command(completions)
+
+
 def main() -> None:
     cli(prog_name="distillery")

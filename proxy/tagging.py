@@ -25,27 +25,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from distillery.config import Settings
-
-MAX_PAIRS = 16
-MAX_KEY = 64
-MAX_VALUE = 512
+from distillery.store.records import MAX_KEY, MAX_PAIRS, MAX_VALUE, message_text
 
 _DIGITS = re.compile(r"\d+")
 _SPACE = re.compile(r"\s+")
-
-
-def message_text(message: Mapping[str, Any]) -> str:
-    """The text of a chat message, whether ``content`` is a string or a list of parts."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def prompt_fingerprint(body: Mapping[str, Any]) -> str | None:

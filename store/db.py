@@ -20,7 +20,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
 from distillery.errors import StoreError
+from distillery.store import search
 from distillery.store.models import Completion, CompletionTag
+from distillery.store.records import search_text
 
 COMPLETIONS: sa.Table = Completion.__table__  # type: ignore[attr-defined]
 TAGS: sa.Table = CompletionTag.__table__  # type: ignore[attr-defined]
@@ -75,9 +77,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema up to date; the proxy and the CLI both call this on start."""
-    # Version 1 of the schema: created from the models.  Ordered alembic
-    # migrations take over from here once the schema first changes.
+    # Version 1 of the schema: created from the models, plus the full-text
+    # table that SQLModel cannot describe.  Ordered alembic migrations take
+    # over from here once the schema first changes.
     SQLModel.metadata.create_all(engine, tables=[COMPLETIONS, TAGS])
+    with engine.begin() as conn:
+        search.create(conn)
 
 
 class _BatchInsert:
@@ -162,10 +167,15 @@ class Store:
             # created the first time it answers.
             migrate(self.engine)
             self.migrated = True
+        texts = [
+            (record["id"], search_text(record.get("request"), record.get("response")))
+            for record in records
+        ]
         with self.engine.begin() as conn:
             conn.exec_driver_sql(self._completions.sql, self._completions.rows(records))
             if tags:
                 conn.exec_driver_sql(self._tags.sql, self._tags.rows(tags))
+            search.insert(conn, texts)
         return len(records)
 
     def ping(self) -> None:

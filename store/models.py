@@ -60,7 +60,9 @@ class Completion(SQLModel, table=True):
 
 class CompletionTag(SQLModel, table=True):
     __tablename__ = "completion_tags"
-    __table_args__ = (Index("ix_completion_tags_key_value", "key", "value"),)
+    # (key, value, completion_id): a tag filter walks this index in id order,
+    # which is time order, so "newest 20 with k=v" never sorts.
+    __table_args__ = (Index("ix_completion_tags_key_value", "key", "value", "completion_id"),)
 
     completion_id: str = Field(foreign_key="completions.id", primary_key=True, max_length=40)
     key: str = Field(primary_key=True, max_length=64)

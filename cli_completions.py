@@ -1,0 +1,523 @@
+"""``distillery completions``: find, read, label and prune captured calls."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillery.errors import DistilleryError
+from distillery.output import dumps, output_options, write_rows
+
+LIST_COLUMNS = ("id", "created_at", "model", "status", "tokens", "latency_ms", "tags", "prompt")
+
+
+class DefaultGroup(click.Group):
+    """A group that runs ``list`` when no subcommand is named (``llm logs`` style)."""
+
+    default_command = "list"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args.insert(0, self.default_command)
+        return super().parse_args(ctx, args)
+
+
+def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--database-url",
+        envvar="DISTILLERY_DATABASE_URL",
+        help="sqlite:///path.db or postgresql://...  [default: as the proxy]",
+    )(command)
+    return click.option(
+        "-c",
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="DISTILLERY_CONFIG",
+        help="TOML config file (for the database location).",
+    )(command)
+
+
+def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--tag",
+            "tags",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Has this tag (repeatable, all must match).",
+        ),
+        click.option("-m", "--model", help="Model requested or served."),
+        click.option(
+            "--since",
+            metavar="WHEN",
+            help="Captured at or after: 2026-11-01, 2026-11-01T09:00, 7d, 12h.",
+        ),
+        click.option("--until", metavar="WHEN", help="Captured before."),
+        click.option("--status", type=click.Choice(["ok", "error"]), help="Succeeded or failed."),
+        click.option("--finish-reason", help="stop, length, tool_calls, content_filter, ..."),
+        click.option(
+            "--stream/--no-stream", default=None, help="Streamed calls only, or only not."
+        ),
+        click.option(
+            "-q",
+            "--search",
+            "text",
+            metavar="TEXT",
+            help="Full-text search over messages and output.",
+        ),
+        click.option(
+            "--tenant", "tenants", multiple=True, help="API-key fingerprint (repeatable)."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_filters(
+    tags: tuple[str, ...] = (),
+    model: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    status: str | None = None,
+    finish_reason: str | None = None,
+    stream: bool | None = None,
+    text: str | None = None,
+    tenants: tuple[str, ...] = (),
+    ids: tuple[str, ...] = (),
+) -> Any:
+    from distillery.store.query import Filters, parse_tag, parse_when
+
+    return Filters(
+        tags=tuple(parse_tag(tag) for tag in tags),
+        model=model,
+        since=parse_when(since) if since else None,
+        until=parse_when(until) if until else None,
+        status=status,  # type: ignore[arg-type]
+        finish_reason=finish_reason,
+        stream=stream,
+        text=text,
+        tenants=tenants or None,
+        ids=ids,
+    )
+
+
+def open_cli_store(config: Path | None, database_url: str | None) -> Any:
+    from distillery.config import load_settings
+    from distillery.store import open_store
+
+    settings = load_settings(config, {"storage.database_url": database_url})
+    url = settings.storage.resolved_database_url()
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise DistilleryError(
+            f"No database at {url}. Start `distillery proxy` to capture calls, or point "
+            "--database-url at an existing one."
+        )
+    store = open_store(url)
+    # Closed when the command ends, so no connection outlives it.
+    click.get_current_context().call_on_close(store.close)
+    return store
+
+
+def fail_on_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn DistilleryError into a one-line message naming the fix."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DistilleryError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The table view of one record: what a person scans for."""
+    from distillery.store.records import message_text
+
+    messages = (record.get("request") or {}).get("messages") or []
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    prompt = message_text(users[-1]) if users else ""
+    return {
+        "id": record["id"],
+        "created_at": record["created_at"],
+        "model": record.get("model_requested"),
+        "status": record["status"] if record.get("error") is None else f"{record['status']}!",
+        "tokens": record.get("total_tokens"),
+        "latency_ms": record.get("latency_ms"),
+        "tags": ",".join(f"{k}={v}" for k, v in (record.get("metadata") or {}).items()),
+        "prompt": " ".join(prompt.split()),
+    }
+
+
+def _select_ids(
+    store: Any, ids: tuple[str, ...], where: bool, filters: Any, verb: str
+) -> list[str]:
+    from distillery.store.query import Filters, get, matching_ids
+
+    if ids and where:
+        raise click.UsageError(f"Give IDs or --where with filters to {verb}, not both.")
+    if not ids and not where:
+        raise click.UsageError(
+            f"Name the completions to {verb}: IDs, or --where with filters (e.g. --where --tag app=x)."
+        )
+    if where:
+        if filters == Filters():
+            raise click.UsageError(
+                f"--where needs at least one filter; to {verb} everything use --since 100y."
+            )
+        return matching_ids(store, filters)
+    selected = []
+    for ref in ids:
+        record = get(store, ref)
+        if record is None:
+            raise DistilleryError(
+                f"No completion {ref!r}. Run `distillery completions list` to see ids."
+            )
+        selected.append(record["id"])
+    return selected
+
+
+@click.group(cls=DefaultGroup)
+def completions() -> None:
+    """Find, read, label and prune captured calls (`list` when no subcommand is given)."""
+
+
+@completions.command(name="list")
+@store_options
+@filter_options
+@click.option(
+    "-n",
+    "--count",
+    "limit",
+    type=int,
+    default=20,
+    show_default=True,
+    help="How many, newest first; 0 for all.",
+)
+@click.option("--order", type=click.Choice(["desc", "asc"]), default="desc", show_default=True)
+@output_options
+@fail_on_errors
+def list_command(
+    config: Path | None, database_url: str | None, limit: int, order: str, fmt: str, **filters: Any
+) -> None:
+    """List captured calls, newest first.
+
+    \b
+    Examples:
+        distillery completions --tag app=support -n 5
+        distillery completions -q "refund" --since 7d --json
+    """
+    from distillery.store.query import find, iterate
+
+    if limit < 0:
+        raise click.UsageError("-n/--count must be 0 (all) or more.")
+    store = open_cli_store(config, database_url)
+    selected = build_filters(**filters)
+    if limit:
+        rows: Iterable[dict[str, Any]] = find(store, selected, order=order, limit=limit)  # type: ignore[arg-type]
+    else:
+        rows = iterate(store, selected, order=order)  # type: ignore[arg-type]
+    if fmt in ("table", "csv"):
+        rows = (summary(r) for r in rows)
+    write_rows(rows, fmt, LIST_COLUMNS, empty="No completions match.")
+
+
+@completions.command()
+@store_options
+@click.argument("ref", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="The whole record as JSON.")
+@fail_on_errors
+def show(config: Path | None, database_url: str | None, ref: str, as_json: bool) -> None:
+    """Show one call whole: messages, output, tool calls, metadata, usage, latency.
+
+    ID is the record id (cap_...) or the upstream completion id (chatcmpl-...).
+    """
+    from distillery.store.query import get
+
+    store = open_cli_store(config, database_url)
+    record = get(store, ref)
+    if record is None:
+        raise DistilleryError(
+            f"No completion {ref!r}. Run `distillery completions list` to see ids."
+        )
+    if as_json:
+        click.echo(dumps(record, indent=True))
+        return
+    for line in render(record):
+        click.echo(line)
+
+
+def render(record: dict[str, Any]) -> Iterator[str]:
+    from distillery.store.records import message_text, output_messages
+
+    fields = [
+        ("id", record["id"]),
+        ("completion", record.get("completion_id")),
+        ("created", record["created_at"]),
+        ("tenant", record["tenant"]),
+        ("model", f"{record.get('model_requested')} -> {record.get('model_served')}"),
+        ("status", record["status"]),
+        ("stream", bool(record["stream"])),
+        ("finish", record.get("finish_reason")),
+        (
+            "tokens",
+            f"{record.get('prompt_tokens')} in, {record.get('completion_tokens')} out, {record.get('total_tokens')} total",
+        ),
+        (
+            "latency",
+            f"{record['latency_ms']:.1f} ms"
+            + (
+                f" (first byte {record['ttft_ms']:.1f} ms)"
+                if record.get("ttft_ms") is not None
+                else ""
+            ),
+        ),
+        ("request id", record.get("upstream_request_id")),
+        ("fingerprint", record.get("prompt_fingerprint")),
+    ]
+    for name, value in fields:
+        yield f"{name + ':':<13}{value}"
+    metadata = record.get("metadata") or {}
+    yield "metadata:    " + (", ".join(f"{k}={v}" for k, v in metadata.items()) or "-")
+    yield ""
+    yield "Messages"
+    for message in (record.get("request") or {}).get("messages") or []:
+        if isinstance(message, dict):
+            yield from _message(message, message_text(message))
+    yield ""
+    yield "Output"
+    outputs = output_messages(record.get("response"))
+    for message in outputs:
+        yield from _message(message, message_text(message))
+    if not outputs:
+        yield "  (none)"
+    if record.get("error") is not None:
+        yield ""
+        yield "Error"
+        yield "  " + dumps(record["error"])
+
+
+def _message(message: dict[str, Any], text: str) -> Iterator[str]:
+    role = message.get("role", "?")
+    lines = text.splitlines() or [""]
+    yield f"  [{role}] {lines[0]}"
+    for line in lines[1:]:
+        yield f"  {' ' * (len(role) + 2)} {line}"
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        yield f"  [{role}] -> {function.get('name')}({function.get('arguments')})  {call.get('id') or ''}".rstrip()
+    if message.get("refusal"):
+        yield f"  [{role}] refused: {message['refusal']}"
+
+
+@completions.command()
+@store_options
+@filter_options
+@click.option(
+    "--by",
+    "group_by",
+    default="model",
+    show_default=True,
+    metavar="model|day|fingerprint|tag:KEY",
+    help="What to group by.",
+)
+@output_options
+@fail_on_errors
+def stats(
+    config: Path | None, database_url: str | None, group_by: str, fmt: str, **filters: Any
+) -> None:
+    """Counts, tokens, latency percentiles and error rate, grouped.
+
+    The table also lists the most frequent prompt fingerprints: the tasks in
+    your traffic, found without anyone tagging them.
+
+    \b
+    Example:
+        distillery completions stats --by tag:app --since 30d
+    """
+    from distillery.store.stats import STAT_COLUMNS, group_stats, top_fingerprints
+
+    store = open_cli_store(config, database_url)
+    selected = build_filters(**filters)
+    rows = group_stats(store, selected, group_by)
+    write_rows(rows, fmt, STAT_COLUMNS, empty="No completions match.")
+    if fmt == "table" and group_by != "fingerprint" and rows:
+        click.echo("\nTop prompt fingerprints (calls sharing a system prompt or tool set):")
+        write_rows(
+            top_fingerprints(store, selected), fmt, ("fingerprint", "calls", "share", "example")
+        )
+
+
+def selection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = filter_options(command)
+    return click.option(
+        "--where", is_flag=True, help="Select by the filter options instead of IDs."
+    )(command)
+
+
+@completions.command()
+@store_options
+@click.argument("args", nargs=-1, required=True, metavar="[ID]... KEY=VALUE...")
+@selection_options
+@fail_on_errors
+def tag(
+    config: Path | None,
+    database_url: str | None,
+    args: tuple[str, ...],
+    where: bool,
+    **filters: Any,
+) -> None:
+    """Label calls, e.g. quality=approved (within OpenAI's metadata limits).
+
+    \b
+    Examples:
+        distillery completions tag cap_18ec... quality=approved
+        distillery completions tag --where --tag app=support -q refund task=refunds
+    """
+    from distillery.store.query import parse_tag, relabel
+
+    labels = dict(parse_tag(a) for a in args if "=" in a)
+    ids = tuple(a for a in args if "=" not in a)
+    if not labels:
+        raise click.UsageError("Give at least one KEY=VALUE to set.")
+    store = open_cli_store(config, database_url)
+    selected = _select_ids(store, ids, where, build_filters(**filters), "tag")
+    changed = relabel(store, selected, set_tags=labels)
+    click.echo(f"Tagged {changed} of {len(selected)} completions.", err=True)
+
+
+@completions.command()
+@store_options
+@click.argument("args", nargs=-1, required=True, metavar="[ID]... KEY")
+@selection_options
+@fail_on_errors
+def untag(
+    config: Path | None,
+    database_url: str | None,
+    args: tuple[str, ...],
+    where: bool,
+    **filters: Any,
+) -> None:
+    """Remove a label (a metadata key) from calls."""
+    from distillery.store.query import relabel
+
+    *ids, key = args
+    store = open_cli_store(config, database_url)
+    selected = _select_ids(store, tuple(ids), where, build_filters(**filters), "untag")
+    changed = relabel(store, selected, remove=[key])
+    click.echo(f"Removed {key!r} from {changed} of {len(selected)} completions.", err=True)
+
+
+@completions.command()
+@store_options
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@selection_options
+@click.option(
+    "--older-than",
+    metavar="AGE",
+    help="Only calls captured more than AGE ago (30d, 12h); implies --where.",
+)
+@click.option("--yes", is_flag=True, help="Delete without showing what goes first.")
+@fail_on_errors
+def delete(
+    config: Path | None,
+    database_url: str | None,
+    ids: tuple[str, ...],
+    where: bool,
+    older_than: str | None,
+    yes: bool,
+    **filters: Any,
+) -> None:
+    """Delete calls (retention: --older-than 30d); shows what goes unless --yes.
+
+    \b
+    Examples:
+        distillery completions delete --older-than 90d --yes
+        distillery completions delete --where --tag env=staging
+    """
+    from distillery.store import query
+
+    selected_filters = build_filters(**filters)
+    if older_than:
+        where = True
+        selected_filters = query.with_filters(selected_filters, until=query.parse_when(older_than))
+    store = open_cli_store(config, database_url)
+    selected = _select_ids(store, ids, where, selected_filters, "delete")
+    if not selected:
+        click.echo("Nothing to delete.", err=True)
+        return
+    if not yes:
+        click.echo(f"This deletes {len(selected)} completions:", err=True)
+        for record_id in selected[:10]:
+            click.echo(f"  {record_id}", err=True)
+        if len(selected) > 10:
+            click.echo(f"  ... and {len(selected) - 10} more", err=True)
+        if not sys.stdin.isatty():
+            raise click.ClickException("Nothing deleted. Re-run with --yes to delete them.")
+        click.confirm("Delete them?", abort=True, err=True)
+    deleted = query.delete(store, selected)
+    click.echo(f"Deleted {deleted} completions.", err=True)
+
+
+@completions.command()
+@store_options
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@selection_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    show_default=True,
+    help="JSONL file to write.",
+)
+@fail_on_errors
+def export(
+    config: Path | None,
+    database_url: str | None,
+    ids: tuple[str, ...],
+    where: bool,
+    output: str,
+    **filters: Any,
+) -> None:
+    """Write raw records as JSON lines, oldest first (all of them without IDs or --where).
+
+    \b
+    Example:
+        distillery completions export --where --tag app=support -o support.jsonl
+    """
+    from distillery.store import query
+
+    if ids and where:
+        raise click.UsageError("Give IDs or --where with filters to export, not both.")
+    store = open_cli_store(config, database_url)
+    selected = build_filters(**filters) if not ids else query.Filters(ids=ids)
+    total = query.count(store, selected)
+    with click.open_file(output, "w") as handle:
+        rows = query.iterate(store, selected, order="asc")
+        show_progress = output != "-" and sys.stderr.isatty()
+        with (
+            click.progressbar(rows, length=total, label="Exporting", file=sys.stderr)
+            if show_progress
+            else _nullbar(rows) as bar
+        ):
+            written = write_rows(bar, "nl", (), out=handle)
+    click.echo(f"Exported {written} completions to {output}.", err=True) if output != "-" else None
+
+
+class _nullbar:
+    def __init__(self, rows: Iterable[Any]) -> None:
+        self.rows = rows
+
+    def __enter__(self) -> Iterable[Any]:
+        return self.rows
+
+    def __exit__(self, *_: Any) -> None:
+        return None

@@ -1,0 +1,247 @@
+"""Finding, labelling and pruning captured calls: the queries the CLI and the API share.
+
+Listing order is the record id, which is minted from the clock (``cap_`` +
+nanoseconds), so id order is time order and the primary key is the sort
+index.  A tag filter starts from ``completion_tags(key, value, completion_id)``
+and walks that index in id order, so "the newest 20 with ``app=x``" reads 20
+index entries whether the tag is on ten rows or on a million.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from distillery.errors import DistilleryError
+from distillery.store import search
+from distillery.store.db import COMPLETIONS, TAGS, Store
+from distillery.store.records import check_metadata
+
+C = COMPLETIONS.c
+Order = Literal["asc", "desc"]
+
+_RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdwy])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+class QueryError(DistilleryError):
+    """A filter or label the user gave cannot be applied; the message says why."""
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """``7d``/``12h``/``30m``/``2w``/``1y`` before now, or an ISO date/time (UTC unless it says)."""
+    match = _RELATIVE.match(text)
+    if match:
+        amount, unit = match.groups()
+        return (now or datetime.now(UTC)) - timedelta(seconds=int(amount) * _UNITS[unit])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise QueryError(
+            f"Cannot read {text!r} as a time: use an ISO date like 2026-11-01, "
+            "a date and time like 2026-11-01T09:30, or a span like 7d, 12h, 30m, 2w."
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise QueryError(f"Tag {text!r} must look like key=value.")
+    return key, value
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which captured calls a command or API request is about; empty means all."""
+
+    tags: tuple[tuple[str, str], ...] = ()
+    model: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    status: Literal["ok", "error"] | None = None
+    finish_reason: str | None = None
+    stream: bool | None = None
+    text: str | None = None
+    tenants: tuple[str, ...] | None = None  # None: every tenant
+    ids: tuple[str, ...] = ()  # record ids or upstream completion ids
+    completions_only: bool = False  # successful chat completions (what the API lists)
+    extra: tuple[Any, ...] = field(default=(), compare=False)
+
+    def conditions(self, engine: Any) -> list[Any]:
+        where: list[Any] = []
+        if self.model:
+            where.append(sa.or_(C.model_requested == self.model, C.model_served == self.model))
+        if self.since:
+            where.append(C.created_at >= self.since)
+        if self.until:
+            where.append(C.created_at < self.until)
+        if self.status == "ok" or self.completions_only:
+            where.append(sa.and_(C.status < 400, C.error.is_(None)))
+        elif self.status == "error":
+            where.append(sa.or_(C.status >= 400, C.error.is_not(None)))
+        if self.completions_only:
+            where.append(C.response.is_not(None))
+        if self.finish_reason:
+            where.append(C.finish_reason == self.finish_reason)
+        if self.stream is not None:
+            where.append(C.stream.is_(self.stream))
+        if self.text is not None:
+            if not search.words(self.text):
+                raise QueryError("The search text has no words in it.")
+            matches = search.matching_ids(engine, self.text).subquery()
+            where.append(C.id.in_(sa.select(matches.c.completion_id)))
+        if self.tenants is not None:
+            where.append(C.tenant.in_(self.tenants))
+        if self.ids:
+            where.append(sa.or_(C.id.in_(self.ids), C.completion_id.in_(self.ids)))
+        for key, value in self.tags[1:]:
+            where.append(
+                sa.exists().where(
+                    TAGS.c.completion_id == C.id, TAGS.c.key == key, TAGS.c.value == value
+                )
+            )
+        where.extend(self.extra)
+        return where
+
+
+def select_completions(
+    store: Store,
+    filters: Filters,
+    *,
+    columns: Sequence[Any] | None = None,
+    order: Order = "desc",
+    after: str | None = None,
+    limit: int | None = None,
+) -> sa.Select[Any]:
+    """The SELECT behind every listing; ``after`` is a record id (exclusive cursor)."""
+    query = sa.select(*(columns if columns is not None else COMPLETIONS.c))
+    if filters.tags:
+        key, value = filters.tags[0]
+        first = TAGS.alias("first_tag")
+        query = query.select_from(first.join(COMPLETIONS, C.id == first.c.completion_id)).where(
+            first.c.key == key, first.c.value == value
+        )
+        sort_key = first.c.completion_id
+    else:
+        sort_key = C.id
+    query = query.where(*filters.conditions(store.engine))
+    if after is not None:
+        query = query.where(sort_key > after if order == "asc" else sort_key < after)
+    query = query.order_by(sort_key.asc() if order == "asc" else sort_key.desc())
+    if limit:
+        query = query.limit(limit)
+    return query
+
+
+def _record(row: sa.Row[Any]) -> dict[str, Any]:
+    # Column names can be ``quoted_name`` (a str subclass, e.g. "metadata");
+    # plain str keys keep every JSON encoder happy.
+    return {str(key): value for key, value in row._mapping.items()}
+
+
+def find(
+    store: Store,
+    filters: Filters,
+    *,
+    order: Order = "desc",
+    after: str | None = None,
+    limit: int | None = 20,
+) -> list[dict[str, Any]]:
+    query = select_completions(store, filters, order=order, after=after, limit=limit)
+    with store.engine.connect() as conn:
+        return [_record(row) for row in conn.execute(query)]
+
+
+def iterate(store: Store, filters: Filters, *, order: Order = "asc") -> Iterator[dict[str, Any]]:
+    """Every matching record, streamed from the database in batches."""
+    query = select_completions(store, filters, order=order)
+    with store.engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=500).execute(query)
+        for row in result:
+            yield _record(row)
+
+
+def count(store: Store, filters: Filters) -> int:
+    query = select_completions(store, filters, columns=[sa.func.count()]).order_by(None)
+    with store.engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def get(store: Store, ref: str, tenants: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+    """One record by its id or its upstream completion id (the newest if several share it)."""
+    rows = find(store, Filters(ids=(ref,), tenants=tenants), limit=1)
+    return rows[0] if rows else None
+
+
+def matching_ids(store: Store, filters: Filters) -> list[str]:
+    query = select_completions(store, filters, columns=[C.id], order="asc")
+    with store.engine.connect() as conn:
+        return [row[0] for row in conn.execute(query)]
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def relabel(
+    store: Store,
+    ids: Sequence[str],
+    *,
+    set_tags: Mapping[str, str] | None = None,
+    remove: Sequence[str] = (),
+    replace_all: bool = False,
+) -> int:
+    """Change the metadata of records: add/overwrite ``set_tags``, drop ``remove`` keys.
+
+    The metadata JSON and the tag rows change together, in one transaction per
+    500 records, and every result must still fit OpenAI's limits (it is what
+    an export or a re-send would carry); otherwise nothing changes.
+    """
+    changed = 0
+    for chunk in _chunks(list(ids)):
+        with store.engine.begin() as conn:
+            rows = conn.execute(sa.select(C.id, C.metadata).where(C.id.in_(chunk))).all()
+            for record_id, metadata in rows:
+                updated = {} if replace_all else dict(metadata or {})
+                for key in remove:
+                    updated.pop(key, None)
+                updated.update(set_tags or {})
+                problem = check_metadata(updated)
+                if problem:
+                    raise QueryError(f"Cannot relabel {record_id}: {problem}")
+                if updated == metadata:
+                    continue
+                conn.execute(COMPLETIONS.update().where(C.id == record_id).values(metadata=updated))
+                conn.execute(TAGS.delete().where(TAGS.c.completion_id == record_id))
+                if updated:
+                    conn.execute(
+                        TAGS.insert(),
+                        [
+                            {"completion_id": record_id, "key": key, "value": value}
+                            for key, value in updated.items()
+                        ],
+                    )
+                changed += 1
+    return changed
+
+
+def delete(store: Store, ids: Sequence[str]) -> int:
+    """Delete records with their tags and search entries; returns how many went."""
+    deleted = 0
+    for chunk in _chunks(list(ids)):
+        with store.engine.begin() as conn:
+            search.delete(conn, list(chunk))
+            conn.execute(TAGS.delete().where(TAGS.c.completion_id.in_(chunk)))
+            deleted += conn.execute(COMPLETIONS.delete().where(C.id.in_(chunk))).rowcount
+    return deleted
+
+
+def with_filters(filters: Filters, **changes: Any) -> Filters:
+    return replace(filters, **changes)
