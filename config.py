@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,6 +56,9 @@ class ProxySettings(_Section):
     max_body_mb: float = Field(100, gt=0, description="largest chat completion request body")
     access_log: bool = True
     shutdown_timeout: float = Field(60, ge=0, description="seconds in-flight requests get on stop")
+    # Serve OpenAI's stored-completions API (list/retrieve/update/delete/messages)
+    # from the local store, or pass those routes to the upstream.
+    stored_completions: Literal["local", "upstream"] = "local"
 
 
 class UpstreamSettings(_Section):
@@ -88,9 +91,14 @@ class AuthSettings(_Section):
     # the key itself or its fingerprint (`distillery key-fingerprint`), so the
     # config file need not hold secrets.
     keys: list[str] = []
+    # Keys (or fingerprints) that see every tenant's stored completions.
+    admin_keys: list[str] = []
 
     def accepts(self, api_key: str) -> bool:
         return api_key in self.keys or key_fingerprint(api_key) in self.keys
+
+    def is_admin(self, api_key: str) -> bool:
+        return api_key in self.admin_keys or key_fingerprint(api_key) in self.admin_keys
 
 
 class StorageSettings(_Section):
@@ -182,7 +190,7 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _no_open_relay(self) -> Settings:
-        if self.upstream.resolved_api_key() and not self.auth.keys:
+        if self.upstream.resolved_api_key() and not (self.auth.keys or self.auth.admin_keys):
             raise ValueError(
                 "upstream.api_key is set but auth.keys is empty: anyone who can reach the "
                 "proxy would spend your key. Add proxy keys under [auth] keys = [...]"

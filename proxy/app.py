@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from distillery.config import Settings
+from distillery.proxy import stored
 from distillery.proxy.capture import Capture, new_record_id
 from distillery.proxy.chat import chat_completions
 from distillery.proxy.errors import APIError
@@ -102,7 +103,10 @@ def make_app(settings: Settings, store: Store | None) -> web.Application:
         )
         spool_dir = Path(settings.storage.resolved_data_dir()) / "spool"
         capture = Capture(store, spool_dir, settings.capture, redactor)
-    proxy = Proxy(settings=settings, tagger=Tagger(settings), metrics=Metrics(), capture=capture)
+    proxy = Proxy(
+        settings=settings, tagger=Tagger(settings), metrics=Metrics(), capture=capture, store=store
+    )
+    serve_stored = store is not None and settings.proxy.stored_completions == "local"
     if capture is not None:
         proxy.metrics.watch(
             "distillery_capture_queue_depth",
@@ -136,6 +140,8 @@ def make_app(settings: Settings, store: Store | None) -> web.Application:
     for prefix in ("", "/a/{app}"):
         suffix = "_app" if prefix else ""
         app.router.add_post(prefix + "/v1/chat/completions", chat_completions, name="chat" + suffix)
+        if serve_stored:
+            stored.add_routes(app, prefix, suffix)
         app.router.add_route(
             "*", prefix + "/v1/{tail:.*}", passthrough, name="passthrough" + suffix
         )

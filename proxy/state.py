@@ -14,8 +14,21 @@ from distillery.proxy.capture import Capture
 from distillery.proxy.errors import APIError
 from distillery.proxy.metrics import Metrics
 from distillery.proxy.tagging import Tagger
+from distillery.store import Store
 
 ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str  # fingerprint of the presented key, or "anonymous"
+    authorization: str | None  # what to send upstream
+    admin: bool  # sees every tenant's stored completions
+
+    @property
+    def tenants(self) -> tuple[str, ...] | None:
+        """The tenants whose stored completions this caller may see (None: all)."""
+        return None if self.admin else (self.tenant,)
 
 
 @dataclass
@@ -24,6 +37,7 @@ class Proxy:
     tagger: Tagger
     metrics: Metrics
     capture: Capture | None
+    store: Store | None = None
     upstream_url: str = field(init=False)
     upstream_key: str | None = field(init=False)
     session: aiohttp.ClientSession = field(init=False)
@@ -37,24 +51,33 @@ class Proxy:
         ]
 
     def authorize(self, request: web.Request) -> tuple[str, str | None]:
-        """The caller's tenant fingerprint and the Authorization to send upstream.
+        """The caller's tenant fingerprint and the Authorization to send upstream."""
+        caller = self.caller(request)
+        return caller.tenant, caller.authorization
+
+    def caller(self, request: web.Request) -> Caller:
+        """Who is calling, and what to send upstream on their behalf.
 
         With an upstream key configured the proxy is the only holder of that
         key, so callers must present one of the proxy keys; otherwise the
-        caller's own key is forwarded as it is.
+        caller's own key is forwarded as it is.  Either way the tenant is the
+        fingerprint of the key the caller presented.
         """
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         key = key.strip() if scheme.lower() == "bearer" else ""
+        auth = self.settings.auth
+        admin = bool(key) and auth.is_admin(key)
         if self.upstream_key is None:
-            return (key_fingerprint(key) if key else ANONYMOUS), (header or None)
-        if not key or not self.settings.auth.accepts(key):
+            tenant = key_fingerprint(key) if key else ANONYMOUS
+            return Caller(tenant, header or None, admin)
+        if not key or not (auth.accepts(key) or admin):
             raise APIError(
                 401,
                 "Incorrect API key provided. Use a key listed in the proxy's [auth] keys.",
                 code="invalid_api_key",
             )
-        return key_fingerprint(key), f"Bearer {self.upstream_key}"
+        return Caller(key_fingerprint(key), f"Bearer {self.upstream_key}", admin)
 
     def sample_rate(self, tags: dict[str, str]) -> float:
         for key, value, rate in self._samples:

@@ -44,6 +44,7 @@ class FakeOpenAI:
         self.app = web.Application(client_max_size=200 * 1024 * 1024)
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/v1/chat/completions", self.stored_list)
         self.app.router.add_post("/v1/embeddings", self.embeddings)
         self.app.router.add_post("/v1/files", self.files)
         self.counter = 0
@@ -74,6 +75,12 @@ class FakeOpenAI:
                 headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
             )
         return web.Response(body=body, content_type="application/json")
+
+    async def stored_list(self, request: web.Request) -> web.Response:
+        self._record(request, None)
+        return web.json_response(
+            {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+        )
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
