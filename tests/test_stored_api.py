@@ -16,9 +16,12 @@ def create(client, text, **kwargs):
     return client.chat.completions.create(model="fake-model", messages=messages, **kwargs)
 
 
-@pytest.fixture
-def setup(start_proxy, upstream, sdk):
-    proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint("sk-admin")]}})
+@pytest.fixture(params=["sqlite", "postgres"])
+def setup(request, start_proxy, upstream, sdk):
+    database_url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    proxy = start_proxy(
+        {"auth": {"admin_keys": [key_fingerprint("sk-admin")]}}, database_url=database_url
+    )
     alice, bob = sdk(proxy.base_url, "sk-alice"), sdk(proxy.base_url, "sk-bob")
     made = [
         create(alice, "first", metadata={"topic": "billing"}, temperature=0.2, seed=7),
