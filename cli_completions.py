@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -125,7 +127,6 @@ def open_cli_store(config: Path | None, database_url: str | None) -> Any:
 
 def fail_on_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn DistilleryError into a one-line message naming the fix."""
-    import functools
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -502,22 +503,12 @@ def export(
     total = query.count(store, selected)
     with click.open_file(output, "w") as handle:
         rows = query.iterate(store, selected, order="asc")
-        show_progress = output != "-" and sys.stderr.isatty()
-        with (
+        bar: contextlib.AbstractContextManager[Iterable[dict[str, Any]]] = (
             click.progressbar(rows, length=total, label="Exporting", file=sys.stderr)
-            if show_progress
-            else _nullbar(rows) as bar
-        ):
-            written = write_rows(bar, "nl", (), out=handle)
-    click.echo(f"Exported {written} completions to {output}.", err=True) if output != "-" else None
-
-
-class _nullbar:
-    def __init__(self, rows: Iterable[Any]) -> None:
-        self.rows = rows
-
-    def __enter__(self) -> Iterable[Any]:
-        return self.rows
-
-    def __exit__(self, *_: Any) -> None:
-        return None
+            if output != "-" and sys.stderr.isatty()
+            else contextlib.nullcontext(rows)
+        )
+        with bar as progress:
+            written = write_rows(progress, "nl", (), out=handle)
+    if output != "-":
+        click.echo(f"Exported {written} completions to {output}.", err=True)

@@ -45,13 +45,18 @@ ECHOED = (
 _METADATA_PARAM = re.compile(r"^metadata\[(.+)\]$")
 
 
-async def _run(request: web.Request, work: Callable[[Store], T]) -> tuple[T, Caller]:
-    proxy = request.app[PROXY]
-    caller = proxy.caller(request)
+def _caller(request: web.Request) -> Caller:
+    caller = request.app[PROXY].caller(request)
     log_fields(request)["tenant"] = caller.tenant
-    assert proxy.store is not None
+    return caller
+
+
+async def _run(request: web.Request, work: Callable[[Store], T]) -> T:
+    """Run a store query off the event loop."""
+    store = request.app[PROXY].store
+    assert store is not None
     try:
-        return await asyncio.to_thread(work, proxy.store), caller
+        return await asyncio.to_thread(work, store)
     except sa.exc.OperationalError:
         raise APIError(
             503, "The proxy's local store is unavailable; try again shortly.", type="server_error"
@@ -149,7 +154,7 @@ async def list_completions(request: web.Request) -> web.Response:
                 400, f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter"
             )
     after = request.query.get("after")
-    caller = request.app[PROXY].caller(request)
+    caller = _caller(request)
 
     def work(store: Store) -> list[dict[str, Any]]:
         cursor = None
@@ -171,18 +176,15 @@ async def list_completions(request: web.Request) -> web.Response:
         )
         return query.find(store, filters, order=order, after=cursor, limit=limit + 1)
 
-    records, _ = await _run(request, work)
+    records = await _run(request, work)
     return _json(_page([as_chat_completion(r) for r in records], limit))
 
 
 async def retrieve_completion(request: web.Request) -> web.Response:
     ref = request.match_info["completion_id"]
-    record, _ = await _run(request, lambda store: _completion(store, ref, _caller(request)))
+    caller = _caller(request)
+    record = await _run(request, lambda store: _completion(store, ref, caller))
     return _json(as_chat_completion(record))
-
-
-def _caller(request: web.Request) -> Caller:
-    return request.app[PROXY].caller(request)
 
 
 async def update_completion(request: web.Request) -> web.Response:
@@ -208,7 +210,7 @@ async def update_completion(request: web.Request) -> web.Response:
         query.relabel(store, [record["id"]], set_tags=metadata, replace_all=True)
         return {**record, "metadata": metadata}
 
-    record, _ = await _run(request, work)
+    record = await _run(request, work)
     return _json(as_chat_completion(record))
 
 
@@ -230,7 +232,7 @@ async def list_messages(request: web.Request) -> web.Response:
     limit, order = _limit(request), _order(request)
     after = request.query.get("after")
     caller = _caller(request)
-    record, _ = await _run(request, lambda store: _completion(store, ref, caller))
+    record = await _run(request, lambda store: _completion(store, ref, caller))
     base = record.get("completion_id") or record["id"]
     messages = (record.get("request") or {}).get("messages") or []
     items = [_message(f"{base}-{i}", m) for i, m in enumerate(messages) if isinstance(m, dict)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -71,7 +71,6 @@ class Filters:
     tenants: tuple[str, ...] | None = None  # None: every tenant
     ids: tuple[str, ...] = ()  # record ids or upstream completion ids
     completions_only: bool = False  # successful chat completions (what the API lists)
-    extra: tuple[Any, ...] = field(default=(), compare=False)
 
     def conditions(self, engine: Any) -> list[Any]:
         where: list[Any] = []
@@ -106,7 +105,6 @@ class Filters:
                     TAGS.c.completion_id == C.id, TAGS.c.key == key, TAGS.c.value == value
                 )
             )
-        where.extend(self.extra)
         return where
 
 

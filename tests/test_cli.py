@@ -91,3 +91,21 @@ def test_every_command_has_help_and_is_documented():
     for name, command in _commands(cli):
         assert command.help and command.help.strip(), f"{name} has no help text"
         assert re.search(rf"`{re.escape(name)}\b", readme), f"{name} is not in the README"
+
+
+def test_cli_start_up_stays_light(tmp_path):
+    """`distillery --help` and `completions list` import no proxy or model libraries."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from distillery.cli import cli\n"
+        "CliRunner().invoke(cli, ['--help'])\n"
+        "print(sorted(m for m in ('aiohttp', 'openai', 'torch', 'sqlalchemy') if m in sys.modules))\n"
+        f"CliRunner().invoke(cli, ['completions', '--database-url', 'sqlite:///{tmp_path}/x.db'])\n"
+        "print(sorted(m for m in ('aiohttp', 'openai', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[]", "[]"]
