@@ -140,7 +140,12 @@ def select_completions(
 def _record(row: sa.Row[Any]) -> dict[str, Any]:
     # Column names can be ``quoted_name`` (a str subclass, e.g. "metadata");
     # plain str keys keep every JSON encoder happy.
-    return {str(key): value for key, value in row._mapping.items()}
+    record = {str(key): value for key, value in row._mapping.items()}
+    created = record.get("created_at")
+    if isinstance(created, datetime) and created.tzinfo is None:
+        # SQLite keeps no zone; every timestamp we store is UTC.
+        record["created_at"] = created.replace(tzinfo=UTC)
+    return record
 
 
 def find(
