@@ -141,8 +141,10 @@ def key_fingerprint_command() -> None:
 
 
 from distillery.cli_completions import completions  # noqa: E402
+from distillery.cli_datasets import dataset  # noqa: E402
 
 cli.add_command(completions)
+cli.add_command(dataset)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index
+from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -67,3 +67,35 @@ class CompletionTag(SQLModel, table=True):
     completion_id: str = Field(foreign_key="completions.id", primary_key=True, max_length=40)
     key: str = Field(primary_key=True, max_length=64)
     value: str = Field(max_length=512)
+
+
+class DatasetVersion(SQLModel, table=True):
+    """One immutable build of a dataset: its manifest, files and watermark.
+
+    ``watermark`` is the newest completion record id the build considered, so
+    ``--incremental`` reads only what was captured after it.
+    """
+
+    __tablename__ = "dataset_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, max_length=200)
+    version: int
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    content_hash: str = Field(max_length=64)
+    watermark: str | None = Field(default=None, max_length=40)
+    train_examples: int
+    val_examples: int
+    path: str = Field(description="directory holding train.jsonl, val.jsonl, manifest.json")
+    manifest: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+
+
+class DatasetExample(SQLModel, table=True):
+    """Which captured call became which example of a version (for diff and lineage)."""
+
+    __tablename__ = "dataset_examples"
+
+    version_id: int = Field(foreign_key="dataset_versions.id", primary_key=True)
+    completion_id: str = Field(primary_key=True, max_length=40)
+    split: str = Field(max_length=5)

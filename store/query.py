@@ -71,6 +71,9 @@ class Filters:
     tenants: tuple[str, ...] | None = None  # None: every tenant
     ids: tuple[str, ...] = ()  # record ids or upstream completion ids
     completions_only: bool = False  # successful chat completions (what the API lists)
+    exclude_tags: tuple[tuple[str, str], ...] = ()
+    after_id: str | None = None  # only records captured after this record id
+    upto_id: str | None = None  # ... and up to this one
 
     def conditions(self, engine: Any) -> list[Any]:
         where: list[Any] = []
@@ -99,6 +102,16 @@ class Filters:
             where.append(C.tenant.in_(self.tenants))
         if self.ids:
             where.append(sa.or_(C.id.in_(self.ids), C.completion_id.in_(self.ids)))
+        if self.after_id is not None:
+            where.append(C.id > self.after_id)
+        if self.upto_id is not None:
+            where.append(C.id <= self.upto_id)
+        for key, value in self.exclude_tags:
+            where.append(
+                ~sa.exists().where(
+                    TAGS.c.completion_id == C.id, TAGS.c.key == key, TAGS.c.value == value
+                )
+            )
         for key, value in self.tags[1:]:
             where.append(
                 sa.exists().where(
@@ -161,9 +174,15 @@ def find(
         return [_record(row) for row in conn.execute(query)]
 
 
-def iterate(store: Store, filters: Filters, *, order: Order = "asc") -> Iterator[dict[str, Any]]:
+def iterate(
+    store: Store,
+    filters: Filters,
+    *,
+    order: Order = "asc",
+    columns: Sequence[Any] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Every matching record, streamed from the database in batches."""
-    query = select_completions(store, filters, order=order)
+    query = select_completions(store, filters, order=order, columns=columns)
     with store.engine.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=500).execute(query)
         for row in result:

@@ -1,0 +1,423 @@
+"""``distillery dataset``: build, inspect, validate and export fine-tuning datasets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillery.cli_completions import (
+    build_filters,
+    fail_on_errors,
+    filter_options,
+    open_cli_store,
+    store_options,
+)
+from distillery.errors import DistilleryError
+from distillery.output import dumps, output_options, write_rows
+
+VERSION_COLUMNS = (
+    "name",
+    "version",
+    "created_at",
+    "train_examples",
+    "val_examples",
+    "content_hash",
+)
+SUMMARY_COLUMNS = (
+    "examples",
+    "tokens",
+    "min_tokens",
+    "mean_tokens",
+    "max_tokens",
+    "training_tokens",
+)
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    name, _, version = ref.partition("@")
+    if not name:
+        raise click.UsageError(f"{ref!r} is not NAME or NAME@VERSION.")
+    if not version:
+        return name, None
+    try:
+        return name, int(version.removeprefix("v"))
+    except ValueError:
+        raise click.UsageError(
+            f"{ref!r}: the version after @ must be a number, like {name}@3."
+        ) from None
+
+
+def resolve(store: Any, ref: str) -> dict[str, Any]:
+    from distillery.store import datasets
+
+    name, version = parse_ref(ref)
+    found = datasets.get(store, name, version)
+    if found is None:
+        which = f"version {version} of dataset {name!r}" if version else f"dataset {name!r}"
+        raise DistilleryError(f"No {which}. Run `distillery dataset list` to see names.")
+    return found
+
+
+@click.group()
+def dataset() -> None:
+    """Build versioned fine-tuning datasets from captured calls."""
+
+
+@dataset.command()
+@store_options
+@click.argument("name")
+@filter_options
+@click.option("--incremental", is_flag=True, help="Add only calls captured since the last version.")
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Share of prompt groups for validation.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the train/validation split."
+)
+@click.option(
+    "--near-threshold",
+    type=float,
+    default=0.85,
+    show_default=True,
+    help="Jaccard similarity that makes two prompts near-duplicates.",
+)
+@click.option("--no-exact-dedupe", is_flag=True, help="Keep identical prompts.")
+@click.option("--no-near-dedupe", is_flag=True, help="Keep near-identical prompts.")
+@click.option(
+    "--prefer",
+    metavar="KEY=VALUE",
+    help="Among duplicates keep the copy with this tag (else the newest).",
+)
+@click.option(
+    "--include-failed", is_flag=True, help="Keep calls that errored (rule: successful only)."
+)
+@click.option(
+    "--finish-reason",
+    "finish_reasons",
+    multiple=True,
+    metavar="REASON",
+    help="Accepted finish reasons  [default: stop, tool_calls]; 'any' for all.",
+)
+@click.option("--include-refusals", is_flag=True, help="Keep answers that refuse.")
+@click.option("--include-empty", is_flag=True, help="Keep empty answers.")
+@click.option(
+    "--min-tokens",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Fewest estimated tokens per example.",
+)
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=65_536,
+    show_default=True,
+    help="Most estimated tokens per example.",
+)
+@click.option(
+    "--strip-system-prompt",
+    is_flag=True,
+    help="Drop system/developer messages (recorded as a pruning rule).",
+)
+@click.option(
+    "--history-weight",
+    type=click.IntRange(0, 1),
+    help="Weight 0 or 1 on assistant turns before the last.",
+)
+@click.option(
+    "--redact-pattern",
+    "redact_patterns",
+    multiple=True,
+    metavar="NAME=REGEX",
+    help="Extra redaction (repeatable).",
+)
+@click.option(
+    "--epochs", type=int, default=3, show_default=True, help="For the training-token estimate."
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the files  [default: the data dir]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@fail_on_errors
+def build(
+    config: Path | None,
+    database_url: str | None,
+    name: str,
+    incremental: bool,
+    val_fraction: float,
+    seed: int,
+    near_threshold: float,
+    no_exact_dedupe: bool,
+    no_near_dedupe: bool,
+    prefer: str | None,
+    include_failed: bool,
+    finish_reasons: tuple[str, ...],
+    include_refusals: bool,
+    include_empty: bool,
+    min_tokens: int,
+    max_tokens: int,
+    strip_system_prompt: bool,
+    history_weight: int | None,
+    redact_patterns: tuple[str, ...],
+    epochs: int,
+    output: Path | None,
+    as_json: bool,
+    **filters: Any,
+) -> None:
+    """Build a new version of dataset NAME from captured calls.
+
+    \b
+    Examples:
+        distillery dataset build support-bot --tag app=support
+        distillery dataset build support-bot --tag app=support --incremental   # hourly cron
+    """
+    import re
+
+    from distillery.config import load_settings
+    from distillery.curation.build import BuildOptions, Rules
+    from distillery.curation.build import build as run_build
+    from distillery.store.query import parse_tag
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", name):
+        raise click.UsageError("NAME may use letters, digits, '.', '_' and '-' (e.g. support-bot).")
+    patterns = []
+    for item in redact_patterns:
+        label, sep, regex = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--redact-pattern {item!r} must look like NAME=REGEX.")
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise click.UsageError(
+                f"--redact-pattern {label}: bad regular expression: {exc}"
+            ) from None
+        patterns.append((label, regex))
+    settings = load_settings(config, {"storage.database_url": database_url})
+    store = open_cli_store(config, database_url)
+    rules = Rules(
+        successful_only=not include_failed,
+        finish_reasons=None
+        if "any" in finish_reasons
+        else (finish_reasons or ("stop", "tool_calls")),
+        no_refusals=not include_refusals,
+        non_empty=not include_empty,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+    )
+    options = BuildOptions(
+        name=name,
+        filters=build_filters(**filters),
+        rules=rules,
+        exact_dedupe=not no_exact_dedupe,
+        near_dedupe=not no_near_dedupe,
+        near_threshold=near_threshold,
+        prefer=parse_tag(prefer) if prefer else None,
+        strip_system_prompt=strip_system_prompt,
+        history_weight=history_weight,
+        val_fraction=val_fraction,
+        seed=seed,
+        incremental=incremental,
+        output_dir=output,
+        redact_defaults=settings.redact.defaults,
+        redact_patterns=tuple((p.name, p.pattern) for p in settings.redact.patterns)
+        + tuple(patterns),
+        epochs=epochs,
+    )
+    bar: Any = None
+    hooks: dict[str, Any] = {}
+    if sys.stderr.isatty():
+
+        def start(total: int) -> None:
+            nonlocal bar
+            bar = click.progressbar(length=total, label=f"Building {name}", file=sys.stderr)
+            bar.__enter__()
+
+        hooks = {"total": start, "progress": lambda n: bar.update(n) if bar else None}
+    try:
+        result = run_build(store, options, settings.storage.resolved_data_dir(), **hooks)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if result.version is None:
+        click.echo(result.message, err=True)
+        return
+    manifest = result.version["manifest"]
+    if as_json:
+        click.echo(dumps(manifest, indent=True))
+        return
+    click.echo(result.message, err=True)
+    for line in describe(manifest):
+        click.echo(line)
+
+
+def describe(manifest: dict[str, Any]) -> list[str]:
+    counts = manifest["counts"]
+    tokens = manifest["tokens"]
+    lines = [
+        f"{manifest['name']}@{manifest['version']}  content {manifest['content_hash'][:16]}  "
+        f"watermark {manifest.get('watermark')}",
+        f"considered {counts['considered']}, carried over {counts['carried_over']}, "
+        f"train {counts['train']}, validation {counts['val']}",
+    ]
+    dropped = counts.get("dropped") or {}
+    if dropped:
+        lines.append("dropped: " + ", ".join(f"{reason} {n}" for reason, n in dropped.items()))
+    lines.append(
+        f"train tokens (estimated): {tokens['tokens']} total, min {tokens['min_tokens']}, "
+        f"mean {tokens['mean_tokens']}, max {tokens['max_tokens']}; "
+        f"x {tokens['epochs']} epochs = {tokens['training_tokens']} training tokens"
+    )
+    for warning in manifest.get("warnings") or ():
+        lines.append(f"warning: {warning}")
+    return lines
+
+
+@dataset.command(name="list")
+@store_options
+@output_options
+@fail_on_errors
+def list_command(config: Path | None, database_url: str | None, fmt: str) -> None:
+    """List datasets with their newest version."""
+    from distillery.store import datasets
+
+    store = open_cli_store(config, database_url)
+    rows = datasets.list_latest(store)
+    if fmt in ("table", "csv"):
+        rows = [{**row, "content_hash": row["content_hash"][:16]} for row in rows]
+    write_rows(
+        rows,
+        fmt,
+        VERSION_COLUMNS,
+        empty="No datasets yet. Build one with `distillery dataset build NAME`.",
+    )
+
+
+@dataset.command()
+@store_options
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.option("--json", "as_json", is_flag=True, help="The manifest as JSON.")
+@fail_on_errors
+def show(config: Path | None, database_url: str | None, ref: str, as_json: bool) -> None:
+    """Show a version's manifest: filters, rules, counts, token stats, files."""
+    store = open_cli_store(config, database_url)
+    version = resolve(store, ref)
+    if as_json:
+        click.echo(dumps(version["manifest"], indent=True))
+        return
+    for line in describe(version["manifest"]):
+        click.echo(line)
+    click.echo(f"files: {version['path']}/train.jsonl, {version['path']}/val.jsonl")
+
+
+@dataset.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=65_536,
+    show_default=True,
+    help="Per-example limit (estimated tokens).",
+)
+@click.option(
+    "--min-examples",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Fewest examples (OpenAI: 10 for training).",
+)
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+def validate(path: Path, max_tokens: int, min_examples: int, epochs: int, as_json: bool) -> None:
+    """Check any chat fine-tuning JSONL file against OpenAI's format rules.
+
+    Exits non-zero when the file has errors.
+    """
+    from distillery.curation.validate import validate_file
+
+    report = validate_file(path, max_tokens, min_examples)
+    summary = report.summary(epochs)
+    if as_json:
+        click.echo(dumps(summary, indent=True))
+    else:
+        write_rows([summary], "table", SUMMARY_COLUMNS)
+        for message, n in report.errors.items():
+            line = report.first_error_line.get(message)
+            where = f" (first on line {line})" if line else ""
+            click.echo(f"error: {message}: {n}{where}")
+        for message, n in report.warnings.items():
+            click.echo(f"warning: {message}: {n}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@dataset.command()
+@store_options
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["openai", "hf-parquet"]),
+    default="openai",
+    show_default=True,
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory to write.",
+)
+@fail_on_errors
+def export(config: Path | None, database_url: str | None, ref: str, fmt: str, output: Path) -> None:
+    """Write a version for a trainer: OpenAI JSONL, or Parquet that HF `datasets` reads."""
+    from distillery.curation.export import export_openai, export_parquet
+
+    store = open_cli_store(config, database_url)
+    version = resolve(store, ref)
+    writer = export_openai if fmt == "openai" else export_parquet
+    for path in writer(Path(version["path"]), output):
+        click.echo(str(path))
+
+
+@dataset.command()
+@store_options
+@click.argument("old", metavar="A")
+@click.argument("new", metavar="B")
+@output_options
+@fail_on_errors
+def diff(config: Path | None, database_url: str | None, old: str, new: str, fmt: str) -> None:
+    """Examples added and removed between two versions (NAME@1 NAME@2)."""
+    from distillery.store import datasets
+
+    store = open_cli_store(config, database_url)
+    a, b = resolve(store, old), resolve(store, new)
+    before, after = datasets.example_ids(store, a["id"]), datasets.example_ids(store, b["id"])
+    rows = [
+        {"change": "added", "completion_id": cid, "split": after[cid]}
+        for cid in sorted(after.keys() - before.keys())
+    ]
+    rows += [
+        {"change": "removed", "completion_id": cid, "split": before[cid]}
+        for cid in sorted(before.keys() - after.keys())
+    ]
+    rows += [
+        {"change": "moved", "completion_id": cid, "split": f"{before[cid]} -> {after[cid]}"}
+        for cid in sorted(before.keys() & after.keys())
+        if before[cid] != after[cid]
+    ]
+    if fmt == "table":
+        click.echo(
+            f"{len(after.keys() - before.keys())} added, {len(before.keys() - after.keys())} removed",
+            err=True,
+        )
+    write_rows(rows, fmt, ("change", "completion_id", "split"))
