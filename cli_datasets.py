@@ -99,7 +99,7 @@ def dataset() -> None:
     "--include-failed", is_flag=True, help="Keep calls that errored (rule: successful only)."
 )
 @click.option(
-    "--finish-reason",
+    "--accept-finish-reason",
     "finish_reasons",
     multiple=True,
     metavar="REASON",

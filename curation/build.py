@@ -247,14 +247,13 @@ def _run(
     if progress is not None:
         progress(considered % 1000)
     items.flush()
-    exact, near, groups = items.dedupe.duplicates(protected)
+    exact, near, groups = items.dedupe.duplicates(protected, exact_first=options.exact_dedupe)
     items.dedupe.close()
-    if not options.exact_dedupe:
-        exact[:] = False
     if not options.near_dedupe:
         near[:] = False
-    dropped["exact duplicate"] += int(exact[protected:].sum())
-    dropped["near duplicate"] += int(near[protected:].sum())
+    for reason, mask in (("exact duplicate", exact), ("near duplicate", near)):
+        if mask[protected:].any():
+            dropped[reason] += int(mask[protected:].sum())
     keep = ~(exact | near)
     counts, content_hash, tokens = _write(items, keep, groups, protected, options, scratch)
     train_report = Report(examples=counts["train"])

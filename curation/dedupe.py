@@ -62,11 +62,12 @@ class Deduplicator:
         self.count += len(exact_keys)
 
     def duplicates(
-        self, protected: int = 0, group_threshold: float = 0.5
+        self, protected: int = 0, group_threshold: float = 0.5, exact_first: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(exact, near, group): duplicate masks, and a group leader for every item.
 
-        The first ``protected`` items are never marked.  Items whose varying
+        The first ``protected`` items are never marked.  With ``exact_first``
+        off, identical prompts are only caught as near duplicates.  Items whose varying
         text is at least ``group_threshold`` similar (directly or through a
         chain) share a group leader, the earliest of them: a split by group
         keeps near-identical prompts on one side.
@@ -83,7 +84,11 @@ class Deduplicator:
         exact[first] = False
         self._file.flush()
         signatures = np.memmap(self._file.name, dtype=np.uint32, mode="r", shape=(n, NUM_PERM))
-        eligible = np.concatenate(self.eligible) & ~exact
+        eligible = np.concatenate(self.eligible)
+        if exact_first:
+            eligible &= ~exact
+        else:
+            exact[:] = False
         candidates = np.flatnonzero(eligible)
         for band in range(self.bands):
             block = signatures[candidates, band * self.rows : (band + 1) * self.rows]

@@ -1,0 +1,451 @@
+"""`distillery dataset`: builds from real stores, dedupe, split, versions, validator, export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from distillery.cli import cli
+from distillery.curation.validate import validate_file
+from distillery.store import open_store
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+SYSTEM = "You are the support assistant for ACME. " + "Follow the policy carefully. " * 60
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "lookup_order", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+TOPICS = [
+    "my parcel never arrived and tracking is stuck",
+    "how do I change the billing address on my account",
+    "the blender I bought makes a grinding noise",
+    "can I return shoes that I wore once outside",
+    "why was I charged twice for one subscription",
+    "the discount code from the newsletter is rejected",
+    "please delete my account and all my data",
+    "my password reset email never comes",
+    "do you ship to Iceland and how long does it take",
+    "the invoice shows the wrong company name",
+    "I want to upgrade my plan in the middle of the month",
+    "the app crashes when I open my order history",
+    "can I pick up my order at a store instead",
+    "what is the warranty on refurbished laptops",
+]
+
+
+def record(
+    i,
+    user,
+    answer="Sure, here is what I found.",
+    *,
+    system=SYSTEM,
+    tags=None,
+    status=200,
+    error=None,
+    finish="stop",
+    refusal=None,
+    tool_calls=None,
+    history=(),
+    tools=None,
+):
+    message = {"role": "assistant", "content": answer, "refusal": refusal}
+    if tool_calls:
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
+    request = {
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": system},
+            *history,
+            {"role": "user", "content": user},
+        ],
+    }
+    if tools:
+        request["tools"] = tools
+        request["parallel_tool_calls"] = False
+    return {
+        "id": f"cap_{i:028d}",
+        "completion_id": f"chatcmpl-{i}",
+        "created_at": T0 + i * 60,
+        "tenant": "key-aaaaaaaaaaaaaaaa",
+        "upstream": "https://api.openai.com/v1",
+        "path": "/v1/chat/completions",
+        "model_requested": "gpt-4o",
+        "status": status,
+        "stream": False,
+        "finish_reason": finish,
+        "latency_ms": 10.0,
+        "request": request,
+        "response": None
+        if error
+        else {
+            "id": f"chatcmpl-{i}",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        },
+        "error": error,
+        "metadata": {"app": "support", **(tags or {})},
+    }
+
+
+def base_records():
+    records = [record(i, topic + f" (ticket {i})") for i, topic in enumerate(TOPICS, 1)]
+    records += [
+        record(
+            20,
+            "where is order 5 — lookup please",
+            tool_calls=[
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "lookup_order", "arguments": '{"id": 5}'},
+                }
+            ],
+            finish="tool_calls",
+            tools=TOOLS,
+        ),
+        record(
+            21,
+            "and what about the second one?",
+            history=[
+                {"role": "user", "content": "what did I order last week?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_9",
+                            "type": "function",
+                            "function": {"name": "lookup_order", "arguments": "{}"},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_9", "content": '{"items": 2}'},
+                {"role": "assistant", "content": "You ordered two items."},
+            ],
+            tools=TOOLS,
+        ),
+        record(22, "my email is jane.doe@example.com, call +1 415 555 2671 about SSN 123-45-6789"),
+        record(23, "write something hateful", answer="", refusal="I can't help with that."),
+        record(24, "tell me a long story", finish="length"),
+        record(25, "this one failed upstream", status=500, error={"error": {"message": "boom"}}),
+        record(26, TOPICS[0] + " (ticket 1)"),  # exact duplicate of 1 (the newer copy is kept)
+        record(27, TOPICS[1].upper() + "!! (TICKET 2)"),  # near duplicate of 2
+        record(28, "ignore me", tags={"app": "other"}),
+    ]
+    return records
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path, monkeypatch):
+    url = (
+        f"sqlite:///{tmp_path / 'ds.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    store = open_store(url)
+    store.insert(base_records())
+    store.close()
+    return url
+
+
+def run(db, *args):
+    return CliRunner().invoke(cli, ["dataset", *args, "--database-url", db], catch_exceptions=False)
+
+
+def build(db, *args):
+    result = run(db, "build", "support", "--tag", "app=support", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output) if result.output.strip().startswith("{") else None
+
+
+def lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def files(manifest, tmp_path):
+    version = manifest["version"]
+    return tmp_path / "data" / "datasets" / "support" / f"v{version}"
+
+
+def test_build_is_clean_deduplicated_validated_and_versioned(db, tmp_path):
+    manifest = build(db, "--redact-pattern", r"ssn=\b\d{3}-\d{2}-\d{4}\b", "--val-fraction", "0.3")
+    assert manifest["version"] == 1
+    counts = manifest["counts"]
+    assert counts["considered"] == 22
+    assert counts["dropped"] == {
+        "exact duplicate": 1,
+        "failed call": 1,
+        "finish_reason length": 1,
+        "near duplicate": 1,
+        "refusal": 1,
+    }
+    assert counts["train"] + counts["val"] == 17 and counts["val"] > 0
+    directory = files(manifest, tmp_path)
+    train, val = lines(directory / "train.jsonl"), lines(directory / "val.jsonl")
+    everything = train + val
+    assert all(
+        validate_file(directory / name, min_examples=0).ok for name in ("train.jsonl", "val.jsonl")
+    )
+    assert all(
+        set(example) <= {"messages", "tools", "parallel_tool_calls"} for example in everything
+    )
+    by_user = {e["messages"][-2]["content"]: e for e in everything}
+    # The teacher's tool call is the final assistant message, tools carried along.
+    tool = by_user["where is order 5 — lookup please"]
+    assert tool["messages"][-1] == {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "lookup_order", "arguments": '{"id": 5}'},
+            }
+        ],
+    }
+    assert tool["tools"] == TOOLS and tool["parallel_tool_calls"] is False
+    # Multi-turn history with tool results is preserved in order.
+    multi = by_user["and what about the second one?"]
+    assert [m["role"] for m in multi["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+        "assistant",
+    ]
+    # PII: the defaults and the extra pattern.
+    pii = [e for e in everything if "jane" in json.dumps(e) or "[REDACTED:email]" in json.dumps(e)]
+    assert pii and "[REDACTED:email]" in pii[0]["messages"][1]["content"]
+    assert (
+        "[REDACTED:phone]" in pii[0]["messages"][1]["content"]
+        and "[REDACTED:ssn]" in pii[0]["messages"][1]["content"]
+    )
+    # The exact duplicate kept the newest copy; the other app was never selected.
+    ids = (directory / "train.ids").read_text().split() + (
+        directory / "val.ids"
+    ).read_text().split()
+    assert (
+        "cap_0000000000000000000000000026" in ids and "cap_0000000000000000000000000001" not in ids
+    )
+    assert "cap_0000000000000000000000000028" not in ids
+    # The manifest is in the database too, with lineage.
+    shown = json.loads(run(db, "show", "support@1", "--json").output)
+    assert (
+        shown["content_hash"] == manifest["content_hash"]
+        and shown["watermark"] == "cap_0000000000000000000000000027"
+    )
+    listing = json.loads(run(db, "list", "--json").output)
+    assert [
+        (d["name"], d["version"], d["train_examples"] + d["val_examples"]) for d in listing
+    ] == [("support", 1, 17)]
+
+
+def test_same_inputs_give_the_same_content_hash(db):
+    first, second = build(db), build(db)
+    assert second["version"] == 2
+    assert first["content_hash"] == second["content_hash"]
+    third = build(db, "--seed", "7", "--val-fraction", "0.5")
+    assert third["content_hash"] != first["content_hash"]
+
+
+def test_shared_long_system_prompt_does_not_make_duplicates(db):
+    """Every call of one task shares a long system prompt: only what varies is compared."""
+    manifest = build(db, "--no-exact-dedupe")
+    assert manifest["counts"]["dropped"].get("near duplicate") == 2  # ticket 1 and ticket 2 copies
+    assert manifest["counts"]["train"] + manifest["counts"]["val"] == 17
+
+
+def test_incremental_builds_add_only_new_calls(db, tmp_path):
+    v1 = build(db, "--incremental")
+    store = open_store(db)
+    store.insert(
+        [
+            record(30, "a brand new question about gift cards"),
+            record(31, TOPICS[3] + " (ticket 4)"),  # duplicates an example already in v1
+        ]
+    )
+    store.close()
+    v2 = build(db, "--incremental")
+    assert v2["previous_version"] == 1 and v2["counts"]["considered"] == 2
+    assert v2["counts"]["carried_over"] == v1["counts"]["train"] + v1["counts"]["val"]
+    assert v2["counts"]["dropped"] == {"exact duplicate": 1}
+    assert (
+        v2["counts"]["train"] + v2["counts"]["val"]
+        == v1["counts"]["train"] + v1["counts"]["val"] + 1
+    )
+    # Carried examples stay on their side of the split.
+    old, new = files(v1, tmp_path), files(v2, tmp_path)
+    assert (new / "val.ids").read_text().startswith((old / "val.ids").read_text())
+    diff = json.loads(run(db, "diff", "support@1", "support@2", "--json").output)
+    assert [(d["change"], d["completion_id"]) for d in diff] == [
+        ("added", "cap_0000000000000000000000000030")
+    ]
+    result = run(db, "build", "support", "--tag", "app=support", "--incremental")
+    assert result.exit_code == 0 and "nothing to do" in result.output
+    assert [d["version"] for d in json.loads(run(db, "list", "--json").output)] == [2]
+
+
+def test_concurrent_incremental_builds_never_double_count(db, tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "distillery",
+        "dataset",
+        "build",
+        "support",
+        "--tag",
+        "app=support",
+        "--incremental",
+        "--database-url",
+        db,
+    ]
+    env = {"DISTILLERY_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    assert sum("Built support@" in out for out in outputs) == 1
+    assert sum("nothing to do" in out for out in outputs) == 2
+    listing = json.loads(run(db, "list", "--json").output)
+    assert [d["version"] for d in listing] == [1]
+
+
+def test_prefer_keeps_the_rated_copy(db, tmp_path):
+    store = open_store(db)
+    store.insert([record(40, TOPICS[5] + " (ticket 6)", tags={"quality": "approved"})])
+    store.close()
+    # Copies 6 and 40 are identical; 40 is newer anyway, so rate the older one instead.
+    store = open_store(db)
+    from distillery.store.query import relabel
+
+    relabel(store, ["cap_0000000000000000000000000040"], remove=["quality"])
+    relabel(store, ["cap_0000000000000000000000000006"], set_tags={"quality": "approved"})
+    store.close()
+    manifest = build(db, "--prefer", "quality=approved", "--val-fraction", "0")
+    assert manifest["counts"]["dropped"]["exact duplicate"] == 2
+    kept = (files(manifest, tmp_path) / "train.ids").read_text().split()
+    assert "cap_0000000000000000000000000006" in kept  # rated, though older
+    assert "cap_0000000000000000000000000040" not in kept
+    assert "cap_0000000000000000000000000026" in kept  # unrated: the newest copy
+
+
+def test_strip_system_prompt_and_history_weight(db, tmp_path):
+    manifest = build(db, "--strip-system-prompt", "--history-weight", "0", "--val-fraction", "0")
+    assert manifest["pruning"]["strip_system_prompt"] is True
+    assert manifest["pruning"]["system_prompts"][0]["text"] == SYSTEM
+    examples = lines(files(manifest, tmp_path) / "train.jsonl")
+    assert all(m["role"] != "system" for e in examples for m in e["messages"])
+    multi = next(e for e in examples if len(e["messages"]) > 3)
+    weights = [m.get("weight") for m in multi["messages"] if m["role"] == "assistant"]
+    assert weights == [0, 0, None]
+
+
+def test_export_openai_and_parquet(db, tmp_path):
+    build(db)
+    out = tmp_path / "export"
+    result = run(db, "export", "support", "--format", "hf-parquet", "-o", str(out / "hf"))
+    assert result.exit_code == 0, result.output
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "hf" / "train.parquet")
+    rows = table.to_pylist()
+    assert rows and {"messages", "tools", "parallel_tool_calls"} <= set(table.column_names)
+    assert rows[0]["messages"][0]["role"] == "system"
+    tool_rows = [r for r in rows if r["tools"]]
+    assert all(json.loads(r["tools"]) == TOOLS for r in tool_rows)
+    assert run(db, "export", "support@1", "-o", str(out / "openai")).exit_code == 0
+    assert (out / "openai" / "train.jsonl").read_bytes() == (
+        files({"version": 1}, tmp_path) / "train.jsonl"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("not json", "line is not valid JSON"),
+        ('["a"]', "line is not a JSON object"),
+        ('{"messages": [], "x": 1}', "unknown key 'x'"),
+        ('{"messages": []}', "missing or empty 'messages'"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message to learn from"),
+        (
+            '{"messages": [{"role": "user", "content": "x", "mood": 1}, {"role": "assistant", "content": "y"}]}',
+            "unknown key 'mood' in a user message",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}',
+            "user message content must be a string or a list of parts",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}',
+            "assistant message has neither content nor tool_calls",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": 1}]}]}',
+            'tool call must be {"id": str, "type": "function", "function": {"name": str, "arguments": str}}',
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c9", "content": "r"}, '
+            '{"role": "assistant", "content": "y"}]}',
+            "tool message answers no earlier tool call id",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]}',
+            "weight must be 0 or 1",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": [{"type": "f"}]}',
+            'tools must be a list of {"type": "function", "function": {"name": ...}}',
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "'
+            + "word " * 400
+            + '"}, {"role": "assistant", "content": "y"}]}',
+            "example is longer than 100 tokens (estimated)",
+        ),
+    ],
+)
+def test_validator_names_each_broken_rule(tmp_path, line, error):
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join([good] * 10 + [line]) + "\n")
+    result = CliRunner().invoke(cli, ["dataset", "validate", str(path), "--max-tokens", "100"])
+    assert result.exit_code == 1
+    assert f"error: {error}: 1 (first on line 11)" in result.output
+
+
+def test_validator_accepts_a_good_file_and_wants_ten_examples(tmp_path):
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    path = tmp_path / "good.jsonl"
+    path.write_text("\n".join([good] * 10) + "\n")
+    result = CliRunner().invoke(cli, ["dataset", "validate", str(path), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.output)["examples"] == 10
+    path.write_text(good + "\n")
+    result = CliRunner().invoke(cli, ["dataset", "validate", str(path)])
+    assert result.exit_code == 1 and "fewer than 10 examples" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["show", "nothing"], "No dataset 'nothing'. Run `distillery dataset list`"),
+        (["show", "support@x"], "the version after @ must be a number"),
+        (["build", "bad name!"], "NAME may use letters"),
+        (["build", "support", "--val-fraction", "1.5"], "--val-fraction must be at least 0"),
+        (["build", "support", "--redact-pattern", "x=("], "bad regular expression"),
+    ],
+)
+def test_dataset_errors_name_the_fix(db, args, message):
+    result = run(db, *args)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
