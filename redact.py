@@ -18,6 +18,7 @@ are not scanned.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ class Pattern:
     regex: re.Pattern[str]
     triggers: tuple[str, ...] = ()  # skip the string unless one of these occurs in it
     bounded: bool = False  # a match must not touch a letter, digit or _ on either side
+
+    @property
+    def trigger(self) -> re.Pattern[str] | None:
+        """The triggers as one regex of literals, which the engine scans for in C."""
+        if not self.triggers:
+            return None
+        return re.compile("|".join(re.escape(t) for t in self.triggers))
 
 
 DEFAULT_PATTERNS: tuple[Pattern, ...] = (
@@ -99,6 +107,9 @@ class Redactor:
 
     def __init__(self, patterns: Iterable[Pattern]) -> None:
         self.patterns = tuple(patterns)
+        self._checks = tuple((p, p.trigger) for p in self.patterns)
+        # Calls of one task repeat their long system prompt: redact it once.
+        self.text = functools.lru_cache(maxsize=1024)(self._text)  # type: ignore[method-assign]
 
     @classmethod
     def from_settings(cls, defaults: bool, extra: Iterable[tuple[str, str]] = ()) -> Redactor:
@@ -106,8 +117,11 @@ class Redactor:
         return cls([*(DEFAULT_PATTERNS if defaults else ()), *custom])
 
     def text(self, value: str) -> str:
-        for pattern in self.patterns:
-            if pattern.triggers and not any(t in value for t in pattern.triggers):
+        return self._text(value)
+
+    def _text(self, value: str) -> str:
+        for pattern, trigger in self._checks:
+            if trigger is not None and trigger.search(value) is None:
                 continue
             value = pattern.regex.sub(_Replacer(pattern, value), value)
         return value

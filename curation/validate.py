@@ -78,7 +78,9 @@ def _check_tool_calls(calls: Any, report: Report, number: int) -> list[str]:
     return ids
 
 
-def check_example(example: Any, number: int, report: Report, max_tokens: int) -> None:
+def check_example(
+    example: Any, number: int, report: Report, max_tokens: int, tokens: int | None = None
+) -> None:
     if not isinstance(example, dict):
         report.error(number, "line is not a JSON object")
         return
@@ -130,7 +132,8 @@ def check_example(example: Any, number: int, report: Report, max_tokens: int) ->
         report.error(
             number, 'tools must be a list of {"type": "function", "function": {"name": ...}}'
         )
-    tokens = estimate_tokens(example) if not report.errors.get("line is not a JSON object") else 0
+    if tokens is None:
+        tokens = estimate_tokens(example)
     report.tokens.append(tokens)
     if tokens > max_tokens:
         report.error(number, f"example is longer than {max_tokens} tokens (estimated)")

@@ -449,3 +449,21 @@ def test_validator_accepts_a_good_file_and_wants_ten_examples(tmp_path):
 def test_dataset_errors_name_the_fix(db, args, message):
     result = run(db, *args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_parallel_workers_build_the_same_dataset(db, tmp_path, monkeypatch):
+    """Slicing the calls across worker processes changes nothing in the result."""
+    from distillery.curation import build as build_module
+    from distillery.curation.options import BuildOptions
+    from distillery.store.query import Filters
+
+    store = open_store(db)
+    options = BuildOptions(
+        name="support", filters=Filters(tags=(("app", "support"),)), val_fraction=0.3
+    )
+    serial = build_module.build(store, options, tmp_path / "serial", workers=1)
+    monkeypatch.setattr(build_module, "PARALLEL_FROM", 1)
+    parallel = build_module.build(store, options, tmp_path / "parallel", workers=3)
+    store.close()
+    assert parallel.version["manifest"]["counts"] == serial.version["manifest"]["counts"]
+    assert parallel.version["content_hash"] == serial.version["content_hash"]

@@ -1,0 +1,41 @@
+"""What a dataset build is asked to do (picklable: worker processes receive it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distillery.curation.validate import DEFAULT_MAX_TOKENS
+from distillery.store import query
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Which captured calls are good enough to learn from (each rule can be switched off)."""
+
+    successful_only: bool = True
+    finish_reasons: tuple[str, ...] | None = ("stop", "tool_calls")  # None: any
+    no_refusals: bool = True
+    non_empty: bool = True
+    min_tokens: int = 1
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    name: str
+    filters: query.Filters = field(default_factory=query.Filters)
+    rules: Rules = field(default_factory=Rules)
+    exact_dedupe: bool = True
+    near_dedupe: bool = True
+    near_threshold: float = 0.85
+    prefer: tuple[str, str] | None = None  # copies with this tag win over newer ones
+    strip_system_prompt: bool = False
+    history_weight: int | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    incremental: bool = False
+    output_dir: Path | None = None
+    redact_defaults: bool = True
+    redact_patterns: tuple[tuple[str, str], ...] = ()
+    epochs: int = 3
