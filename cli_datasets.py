@@ -123,6 +123,7 @@ def dataset() -> None:
 )
 @click.option(
     "--strip-system-prompt",
+    "--system-prompt-strip",
     is_flag=True,
     help="Drop system/developer messages (recorded as a pruning rule).",
 )
