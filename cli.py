@@ -142,9 +142,11 @@ def key_fingerprint_command() -> None:
 
 from distillery.cli_completions import completions  # noqa: E402
 from distillery.cli_datasets import dataset  # noqa: E402
+from distillery.cli_evals import eval_group  # noqa: E402
 
 cli.add_command(completions)
 cli.add_command(dataset)
+cli.add_command(eval_group)
 
 
 def main() -> None:

@@ -175,6 +175,23 @@ class TaggingSettings(_Section):
     app_key: str = "app"
 
 
+class EndpointSettings(_Section):
+    """A named OpenAI-compatible server for evals: ``--model NAME@endpoint``."""
+
+    base_url: str
+    api_key_env: str | None = None
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class Price(_Section):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
 class Settings(_Section):
     proxy: ProxySettings = ProxySettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -187,6 +204,8 @@ class Settings(_Section):
     fingerprint: FingerprintSettings = FingerprintSettings()
     rules: list[TagRule] = []
     redact: RedactSettings = RedactSettings()
+    endpoints: dict[str, EndpointSettings] = {}
+    prices: dict[str, Price] = {}
 
     @model_validator(mode="after")
     def _no_open_relay(self) -> Settings:

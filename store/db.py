@@ -21,13 +21,24 @@ from sqlmodel import SQLModel
 
 from distillery.errors import StoreError
 from distillery.store import search
-from distillery.store.models import Completion, CompletionTag, DatasetExample, DatasetVersion
+from distillery.store.models import (
+    Completion,
+    CompletionTag,
+    DatasetExample,
+    DatasetVersion,
+    EvalRun,
+    EvalSample,
+    GenerationCache,
+)
 from distillery.store.records import search_text
 
 COMPLETIONS: sa.Table = Completion.__table__  # type: ignore[attr-defined]
 TAGS: sa.Table = CompletionTag.__table__  # type: ignore[attr-defined]
 VERSIONS: sa.Table = DatasetVersion.__table__  # type: ignore[attr-defined]
 EXAMPLES: sa.Table = DatasetExample.__table__  # type: ignore[attr-defined]
+EVAL_RUNS: sa.Table = EvalRun.__table__  # type: ignore[attr-defined]
+EVAL_SAMPLES: sa.Table = EvalSample.__table__  # type: ignore[attr-defined]
+CACHE: sa.Table = GenerationCache.__table__  # type: ignore[attr-defined]
 
 
 def _json_dumps(value: Any) -> str:
@@ -82,7 +93,9 @@ def migrate(engine: Engine) -> None:
     # Version 1 of the schema: created from the models, plus the full-text
     # table that SQLModel cannot describe.  Ordered alembic migrations take
     # over from here once the schema first changes.
-    SQLModel.metadata.create_all(engine, tables=[COMPLETIONS, TAGS, VERSIONS, EXAMPLES])
+    SQLModel.metadata.create_all(
+        engine, tables=[COMPLETIONS, TAGS, VERSIONS, EXAMPLES, EVAL_RUNS, EVAL_SAMPLES, CACHE]
+    )
     with engine.begin() as conn:
         search.create(conn)
 

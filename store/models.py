@@ -99,3 +99,43 @@ class DatasetExample(SQLModel, table=True):
     version_id: int = Field(foreign_key="dataset_versions.id", primary_key=True)
     completion_id: str = Field(primary_key=True, max_length=40)
     split: str = Field(max_length=5)
+
+
+class EvalRun(SQLModel, table=True):
+    """One `distillery eval run`: what was asked, and the summary it produced."""
+
+    __tablename__ = "eval_runs"
+
+    id: str = Field(primary_key=True, max_length=40)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    config: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+    summary: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+
+
+class EvalSample(SQLModel, table=True):
+    """One candidate's answer to one item, with every grader's verdict."""
+
+    __tablename__ = "eval_samples"
+
+    run_id: str = Field(foreign_key="eval_runs.id", primary_key=True, max_length=40)
+    item: int = Field(primary_key=True)
+    candidate: str = Field(primary_key=True, max_length=200)
+    item_key: str = Field(index=True, max_length=32, description="hash of the prompt")
+    output: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONColumn))
+    error: str | None = None
+    grades: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class GenerationCache(SQLModel, table=True):
+    """Model answers by (model, endpoint, messages, params): re-grading never re-calls."""
+
+    __tablename__ = "generation_cache"
+
+    key: str = Field(primary_key=True, max_length=64)
+    model: str = Field(max_length=200)
+    response: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+    latency_ms: float
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

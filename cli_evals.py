@@ -1,0 +1,387 @@
+"""``distillery eval``: baseline the teacher against students, and score fine-tunes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillery.cli_completions import (
+    build_filters,
+    fail_on_errors,
+    filter_options,
+    open_cli_store,
+    store_options,
+)
+from distillery.errors import DistilleryError
+from distillery.output import dumps, output_options, write_rows
+
+RESULT_COLUMNS = (
+    "candidate",
+    "grader",
+    "mean",
+    "ci_95",
+    "pass_rate",
+    "n",
+    "p50_ms",
+    "p95_ms",
+    "tokens_in",
+    "tokens_out",
+    "cost_usd",
+)
+
+
+def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for label, entry in summary["candidates"].items():
+        for name, stats in entry["graders"].items():
+            rows.append(
+                {
+                    "candidate": label,
+                    "grader": name,
+                    "mean": stats["mean"],
+                    "ci_95": f"[{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]",
+                    "pass_rate": stats["pass_rate"],
+                    "n": stats["n"],
+                    "p50_ms": entry["latency_p50_ms"],
+                    "p95_ms": entry["latency_p95_ms"],
+                    "tokens_in": entry["prompt_tokens"],
+                    "tokens_out": entry["completion_tokens"],
+                    "cost_usd": entry["cost_usd"],
+                }
+            )
+    return rows
+
+
+@click.group(name="eval")
+def eval_group() -> None:
+    """Grade candidate models against the teacher's stored answers."""
+
+
+@eval_group.command(name="run")
+@store_options
+@click.option(
+    "--dataset",
+    "dataset_ref",
+    metavar="NAME[@VERSION]",
+    help="Grade a dataset version's validation split (the default input).",
+)
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option(
+    "--file",
+    "jsonl",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Grade any OpenAI-format JSONL file.",
+)
+@click.option("--where", is_flag=True, help="Grade stored calls selected by the filter options.")
+@filter_options
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    metavar="MODEL[@ENDPOINT]",
+    help="A candidate (repeatable); @ENDPOINT names an [endpoints] entry.",
+)
+@click.option(
+    "--base-url",
+    envvar="DISTILLERY_EVAL_BASE_URL",
+    help="OpenAI-compatible URL for candidates without @ENDPOINT  [default: OPENAI_BASE_URL]",
+)
+@click.option(
+    "--api-key-env", help="Env var with the API key for --base-url  [default: OPENAI_API_KEY]"
+)
+@click.option(
+    "--grader",
+    "grader_specs",
+    multiple=True,
+    required=True,
+    metavar="NAME|FILE",
+    help="exact, fuzzy_match, bleu, rouge_1, rouge_2, rouge_l, cosine, json, tool_call, or a .toml/.yaml/.py file.",
+)
+@click.option("--limit", type=int, help="Grade a seeded sample of this many items.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option(
+    "--timeout", type=float, default=120.0, show_default=True, help="Seconds per request."
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 20),
+    default=4,
+    show_default=True,
+    help="Retries with backoff on 429/5xx.",
+)
+@click.option("--by", "by_tag", metavar="tag:KEY", help="Break scores down by a tag.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a self-contained HTML report.",
+)
+@click.option(
+    "--fail-under",
+    type=float,
+    help="Exit 1 when any candidate's mean for any grader is below this.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@fail_on_errors
+def run_command(
+    config: Path | None,
+    database_url: str | None,
+    dataset_ref: str | None,
+    split: str,
+    jsonl: Path | None,
+    where: bool,
+    models: tuple[str, ...],
+    base_url: str | None,
+    api_key_env: str | None,
+    grader_specs: tuple[str, ...],
+    limit: int | None,
+    seed: int,
+    concurrency: int,
+    timeout: float,
+    retries: int,
+    by_tag: str | None,
+    html_path: Path | None,
+    fail_under: float | None,
+    as_json: bool,
+    **filters: Any,
+) -> None:
+    """Generate with each --model and grade against the teacher's stored answers.
+
+    \b
+    Examples:
+        distillery eval run --dataset support-bot --model gpt-4o --model gpt-4o-mini \\
+            --grader fuzzy_match --grader judge.toml --html report.html
+        distillery eval run --where --tag app=support --limit 200 --model my-student@local --grader rouge_l
+    """
+    import os
+
+    from distillery.cli_datasets import resolve
+    from distillery.config import load_settings
+    from distillery.curation import eval_items, evaluate
+    from distillery.curation.generate import Candidate, Endpoint, Generator
+    from distillery.curation.graders import Context, load_graders
+
+    sources = [bool(dataset_ref), bool(jsonl), where]
+    if sum(sources) > 1:
+        raise click.UsageError("Use one input: --dataset, --file or --where with filters.")
+    if by_tag is not None and not by_tag.startswith("tag:"):
+        raise click.UsageError("--by takes tag:KEY, e.g. --by tag:app.")
+    settings = load_settings(config, {"storage.database_url": database_url})
+    graders = [g for spec in grader_specs for g in load_graders(spec)]
+    names = [g.name for g in graders]
+    if len(set(names)) != len(names):
+        raise click.UsageError(
+            f"Two graders share a name ({', '.join(sorted(n for n in names if names.count(n) > 1))}): name them apart."
+        )
+    default = Endpoint("default", base_url, os.environ.get(api_key_env) if api_key_env else None)
+    endpoints = {
+        name: Endpoint(name, e.base_url, e.api_key()) for name, e in settings.endpoints.items()
+    }
+    candidates = []
+    for spec in models:
+        model, _, endpoint_name = spec.partition("@")
+        if endpoint_name and endpoint_name not in endpoints:
+            raise DistilleryError(
+                f'No endpoint {endpoint_name!r} in the config: add [endpoints.{endpoint_name}] base_url = "...".'
+            )
+        candidates.append(
+            Candidate(spec, model, endpoints[endpoint_name] if endpoint_name else default)
+        )
+    store = open_cli_store(config, database_url)
+    if jsonl:
+        items, source = eval_items.from_jsonl(jsonl), str(jsonl)
+    elif where:
+        items, source = eval_items.from_filters(store, build_filters(**filters)), "stored calls"
+    else:
+        if not dataset_ref:
+            raise click.UsageError(
+                "Name what to grade: --dataset NAME, --file FILE.jsonl, or --where with filters."
+            )
+        version = resolve(store, dataset_ref)
+        items = eval_items.from_dataset(store, version, split)
+        source = f"{version['name']}@{version['version']} ({split})"
+    items = eval_items.sample(items, limit, seed)
+    if not items:
+        raise DistilleryError(f"Nothing to grade in {source}.")
+    generator = Generator(store, concurrency=concurrency, timeout=timeout, retries=retries)
+    context = Context(generator, endpoints)
+    total = len(items) * len(candidates)
+    bar = (
+        click.progressbar(length=total, label="Evaluating", file=sys.stderr)
+        if sys.stderr.isatty()
+        else None
+    )
+    try:
+        if bar is not None:
+            bar.__enter__()
+        result = evaluate.run(
+            store,
+            items,
+            candidates,
+            graders,
+            generator,
+            context,
+            config={"source": source, "limit": limit, "seed": seed, "by": by_tag},
+            prices=dict(settings.prices),
+            by_tag=by_tag[4:] if by_tag else None,
+            progress=bar.update if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if html_path is not None:
+        from distillery.curation.eval_report import render
+
+        html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), items))
+    if as_json:
+        click.echo(dumps(result, indent=True))
+    else:
+        click.echo(
+            f"Run {result['id']}: {len(items)} items from {source}; "
+            f"{result['summary']['calls']['made']} calls, {result['summary']['calls']['cached']} from cache.",
+            err=True,
+        )
+        write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
+        if by_tag:
+            _print_breakdown(result["summary"])
+    if fail_under is not None:
+        misses = evaluate.failing(result["summary"], fail_under)
+        if misses:
+            click.echo("Below --fail-under: " + "; ".join(misses), err=True)
+            sys.exit(1)
+
+
+def _print_breakdown(summary: dict[str, Any]) -> None:
+    rows = [
+        {
+            "candidate": label,
+            "grader": name,
+            "tag": value,
+            "mean": s["mean"],
+            "ci_95": f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
+            "n": s["n"],
+        }
+        for label, entry in summary["candidates"].items()
+        for name, stats in entry["graders"].items()
+        for value, s in stats.get("by_tag", {}).items()
+    ]
+    click.echo("")
+    write_rows(rows, "table", ("candidate", "grader", "tag", "mean", "ci_95", "n"))
+
+
+@eval_group.command(name="list")
+@store_options
+@click.option(
+    "-n",
+    "--count",
+    "limit",
+    type=int,
+    default=20,
+    show_default=True,
+    help="How many, newest first; 0 for all.",
+)
+@output_options
+@fail_on_errors
+def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:
+    """List stored eval runs, newest first."""
+    from distillery.curation import evaluate
+
+    store = open_cli_store(config, database_url)
+    rows = [
+        {
+            "id": r["id"],
+            "created_at": r["created_at"],
+            "source": r["config"].get("source"),
+            "items": r["summary"]["items"],
+            "candidates": ", ".join(r["summary"]["candidates"]),
+            "graders": ", ".join(g["name"] for g in r["config"].get("graders", [])),
+        }
+        for r in evaluate.list_runs(store, limit or None)
+    ]
+    write_rows(
+        rows,
+        fmt,
+        ("id", "created_at", "source", "items", "candidates", "graders"),
+        empty="No eval runs yet.",
+    )
+
+
+def _run(store: Any, run_id: str) -> dict[str, Any]:
+    from distillery.curation import evaluate
+
+    found = evaluate.load_run(store, run_id)
+    if found is None:
+        raise DistilleryError(f"No eval run {run_id!r}. Run `distillery eval list` to see ids.")
+    return found
+
+
+@eval_group.command()
+@store_options
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="The run and every sample as JSON.")
+@fail_on_errors
+def show(config: Path | None, database_url: str | None, run_id: str, as_json: bool) -> None:
+    """Show a run's results (and with --json every per-item output and grade)."""
+    from distillery.curation import evaluate
+
+    store = open_cli_store(config, database_url)
+    found = _run(store, run_id)
+    if as_json:
+        click.echo(dumps({**found, "samples": evaluate.load_samples(store, run_id)}, indent=True))
+        return
+    click.echo(
+        f"Run {found['id']}: {found['summary']['items']} items from {found['config'].get('source')}"
+    )
+    write_rows(result_rows(found["summary"]), "table", RESULT_COLUMNS)
+
+
+@eval_group.command()
+@store_options
+@click.argument("run_a", metavar="RUN_A")
+@click.argument("run_b", metavar="RUN_B")
+@click.option("--candidate-a", help="Candidate of RUN_A  [default: its first]")
+@click.option("--candidate-b", help="Candidate of RUN_B  [default: its first]")
+@output_options
+@fail_on_errors
+def compare(
+    config: Path | None,
+    database_url: str | None,
+    run_a: str,
+    run_b: str,
+    candidate_a: str | None,
+    candidate_b: str | None,
+    fmt: str,
+) -> None:
+    """Per-item wins and losses of RUN_B over RUN_A, with the mean difference's 95% CI."""
+    from distillery.curation import evaluate
+
+    store = open_cli_store(config, database_url)
+    a, b = _run(store, run_a), _run(store, run_b)
+    label_a = candidate_a or next(iter(a["summary"]["candidates"]))
+    label_b = candidate_b or next(iter(b["summary"]["candidates"]))
+    for run, label in ((a, label_a), (b, label_b)):
+        if label not in run["summary"]["candidates"]:
+            raise DistilleryError(
+                f"Run {run['id']} has no candidate {label!r}; it has {', '.join(run['summary']['candidates'])}."
+            )
+    graders = [
+        g
+        for g in a["summary"]["candidates"][label_a]["graders"]
+        if g in b["summary"]["candidates"][label_b]["graders"]
+    ]
+    if not graders:
+        raise DistilleryError("The two runs share no grader to compare.")
+    samples_a, samples_b = evaluate.load_samples(store, run_a), evaluate.load_samples(store, run_b)
+    rows = [evaluate.compare(samples_a, samples_b, label_a, label_b, g) for g in graders]
+    for row in rows:
+        row["ci_95"] = f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+    write_rows(
+        rows,
+        fmt,
+        ("grader", "a", "b", "items", "b_wins", "a_wins", "ties", "mean_difference", "ci_95"),
+    )

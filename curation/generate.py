@@ -1,0 +1,159 @@
+"""Calling candidate models for evals: bounded concurrency, retries, a cache.
+
+Every answer is cached in the database under a hash of (model, endpoint,
+messages, parameters), so re-grading, adding a grader or re-running a report
+never calls a model twice.  Retries with exponential backoff on 429 and 5xx
+(honouring ``Retry-After``) are the openai SDK's own; timeouts are per request.
+
+Eval requests carry ``X-Distillery-Tag-distillery_eval: 1``: through a
+Distillery proxy that becomes a tag, and dataset builds leave such traffic out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import openai
+import orjson
+import sqlalchemy as sa
+
+from distillery.store import Store
+from distillery.store.db import CACHE
+
+EVAL_TAG = ("distillery_eval", "1")
+EVAL_HEADER = {"X-Distillery-Tag-distillery_eval": "1"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    base_url: str | None = None  # None: the SDK's default (OPENAI_BASE_URL or OpenAI)
+    api_key: str | None = None  # None: OPENAI_API_KEY
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    model: str
+    endpoint: Endpoint
+
+
+@dataclass
+class Generation:
+    message: dict[str, Any] | None
+    usage: dict[str, Any]
+    latency_ms: float | None
+    cached: bool
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        content = (self.message or {}).get("content")
+        return content if isinstance(content, str) else ""
+
+
+def cache_key(*parts: Any) -> str:
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class Generator:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        retries: int = 4,
+    ) -> None:
+        self.store = store
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.timeout = timeout
+        self.retries = retries
+        self.calls = 0
+        self.cache_hits = 0
+        self._clients: dict[Endpoint, openai.AsyncOpenAI] = {}
+
+    def client(self, endpoint: Endpoint) -> openai.AsyncOpenAI:
+        if endpoint not in self._clients:
+            self._clients[endpoint] = openai.AsyncOpenAI(
+                base_url=endpoint.base_url,
+                api_key=endpoint.api_key or None,
+                max_retries=self.retries,
+                timeout=self.timeout,
+                default_headers=EVAL_HEADER,
+            )
+        return self._clients[endpoint]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+
+    def _cached(self, key: str) -> dict[str, Any] | None:
+        with self.store.engine.connect() as conn:
+            row = conn.execute(sa.select(CACHE.c.response).where(CACHE.c.key == key)).first()
+        return row[0] if row else None
+
+    def _remember(self, key: str, model: str, response: dict[str, Any], latency: float) -> None:
+        values = {
+            "key": key,
+            "model": model,
+            "response": response,
+            "latency_ms": latency,
+            "created_at": datetime.now(UTC),
+        }
+        with self.store.engine.begin() as conn:
+            exists = conn.execute(sa.select(CACHE.c.key).where(CACHE.c.key == key)).first()
+            if exists is None:
+                conn.execute(CACHE.insert().values(**values))
+
+    async def complete(
+        self, candidate: Candidate, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> Generation:
+        key = cache_key("chat", candidate.model, candidate.endpoint.base_url, messages, params)
+        hit = await asyncio.to_thread(self._cached, key)
+        if hit is not None:
+            self.cache_hits += 1
+            return Generation(hit["message"], hit["usage"], hit["latency_ms"], cached=True)
+        async with self.semaphore:
+            started = time.perf_counter()
+            try:
+                self.calls += 1
+                response = await self.client(candidate.endpoint).chat.completions.create(
+                    model=candidate.model,
+                    messages=cast(Any, messages),
+                    **params,
+                )
+            except openai.OpenAIError as exc:
+                return Generation(None, {}, None, cached=False, error=_describe(exc))
+            latency = round((time.perf_counter() - started) * 1000, 3)
+        if not response.choices:
+            return Generation(None, {}, latency, cached=False, error="no choices in the answer")
+        message = response.choices[0].message.model_dump(exclude_none=True)
+        usage = response.usage.model_dump(exclude_none=True) if response.usage else {}
+        stored = {"message": message, "usage": usage, "latency_ms": latency}
+        await asyncio.to_thread(self._remember, key, candidate.model, stored, latency)
+        return Generation(message, usage, latency, cached=False)
+
+    async def embed(self, endpoint: Endpoint, model: str, texts: list[str]) -> list[list[float]]:
+        key = cache_key("embed", model, endpoint.base_url, texts)
+        hit = await asyncio.to_thread(self._cached, key)
+        if hit is not None:
+            self.cache_hits += 1
+            return list(hit["vectors"])
+        async with self.semaphore:
+            self.calls += 1
+            response = await self.client(endpoint).embeddings.create(model=model, input=texts)
+        vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
+        await asyncio.to_thread(self._remember, key, model, {"vectors": vectors}, 0.0)
+        return vectors
+
+
+def _describe(exc: openai.OpenAIError) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
