@@ -43,7 +43,9 @@ def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+def filter_options(
+    command: Callable[..., Any], model_flags: tuple[str, ...] = ("-m", "--model")
+) -> Callable[..., Any]:
     options = [
         click.option(
             "--tag",
@@ -52,7 +54,7 @@ def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
             metavar="KEY=VALUE",
             help="Has this tag (repeatable, all must match).",
         ),
-        click.option("-m", "--model", help="Model requested or served."),
+        click.option(*model_flags, "model", help="Model requested or served."),
         click.option(
             "--since",
             metavar="WHEN",
@@ -108,13 +110,17 @@ def build_filters(
     )
 
 
-def open_cli_store(config: Path | None, database_url: str | None) -> Any:
+def open_cli_store(config: Path | None, database_url: str | None, must_exist: bool = True) -> Any:
     from distillery.config import load_settings
     from distillery.store import open_store
 
     settings = load_settings(config, {"storage.database_url": database_url})
     url = settings.storage.resolved_database_url()
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    if (
+        must_exist
+        and url.startswith("sqlite:///")
+        and not Path(url.removeprefix("sqlite:///")).exists()
+    ):
         raise DistilleryError(
             f"No database at {url}. Start `distillery proxy` to capture calls, or point "
             "--database-url at an existing one."

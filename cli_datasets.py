@@ -148,6 +148,11 @@ def dataset() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for the files  [default: the data dir]",
 )
+@click.option(
+    "--include-eval-traffic",
+    is_flag=True,
+    help="Also learn from calls `distillery eval` made (tagged distillery_eval=1).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @fail_on_errors
 def build(
@@ -172,6 +177,7 @@ def build(
     redact_patterns: tuple[str, ...],
     epochs: int,
     output: Path | None,
+    include_eval_traffic: bool,
     as_json: bool,
     **filters: Any,
 ) -> None:
@@ -215,9 +221,16 @@ def build(
         min_tokens=min_tokens,
         max_tokens=max_tokens,
     )
+    from dataclasses import replace
+
+    from distillery.curation.generate import EVAL_TAG
+
+    selection = build_filters(**filters)
+    if not include_eval_traffic:
+        selection = replace(selection, exclude_tags=(*selection.exclude_tags, EVAL_TAG))
     options = BuildOptions(
         name=name,
-        filters=build_filters(**filters),
+        filters=selection,
         rules=rules,
         exact_dedupe=not no_exact_dedupe,
         near_dedupe=not no_near_dedupe,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def eval_group() -> None:
     help="Grade any OpenAI-format JSONL file.",
 )
 @click.option("--where", is_flag=True, help="Grade stored calls selected by the filter options.")
-@filter_options
+@functools.partial(filter_options, model_flags=("--where-model",))
 @click.option(
     "--model",
     "models",
@@ -172,7 +173,10 @@ def run_command(
     if by_tag is not None and not by_tag.startswith("tag:"):
         raise click.UsageError("--by takes tag:KEY, e.g. --by tag:app.")
     settings = load_settings(config, {"storage.database_url": database_url})
-    graders = [g for spec in grader_specs for g in load_graders(spec)]
+    try:
+        graders = [g for spec in grader_specs for g in load_graders(spec)]
+    except DistilleryError as exc:
+        raise click.ClickException(str(exc)) from None
     names = [g.name for g in graders]
     if len(set(names)) != len(names):
         raise click.UsageError(
@@ -192,7 +196,8 @@ def run_command(
         candidates.append(
             Candidate(spec, model, endpoints[endpoint_name] if endpoint_name else default)
         )
-    store = open_cli_store(config, database_url)
+    # A JSONL file needs no captured calls; the database still keeps the run and the cache.
+    store = open_cli_store(config, database_url, must_exist=jsonl is None)
     if jsonl:
         items, source = eval_items.from_jsonl(jsonl), str(jsonl)
     elif where:

@@ -21,6 +21,7 @@ from typing import Any, cast
 import openai
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from distillery.store import Store
 from distillery.store.db import CACHE
@@ -106,10 +107,10 @@ class Generator:
             "latency_ms": latency,
             "created_at": datetime.now(UTC),
         }
+        # Two identical requests in flight at once both miss; the second insert is a no-op.
+        dialect = postgresql if self.store.engine.dialect.name == "postgresql" else sqlite
         with self.store.engine.begin() as conn:
-            exists = conn.execute(sa.select(CACHE.c.key).where(CACHE.c.key == key)).first()
-            if exists is None:
-                conn.execute(CACHE.insert().values(**values))
+            conn.execute(dialect.insert(CACHE).values(**values).on_conflict_do_nothing())
 
     async def complete(
         self, candidate: Candidate, messages: list[dict[str, Any]], params: dict[str, Any]

@@ -1,0 +1,442 @@
+"""`distillery eval`: real fake models (teacher, weak student, judge), scores computed by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fake_models import FakeModels, answer, vector
+
+from distillery.cli import cli
+from distillery.curation import graders as g
+from distillery.curation.evaluate import bootstrap
+
+QUESTIONS = [f"question {i}: how many letters?" for i in range(1, 7)]
+
+
+@pytest.fixture
+def models(servers):
+    fake = FakeModels()
+    fake.url, _ = servers.serve(fake.app)
+    return fake
+
+
+@pytest.fixture
+def items_file(tmp_path):
+    path = tmp_path / "items.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "Count."},
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": answer(q)},
+                ]
+            }
+        )
+        for q in QUESTIONS
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def judge_file(tmp_path):
+    path = tmp_path / "judge.toml"
+    path.write_text(
+        '[[graders]]\nname = "judge"\ntype = "score_model"\nmodel = "judge"\nrange = [0, 10]\npass_threshold = 7\n\n'
+        '[[graders]]\nname = "pairwise"\ntype = "score_model"\nmodel = "judge"\npairwise = true\n\n'
+        '[[graders]]\nname = "contains"\ntype = "string_check"\noperation = "ilike"\nreference = "THE ANSWER"\n'
+    )
+    return path
+
+
+def eval_run(db, *args):
+    return CliRunner().invoke(
+        cli, ["eval", "run", "--database-url", db, *args], catch_exceptions=False
+    )
+
+
+@pytest.fixture
+def db(tmp_path):
+    return f"sqlite:///{tmp_path / 'evals.db'}"
+
+
+def test_baseline_scores_match_hand_computation(models, items_file, judge_file, db, tmp_path):
+    report = tmp_path / "report.html"
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "teacher",
+        "--model",
+        "weak",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        "exact",
+        "--grader",
+        "fuzzy_match",
+        "--grader",
+        str(judge_file),
+        "--json",
+        "--html",
+        str(report),
+    )
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.output)
+    teacher, weak = run["summary"]["candidates"]["teacher"], run["summary"]["candidates"]["weak"]
+    # Teacher: every answer equals the reference.
+    assert (
+        teacher["graders"]["exact"]["mean"] == 1.0 and teacher["graders"]["exact"]["ci_low"] == 1.0
+    )
+    assert teacher["graders"]["judge"]["mean"] == 10.0
+    assert teacher["graders"]["pairwise"]["mean"] == 0.5  # always a tie with the reference
+    # Weak: right on questions 2, 4, 6 only.
+    assert weak["graders"]["exact"]["mean"] == 0.5
+    assert weak["graders"]["exact"]["pass_rate"] == 0.5
+    assert weak["graders"]["judge"]["mean"] == (3 * 10 + 3 * 2) / 6
+    assert weak["graders"]["judge"]["pass_rate"] == 0.5
+    assert weak["graders"]["pairwise"]["mean"] == (3 * 0.5 + 3 * 0) / 6
+    assert weak["graders"]["contains"]["mean"] == 0.5
+    from rapidfuzz import fuzz
+
+    wrong = [fuzz.ratio("I don't know.", answer(q)) / 100 for q in QUESTIONS[::2]]
+    assert math.isclose(
+        weak["graders"]["fuzzy_match"]["mean"], round((3 + sum(wrong)) / 6, 4), abs_tol=1e-4
+    )
+    ci = weak["graders"]["exact"]
+    assert ci["ci_low"] < 0.5 < ci["ci_high"]
+    assert teacher["prompt_tokens"] == 60 and teacher["latency_p50_ms"] > 0
+    html = report.read_text()
+    assert "<svg" in html and "teacher" in html and "weak" in html and "I don&#x27;t know." in html
+    # Every call, the judge's included, carried the eval tag header.
+    assert all(
+        {k.lower(): v for k, v in r["headers"].items()}.get("x-distillery-tag-distillery_eval")
+        == "1"
+        for r in models.requests
+    )
+
+
+def test_cache_means_rerunning_calls_nothing(models, items_file, db):
+    args = [
+        "--file",
+        str(items_file),
+        "--model",
+        "teacher",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        "exact",
+        "--json",
+    ]
+    first = json.loads(eval_run(db, *args).output)
+    calls = len(models.requests)
+    second = json.loads(eval_run(db, *args).output)
+    assert first["summary"]["calls"] == {"made": 6, "cached": 0}
+    assert second["summary"]["calls"] == {"made": 0, "cached": 6}
+    assert len(models.requests) == calls
+    assert second["summary"]["candidates"] == first["summary"]["candidates"]
+
+
+def test_429_is_retried_with_backoff(models, items_file, db):
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "flaky",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        "exact",
+        "--json",
+    )
+    run = json.loads(result.output)
+    assert run["summary"]["candidates"]["flaky"]["graders"]["exact"]["mean"] == 1.0
+    assert run["summary"]["candidates"]["flaky"]["errors"] == 0
+    assert (
+        len([r for r in models.requests if r["model"] == "flaky"]) == 12
+    )  # a 429, then the answer
+
+
+def test_fail_under_gates_and_list_show_compare(models, items_file, db):
+    base = [
+        "--file",
+        str(items_file),
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        "exact",
+    ]
+    weak = eval_run(db, *base, "--model", "weak", "--fail-under", "0.9")
+    assert weak.exit_code == 1 and "Below --fail-under: weak/exact: 0.5 < 0.9" in weak.output
+    strong = eval_run(db, *base, "--model", "teacher", "--fail-under", "0.9")
+    assert strong.exit_code == 0
+    runs = json.loads(
+        CliRunner().invoke(cli, ["eval", "list", "--json", "--database-url", db]).output
+    )
+    assert [r["candidates"] for r in runs] == ["teacher", "weak"]
+    newer, older = runs[0]["id"], runs[1]["id"]
+    shown = CliRunner().invoke(cli, ["eval", "show", older, "--database-url", db]).output
+    assert "weak" in shown and "exact" in shown
+    compared = json.loads(
+        CliRunner()
+        .invoke(cli, ["eval", "compare", older, newer, "--json", "--database-url", db])
+        .output
+    )
+    assert compared == [
+        {
+            "grader": "exact",
+            "a": "weak",
+            "b": "teacher",
+            "items": 6,
+            "b_wins": 3,
+            "a_wins": 0,
+            "ties": 3,
+            "mean_difference": 0.5,
+            "ci_low": compared[0]["ci_low"],
+            "ci_high": compared[0]["ci_high"],
+            "ci_95": compared[0]["ci_95"],
+        }
+    ]
+    assert 0 < compared[0]["ci_low"] <= 0.5 <= compared[0]["ci_high"]
+
+
+def test_tool_call_and_cosine_graders(models, db, tmp_path):
+    path = tmp_path / "tools.jsonl"
+    reference = {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": '{"id": 7, "verbose": false}'},
+            }
+        ],
+    }
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [{"role": "user", "content": "find order 7"}, reference],
+                "tools": [{"type": "function", "function": {"name": "lookup"}}],
+            }
+        )
+        + "\n"
+    )
+    grader = tmp_path / "cos.toml"
+    grader.write_text(
+        '[[graders]]\nname = "cos"\ntype = "text_similarity"\nmetric = "cosine"\nmodel = "embed"\npass_threshold = 0.9\n'
+    )
+    result = eval_run(
+        db,
+        "--file",
+        str(path),
+        "--model",
+        "tools",
+        "--model",
+        "teacher",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        "tool_call",
+        "--grader",
+        str(grader),
+        "--json",
+    )
+    run = json.loads(result.output)
+    assert run["summary"]["candidates"]["tools"]["graders"]["tool_call"]["mean"] == 1.0
+    assert run["summary"]["candidates"]["teacher"]["graders"]["tool_call"]["mean"] == 0.0
+    a, b = (
+        vector(answer("find order 7")),
+        vector(" "),
+    )  # teacher's text vs the (empty) reference text
+    expected = sum(x * y for x, y in zip(a, b, strict=False)) / (math.hypot(*a) * math.hypot(*b))
+    assert math.isclose(
+        run["summary"]["candidates"]["teacher"]["graders"]["cos"]["mean"],
+        round(expected, 4),
+        abs_tol=1e-4,
+    )
+    tool_request = next(r for r in models.requests if r["model"] == "tools")
+    assert tool_request["body"]["tools"] == [
+        {"type": "function", "function": {"name": "lookup"}}
+    ]  # replayed
+
+
+def test_eval_input_from_a_dataset_and_its_traffic_is_excluded_from_builds(models, db, tmp_path):
+    from test_datasets import base_records, record
+
+    from distillery.store import open_store
+
+    store = open_store(db)
+    store.insert([*base_records(), record(90, "an eval probe", tags={"distillery_eval": "1"})])
+    store.close()
+    built = CliRunner().invoke(
+        cli,
+        [
+            "dataset",
+            "build",
+            "support",
+            "--tag",
+            "app=support",
+            "--val-fraction",
+            "0.3",
+            "--json",
+            "--database-url",
+            db,
+        ],
+        catch_exceptions=False,
+    )
+    manifest = json.loads(built.output)
+    assert "cap_0000000000000000000000000090" not in (
+        Path(
+            json.loads(
+                CliRunner()
+                .invoke(cli, ["dataset", "show", "support", "--json", "--database-url", db])
+                .output
+            )["files"]["train"]
+        ).name
+    )
+    assert manifest["counts"]["considered"] == 22  # the probe was never read
+    result = eval_run(
+        db,
+        "--dataset",
+        "support",
+        "--model",
+        "teacher",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        "rouge_l",
+        "--json",
+        "--by",
+        "tag:app",
+    )
+    run = json.loads(result.output)
+    assert run["summary"]["items"] == manifest["counts"]["val"]
+    assert set(run["summary"]["candidates"]["teacher"]["graders"]["rouge_l"]["by_tag"]) == {
+        "support"
+    }
+
+
+# -- graders on edge cases ----------------------------------------------------------
+
+
+def test_text_metrics_by_hand():
+    assert g.bleu("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert g.bleu("", "anything") == 0.0 and g.bleu("", "") == 1.0
+    assert g.rouge_n("a b c", "a b d", 1) == pytest.approx(2 / 3)
+    assert g.rouge_n("a b c", "a b d", 2) == pytest.approx(0.5)
+    assert g.rouge_l("a b c d", "a c d") == pytest.approx(2 * (3 / 4) * 1 / (3 / 4 + 1))
+    assert g.rouge_l("", "x") == 0.0
+    assert g.tokens("Héllo, wörld! 東京") == ["héllo", "wörld", "東京"]
+    long = "word " * 20_000
+    assert g.rouge_l(long, long) == 1.0  # capped, still exact
+    assert 0 < g.bleu("the cat sat", "the cat sat on the mat") < 1  # brevity penalty
+
+
+def test_json_parsing_and_bootstrap():
+    assert g.parse_json('```json\n{"a": 1}\n```') == {"a": 1}
+    with pytest.raises(ValueError):
+        g.parse_json("not json")
+    mean, low, high = bootstrap([1, 0, 1, 1, 0, 1, 1, 1])
+    assert (
+        mean == 0.75
+        and low <= mean <= high
+        and (low, high) == bootstrap([1, 0, 1, 1, 0, 1, 1, 1])[1:]
+    )
+    assert all(math.isnan(x) for x in bootstrap([]))  # nan, not a made-up number
+
+
+@pytest.mark.parametrize(
+    ("output", "reference", "expected"),
+    [
+        ('{"a": 1, "b": 2}', '{"a": 1, "b": 3}', 0.5),
+        ('```json\n{"a": 1}\n```', '{"a": 1}', 1.0),
+        ("no json here", '{"a": 1}', 0.0),
+        ('{"a": "é"}', '{"a": "é"}', 1.0),
+        ("", '{"a": 1}', 0.0),
+    ],
+)
+def test_json_grader(output, reference, expected):
+    import asyncio
+
+    from distillery.curation.eval_items import Item
+    from distillery.curation.generate import Candidate, Endpoint, Generation
+
+    grader = g.load_graders("json")[0]
+    item = Item(0, [{"role": "user", "content": "x"}], {"role": "assistant", "content": reference})
+    generation = Generation({"role": "assistant", "content": output}, {}, 1.0, False)
+    grade = asyncio.run(grader.grade(generation, item, Candidate("c", "m", Endpoint("e")), None))  # type: ignore[arg-type]
+    assert grade.score == expected
+
+
+def test_bad_grader_specs_name_the_fix(tmp_path, db):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[graders]]\nname = "x"\ntype = "mystery"\n')
+    for spec, message in (
+        ("nonsense", "No grader 'nonsense'"),
+        (str(bad), "unknown type 'mystery'"),
+    ):
+        result = CliRunner().invoke(
+            cli,
+            [
+                "eval",
+                "run",
+                "--database-url",
+                db,
+                "--file",
+                __file__,
+                "--model",
+                "m",
+                "--grader",
+                spec,
+            ],
+        )
+        assert (
+            result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+        )
+
+
+def test_label_model_and_python_graders(models, items_file, db, tmp_path):
+    grader = tmp_path / "more.toml"
+    (tmp_path / "length.py").write_text(
+        "def grade(sample, item):\n    return 1.0 if len(sample['output_text']) >= len(item['reference_text']) else 0.25\n"
+    )
+    grader.write_text(
+        '[[graders]]\nname = "label"\ntype = "label_model"\nmodel = "judge"\nlabels = ["correct", "wrong"]\n'
+        'passing_labels = ["correct"]\n\n[[graders]]\nname = "length"\ntype = "python"\nfile = "length.py"\npass_threshold = 1\n'
+    )
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "weak",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        str(grader),
+        "--json",
+    )
+    weak = json.loads(result.output)["summary"]["candidates"]["weak"]["graders"]
+    assert weak["label"]["mean"] == 0.5 and weak["label"]["pass_rate"] == 0.5
+    assert weak["length"]["mean"] == (3 * 1.0 + 3 * 0.25) / 6 and weak["length"]["pass_rate"] == 0.5
