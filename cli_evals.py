@@ -214,7 +214,7 @@ def run_command(
     if not items:
         raise DistilleryError(f"Nothing to grade in {source}.")
     generator = Generator(store, concurrency=concurrency, timeout=timeout, retries=retries)
-    context = Context(generator, endpoints)
+    context = Context(generator, endpoints, default)
     total = len(items) * len(candidates)
     bar = (
         click.progressbar(length=total, label="Evaluating", file=sys.stderr)

@@ -56,6 +56,14 @@ class Grade:
 class Context:
     generator: Generator
     judge_endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    # Judges and embedding models run here unless a grader names an endpoint: never on
+    # the candidate's server, which may be a local student that knows no judge model.
+    default_endpoint: Endpoint = field(default_factory=lambda: Endpoint("default"))
+
+    def endpoint(self, name: str | None) -> Endpoint:
+        if name and name not in self.judge_endpoints:
+            raise GraderError(f"No endpoint {name!r} in the config: add [endpoints.{name}].")
+        return self.judge_endpoints[name] if name else self.default_endpoint
 
 
 def tokens(text: str) -> list[str]:
@@ -195,9 +203,7 @@ class Grader:
         metric = self.options.get("metric", "fuzzy_match")
         text, reference = generation.text, item.reference_text
         if metric == "cosine":
-            endpoint = context.judge_endpoints.get(
-                self.options.get("endpoint", ""), candidate.endpoint
-            )
+            endpoint = context.endpoint(self.options.get("endpoint"))
             a, b = await context.generator.embed(
                 endpoint,
                 self.options.get("model", "text-embedding-3-small"),
@@ -346,7 +352,7 @@ class Grader:
         model = self.options.get("model")
         if not model:
             raise GraderError(f"Grader {self.name!r} needs a judge `model`.")
-        endpoint = context.judge_endpoints.get(self.options.get("endpoint", ""), candidate.endpoint)
+        endpoint = context.endpoint(self.options.get("endpoint"))
         judge = Candidate(label=f"judge:{model}", model=model, endpoint=endpoint)
         params = {
             "temperature": 0,

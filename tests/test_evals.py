@@ -440,3 +440,43 @@ def test_label_model_and_python_graders(models, items_file, db, tmp_path):
     weak = json.loads(result.output)["summary"]["candidates"]["weak"]["graders"]
     assert weak["label"]["mean"] == 0.5 and weak["label"]["pass_rate"] == 0.5
     assert weak["length"]["mean"] == (3 * 1.0 + 3 * 0.25) / 6 and weak["length"]["pass_rate"] == 0.5
+
+
+def test_judges_never_run_on_the_candidates_server(
+    servers, models, items_file, judge_file, db, tmp_path
+):
+    """A local student knows no judge model: judges go to the default endpoint."""
+    student = FakeModels()
+    student.url, _ = servers.serve(student.app)
+    config = tmp_path / "d.toml"
+    config.write_text(f'[endpoints.local]\nbase_url = "{student.url}/v1"\napi_key_env = "HOME"\n')
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "run",
+            "-c",
+            str(config),
+            "--database-url",
+            db,
+            "--file",
+            str(items_file),
+            "--model",
+            "weak@local",
+            "--base-url",
+            models.url + "/v1",
+            "--api-key-env",
+            "HOME",
+            "--grader",
+            str(judge_file),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert {r["model"] for r in student.requests} == {"weak"}
+    assert {r["model"] for r in models.requests} == {"judge"}
+    assert (
+        json.loads(result.output)["summary"]["candidates"]["weak@local"]["graders"]["judge"]["mean"]
+        == 6.0
+    )
