@@ -59,7 +59,7 @@ def _scatter(grader: str, candidates: dict[str, Any]) -> str:
         f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(grader)}</text>',
     ]
     for i, (label, x, y) in enumerate(points):
-        cx = pad + (width - pad - 40) * (x / max_x)
+        cx = pad + (width - pad - 160) * (x / max_x)  # room for the label on the right
         cy = height - pad - (height - pad - 30) * (y / max_y)
         parts.append(
             f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{COLOURS[i % len(COLOURS)]}"/>'
@@ -89,7 +89,7 @@ def render(run: dict[str, Any], samples: list[dict[str, Any]], items: list[Item]
     graders = list(next(iter(candidates.values()))["graders"]) if candidates else []
     rows = []
     for label, c in candidates.items():
-        cost = "" if c["cost_usd"] is None else f"{c['cost_usd']:.4f}"
+        cost = "" if c["cost_usd"] is None else f"{c['cost_usd']:.4g}"
         for name, s in c["graders"].items():
             rows.append(
                 f"<tr><td>{html.escape(label)}</td><td>{html.escape(name)}</td><td>{s['mean']:.4f}</td>"
