@@ -480,3 +480,38 @@ def test_judges_never_run_on_the_candidates_server(
         json.loads(result.output)["summary"]["candidates"]["weak@local"]["graders"]["judge"]["mean"]
         == 6.0
     )
+
+
+def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db):
+    from distillery.store import open_store
+    from test_datasets import base_records
+
+    store = open_store(db)
+    store.insert(base_records())
+    store.close()
+    args = [
+        "--where",
+        "--tag",
+        "app=support",
+        "--limit",
+        "5",
+        "--seed",
+        "3",
+        "--model",
+        "teacher",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        "tool_call",
+        "--json",
+    ]
+    first, second = json.loads(eval_run(db, *args).output), json.loads(eval_run(db, *args).output)
+    assert first["summary"]["items"] == 5
+    assert second["summary"]["calls"] == {"made": 0, "cached": 5}  # the same seeded sample
+    tools_sent = [r["body"].get("tools") for r in models.requests if r["body"].get("tools")]
+    sampled_tool_items = [
+        r for r in models.requests if "lookup" in json.dumps(r["body"].get("tools"))
+    ]
+    assert len(tools_sent) == len(sampled_tool_items)
