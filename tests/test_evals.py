@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fake_models import FakeModels, answer, vector
 
 from distillery.cli import cli
 from distillery.curation import graders as g
 from distillery.curation.evaluate import bootstrap
+
+from fake_models import FakeModels, answer, vector
 
 QUESTIONS = [f"question {i}: how many letters?" for i in range(1, 7)]
 
@@ -278,9 +279,9 @@ def test_tool_call_and_cosine_graders(models, db, tmp_path):
 
 
 def test_eval_input_from_a_dataset_and_its_traffic_is_excluded_from_builds(models, db, tmp_path):
-    from test_datasets import base_records, record
-
     from distillery.store import open_store
+
+    from test_datasets import base_records, record
 
     store = open_store(db)
     store.insert([*base_records(), record(90, "an eval probe", tags={"distillery_eval": "1"})])
@@ -484,6 +485,7 @@ def test_judges_never_run_on_the_candidates_server(
 
 def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db):
     from distillery.store import open_store
+
     from test_datasets import base_records
 
     store = open_store(db)
