@@ -517,3 +517,27 @@ def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db):
         r for r in models.requests if "lookup" in json.dumps(r["body"].get("tools"))
     ]
     assert len(tools_sent) == len(sampled_tool_items)
+
+
+def test_yaml_grader_file(models, items_file, db, tmp_path):
+    grader = tmp_path / "graders.yaml"
+    grader.write_text(
+        "graders:\n  - name: close\n    type: text_similarity\n    metric: rouge_1\n    pass_threshold: 0.9\n"
+    )
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "weak",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        str(grader),
+        "--json",
+    )
+    stats = json.loads(result.output)["summary"]["candidates"]["weak"]["graders"]["close"]
+    wrong = [g.rouge_n("I don't know.", answer(q), 1) for q in QUESTIONS[::2]]
+    assert stats["mean"] == round((3 + sum(wrong)) / 6, 4) and stats["pass_rate"] == 0.5

@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from conftest import RunningProxy
+from conftest import RunningProxy, wait_for
 from fake_openai import TEXT_PIECES
 
 MESSAGES = [
@@ -440,8 +440,15 @@ def test_healthz_and_metrics(start_proxy, upstream, clients):
     assert health["status"] == "ok"
     assert health["capture"]["database"] == "ok"
     assert health["capture"]["stored"] == 1
+    # Counted after the response is delivered, so give it a moment.
+    wait_for(
+        lambda: (
+            'distillery_requests_total{route="chat",status="200"} 1.0'
+            in httpx.get(proxy.url + "/metrics").text
+        ),
+        what="the request to be counted",
+    )
     text = httpx.get(proxy.url + "/metrics").text
-    assert 'distillery_requests_total{route="chat",status="200"} 1.0' in text
     assert 'distillery_captured_total{outcome="queued"} 1.0' in text
     assert "distillery_capture_queue_depth 0.0" in text
     assert "distillery_request_duration_seconds_bucket" in text
@@ -487,6 +494,8 @@ def test_one_canonical_log_line_per_request(start_proxy, upstream, clients):
     with capture_logs() as logs:
         proxied.chat.completions.create(model="fake-model", messages=MESSAGES)
         proxied.models.list()
+        # The line is written after the response is delivered: wait for it.
+        wait_for(lambda: len([e for e in logs if e["event"] == "request"]) >= 2, what="log lines")
     [row] = proxy.wait_stored(1)
     lines = [entry for entry in logs if entry["event"] == "request"]
     assert len(lines) == 2
