@@ -43,6 +43,17 @@ def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+count_option = click.option(
+    "-n",
+    "--count",
+    "limit",
+    type=int,
+    default=20,
+    show_default=True,
+    help="How many, newest first; 0 for all.",
+)
+
+
 def filter_options(
     command: Callable[..., Any], model_flags: tuple[str, ...] = ("-m", "--model")
 ) -> Callable[..., Any]:
@@ -199,15 +210,7 @@ def completions() -> None:
 @completions.command(name="list")
 @store_options
 @filter_options
-@click.option(
-    "-n",
-    "--count",
-    "limit",
-    type=int,
-    default=20,
-    show_default=True,
-    help="How many, newest first; 0 for all.",
-)
+@count_option
 @click.option("--order", type=click.Choice(["desc", "asc"]), default="desc", show_default=True)
 @output_options
 @fail_on_errors

@@ -11,6 +11,7 @@ import click
 
 from distillery.cli_completions import (
     build_filters,
+    count_option,
     fail_on_errors,
     filter_options,
     open_cli_store,
@@ -281,15 +282,7 @@ def _print_breakdown(summary: dict[str, Any]) -> None:
 
 @eval_group.command(name="list")
 @store_options
-@click.option(
-    "-n",
-    "--count",
-    "limit",
-    type=int,
-    default=20,
-    show_default=True,
-    help="How many, newest first; 0 for all.",
-)
+@count_option
 @output_options
 @fail_on_errors
 def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:

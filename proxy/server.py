@@ -44,7 +44,8 @@ def serve(settings: Settings) -> None:
     # short switch interval (default 5 ms) bounds how long the event loop can
     # wait for it, which is what p99 latency feels.
     sys.setswitchinterval(0.0005)
-    store = open_capture_store(settings) if settings.capture.enabled else None
+    needs_store = settings.capture.enabled or settings.proxy.stored_completions == "local"
+    store = open_capture_store(settings) if needs_store else None
     app = make_app(settings, store)
     try:
         web.run_app(
