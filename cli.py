@@ -142,11 +142,13 @@ def key_fingerprint_command() -> None:
 
 from distillery.cli_completions import completions  # noqa: E402
 from distillery.cli_datasets import dataset  # noqa: E402
+from distillery.cli_db import db  # noqa: E402
 from distillery.cli_evals import eval_group  # noqa: E402
 
 cli.add_command(completions)
 cli.add_command(dataset)
 cli.add_command(eval_group)
+cli.add_command(db)
 
 
 def main() -> None:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from distillery.store.db import EXAMPLES, VERSIONS, Store
+from distillery.store.locks import named_lock
 
 V = VERSIONS.c
 
@@ -80,33 +77,10 @@ def example_ids(store: Store, version_id: int) -> dict[str, str]:
         return dict(conn.execute(query).all())
 
 
-@contextlib.contextmanager
-def build_lock(store: Store, name: str) -> Iterator[None]:
+def build_lock(store: Store, name: str) -> contextlib.AbstractContextManager[None]:
     """One build of a dataset at a time, across processes (and hosts, on Postgres).
 
     A second build waits for the first and then sees its version, so two cron
     runs that overlap never number a version twice or add an example twice.
     """
-    if store.engine.dialect.name == "postgresql":
-        key = int.from_bytes(
-            hashlib.sha256(f"distillery.dataset:{name}".encode()).digest()[:8], "big", signed=True
-        )
-        with store.engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                conn.commit()
-        return
-    database = store.engine.url.database or ":memory:"
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    lock_path = Path(f"{database}.dataset-{digest}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return named_lock(store.engine, f"dataset:{name}")

@@ -17,10 +17,10 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlmodel import SQLModel
 
 from distillery.errors import StoreError
 from distillery.store import search
+from distillery.store.locks import named_lock
 from distillery.store.models import (
     Completion,
     CompletionTag,
@@ -88,16 +88,48 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def schema_revision(engine: Engine) -> str | None:
+    """The alembic revision the database is at (None: no schema yet)."""
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return "unversioned" if sa.inspect(conn).has_table("completions") else None
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema up to date; the proxy and the CLI both call this on start."""
-    # Version 1 of the schema: created from the models, plus the full-text
-    # table that SQLModel cannot describe.  Ordered alembic migrations take
-    # over from here once the schema first changes.
-    SQLModel.metadata.create_all(
-        engine, tables=[COMPLETIONS, TAGS, VERSIONS, EXAMPLES, EVAL_RUNS, EVAL_SAMPLES, CACHE]
-    )
-    with engine.begin() as conn:
-        search.create(conn)
+    """Bring the schema up to date; the proxy and the CLI both call this on start.
+
+    Ordered alembic revisions live in ``store/migrations``; one migrator at a
+    time (an advisory lock on Postgres, a file lock beside SQLite), and a
+    database that is already current costs one query.
+    """
+    from distillery.store.migrations import HEAD
+
+    if schema_revision(engine) == HEAD:
+        return
+    with named_lock(engine, "migrations"):
+        current = schema_revision(engine)
+        if current == HEAD:
+            return
+        from alembic import command
+
+        with engine.begin() as conn:
+            config = _alembic_config(conn)
+            if current == "unversioned":
+                # Created by the schema's first release, before migrations: that is 0001.
+                command.stamp(config, "0001")
+            command.upgrade(config, "head")
+
+
+def _alembic_config(conn: Any) -> Any:
+    from alembic.config import Config
+
+    from distillery.store.migrations import LOCATION
+
+    config = Config()
+    config.set_main_option("script_location", str(LOCATION))
+    config.attributes["connection"] = conn
+    return config
 
 
 class _BatchInsert:

@@ -1,8 +1,8 @@
 """Full-text search over captured calls: SQLite FTS5 or Postgres ``tsvector``.
 
 The searchable text (messages, output, tool calls; see ``records.search_text``)
-lives in a table of its own keyed to the completion, filled by the same batch
-insert as the completion itself:
+lives in a table of its own keyed to the completion (created by migration
+0001), filled by the same batch insert as the completion itself:
 
 * SQLite: an FTS5 table whose rowid is the completion's rowid;
 * Postgres: ``completion_search(completion_id, body tsvector)`` with a GIN index.
@@ -21,15 +21,6 @@ from sqlalchemy.engine import Connection, Engine
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
-SQLITE_DDL = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS completions_fts USING fts5(body, tokenize='unicode61')",
-)
-POSTGRES_DDL = (
-    "CREATE TABLE IF NOT EXISTS completion_search ("
-    " completion_id VARCHAR(40) PRIMARY KEY REFERENCES completions(id),"
-    " body TSVECTOR NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS ix_completion_search_body ON completion_search USING GIN (body)",
-)
 # Replays insert the same completion again: skip those already indexed.
 SQLITE_INSERT = (
     "INSERT INTO completions_fts (rowid, body) SELECT c.rowid, ? FROM completions c "
@@ -39,12 +30,6 @@ POSTGRES_INSERT = (
     "INSERT INTO completion_search (completion_id, body) "
     "VALUES (%s, to_tsvector('simple', %s)) ON CONFLICT DO NOTHING"
 )
-
-
-def create(conn: Connection) -> None:
-    ddl = POSTGRES_DDL if conn.dialect.name == "postgresql" else SQLITE_DDL
-    for statement in ddl:
-        conn.exec_driver_sql(statement)
 
 
 def insert(conn: Connection, rows: list[tuple[str, str]]) -> None:

@@ -1,0 +1,8 @@
+"""alembic environment: always driven by ``store.db.migrate`` with an open connection."""
+
+from alembic import context
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,83 @@
+"""Migrations: ordered alembic revisions, one migrator at a time, old databases adopted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from distillery.cli import cli
+from distillery.store.db import create_engine, migrate, schema_revision
+from distillery.store.migrations import HEAD, LOCATION
+
+
+def test_head_constant_matches_the_revision_files():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(LOCATION))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path):
+    return (
+        f"sqlite:///{tmp_path / 'm.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+
+
+def test_db_status_and_upgrade(url):
+    status = CliRunner().invoke(cli, ["db", "status", "--database-url", url])
+    assert "revision: empty" in status.output and "run `distillery db upgrade`" in status.output
+    upgraded = CliRunner().invoke(cli, ["db", "upgrade", "--database-url", url])
+    assert upgraded.exit_code == 0 and f"Upgraded empty -> {HEAD}." in upgraded.output
+    again = CliRunner().invoke(cli, ["db", "upgrade", "--database-url", url])
+    assert f"Already at {HEAD}." in again.output
+    assert "(up to date)" in CliRunner().invoke(cli, ["db", "status", "--database-url", url]).output
+    engine = create_engine(url)
+    tables = set(sa.inspect(engine).get_table_names())
+    assert {
+        "completions",
+        "completion_tags",
+        "dataset_versions",
+        "eval_runs",
+        "generation_cache",
+    } <= tables
+    engine.dispose()
+
+
+def test_concurrent_migrators_do_not_collide(url):
+    """Several processes starting at once on an empty database: one migrates, none fails."""
+    script = (
+        f"from distillery.store.db import create_engine, migrate; migrate(create_engine({url!r}))"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1].decode() for p in processes]
+    assert all(p.returncode == 0 for p in processes), errors
+    engine = create_engine(url)
+    assert schema_revision(engine) == HEAD
+    engine.dispose()
+
+
+def test_a_database_from_before_migrations_is_adopted(tmp_path):
+    """Release one created its schema without alembic: it is stamped as 0001, not re-created."""
+    from sqlmodel import SQLModel
+
+    from distillery.store.db import COMPLETIONS, TAGS
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    SQLModel.metadata.create_all(engine, tables=[COMPLETIONS, TAGS])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIRTUAL TABLE completions_fts USING fts5(body)")
+    assert schema_revision(engine) == "unversioned"
+    migrate(engine)
+    assert schema_revision(engine) == HEAD
+    engine.dispose()
