@@ -59,6 +59,14 @@ def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     envvar="DISTILLERY_CONFIG",
     help="TOML config file.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    envvar="DISTILLERY_WORKERS",
+    default=1,
+    show_default=True,
+    help="Processes sharing the port (SO_REUSEPORT), each with its own writer and spool.",
+)
 @click.option("--no-capture", is_flag=True, help="Forward and tag, but record nothing locally.")
 @click.option("--access-log/--no-access-log", default=None, help="One log line per request.")
 @click.option(
@@ -80,6 +88,7 @@ def proxy(
     database_url: str | None,
     data_dir: str | None,
     config: Path | None,
+    workers: int,
     no_capture: bool,
     access_log: bool | None,
     log_level: str,
@@ -118,7 +127,7 @@ def proxy(
 
     logs.configure(log_level, json=log_json)
     try:
-        serve(settings)
+        serve(settings, workers, {"level": log_level, "json": log_json})
     except DistilleryError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -78,7 +79,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
 async def healthz(request: web.Request) -> web.Response:
     """Liveness and what storage looks like; 200 even while spooling (nothing is lost)."""
     proxy = request.app[PROXY]
-    body: dict[str, object] = {"status": "ok", "upstream": proxy.upstream_url}
+    body: dict[str, object] = {"status": "ok", "upstream": proxy.upstream_url, "pid": os.getpid()}
     if proxy.capture is not None:
         capture = proxy.capture.health()
         body["capture"] = capture

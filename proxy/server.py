@@ -1,14 +1,23 @@
-"""Running the proxy: one process, uvloop, graceful shutdown on SIGTERM/SIGINT.
+"""Running the proxy: uvloop, graceful shutdown, and N worker processes on one port.
 
 aiohttp's ``run_app`` already does what a graceful stop needs: on a signal it
 stops accepting, waits up to ``shutdown_timeout`` for in-flight requests
 (streams included) and then runs the app's cleanup, where the capture writer
 flushes its queue to the database (or leaves it in the spool).
+
+With ``--workers N`` a supervisor migrates the schema once, then starts N
+processes that each bind the port with ``SO_REUSEPORT`` (the kernel spreads
+connections over them), each with its own writer and its own spool segments.
+SIGTERM/SIGINT go to every worker; a worker that dies is started again.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 import sys
+import time
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -33,7 +42,16 @@ def open_capture_store(settings: Settings) -> Store:
     return Store(engine, migrated=True)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, workers: int = 1, logging: dict[str, Any] | None = None) -> None:
+    if workers <= 1:
+        _serve_one(settings, reuse_port=False)
+        return
+    if settings.proxy.port == 0:
+        raise DistilleryError("--workers needs a fixed --port: the workers share it.")
+    _supervise(settings, workers, logging or {})
+
+
+def _serve_one(settings: Settings, reuse_port: bool) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
@@ -56,6 +74,7 @@ def serve(settings: Settings) -> None:
             print=None,
             shutdown_timeout=settings.proxy.shutdown_timeout,
             loop=loop_factory() if loop_factory else None,
+            reuse_port=reuse_port or None,
         )
     except OSError as exc:
         raise DistilleryError(
@@ -65,3 +84,60 @@ def serve(settings: Settings) -> None:
     finally:
         if store is not None:
             store.close()
+
+
+def _worker(settings: Settings, logging: dict[str, Any]) -> None:
+    from distillery import logs
+
+    logs.configure(**logging)
+    try:
+        _serve_one(settings, reuse_port=True)
+    except DistilleryError as exc:
+        log.error("worker cannot serve", error=str(exc))
+        sys.exit(3)
+
+
+def _supervise(settings: Settings, workers: int, logging: dict[str, Any]) -> None:
+    if settings.capture.enabled:
+        migrate(create_engine(settings.storage.resolved_database_url()))
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start() -> Any:
+        process = context.Process(target=_worker, args=(settings, logging), daemon=False)
+        process.start()
+        return process
+
+    processes = [start() for _ in range(workers)]
+    log.info("workers started", workers=workers, pids=[p.pid for p in processes])
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes:
+            if process.is_alive():
+                process.terminate() if signum == signal.SIGTERM else _interrupt(process)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        for index, process in enumerate(processes):
+            process.join(timeout=0.2)
+            if process.exitcode is None or stopping:
+                continue
+            if process.exitcode == 3:  # cannot serve at all (port taken): give up
+                stop(signal.SIGTERM, None)
+                raise DistilleryError("A worker could not listen; see the log above.")
+            log.warning("worker died; starting another", pid=process.pid, code=process.exitcode)
+            time.sleep(0.5)
+            processes[index] = start()
+        if stopping and all(not p.is_alive() for p in processes):
+            break
+    log.info("workers stopped")
+
+
+def _interrupt(process: Any) -> None:
+    import os
+
+    if process.pid is not None:
+        os.kill(process.pid, signal.SIGINT)

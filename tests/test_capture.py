@@ -124,7 +124,9 @@ def test_torn_last_line_is_skipped_and_orphans_replayed(tmp_path):
 
 
 class ProxyProcess:
-    def __init__(self, port: int, upstream_url: str, data_dir: Path, database_url: str) -> None:
+    def __init__(
+        self, port: int, upstream_url: str, data_dir: Path, database_url: str, *extra: str
+    ) -> None:
         self.port = port
         self.args = [
             sys.executable,
@@ -140,6 +142,7 @@ class ProxyProcess:
             "--database-url",
             database_url,
             "--log-json",
+            *extra,
         ]
         self.log = data_dir.parent / f"proxy-{port}.log"
         self.process: subprocess.Popen[bytes] | None = None

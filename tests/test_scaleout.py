@@ -1,0 +1,100 @@
+"""Many proxy processes on one database: nothing lost, nothing stored twice."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+
+import httpx
+import openai
+import sqlalchemy as sa
+
+from distillery.store import open_store
+
+from test_capture import ProxyProcess
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stored(database_url: str) -> list[str]:
+    store = open_store(database_url)
+    try:
+        with store.engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.text("SELECT completion_id FROM completions"))]
+    finally:
+        store.close()
+
+
+async def drive(urls: list[str], start: int, count: int, answered: list[str]) -> None:
+    """``count`` calls spread over the proxies, every other one streamed."""
+    clients = [openai.AsyncOpenAI(base_url=url, api_key="sk-load", max_retries=0) for url in urls]
+
+    async def one(i: int) -> None:
+        client = clients[i % len(clients)]
+        messages = [{"role": "user", "content": f"scale-out call {i}"}]
+        try:
+            if i % 2:
+                stream = await client.chat.completions.create(
+                    model="fake-slow", messages=messages, stream=True
+                )
+                chunks = [chunk async for chunk in stream]
+                answered.append(chunks[0].id)
+            else:
+                answered.append(
+                    (await client.chat.completions.create(model="fake-slow", messages=messages)).id
+                )
+        except (openai.APIConnectionError, httpx.HTTPError):
+            pass  # refused or cut while that proxy stopped: never answered
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(start, start + count)))
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def test_two_proxies_on_one_postgres_sigterm_and_restart(upstream, tmp_path, postgres_url):
+    upstream.slow_seconds = 0.3
+    data = tmp_path / "data"  # shared on purpose: each process owns its own spool segments
+    ports = [free_port(), free_port()]
+    first, second = (
+        ProxyProcess(port, upstream.url + "/v1", data, postgres_url).start() for port in ports
+    )
+    answered: list[str] = []
+
+    async def scenario() -> None:
+        load = asyncio.create_task(drive([first.base_url, second.base_url], 0, 80, answered))
+        await asyncio.sleep(0.15)
+        first.signal(signal.SIGTERM)  # mid-load: its in-flight calls must still finish
+        await load
+        await asyncio.to_thread(first.wait)
+        first.start()  # the same port again
+        await drive([first.base_url, second.base_url], 80, 40, answered)
+
+    asyncio.run(scenario())
+    for proxy in (first, second):
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait() == 0
+    rows = stored(postgres_url)
+    assert len(answered) >= 80
+    assert len(rows) == len(set(rows)), "a call was stored twice"
+    assert set(answered) <= set(rows), "a call that reached its client was lost"
+
+
+def test_workers_share_one_port(upstream, tmp_path):
+    database_url = f"sqlite:///{tmp_path / 'workers.db'}"
+    proxy = ProxyProcess(
+        free_port(), upstream.url + "/v1", tmp_path / "data", database_url, "--workers", "2"
+    ).start()
+    pids = {httpx.get(f"http://127.0.0.1:{proxy.port}/healthz").json()["pid"] for _ in range(30)}
+    answered: list[str] = []
+    asyncio.run(drive([proxy.base_url], 0, 30, answered))
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
+    assert len(pids) == 2
+    assert sorted(stored(database_url)) == sorted(answered) and len(answered) == 30
