@@ -28,6 +28,7 @@ from distillery.store.models import (
     DatasetVersion,
     EvalRun,
     EvalSample,
+    FineTuneJob,
     GenerationCache,
 )
 from distillery.store.records import search_text
@@ -39,6 +40,7 @@ EXAMPLES: sa.Table = DatasetExample.__table__  # type: ignore[attr-defined]
 EVAL_RUNS: sa.Table = EvalRun.__table__  # type: ignore[attr-defined]
 EVAL_SAMPLES: sa.Table = EvalSample.__table__  # type: ignore[attr-defined]
 CACHE: sa.Table = GenerationCache.__table__  # type: ignore[attr-defined]
+FINETUNES: sa.Table = FineTuneJob.__table__  # type: ignore[attr-defined]
 
 
 def _json_dumps(value: Any) -> str:

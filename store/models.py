@@ -139,3 +139,24 @@ class GenerationCache(SQLModel, table=True):
     response: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
     latency_ms: float
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class FineTuneJob(SQLModel, table=True):
+    """A fine-tune of a base model on one dataset version: every model traces to its data."""
+
+    __tablename__ = "finetune_jobs"
+
+    id: str = Field(primary_key=True, max_length=40)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    backend: str = Field(max_length=20)
+    base_url: str | None = None
+    provider_job_id: str | None = Field(default=None, index=True)
+    dataset: str = Field(max_length=200)
+    dataset_version: int
+    base_model: str
+    status: str = Field(max_length=40)
+    fine_tuned_model: str | None = None
+    hyperparameters: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+    metrics: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONColumn))

@@ -7,5 +7,5 @@ it against the revision files.
 
 from pathlib import Path
 
-HEAD = "0001"
+HEAD = "0002"
 LOCATION = Path(__file__).parent

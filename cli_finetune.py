@@ -1,0 +1,277 @@
+"""``distillery finetune``: fine-tune a student on a dataset version, and follow the job."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillery.cli_completions import count_option, fail_on_errors, open_cli_store, store_options
+from distillery.errors import DistilleryError
+from distillery.output import output_options, write_rows
+
+JOB_COLUMNS = (
+    "id",
+    "created_at",
+    "status",
+    "dataset",
+    "dataset_version",
+    "base_model",
+    "fine_tuned_model",
+)
+
+
+def _backend(job_or_url: str | None, api_key_env: str | None) -> Any:
+    from distillery.curation.finetune import OpenAIBackend
+
+    backend = OpenAIBackend(job_or_url, os.environ.get(api_key_env) if api_key_env else None)
+    click.get_current_context().call_on_close(backend.client.close)
+    return backend
+
+
+def _job(store: Any, job_id: str) -> dict[str, Any]:
+    from distillery.curation import finetune
+
+    job = finetune.get(store, job_id)
+    if job is None:
+        raise DistilleryError(
+            f"No fine-tune job {job_id!r}. Run `distillery finetune list` to see ids."
+        )
+    return job
+
+
+@click.group()
+def finetune() -> None:
+    """Fine-tune a student model on a dataset version (OpenAI's fine-tuning API)."""
+
+
+@finetune.command()
+@store_options
+@click.option(
+    "--dataset",
+    "dataset_ref",
+    required=True,
+    metavar="NAME[@VERSION]",
+    help="The dataset version to train on.",
+)
+@click.option(
+    "--base-model", required=True, help="The model to fine-tune, e.g. gpt-4.1-mini-2025-04-14."
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["openai"]),
+    default="openai",
+    show_default=True,
+    help="openai: OpenAI's fine-tuning API or any provider that speaks it (--base-url).",
+)
+@click.option(
+    "--base-url",
+    envvar="DISTILLERY_FINETUNE_BASE_URL",
+    help="Fine-tuning API base URL  [default: OPENAI_BASE_URL]",
+)
+@click.option("--api-key-env", help="Env var with the API key  [default: OPENAI_API_KEY]")
+@click.option(
+    "--epochs",
+    "n_epochs",
+    type=click.IntRange(1, 50),
+    help="Training epochs  [default: the provider's auto]",
+)
+@click.option("--batch-size", type=click.IntRange(1, 256), help="[default: auto]")
+@click.option(
+    "--learning-rate-multiplier",
+    type=click.FloatRange(min=0, min_open=True),
+    help="[default: auto]",
+)
+@click.option("--suffix", help="Up to 64 characters added to the fine-tuned model's name.")
+@click.option("--seed", type=int, help="For reproducible jobs.")
+@fail_on_errors
+def create(
+    config: Path | None,
+    database_url: str | None,
+    dataset_ref: str,
+    base_model: str,
+    backend: str,
+    base_url: str | None,
+    api_key_env: str | None,
+    n_epochs: int | None,
+    batch_size: int | None,
+    learning_rate_multiplier: float | None,
+    suffix: str | None,
+    seed: int | None,
+) -> None:
+    """Start a fine-tune of --base-model on a dataset version; prints the job id.
+
+    \b
+    Example:
+        distillery finetune create --dataset support-bot --base-model gpt-4.1-mini-2025-04-14 --suffix support
+        distillery finetune watch ftjob_...
+    """
+    from distillery.cli_datasets import resolve
+    from distillery.curation import finetune as ft
+
+    if suffix is not None and len(suffix) > 64:
+        raise click.UsageError("--suffix can be at most 64 characters.")
+    store = open_cli_store(config, database_url)
+    version = resolve(store, dataset_ref)
+    hyperparameters = {
+        key: value
+        for key, value in {
+            "n_epochs": n_epochs,
+            "batch_size": batch_size,
+            "learning_rate_multiplier": learning_rate_multiplier,
+        }.items()
+        if value is not None
+    }
+    job_id = ft.new_job_id()
+    remote = _backend(base_url, api_key_env).create(
+        Path(version["path"]),
+        base_model,
+        hyperparameters,
+        suffix=suffix,
+        seed=seed,
+        metadata={
+            "distillery_job": job_id,
+            "dataset": f"{version['name']}@{version['version']}",
+            "dataset_hash": version["content_hash"][:32],
+        },
+    )
+    ft.record(
+        store,
+        {
+            "id": job_id,
+            "backend": backend,
+            "base_url": base_url,
+            "provider_job_id": remote.id,
+            "dataset": version["name"],
+            "dataset_version": version["version"],
+            "base_model": base_model,
+            "status": remote.status,
+            "hyperparameters": {**hyperparameters, "suffix": suffix, "seed": seed},
+        },
+    )
+    click.echo(
+        f"Started {job_id} ({remote.id}) on {version['name']}@{version['version']}: {remote.status}.",
+        err=True,
+    )
+    click.echo(job_id)
+
+
+@finetune.command(name="list")
+@store_options
+@count_option
+@output_options
+@fail_on_errors
+def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:
+    """List fine-tune jobs, newest first, as last seen (`status` refreshes one)."""
+    from distillery.curation import finetune as ft
+
+    store = open_cli_store(config, database_url)
+    write_rows(ft.all_jobs(store, limit or None), fmt, JOB_COLUMNS, empty="No fine-tune jobs yet.")
+
+
+@finetune.command()
+@store_options
+@click.argument("job_id", metavar="JOB")
+@click.option("--api-key-env", help="Env var with the API key  [default: OPENAI_API_KEY]")
+@click.option("--json", "as_json", is_flag=True)
+@fail_on_errors
+def status(
+    config: Path | None,
+    database_url: str | None,
+    job_id: str,
+    api_key_env: str | None,
+    as_json: bool,
+) -> None:
+    """Refresh a job from its provider and show it (status, model, metrics, checkpoints)."""
+    from distillery.curation import finetune as ft
+    from distillery.output import dumps
+
+    store = open_cli_store(config, database_url)
+    job = _job(store, job_id)
+    job = ft.refresh(store, job, _backend(job["base_url"], api_key_env))
+    if as_json:
+        click.echo(dumps(job, indent=True))
+        return
+    click.echo(
+        f"{job['id']}  {job['status']}  {job['base_model']} on {job['dataset']}@{job['dataset_version']}"
+    )
+    if job.get("fine_tuned_model"):
+        click.echo(f"model: {job['fine_tuned_model']}")
+    metrics = {k: v for k, v in (job.get("metrics") or {}).items() if k != "checkpoints"}
+    if metrics:
+        click.echo("metrics: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    if job.get("error"):
+        click.echo(f"error: {job['error'].get('message')}")
+
+
+@finetune.command()
+@store_options
+@click.argument("job_id", metavar="JOB")
+@click.option("--api-key-env", help="Env var with the API key  [default: OPENAI_API_KEY]")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01),
+    default=10.0,
+    show_default=True,
+    help="Seconds between polls.",
+)
+@fail_on_errors
+def watch(
+    config: Path | None,
+    database_url: str | None,
+    job_id: str,
+    api_key_env: str | None,
+    interval: float,
+) -> None:
+    """Follow a job until it ends: new events (with losses) as they appear.
+
+    Exits 0 when the job succeeds and 1 when it fails or is cancelled.
+    """
+    from distillery.curation import finetune as ft
+
+    store = open_cli_store(config, database_url)
+    job = _job(store, job_id)
+    backend = _backend(job["base_url"], api_key_env)
+    seen: set[str] = set()
+    while True:
+        # Refresh first, then read events: the events of the final state are shown too.
+        job = ft.refresh(store, job, backend)
+        for event in backend.events(job["provider_job_id"]):
+            if event.id in seen:
+                continue
+            seen.add(event.id)
+            data = event.data if isinstance(event.data, dict) else {}
+            losses = ", ".join(f"{k}={v}" for k, v in data.items() if "loss" in k or k == "step")
+            click.echo(f"{event.level:<5} {event.message}" + (f"  ({losses})" if losses else ""))
+        if job["status"] in ft.TERMINAL:
+            break
+        time.sleep(interval)
+    click.echo(
+        f"{job['id']} {job['status']}"
+        + (f": {job['fine_tuned_model']}" if job.get("fine_tuned_model") else ""),
+        err=True,
+    )
+    if job["status"] != "succeeded":
+        sys.exit(1)
+
+
+@finetune.command()
+@store_options
+@click.argument("job_id", metavar="JOB")
+@click.option("--api-key-env", help="Env var with the API key  [default: OPENAI_API_KEY]")
+@fail_on_errors
+def cancel(
+    config: Path | None, database_url: str | None, job_id: str, api_key_env: str | None
+) -> None:
+    """Cancel a running job."""
+    from distillery.curation import finetune as ft
+
+    store = open_cli_store(config, database_url)
+    job = _job(store, job_id)
+    remote = _backend(job["base_url"], api_key_env).cancel(job["provider_job_id"])
+    ft.update(store, job["id"], status=remote.status)
+    click.echo(f"{job['id']}: {remote.status}")

@@ -1,0 +1,151 @@
+"""`distillery finetune` against a fake of OpenAI's fine-tuning API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from distillery.cli import cli
+from distillery.store import open_store
+
+from fake_finetuning import FakeFineTuning
+from test_datasets import base_records
+
+
+@pytest.fixture
+def api(servers):
+    fake = FakeFineTuning()
+    fake.url, _ = servers.serve(fake.app)
+    return fake
+
+
+@pytest.fixture
+def db(tmp_path):
+    url = f"sqlite:///{tmp_path / 'ft.db'}"
+    store = open_store(url)
+    store.insert(base_records())
+    store.close()
+    built = CliRunner().invoke(
+        cli,
+        [
+            "dataset",
+            "build",
+            "support",
+            "--tag",
+            "app=support",
+            "--val-fraction",
+            "0.3",
+            "--database-url",
+            url,
+        ],
+        catch_exceptions=False,
+    )
+    assert built.exit_code == 0, built.output
+    return url
+
+
+def ft(db, api, *args):
+    return CliRunner().invoke(
+        cli, ["finetune", *args, "--database-url", db], catch_exceptions=False
+    )
+
+
+def create(db, api, model="gpt-4.1-mini", *extra):
+    return ft(
+        db,
+        api,
+        "create",
+        "--dataset",
+        "support",
+        "--base-model",
+        model,
+        "--base-url",
+        api.url + "/v1",
+        "--api-key-env",
+        "HOME",
+        *extra,
+    )
+
+
+def test_create_uploads_the_version_and_records_the_job(db, api, tmp_path):
+    result = create(db, api, "gpt-4.1-mini", "--suffix", "support", "--epochs", "3", "--seed", "7")
+    assert result.exit_code == 0, result.output
+    job_id = result.output.strip().splitlines()[-1]
+    [request] = api.created
+    assert request["model"] == "gpt-4.1-mini"
+    assert request["method"] == {
+        "type": "supervised",
+        "supervised": {"hyperparameters": {"n_epochs": 3}},
+    }
+    assert (request["suffix"], request["seed"]) == ("support", 7)
+    assert (
+        request["metadata"]["dataset"] == "support@1"
+        and request["metadata"]["distillery_job"] == job_id
+    )
+    train = (tmp_path / "data" / "datasets" / "support" / "v1" / "train.jsonl").read_bytes()
+    assert api.files[request["training_file"]] == train
+    assert request["validation_file"] in api.files
+    listing = json.loads(ft(db, api, "list", "--json").output)
+    assert [(j["id"], j["status"], j["dataset_version"]) for j in listing] == [
+        (job_id, "validating_files", 1)
+    ]
+
+
+def test_watch_follows_events_to_the_fine_tuned_model(db, api):
+    job_id = create(db, api, "gpt-4.1-mini", "--suffix", "support").output.strip().splitlines()[-1]
+    result = ft(db, api, "watch", job_id, "--api-key-env", "HOME", "--interval", "0.01")
+    assert result.exit_code == 0, result.output
+    assert "Step 1/2: training loss=1.20  (step=1, train_loss=1.2, valid_loss=1.3)" in result.output
+    assert result.output.index("Validating") < result.output.index("Step 2/2")
+    assert "ft:gpt-4.1-mini:acme:support:abc123" in result.output
+    shown = json.loads(ft(db, api, "status", job_id, "--api-key-env", "HOME", "--json").output)
+    assert (
+        shown["status"] == "succeeded"
+        and shown["fine_tuned_model"] == "ft:gpt-4.1-mini:acme:support:abc123"
+    )
+    assert shown["metrics"]["train_loss"] == 0.4 and shown["metrics"]["valid_loss"] == 0.5
+    assert len(shown["metrics"]["checkpoints"]) == 2
+
+
+def test_a_failed_job_says_why_and_exits_1(db, api):
+    job_id = create(db, api, "fail-model").output.strip().splitlines()[-1]
+    result = ft(db, api, "watch", job_id, "--api-key-env", "HOME", "--interval", "0.01")
+    assert result.exit_code == 1 and "failed" in result.output
+    status = ft(db, api, "status", job_id, "--api-key-env", "HOME").output
+    assert "error: The file has 3 examples" in status
+
+
+def test_cancel(db, api):
+    job_id = create(db, api).output.strip().splitlines()[-1]
+    result = ft(db, api, "cancel", job_id, "--api-key-env", "HOME")
+    assert result.exit_code == 0 and "cancelled" in result.output
+    assert json.loads(ft(db, api, "list", "--json").output)[0]["status"] == "cancelled"
+
+
+def test_refusal_is_plain_and_points_elsewhere(db, api):
+    result = create(db, api, "refused-model")
+    assert result.exit_code == 1
+    assert (
+        "The fine-tuning API refused the job: You do not have access to fine-tuning."
+        in result.output
+    )
+    assert "Traceback" not in result.output
+    assert json.loads(ft(db, api, "list", "--json").output) == []
+
+
+def test_unknown_job_and_dataset_name_the_fix(db, api):
+    assert "No fine-tune job 'nope'" in ft(db, api, "status", "nope").output
+    result = ft(
+        db,
+        api,
+        "create",
+        "--dataset",
+        "missing",
+        "--base-model",
+        "m",
+        "--base-url",
+        api.url + "/v1",
+    )
+    assert "No dataset 'missing'" in result.output
