@@ -33,6 +33,15 @@ def _backend(job_or_url: str | None, api_key_env: str | None) -> Any:
     return backend
 
 
+def _backend_for(job: dict[str, Any], api_key_env: str | None, config: Path | None) -> Any:
+    if job["backend"] == "local":
+        from distillery.config import load_settings
+        from distillery.curation.finetune import LocalBackend
+
+        return LocalBackend(load_settings(config).storage.resolved_data_dir())
+    return _backend(job["base_url"], api_key_env)
+
+
 def _job(store: Any, job_id: str) -> dict[str, Any]:
     from distillery.curation import finetune
 
@@ -59,14 +68,14 @@ def finetune() -> None:
     help="The dataset version to train on.",
 )
 @click.option(
-    "--base-model", required=True, help="The model to fine-tune, e.g. gpt-4.1-mini-2025-04-14."
+    "--base-model", required=True, help="openai: a model name; local: a model directory or hub id."
 )
 @click.option(
     "--backend",
-    type=click.Choice(["openai"]),
+    type=click.Choice(["openai", "local"]),
     default="openai",
     show_default=True,
-    help="openai: OpenAI's fine-tuning API or any provider that speaks it (--base-url).",
+    help="openai: OpenAI's fine-tuning API or any provider speaking it (--base-url); local: TRL + PEFT here.",
 )
 @click.option(
     "--base-url",
@@ -78,15 +87,40 @@ def finetune() -> None:
     "--epochs",
     "n_epochs",
     type=click.IntRange(1, 50),
-    help="Training epochs  [default: the provider's auto]",
+    help="Training epochs  [default: openai auto, local 3]",
 )
-@click.option("--batch-size", type=click.IntRange(1, 256), help="[default: auto]")
+@click.option("--batch-size", type=click.IntRange(1, 256), help="[default: openai auto, local 8]")
 @click.option(
     "--learning-rate-multiplier",
     type=click.FloatRange(min=0, min_open=True),
-    help="[default: auto]",
+    help="openai only  [default: auto]",
 )
-@click.option("--suffix", help="Up to 64 characters added to the fine-tuned model's name.")
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="local only  [default: 2e-4 LoRA, 5e-5 full]",
+)
+@click.option(
+    "--lora-r",
+    type=click.IntRange(1, 1024),
+    default=16,
+    show_default=True,
+    help="local: LoRA rank.",
+)
+@click.option(
+    "--lora-alpha",
+    type=click.IntRange(1, 4096),
+    default=32,
+    show_default=True,
+    help="local: LoRA alpha.",
+)
+@click.option(
+    "--full", is_flag=True, help="local: fine-tune every weight instead of a LoRA adapter."
+)
+@click.option(
+    "--merge", is_flag=True, help="local: also save the base model with the LoRA adapter merged in."
+)
+@click.option("--suffix", help="openai: up to 64 characters added to the fine-tuned model's name.")
 @click.option("--seed", type=int, help="For reproducible jobs.")
 @fail_on_errors
 def create(
@@ -100,63 +134,97 @@ def create(
     n_epochs: int | None,
     batch_size: int | None,
     learning_rate_multiplier: float | None,
+    learning_rate: float | None,
+    lora_r: int,
+    lora_alpha: int,
+    full: bool,
+    merge: bool,
     suffix: str | None,
     seed: int | None,
 ) -> None:
     """Start a fine-tune of --base-model on a dataset version; prints the job id.
 
     \b
-    Example:
+    Examples:
         distillery finetune create --dataset support-bot --base-model gpt-4.1-mini-2025-04-14 --suffix support
+        distillery finetune create --dataset support-bot --backend local --base-model ./qwen --merge
         distillery finetune watch ftjob_...
     """
     from distillery.cli_datasets import resolve
+    from distillery.config import load_settings
     from distillery.curation import finetune as ft
 
     if suffix is not None and len(suffix) > 64:
         raise click.UsageError("--suffix can be at most 64 characters.")
     store = open_cli_store(config, database_url)
     version = resolve(store, dataset_ref)
-    hyperparameters = {
-        key: value
-        for key, value in {
-            "n_epochs": n_epochs,
-            "batch_size": batch_size,
-            "learning_rate_multiplier": learning_rate_multiplier,
-        }.items()
-        if value is not None
-    }
+    label = f"{version['name']}@{version['version']}"
     job_id = ft.new_job_id()
-    remote = _backend(base_url, api_key_env).create(
-        Path(version["path"]),
-        base_model,
-        hyperparameters,
-        suffix=suffix,
-        seed=seed,
-        metadata={
-            "distillery_job": job_id,
-            "dataset": f"{version['name']}@{version['version']}",
-            "dataset_hash": version["content_hash"][:32],
-        },
-    )
+    hyperparameters: dict[str, Any]
+    if backend == "local":
+        hyperparameters = {
+            k: v
+            for k, v in {
+                "epochs": n_epochs,
+                "batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "seed": seed,
+                "lora_r": lora_r,
+                "lora_alpha": lora_alpha,
+            }.items()
+            if v is not None
+        }
+        local = ft.LocalBackend(load_settings(config).storage.resolved_data_dir())
+        directory = local.create(
+            job_id,
+            Path(version["path"]),
+            label,
+            base_model,
+            hyperparameters,
+            lora=not full,
+            merge=merge,
+        )
+        provider_id, status, base_url = str(directory), "queued", None
+        hyperparameters.update(full=full, merge=merge)
+    else:
+        hyperparameters = {
+            k: v
+            for k, v in {
+                "n_epochs": n_epochs,
+                "batch_size": batch_size,
+                "learning_rate_multiplier": learning_rate_multiplier,
+            }.items()
+            if v is not None
+        }
+        remote = _backend(base_url, api_key_env).create(
+            Path(version["path"]),
+            base_model,
+            hyperparameters,
+            suffix=suffix,
+            seed=seed,
+            metadata={
+                "distillery_job": job_id,
+                "dataset": label,
+                "dataset_hash": version["content_hash"][:32],
+            },
+        )
+        provider_id, status = remote.id, remote.status
+        hyperparameters.update(suffix=suffix, seed=seed)
     ft.record(
         store,
         {
             "id": job_id,
             "backend": backend,
             "base_url": base_url,
-            "provider_job_id": remote.id,
+            "provider_job_id": provider_id,
             "dataset": version["name"],
             "dataset_version": version["version"],
             "base_model": base_model,
-            "status": remote.status,
-            "hyperparameters": {**hyperparameters, "suffix": suffix, "seed": seed},
+            "status": status,
+            "hyperparameters": hyperparameters,
         },
     )
-    click.echo(
-        f"Started {job_id} ({remote.id}) on {version['name']}@{version['version']}: {remote.status}.",
-        err=True,
-    )
+    click.echo(f"Started {job_id} ({provider_id}) on {label}: {status}.", err=True)
     click.echo(job_id)
 
 
@@ -192,7 +260,7 @@ def status(
 
     store = open_cli_store(config, database_url)
     job = _job(store, job_id)
-    job = ft.refresh(store, job, _backend(job["base_url"], api_key_env))
+    job = ft.refresh(store, job, _backend_for(job, api_key_env, config))
     if as_json:
         click.echo(dumps(job, indent=True))
         return
@@ -235,18 +303,20 @@ def watch(
 
     store = open_cli_store(config, database_url)
     job = _job(store, job_id)
-    backend = _backend(job["base_url"], api_key_env)
+    backend = _backend_for(job, api_key_env, config)
     seen: set[str] = set()
     while True:
         # Refresh first, then read events: the events of the final state are shown too.
         job = ft.refresh(store, job, backend)
-        for event in backend.events(job["provider_job_id"]):
-            if event.id in seen:
+        for event in backend.job_events(job):
+            if event["id"] in seen:
                 continue
-            seen.add(event.id)
-            data = event.data if isinstance(event.data, dict) else {}
+            seen.add(event["id"])
+            data = event.get("data") or {}
             losses = ", ".join(f"{k}={v}" for k, v in data.items() if "loss" in k or k == "step")
-            click.echo(f"{event.level:<5} {event.message}" + (f"  ({losses})" if losses else ""))
+            click.echo(
+                f"{event['level']:<5} {event['message']}" + (f"  ({losses})" if losses else "")
+            )
         if job["status"] in ft.TERMINAL:
             break
         time.sleep(interval)
@@ -272,6 +342,6 @@ def cancel(
 
     store = open_cli_store(config, database_url)
     job = _job(store, job_id)
-    remote = _backend(job["base_url"], api_key_env).cancel(job["provider_job_id"])
-    ft.update(store, job["id"], status=remote.status)
-    click.echo(f"{job['id']}: {remote.status}")
+    status = _backend_for(job, api_key_env, config).cancel(job)
+    ft.update(store, job["id"], status=status)
+    click.echo(f"{job['id']}: {status}")

@@ -13,7 +13,12 @@ to the self-hosted backend.
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,8 +132,39 @@ class OpenAIBackend:
         )
         return list(page.data)
 
-    def cancel(self, provider_job_id: str) -> Any:
-        return self._call("cancel", self.client.fine_tuning.jobs.cancel, provider_job_id)
+    def cancel(self, job: dict[str, Any]) -> str:
+        remote = self._call("cancel", self.client.fine_tuning.jobs.cancel, job["provider_job_id"])
+        return str(remote.status)
+
+    def state(self, job: dict[str, Any]) -> dict[str, Any]:
+        remote = self.retrieve(job["provider_job_id"])
+        metrics = dict(job.get("metrics") or {})
+        if remote.status == "succeeded":
+            checkpoints = self.checkpoints(job["provider_job_id"])
+            if checkpoints:
+                latest = max(checkpoints, key=lambda c: c.step_number)
+                metrics.update(
+                    {k: v for k, v in latest.metrics.model_dump().items() if v is not None}
+                )
+                metrics["checkpoints"] = [c.fine_tuned_model_checkpoint for c in checkpoints]
+        error = remote.error.model_dump() if remote.error and remote.error.message else None
+        return {
+            "status": remote.status,
+            "fine_tuned_model": remote.fine_tuned_model,
+            "metrics": metrics,
+            "error": error,
+        }
+
+    def job_events(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": e.id,
+                "level": e.level,
+                "message": e.message,
+                "data": e.data if isinstance(e.data, dict) else {},
+            }
+            for e in self.events(job["provider_job_id"])
+        ]
 
 
 def record(store: Store, values: dict[str, Any]) -> dict[str, Any]:
@@ -166,23 +202,127 @@ def all_jobs(store: Store, limit: int | None = 20) -> list[dict[str, Any]]:
         return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
 
 
-def refresh(store: Store, job: dict[str, Any], backend: OpenAIBackend) -> dict[str, Any]:
-    """Read the provider's job and checkpoints into our record; returns the record."""
-    remote = backend.retrieve(job["provider_job_id"])
-    metrics = dict(job.get("metrics") or {})
-    checkpoints = (
-        backend.checkpoints(job["provider_job_id"]) if remote.status == "succeeded" else []
-    )
-    if checkpoints:
-        latest = max(checkpoints, key=lambda c: c.step_number)
-        metrics.update({k: v for k, v in latest.metrics.model_dump().items() if v is not None})
-        metrics["checkpoints"] = [c.fine_tuned_model_checkpoint for c in checkpoints]
-    error = remote.error.model_dump() if remote.error and remote.error.message else None
-    changes = {
-        "status": remote.status,
-        "fine_tuned_model": remote.fine_tuned_model,
-        "metrics": metrics,
-        "error": error,
-    }
+def refresh(store: Store, job: dict[str, Any], backend: Any) -> dict[str, Any]:
+    """Bring the record up to date from its backend; returns the record."""
+    changes = backend.state(job)
     update(store, job["id"], **changes)
     return {**job, **changes}
+
+
+class LocalBackend:
+    """Training on this machine: a ``train_local`` process per job, in ``<data dir>/finetunes``.
+
+    The "provider job id" of a local job is its directory, which holds the
+    job description, the trainer's status and events, checkpoints and the model.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "finetunes"
+
+    def create(
+        self,
+        job_id: str,
+        dataset_dir: Path,
+        dataset: str,
+        base_model: str,
+        hyperparameters: dict[str, Any],
+        *,
+        lora: bool,
+        merge: bool,
+    ) -> Path:
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None or importlib.util.find_spec("torch") is None:
+            raise FineTuneError(
+                "The local backend needs the training extra: "
+                "pip install torch==2.13.0 'distillery[train]' (or a CUDA build of torch)."
+            )
+        directory = self.root / job_id
+        directory.mkdir(parents=True)
+        job = {
+            "base_model": base_model,
+            "dataset_dir": str(dataset_dir),
+            "dataset": dataset,
+            "hyperparameters": hyperparameters,
+            "lora": lora,
+            "merge": merge,
+        }
+        (directory / "job.json").write_text(json.dumps(job, indent=2))
+        (directory / "status.json").write_text(json.dumps({"status": "queued"}))
+        # Started through a short-lived launcher so the trainer is nobody's child: it
+        # outlives this command, and no process is left to reap it or warn about it.
+        launcher = (
+            "import subprocess, sys; "
+            "log = open(sys.argv[2], 'ab'); "
+            "p = subprocess.Popen([sys.executable, '-m', 'distillery.curation.train_local', sys.argv[1]], "
+            "stdout=log, stderr=subprocess.STDOUT, start_new_session=True); "
+            "print(p.pid)"
+        )
+        started = subprocess.run(
+            [sys.executable, "-c", launcher, str(directory), str(directory / "train.log")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        (directory / "pid").write_text(started.stdout.strip())
+        return directory
+
+    @staticmethod
+    def _alive(directory: Path) -> bool:
+        try:
+            pid = int((directory / "pid").read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        # A finished child we never waited for is a zombie: not alive for us.
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().split()[2] != "Z"
+        except OSError:
+            return True
+
+    def state(self, job: dict[str, Any]) -> dict[str, Any]:
+        directory = Path(job["provider_job_id"])
+        status = json.loads((directory / "status.json").read_text())
+        state = status["status"]
+        error = status.get("error")
+        if state in ("queued", "running") and not self._alive(directory):
+            state, error = (
+                "failed",
+                {"message": f"the trainer exited unexpectedly; see {directory / 'train.log'}"},
+            )
+        metrics = {
+            k: v
+            for k, v in (status.get("metrics") or {}).items()
+            if isinstance(v, (int, float)) or k == "device"
+        }
+        return {
+            "status": state,
+            "fine_tuned_model": status.get("model_dir"),
+            "metrics": metrics,
+            "error": error,
+        }
+
+    def job_events(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        path = Path(job["provider_job_id"]) / "events.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines()
+        return [{"id": str(n), **json.loads(line)} for n, line in enumerate(lines) if line.strip()]
+
+    def cancel(self, job: dict[str, Any]) -> str:
+        directory = Path(job["provider_job_id"])
+        if self._alive(directory):
+            os.kill(int((directory / "pid").read_text()), signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while self._alive(directory) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        status = json.loads((directory / "status.json").read_text())["status"]
+        if status in ("queued", "running"):
+            _write_status(directory, "cancelled")
+            return "cancelled"
+        return str(status)
+
+
+def _write_status(directory: Path, state: str) -> None:
+    (directory / "status.json").write_text(json.dumps({"status": state, "updated_at": time.time()}))

@@ -1,0 +1,146 @@
+"""The local backend: TRL + PEFT on a tiny model built here, as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from distillery.cli import cli
+from distillery.store import open_store
+
+from test_datasets import record
+from tiny_model import build
+
+pytest.importorskip(
+    "trl", reason="the training extra is not installed: pip install torch==2.13.0 -e '.[train]'"
+)
+
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+PRODUCTS = ["blender", "kettle", "toaster", "lamp", "router", "phone"]
+
+
+def task(rng: random.Random, i: int) -> tuple[str, str]:
+    name, product, order = rng.choice(NAMES), rng.choice(PRODUCTS), 100 + i
+    return f"hi, {name} here. my {product} from order {order} broke.", json.dumps(
+        {"name": name, "product": product, "order": order}
+    )
+
+
+@pytest.fixture
+def setup(tmp_path):
+    rng = random.Random(0)
+    pairs = [task(rng, i) for i in range(60)]
+    db = f"sqlite:///{tmp_path / 'train.db'}"
+    store = open_store(db)
+    store.insert(
+        [
+            record(i, user, answer, system="Extract JSON.")
+            for i, (user, answer) in enumerate(pairs, 1)
+        ]
+    )
+    store.close()
+    built = CliRunner().invoke(
+        cli,
+        [
+            "dataset",
+            "build",
+            "tickets",
+            "--tag",
+            "app=support",
+            "--val-fraction",
+            "0.2",
+            "--database-url",
+            db,
+        ],
+        catch_exceptions=False,
+    )
+    assert built.exit_code == 0, built.output
+    model = build(tmp_path / "tiny", [text for pair in pairs for text in pair] + ["Extract JSON."])
+    return db, model
+
+
+def ft(db, *args):
+    return CliRunner().invoke(
+        cli, ["finetune", *args, "--database-url", db], catch_exceptions=False
+    )
+
+
+def test_local_lora_trains_merges_and_answers(setup):
+    db, model = setup
+    created = ft(
+        db,
+        "create",
+        "--dataset",
+        "tickets",
+        "--backend",
+        "local",
+        "--base-model",
+        str(model),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "3e-3",
+        "--merge",
+        "--seed",
+        "1",
+    )
+    assert created.exit_code == 0, created.output
+    job_id = created.output.strip().splitlines()[-1]
+    watched = ft(db, "watch", job_id, "--interval", "0.5")
+    assert watched.exit_code == 0, watched.output
+    assert "train loss" in watched.output and "valid loss" in watched.output
+    job = json.loads(ft(db, "status", job_id, "--json").output)
+    assert job["status"] == "succeeded"
+    merged = Path(job["fine_tuned_model"])
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert manifest["first_train_loss"] > manifest["final_train_loss"]  # it learned something
+    assert (
+        manifest["dataset"] == "tickets@1"
+        and manifest["lora"] is True
+        and manifest["device"] == "cpu"
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    student = AutoModelForCausalLM.from_pretrained(
+        merged
+    )  # a plain model: the adapter is merged in
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi, bob here."}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = student.generate(
+        **ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_cancel_stops_a_local_job(setup):
+    db, model = setup
+    job_id = (
+        ft(
+            db,
+            "create",
+            "--dataset",
+            "tickets",
+            "--backend",
+            "local",
+            "--base-model",
+            str(model),
+            "--epochs",
+            "50",
+            "--batch-size",
+            "2",
+        )
+        .output.strip()
+        .splitlines()[-1]
+    )
+    result = ft(db, "cancel", job_id)
+    assert result.exit_code == 0 and "cancelled" in result.output
+    assert json.loads(ft(db, "status", job_id, "--json").output)["status"] == "cancelled"
