@@ -154,12 +154,14 @@ from distillery.cli_datasets import dataset  # noqa: E402
 from distillery.cli_db import db  # noqa: E402
 from distillery.cli_evals import eval_group  # noqa: E402
 from distillery.cli_finetune import finetune  # noqa: E402
+from distillery.cli_serve import serve  # noqa: E402
 
 cli.add_command(completions)
 cli.add_command(dataset)
 cli.add_command(eval_group)
 cli.add_command(db)
 cli.add_command(finetune)
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -144,3 +144,40 @@ def test_cancel_stops_a_local_job(setup):
     result = ft(db, "cancel", job_id)
     assert result.exit_code == 0 and "cancelled" in result.output
     assert json.loads(ft(db, "status", job_id, "--json").output)["status"] == "cancelled"
+
+
+def test_serve_answers_like_openai_streaming_too(tmp_path, servers, sdk):
+    import httpx
+
+    from distillery.curation.serve import make_app
+
+    model = build(tmp_path / "student", ["hello there", "the answer is 42", "Extract JSON."])
+    url, _ = servers.serve(make_app(model, "student"))
+    client = sdk(url + "/v1")
+    answer = client.chat.completions.create(
+        model="student", messages=[{"role": "user", "content": "hello"}], max_tokens=6
+    )
+    assert answer.object == "chat.completion" and answer.model == "student"
+    assert answer.usage.completion_tokens <= 6 and answer.usage.prompt_tokens > 0
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    chunks = list(
+        client.chat.completions.create(
+            model="student",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content  # greedy: the same answer either way
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    assert [m.id for m in client.models.list().data] == ["student"]
+    bad = httpx.post(url + "/v1/chat/completions", content=b"{nope")
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_serve_refuses_an_adapter_directory(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "adapter")])
+    assert result.exit_code == 1 and "serve its merged/ directory" in result.output
