@@ -152,6 +152,7 @@ def key_fingerprint_command() -> None:
 from distillery.cli_completions import completions  # noqa: E402
 from distillery.cli_datasets import dataset  # noqa: E402
 from distillery.cli_db import db  # noqa: E402
+from distillery.cli_distill import distill  # noqa: E402
 from distillery.cli_evals import eval_group  # noqa: E402
 from distillery.cli_finetune import finetune  # noqa: E402
 from distillery.cli_serve import serve  # noqa: E402
@@ -162,6 +163,7 @@ cli.add_command(eval_group)
 cli.add_command(db)
 cli.add_command(finetune)
 cli.add_command(serve)
+cli.add_command(distill)
 
 
 def main() -> None:

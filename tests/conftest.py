@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 import uuid
@@ -21,6 +22,8 @@ from distillery.store.db import create_engine
 from fake_openai import FakeOpenAI
 
 POSTGRES_ENV = "DISTILLERY_TEST_POSTGRES_URL"
+# The example's modules (the task, the tiny student) serve the tests too.
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "ticket_extraction"))
 
 
 @pytest.fixture(autouse=True)

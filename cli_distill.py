@@ -1,0 +1,154 @@
+"""``distillery distill``: the whole loop in one idempotent command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillery.cli_completions import (
+    build_filters,
+    fail_on_errors,
+    filter_options,
+    open_cli_store,
+    store_options,
+)
+from distillery.errors import DistilleryError
+from distillery.output import write_rows
+
+
+@click.command()
+@store_options
+@click.option("--name", required=True, help="The dataset (and loop) name, e.g. support-bot.")
+@filter_options
+@click.option(
+    "--teacher", required=True, help="The teacher model (the reference, re-run as a candidate)."
+)
+@click.option("--base-url", help="Where the teacher and judges run  [default: OPENAI_BASE_URL]")
+@click.option("--api-key-env", help="Env var with their API key  [default: OPENAI_API_KEY]")
+@click.option(
+    "--student-base",
+    required=True,
+    help="local: a model directory or hub id; openai: a model name.",
+)
+@click.option(
+    "--backend", type=click.Choice(["local", "openai"]), default="local", show_default=True
+)
+@click.option(
+    "--grader",
+    "grader_specs",
+    multiple=True,
+    required=True,
+    metavar="NAME|FILE",
+    help="As for `eval run` (repeatable).",
+)
+@click.option(
+    "--fail-under", type=float, help="Exit 1 when the fine-tuned student's mean misses this."
+)
+@click.option("--epochs", type=click.IntRange(1, 500), help="Fine-tune epochs.")
+@click.option("--batch-size", type=click.IntRange(1, 256))
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), help="local backend.")
+@click.option("--full", is_flag=True, help="local: train every weight instead of LoRA.")
+@click.option("--limit", type=int, help="Grade a seeded sample of the validation split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the HTML report too.",
+)
+@fail_on_errors
+def distill(
+    config: Path | None,
+    database_url: str | None,
+    name: str,
+    teacher: str,
+    base_url: str | None,
+    api_key_env: str | None,
+    student_base: str,
+    backend: str,
+    grader_specs: tuple[str, ...],
+    fail_under: float | None,
+    epochs: int | None,
+    batch_size: int | None,
+    learning_rate: float | None,
+    full: bool,
+    limit: int | None,
+    seed: int,
+    html_path: Path | None,
+    **filters: Any,
+) -> None:
+    """Build (incrementally), baseline, fine-tune, evaluate and report, in one command.
+
+    Re-running with no new calls does nothing; an interrupted run resumes its fine-tune.
+    Suitable for a cron job or systemd timer.
+
+    \b
+    Example:
+        distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
+            --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under 0.6
+    """
+    from distillery.cli_evals import RESULT_COLUMNS, result_rows
+    from distillery.config import load_settings
+    from distillery.curation import distill as loop
+    from distillery.curation import evaluate
+    from distillery.curation.generate import Candidate, Endpoint
+    from distillery.curation.graders import load_graders
+
+    settings = load_settings(config, {"storage.database_url": database_url})
+    graders = [g for spec in grader_specs for g in load_graders(spec)]
+    key = os.environ.get(api_key_env) if api_key_env else None
+    endpoint = Endpoint("default", base_url, key)
+    hyper = {
+        k: v
+        for k, v in {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+        }.items()
+        if v is not None
+    }
+    if backend == "openai":
+        hyper = {
+            k: v for k, v in {"n_epochs": epochs, "batch_size": batch_size}.items() if v is not None
+        }
+    store = open_cli_store(config, database_url)
+    options = loop.DistillOptions(
+        name=name,
+        filters=build_filters(**filters),
+        teacher=Candidate(f"teacher:{teacher}", teacher, endpoint),
+        student_base=student_base,
+        backend=backend,
+        graders=graders,
+        hyperparameters=hyper,
+        full=full,
+        student_endpoint=endpoint,
+        limit=limit,
+        seed=seed,
+    )
+    result = loop.run(
+        store, options, settings.storage.resolved_data_dir(), lambda m: click.echo(m, err=True)
+    )
+    write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
+    if html_path is not None:
+        from distillery.curation.eval_report import render
+
+        html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), []))
+    if fail_under is not None:
+        tuned = [
+            label
+            for label in result["summary"]["candidates"]
+            if label.startswith(("fine-tuned", "tuned:"))
+        ]
+        misses = [
+            m for m in evaluate.failing(result["summary"], fail_under) if m.split("/")[0] in tuned
+        ]
+        if misses:
+            click.echo("Below --fail-under: " + "; ".join(misses), err=True)
+            sys.exit(1)
+    if not result["summary"]["candidates"]:
+        raise DistilleryError("Nothing was graded.")

@@ -1,0 +1,256 @@
+"""``distillery distill``: dataset -> baseline -> fine-tune -> eval -> report, resumable.
+
+State lives in ``<data dir>/distill/<dataset>/state.json``: which dataset version the
+last loop used, its fine-tune job, and its final eval run.  Re-running with no new
+calls does nothing (it prints the last result); an interrupted run picks up its
+fine-tune job instead of starting another.  The final eval grades the teacher, the
+base student and the fine-tuned student in one run; the generation cache means only
+the new student is actually called when the others were graded before.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from distillery.curation import eval_items, evaluate, finetune
+from distillery.curation.build import BuildOptions, build
+from distillery.curation.generate import EVAL_TAG, Candidate, Endpoint, Generator
+from distillery.curation.graders import Context, Grader
+from distillery.errors import DistilleryError
+from distillery.store import Store, datasets, query
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class DistillOptions:
+    name: str
+    filters: query.Filters
+    teacher: Candidate
+    student_base: str
+    backend: str
+    graders: list[Grader]
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    full: bool = False
+    student_endpoint: Endpoint | None = None  # openai backend: where ft: models run
+    limit: int | None = None
+    seed: int = 0
+    poll: float = 5.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def served(model_dir: str, name: str) -> Iterator[Endpoint]:
+    """`distillery serve` on a free port for the duration of the block."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distillery",
+            "serve",
+            model_dir,
+            "--port",
+            str(port),
+            "--name",
+            name,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                error = process.stderr.read().decode()[-500:] if process.stderr else ""
+                raise DistilleryError(f"`distillery serve {model_dir}` exited: {error}")
+            try:
+                with urllib.request.urlopen(url + "/models", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise DistilleryError(f"`distillery serve {model_dir}` did not start in 180 s.")
+            time.sleep(0.3)
+        yield Endpoint(name, url, "local")
+    finally:
+        process.terminate()
+        process.wait(30)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def _state_path(data_dir: Path, name: str) -> Path:
+    return data_dir / "distill" / name / "state.json"
+
+
+def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> dict[str, Any]:
+    state_path = _state_path(data_dir, options.name)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    selection = replace(options.filters, exclude_tags=(*options.filters.exclude_tags, EVAL_TAG))
+    built = build(
+        store,
+        BuildOptions(name=options.name, filters=selection, incremental=True, seed=options.seed),
+        data_dir,
+    )
+    echo(built.message)
+    version = datasets.latest(store, options.name)
+    if version is None:
+        raise DistilleryError("No calls match the filters: nothing to distil yet.")
+    if state.get("dataset_version") == version["version"] and state.get("final_run"):
+        echo(f"No new calls since {options.name}@{version['version']}; the last result stands.")
+        found = evaluate.load_run(store, state["final_run"])
+        assert found is not None
+        return found
+    if state.get("dataset_version") != version["version"]:
+        state = {"dataset_version": version["version"]}
+    job = _finetune(store, options, version, state, state_path, data_dir, echo)
+    items = eval_items.sample(
+        eval_items.from_dataset(store, version, "val"), options.limit, options.seed
+    )
+    if not items:
+        items = eval_items.sample(
+            eval_items.from_dataset(store, version, "train"), options.limit or 50, options.seed
+        )
+    with _students(options, job) as (base, tuned):
+        generator = Generator(store)
+        context = Context(generator, {}, options.teacher.endpoint)
+        result = evaluate.run(
+            store,
+            items,
+            [options.teacher, base, tuned],
+            options.graders,
+            generator,
+            context,
+            config={
+                "source": f"{version['name']}@{version['version']} (distill)",
+                "limit": options.limit,
+                "seed": options.seed,
+                "by": None,
+                "finetune_job": job["id"],
+            },
+            prices={},
+        )
+    state["final_run"] = result["id"]
+    _save(state_path, state)
+    return result
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2))
+
+
+def _finetune(
+    store: Store,
+    options: DistillOptions,
+    version: dict[str, Any],
+    state: dict[str, Any],
+    state_path: Path,
+    data_dir: Path,
+    echo: Echo,
+) -> dict[str, Any]:
+    backend: Any
+    if options.backend == "local":
+        backend = finetune.LocalBackend(data_dir)
+    else:
+        endpoint = options.student_endpoint or Endpoint("default")
+        backend = finetune.OpenAIBackend(endpoint.base_url, endpoint.api_key)
+    job = finetune.get(store, state["job"]) if state.get("job") else None
+    if job is None or job["status"] in ("failed", "cancelled"):
+        job_id = finetune.new_job_id()
+        label = f"{version['name']}@{version['version']}"
+        hyper = dict(options.hyperparameters)
+        if options.backend == "local":
+            directory = backend.create(
+                job_id,
+                Path(version["path"]),
+                label,
+                options.student_base,
+                hyper,
+                lora=not options.full,
+                merge=not options.full,
+            )
+            provider, status, url = str(directory), "queued", None
+        else:
+            remote = backend.create(
+                Path(version["path"]),
+                options.student_base,
+                hyper,
+                suffix=options.name[:40],
+                seed=options.seed,
+                metadata={"distillery_job": job_id, "dataset": label},
+            )
+            provider, status, url = (
+                remote.id,
+                remote.status,
+                (options.student_endpoint or Endpoint("d")).base_url,
+            )
+        job = finetune.record(
+            store,
+            {
+                "id": job_id,
+                "backend": options.backend,
+                "base_url": url,
+                "provider_job_id": provider,
+                "dataset": version["name"],
+                "dataset_version": version["version"],
+                "base_model": options.student_base,
+                "status": status,
+                "hyperparameters": {**hyper, "full": options.full},
+            },
+        )
+        state["job"] = job_id
+        _save(state_path, state)
+        echo(f"Fine-tuning {options.student_base} on {label}: {job_id}")
+    else:
+        echo(f"Resuming fine-tune {job['id']} ({job['status']})")
+    while True:
+        job = finetune.refresh(store, job, backend)
+        if job["status"] in finetune.TERMINAL:
+            break
+        time.sleep(options.poll)
+    if job["status"] != "succeeded":
+        raise DistilleryError(
+            f"Fine-tune {job['id']} {job['status']}: {(job.get('error') or {}).get('message')}"
+        )
+    echo(f"Fine-tuned: {job['fine_tuned_model']}")
+    return job
+
+
+@contextmanager
+def _students(
+    options: DistillOptions, job: dict[str, Any]
+) -> Iterator[tuple[Candidate, Candidate]]:
+    if options.backend == "openai":
+        endpoint = options.student_endpoint or Endpoint("default")
+        yield (
+            Candidate(f"base:{options.student_base}", options.student_base, endpoint),
+            Candidate(f"tuned:{job['fine_tuned_model']}", job["fine_tuned_model"], endpoint),
+        )
+        return
+    with (
+        served(options.student_base, "base") as base,
+        served(job["fine_tuned_model"], "tuned") as tuned,
+    ):
+        yield (
+            Candidate("base student", "base", base),
+            Candidate("fine-tuned student", "tuned", tuned),
+        )

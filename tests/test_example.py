@@ -1,0 +1,40 @@
+"""The end-to-end proof in examples/: traffic through the proxy, `distillery distill`, scores.
+
+Slow (about 1.5 minutes on a 2-core CPU); deselect locally with `-m "not example"`. CI runs it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "trl", reason="the training extra is not installed: pip install torch==2.13.0 -e '.[train]'"
+)
+
+RUN = Path(__file__).parent.parent / "examples" / "ticket_extraction" / "run.py"
+
+
+@pytest.mark.example
+def test_distilled_student_closes_most_of_the_gap(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(RUN), "--epochs", "60", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scores = dict(re.findall(r"^  (.+?)\s+(\d\.\d{3})$", result.stdout, re.M))
+    teacher, base, tuned = (
+        float(scores[k]) for k in ("teacher:teacher-model", "base student", "fine-tuned student")
+    )
+    print(f"teacher {teacher:.3f}, untrained student {base:.3f}, fine-tuned student {tuned:.3f}")
+    assert teacher == 1.0
+    assert base <= 0.05
+    assert tuned >= base + 0.3  # far above the untrained student
+    assert tuned >= 0.4 * teacher  # the stated fraction of the teacher (README)
+    assert (tmp_path / "report.html").exists()
