@@ -35,8 +35,8 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 REFUSED = (
     "The fine-tuning API refused the job: {message} "
     "(OpenAI closed self-serve fine-tuning to new accounts in May 2026 and takes no new jobs "
-    "after 2027-01-06.) Use a provider that still takes jobs (--base-url), or train on your "
-    "own hardware from `distillery dataset export NAME --format hf-parquet`."
+    "after 2027-01-06.) Train on your own hardware instead: --backend local "
+    "(pip install torch==2.13.0 'distillery[train]'), or use a provider that still takes jobs (--base-url)."
 )
 
 

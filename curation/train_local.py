@@ -65,11 +65,23 @@ def run(directory: Path) -> int:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
+        # Loss on assistant tokens only: through the template's {% generation %} markers
+        # when it has them, else as prompt/completion pairs (the final assistant turn is
+        # the completion), which works with any chat template.
+        masks = "{% generation %}" in (tokenizer.chat_template or "")
+
         def load(name: str) -> Any:
             path = Path(job["dataset_dir"]) / f"{name}.jsonl"
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            return (
-                Dataset.from_list([{"messages": row["messages"]} for row in rows]) if rows else None
+            if not rows:
+                return None
+            if masks:
+                return Dataset.from_list([{"messages": row["messages"]} for row in rows])
+            return Dataset.from_list(
+                [
+                    {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+                    for row in rows
+                ]
             )
 
         train, valid = load("train"), load("val")
@@ -107,7 +119,8 @@ def run(directory: Path) -> int:
             eval_strategy="epoch" if valid is not None else "no",
             save_strategy="epoch",
             save_total_limit=2,
-            assistant_only_loss=True,
+            assistant_only_loss=masks,
+            completion_only_loss=None if masks else True,
             max_length=hyper.get("max_length", 1024),
             bf16=bf16,
             use_cpu=not cuda,

@@ -38,3 +38,4 @@ def test_distilled_student_closes_most_of_the_gap(tmp_path):
     assert tuned >= base + 0.3  # far above the untrained student
     assert tuned >= 0.4 * teacher  # the stated fraction of the teacher (README)
     assert (tmp_path / "report.html").exists()
+    assert "re-run without new calls: nothing to do" in result.stdout  # idempotent, cron-safe

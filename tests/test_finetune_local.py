@@ -181,3 +181,39 @@ def test_serve_refuses_an_adapter_directory(tmp_path):
     (tmp_path / "adapter").mkdir()
     result = CliRunner().invoke(cli, ["serve", str(tmp_path / "adapter")])
     assert result.exit_code == 1 and "serve its merged/ directory" in result.output
+
+
+def test_templates_without_generation_markers_train_on_the_completion(setup, tmp_path):
+    """Most hub models' templates lack {% generation %}: the trainer falls back to
+    prompt/completion pairs, still counting only the answer."""
+    db, model = setup
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
+    tokenizer.save_pretrained(model)
+    job_id = (
+        ft(
+            db,
+            "create",
+            "--dataset",
+            "tickets",
+            "--backend",
+            "local",
+            "--base-model",
+            str(model),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--full",
+        )
+        .output.strip()
+        .splitlines()[-1]
+    )
+    assert ft(db, "watch", job_id, "--interval", "0.5").exit_code == 0
+    job = json.loads(ft(db, "status", job_id, "--json").output)
+    manifest = json.loads((Path(job["fine_tuned_model"]) / "manifest.json").read_text())
+    assert manifest["lora"] is False and manifest["final_train_loss"] < manifest["first_train_loss"]

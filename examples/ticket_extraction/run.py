@@ -155,6 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ]
     started = time.time()
     subprocess.run(command, env=env, check=True)
+    elapsed = time.time() - started
+    # The nightly re-run with no new traffic: nothing is rebuilt, retrained or re-graded.
+    again = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    print(
+        "re-run without new calls:",
+        "nothing to do" if "the last result stands" in again.stderr else "RAN AGAIN",
+    )
     runs = json.loads(
         subprocess.run(
             [
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         label: entry["graders"]["exact"]["mean"] for label, entry in summary["candidates"].items()
     }
     print(
-        f"\nexact-match on held-out tickets ({summary['items']} items, distill took {time.time() - started:.0f} s):"
+        f"\nexact-match on held-out tickets ({summary['items']} items, distill took {elapsed:.0f} s):"
     )
     for label, score in scores.items():
         print(f"  {label:<28} {score:.3f}")
