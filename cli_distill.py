@@ -55,6 +55,13 @@ from distillery.output import write_rows
 @click.option("--limit", type=int, help="Grade a seeded sample of the validation split.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.001),
+    default=10.0,
+    show_default=True,
+    help="Seconds between fine-tune status checks.",
+)
+@click.option(
     "--html",
     "html_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -78,6 +85,7 @@ def distill(
     full: bool,
     limit: int | None,
     seed: int,
+    poll_interval: float,
     html_path: Path | None,
     **filters: Any,
 ) -> None:
@@ -129,6 +137,8 @@ def distill(
         student_endpoint=endpoint,
         limit=limit,
         seed=seed,
+        poll=poll_interval,
+        prices=dict(settings.prices),
     )
     result = loop.run(
         store, options, settings.storage.resolved_data_dir(), lambda m: click.echo(m, err=True)

@@ -45,7 +45,8 @@ class DistillOptions:
     student_endpoint: Endpoint | None = None  # openai backend: where ft: models run
     limit: int | None = None
     seed: int = 0
-    poll: float = 5.0
+    poll: float = 10.0
+    prices: dict[str, Any] = field(default_factory=dict)
 
 
 def _free_port() -> int:
@@ -146,7 +147,7 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
                 "by": None,
                 "finetune_job": job["id"],
             },
-            prices={},
+            prices=options.prices,
         )
     state["final_run"] = result["id"]
     _save(state_path, state)

@@ -1,0 +1,111 @@
+"""`distillery distill` on the OpenAI-style backend: fakes for the API, the models and the judge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from distillery.cli import cli
+from distillery.store import open_store
+
+from fake_finetuning import FakeFineTuning
+from fake_models import FakeModels, answer
+from test_datasets import record
+
+
+@pytest.fixture
+def provider(servers):
+    """One server that fine-tunes (FakeFineTuning) and answers chat (FakeModels)."""
+    tuning, models = FakeFineTuning(), FakeModels()
+    app = web.Application()
+    for route in list(tuning.app.router.routes()) + list(models.app.router.routes()):
+        if route.method != "HEAD":
+            app.router.add_route(route.method, route.resource.canonical, route.handler)
+    url, _ = servers.serve(app)
+    return url + "/v1", tuning, models
+
+
+@pytest.fixture
+def db(tmp_path):
+    url = f"sqlite:///{tmp_path / 'distill.db'}"
+    questions = [f"question {i}: how many letters?" for i in range(1, 31)]
+    store = open_store(url)
+    store.insert([record(i, q, answer(q)) for i, q in enumerate(questions, 1)])
+    store.close()
+    return url
+
+
+def distill(db, url, *extra):
+    return CliRunner().invoke(
+        cli,
+        [
+            "distill",
+            "--name",
+            "support",
+            "--tag",
+            "app=support",
+            "--teacher",
+            "teacher",
+            "--student-base",
+            "weak",
+            "--backend",
+            "openai",
+            "--base-url",
+            url,
+            "--api-key-env",
+            "HOME",
+            "--grader",
+            "exact",
+            "--poll-interval",
+            "0.01",
+            "--database-url",
+            db,
+            *extra,
+        ],
+        catch_exceptions=False,
+    )
+
+
+def test_distill_closes_the_gap_and_is_idempotent(db, provider):
+    url, tuning, models = provider
+    first = distill(db, url, "--fail-under", "0.9")
+    assert first.exit_code == 0, first.output
+    assert "Fine-tuned: ft:weak:acme:support:abc123" in first.output
+    table = first.output
+    assert (
+        "teacher:teacher" in table
+        and "base:weak" in table
+        and "tuned:ft:weak:acme:support:abc123" in table
+    )
+    [request] = tuning.created
+    assert request["model"] == "weak" and request["metadata"]["dataset"] == "support@1"
+    calls = len(models.requests)
+    again = distill(db, url)
+    assert again.exit_code == 0 and "the last result stands" in again.output
+    assert (
+        len(tuning.created) == 1 and len(models.requests) == calls
+    )  # nothing re-run, nothing re-called
+
+
+def test_an_interrupted_distill_resumes_its_fine_tune(db, provider, tmp_path):
+    url, tuning, _ = provider
+    assert distill(db, url).exit_code == 0
+    state_path = tmp_path / "data" / "distill" / "support" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["final_run"]  # as if the process died after starting the fine-tune
+    state_path.write_text(json.dumps(state))
+    resumed = distill(db, url)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"Resuming fine-tune {state['job']}" in resumed.output
+    assert len(tuning.created) == 1
+    assert "final_run" in json.loads(state_path.read_text())
+
+
+def test_fail_under_judges_the_fine_tuned_student(db, provider):
+    url, *_ = provider
+    # The fake fine-tunes answer perfectly; a bar above 1 cannot be met.
+    result = distill(db, url, "--fail-under", "1.5")
+    assert result.exit_code == 1 and "Below --fail-under: tuned:" in result.output
