@@ -22,7 +22,7 @@ from distillery.curation.eval_items import Item
 from distillery.curation.generate import Candidate, Generator
 from distillery.curation.graders import Context, Grader, describe
 from distillery.store import Store
-from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES
+from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES, as_record
 
 RESAMPLES = 2000
 
@@ -203,7 +203,7 @@ def failing(summary: dict[str, Any], fail_under: float) -> list[str]:
 def load_run(store: Store, run_id: str) -> dict[str, Any] | None:
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(EVAL_RUNS).where(EVAL_RUNS.c.id == run_id)).first()
-    return {str(k): v for k, v in row._mapping.items()} if row else None
+    return as_record(row) if row else None
 
 
 def list_runs(store: Store, limit: int | None = 20) -> list[dict[str, Any]]:
@@ -211,7 +211,7 @@ def list_runs(store: Store, limit: int | None = 20) -> list[dict[str, Any]]:
     if limit:
         query = query.limit(limit)
     with store.engine.connect() as conn:
-        return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
+        return [as_record(row) for row in conn.execute(query)]
 
 
 def load_samples(store: Store, run_id: str) -> list[dict[str, Any]]:
@@ -221,7 +221,7 @@ def load_samples(store: Store, run_id: str) -> list[dict[str, Any]]:
         .order_by(EVAL_SAMPLES.c.candidate, EVAL_SAMPLES.c.item)
     )
     with store.engine.connect() as conn:
-        return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
+        return [as_record(row) for row in conn.execute(query)]
 
 
 def compare(

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 from distillery.errors import DistilleryError
 from distillery.store import Store
-from distillery.store.db import FINETUNES
+from distillery.store.db import FINETUNES, as_record
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 REFUSED = (
@@ -191,7 +191,7 @@ def get(store: Store, job_id: str) -> dict[str, Any] | None:
                 sa.or_(FINETUNES.c.id == job_id, FINETUNES.c.provider_job_id == job_id)
             )
         ).first()
-    return {str(k): v for k, v in row._mapping.items()} if row else None
+    return as_record(row) if row else None
 
 
 def all_jobs(store: Store, limit: int | None = 20) -> list[dict[str, Any]]:
@@ -199,7 +199,7 @@ def all_jobs(store: Store, limit: int | None = 20) -> list[dict[str, Any]]:
     if limit:
         query = query.limit(limit)
     with store.engine.connect() as conn:
-        return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
+        return [as_record(row) for row in conn.execute(query)]
 
 
 def refresh(store: Store, job: dict[str, Any], backend: Any) -> dict[str, Any]:

@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from distillery.store.db import EXAMPLES, VERSIONS, Store
+from distillery.store.db import EXAMPLES, VERSIONS, Store, as_record
 from distillery.store.locks import named_lock
 
 V = VERSIONS.c
-
-
-def _row(row: Any) -> dict[str, Any]:
-    record = {str(key): value for key, value in row._mapping.items()}
-    if isinstance(record.get("created_at"), datetime) and record["created_at"].tzinfo is None:
-        record["created_at"] = record["created_at"].replace(tzinfo=UTC)
-    return record
 
 
 def latest(store: Store, name: str) -> dict[str, Any] | None:
     query = sa.select(VERSIONS).where(V.name == name).order_by(V.version.desc()).limit(1)
     with store.engine.connect() as conn:
         row = conn.execute(query).first()
-    return _row(row) if row else None
+    return as_record(row) if row else None
 
 
 def get(store: Store, name: str, version: int | None = None) -> dict[str, Any] | None:
@@ -34,7 +26,7 @@ def get(store: Store, name: str, version: int | None = None) -> dict[str, Any] |
         return latest(store, name)
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(VERSIONS).where(V.name == name, V.version == version)).first()
-    return _row(row) if row else None
+    return as_record(row) if row else None
 
 
 def list_latest(store: Store) -> list[dict[str, Any]]:
@@ -46,7 +38,7 @@ def list_latest(store: Store) -> list[dict[str, Any]]:
         .order_by(V.name)
     )
     with store.engine.connect() as conn:
-        return [_row(row) for row in conn.execute(query)]
+        return [as_record(row) for row in conn.execute(query)]
 
 
 def record_version(

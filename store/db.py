@@ -134,6 +134,17 @@ def _alembic_config(conn: Any) -> Any:
     return config
 
 
+def as_record(row: Any) -> dict[str, Any]:
+    """A result row as a plain dict: str keys (column names can be ``quoted_name``, e.g.
+    "metadata", which JSON encoders refuse) and UTC-aware timestamps (SQLite keeps no
+    zone; every timestamp we store is UTC)."""
+    record = {str(key): value for key, value in row._mapping.items()}
+    for key, value in record.items():
+        if isinstance(value, datetime) and value.tzinfo is None:
+            record[key] = value.replace(tzinfo=UTC)
+    return record
+
+
 class _BatchInsert:
     """``INSERT ... ON CONFLICT DO NOTHING`` as one driver-level ``executemany``.
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from distillery.errors import DistilleryError
 from distillery.store import search
-from distillery.store.db import COMPLETIONS, TAGS, Store
+from distillery.store.db import COMPLETIONS, TAGS, Store, as_record
 from distillery.store.records import check_metadata
 
 C = COMPLETIONS.c
@@ -150,17 +150,6 @@ def select_completions(
     return query
 
 
-def _record(row: sa.Row[Any]) -> dict[str, Any]:
-    # Column names can be ``quoted_name`` (a str subclass, e.g. "metadata");
-    # plain str keys keep every JSON encoder happy.
-    record = {str(key): value for key, value in row._mapping.items()}
-    created = record.get("created_at")
-    if isinstance(created, datetime) and created.tzinfo is None:
-        # SQLite keeps no zone; every timestamp we store is UTC.
-        record["created_at"] = created.replace(tzinfo=UTC)
-    return record
-
-
 def find(
     store: Store,
     filters: Filters,
@@ -171,7 +160,7 @@ def find(
 ) -> list[dict[str, Any]]:
     query = select_completions(store, filters, order=order, after=after, limit=limit)
     with store.engine.connect() as conn:
-        return [_record(row) for row in conn.execute(query)]
+        return [as_record(row) for row in conn.execute(query)]
 
 
 def iterate(
@@ -186,7 +175,7 @@ def iterate(
     with store.engine.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=500).execute(query)
         for row in result:
-            yield _record(row)
+            yield as_record(row)
 
 
 def count(store: Store, filters: Filters) -> int:

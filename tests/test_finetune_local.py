@@ -63,15 +63,9 @@ def setup(tmp_path):
     return db, model
 
 
-def ft(db, *args):
-    return CliRunner().invoke(
-        cli, ["finetune", *args, "--database-url", db], catch_exceptions=False
-    )
-
-
-def test_local_lora_trains_merges_and_answers(setup):
-    db, model = setup
-    created = ft(
+def create_local(db, model, *args):
+    """`finetune create --backend local` on the tickets dataset; returns the job id."""
+    result = ft(
         db,
         "create",
         "--dataset",
@@ -80,6 +74,23 @@ def test_local_lora_trains_merges_and_answers(setup):
         "local",
         "--base-model",
         str(model),
+        *args,
+    )
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def ft(db, *args):
+    return CliRunner().invoke(
+        cli, ["finetune", *args, "--database-url", db], catch_exceptions=False
+    )
+
+
+def test_local_lora_trains_merges_and_answers(setup):
+    db, model = setup
+    job_id = create_local(
+        db,
+        model,
         "--epochs",
         "3",
         "--batch-size",
@@ -90,8 +101,6 @@ def test_local_lora_trains_merges_and_answers(setup):
         "--seed",
         "1",
     )
-    assert created.exit_code == 0, created.output
-    job_id = created.output.strip().splitlines()[-1]
     watched = ft(db, "watch", job_id, "--interval", "0.5")
     assert watched.exit_code == 0, watched.output
     assert "train loss" in watched.output and "valid loss" in watched.output
@@ -123,24 +132,7 @@ def test_local_lora_trains_merges_and_answers(setup):
 
 def test_cancel_stops_a_local_job(setup):
     db, model = setup
-    job_id = (
-        ft(
-            db,
-            "create",
-            "--dataset",
-            "tickets",
-            "--backend",
-            "local",
-            "--base-model",
-            str(model),
-            "--epochs",
-            "50",
-            "--batch-size",
-            "2",
-        )
-        .output.strip()
-        .splitlines()[-1]
-    )
+    job_id = create_local(db, model, "--epochs", "50", "--batch-size", "2")
     result = ft(db, "cancel", job_id)
     assert result.exit_code == 0 and "cancelled" in result.output
     assert json.loads(ft(db, "status", job_id, "--json").output)["status"] == "cancelled"
@@ -194,25 +186,7 @@ def test_templates_without_generation_markers_train_on_the_completion(setup, tmp
         "{% endgeneration %}", ""
     )
     tokenizer.save_pretrained(model)
-    job_id = (
-        ft(
-            db,
-            "create",
-            "--dataset",
-            "tickets",
-            "--backend",
-            "local",
-            "--base-model",
-            str(model),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--full",
-        )
-        .output.strip()
-        .splitlines()[-1]
-    )
+    job_id = create_local(db, model, "--epochs", "2", "--batch-size", "8", "--full")
     assert ft(db, "watch", job_id, "--interval", "0.5").exit_code == 0
     job = json.loads(ft(db, "status", job_id, "--json").output)
     manifest = json.loads((Path(job["fine_tuned_model"]) / "manifest.json").read_text())
