@@ -42,6 +42,12 @@ def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     help="Name of an env var holding the upstream key; clients then need a proxy key.",
 )
 @click.option(
+    "--upstream-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="DISTILLERY_UPSTREAM_TIMEOUT",
+    help="Seconds to wait for the upstream's next byte before answering 504  [default: 600]",
+)
+@click.option(
     "--database-url",
     envvar="DISTILLERY_DATABASE_URL",
     help="sqlite:///path.db or postgresql://...  [default: SQLite in the data dir]",
@@ -85,6 +91,7 @@ def proxy(
     port: int | None,
     upstream: str | None,
     upstream_api_key_env: str | None,
+    upstream_timeout: float | None,
     database_url: str | None,
     data_dir: str | None,
     config: Path | None,
@@ -110,6 +117,7 @@ def proxy(
             "proxy.access_log": access_log,
             "upstream.url": upstream,
             "upstream.api_key_env": upstream_api_key_env,
+            "upstream.timeout": upstream_timeout,
             "storage.database_url": database_url,
             "storage.data_dir": data_dir,
             "capture.enabled": False if no_capture else None,

@@ -8,6 +8,7 @@ silently turns a feature off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -33,9 +34,24 @@ def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir("distillery")) / "distillery.toml"
 
 
+FINGERPRINT = re.compile(r"^key-[0-9a-f]{16}$")
+
+
 def key_fingerprint(api_key: str) -> str:
-    """A stable, irreversible name for an API key: what we store instead of the key."""
-    return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+    """A stable, irreversible name for an API key: what we store instead of the key.
+
+    A fingerprint names a key; it never works as one.  Keys are only ever
+    compared by fingerprinting what the caller presented (see
+    :class:`AuthSettings`), so presenting a fingerprint -- which is in logs, the
+    database and the config file -- is just presenting an unknown key.
+    """
+    return "key-" + hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprints(entries: tuple[str, ...]) -> frozenset[str]:
+    """Config entries (keys or their fingerprints) as fingerprints."""
+    return frozenset(e if FINGERPRINT.match(e) else key_fingerprint(e) for e in entries)
 
 
 def _regex(pattern: str) -> str:
@@ -56,6 +72,9 @@ class ProxySettings(_Section):
     max_body_mb: float = Field(100, gt=0, description="largest chat completion request body")
     access_log: bool = True
     shutdown_timeout: float = Field(60, ge=0, description="seconds in-flight requests get on stop")
+    body_timeout: float = Field(
+        60, gt=0, description="seconds a client gets to send a chat completion's body"
+    )
     # Serve OpenAI's stored-completions API (list/retrieve/update/delete/messages)
     # from the local store, or pass those routes to the upstream.
     stored_completions: Literal["local", "upstream"] = "local"
@@ -95,10 +114,10 @@ class AuthSettings(_Section):
     admin_keys: list[str] = []
 
     def accepts(self, api_key: str) -> bool:
-        return api_key in self.keys or key_fingerprint(api_key) in self.keys
+        return key_fingerprint(api_key) in _fingerprints(tuple(self.keys))
 
     def is_admin(self, api_key: str) -> bool:
-        return api_key in self.admin_keys or key_fingerprint(api_key) in self.admin_keys
+        return key_fingerprint(api_key) in _fingerprints(tuple(self.admin_keys))
 
 
 class StorageSettings(_Section):
@@ -133,6 +152,9 @@ class CaptureSettings(_Section):
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(500, ge=1)
     flush_interval: float = Field(0.05, gt=0)
+    # Records the spool could not take (disk full) wait in memory up to this
+    # size; beyond it a record is dropped (logged with its id, counted).
+    memory_buffer_mb: float = Field(256, gt=0)
 
 
 class FingerprintSettings(_Section):

@@ -12,15 +12,15 @@ for Python's regex engine: each starts with a literal or a character class
 (which the engine scans for quickly) instead of a look-behind, skips strings
 that lack a required substring (no ``@``, no e-mail), and checks word
 boundaries in Python only for the rare candidate match.  Values under keys
-that only ever hold API identifiers or enums (``id``, ``role``, ``model``, ...)
-are not scanned.
+that only ever hold API identifiers or enums (``id``, ``role``, ``type``, ...)
+are not scanned; ``model`` is, because it is whatever the client typed.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,6 @@ STRUCTURAL_KEYS = frozenset(
     {
         "id",
         "object",
-        "model",
         "role",
         "finish_reason",
         "type",
@@ -46,6 +45,7 @@ class Pattern:
     regex: re.Pattern[str]
     triggers: tuple[str, ...] = ()  # skip the string unless one of these occurs in it
     bounded: bool = False  # a match must not touch a letter, digit or _ on either side
+    check: Callable[[str], bool] | None = None  # a match counts only if this says so
 
     @property
     def trigger(self) -> re.Pattern[str] | None:
@@ -80,6 +80,14 @@ DEFAULT_PATTERNS: tuple[Pattern, ...] = (
         bounded=True,
     ),
     Pattern(
+        "card",
+        # 13-19 digits, grouped by single spaces or dashes or not at all, that
+        # pass the Luhn check (before "phone", which would take part of them).
+        re.compile(r"\d(?:[ \-]?\d){12,18}"),
+        bounded=True,
+        check=lambda text: _luhn(text),
+    ),
+    Pattern(
         "phone",
         # One leading character class, then the shape chosen by what it matched:
         # +CC (AREA) 555-0100, +CC 30 1234 5678, +15555550100, (030) 1234 5678,
@@ -94,6 +102,16 @@ DEFAULT_PATTERNS: tuple[Pattern, ...] = (
         bounded=True,
     ),
 )
+
+
+def _luhn(text: str) -> bool:
+    digits = [int(c) for c in text if c.isdigit()]
+    total = 0
+    for position, digit in enumerate(reversed(digits)):
+        if position % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
 
 
 def _touches_word(text: str, start: int, end: int) -> bool:
@@ -156,6 +174,8 @@ class _Replacer:
     def __call__(self, match: re.Match[str]) -> str:
         start, end = match.span()
         if self.pattern.bounded and _touches_word(self.text, start, end):
+            return match.group(0)
+        if self.pattern.check is not None and not self.pattern.check(match.group(0)):
             return match.group(0)
         if "redact" in self.pattern.regex.groupindex:
             inner_start, inner_end = match.span("redact")

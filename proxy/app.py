@@ -50,7 +50,8 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     try:
         response = await handler(request)
     except APIError as error:
-        response = error.response()
+        fields.setdefault("error", error.message)
+        response = error.response(request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -58,7 +59,17 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
             exc.status,
             f"{exc.reason}: {request.method} {request.path}",
             code="not_found" if exc.status == 404 else None,
-        ).response()
+        ).response(request_id)
+    except Exception:
+        # A bug, never the client's fault: the traceback is for us, the client
+        # still gets OpenAI's shape and an id to quote.
+        log.exception("unhandled error", request_id=request_id, path=request.path)
+        fields["error"] = "unhandled"
+        response = APIError(
+            500,
+            "The proxy failed to handle this request; see its log for the request id.",
+            type="server_error",
+        ).response(request_id)
     elapsed = time.perf_counter() - started
     route = _route_name(request)
     proxy.metrics.requests.labels(route, str(response.status)).inc()
@@ -83,7 +94,7 @@ async def healthz(request: web.Request) -> web.Response:
     if proxy.capture is not None:
         capture = proxy.capture.health()
         body["capture"] = capture
-        if capture["database"] != "ok":
+        if capture["problems"]:
             body["status"] = "degraded"
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
@@ -98,14 +109,19 @@ async def metrics(request: web.Request) -> web.Response:
 def make_app(settings: Settings, store: Store | None) -> web.Application:
     """Build the proxy; ``store=None`` (or capture disabled) forwards without recording."""
     capture = None
+    redactor = Redactor.from_settings(
+        settings.redact.defaults, [(p.name, p.pattern) for p in settings.redact.patterns]
+    )
     if store is not None and settings.capture.enabled:
-        redactor = Redactor.from_settings(
-            settings.redact.defaults, [(p.name, p.pattern) for p in settings.redact.patterns]
-        )
         spool_dir = Path(settings.storage.resolved_data_dir()) / "spool"
         capture = Capture(store, spool_dir, settings.capture, redactor)
     proxy = Proxy(
-        settings=settings, tagger=Tagger(settings), metrics=Metrics(), capture=capture, store=store
+        settings=settings,
+        tagger=Tagger(settings),
+        metrics=Metrics(),
+        capture=capture,
+        redactor=redactor,
+        store=store,
     )
     serve_stored = store is not None and settings.proxy.stored_completions == "local"
     if capture is not None:
@@ -128,6 +144,34 @@ def make_app(settings: Settings, store: Store | None) -> web.Application:
             "distillery_captured_stored",
             "Records the writer has stored in the database.",
             lambda: capture.stored,
+        )
+        for name, documentation, read in (
+            (
+                "distillery_spool_write_errors",
+                "Records the spool could not write (disk full?); they wait in memory.",
+                lambda: capture.spool_write_errors,
+            ),
+            (
+                "distillery_capture_dropped",
+                "Records lost: the spool failed and the memory buffer was full.",
+                lambda: capture.dropped,
+            ),
+            (
+                "distillery_capture_repaired",
+                "Records the database refused as they were, stored after repair.",
+                lambda: capture.repaired,
+            ),
+            (
+                "distillery_capture_dead_lettered",
+                "Records the database refused even after repair (see the dead-letter file).",
+                lambda: capture.dead_lettered,
+            ),
+        ):
+            proxy.metrics.watch_total(name, documentation, read)
+        proxy.metrics.watch(
+            "distillery_capture_memory_buffered",
+            "Records held in memory because the spool could not take them.",
+            lambda: len(capture.unspooled),
         )
 
     app = web.Application(

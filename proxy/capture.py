@@ -16,15 +16,28 @@ The design is a write-ahead spool plus a background writer:
 * At start, segments left by a dead process (its lock file is not held) are
   replayed, then deleted.  Each process owns its own segments, so several
   workers can share a spool directory.
+* A batch the database *refuses* (as opposed to a database that is down; see
+  ``store/repair.py``) is split until the refused records are found; each is
+  repaired and stored, or, if even that is refused, written to a dead-letter
+  file (``<data dir>/dead-letter/``) with the reason.  A bad record never
+  holds back the ones after it.
+* When the spool itself cannot be written (disk full), the record waits in a
+  bounded memory buffer (``capture.memory_buffer_mb``) and goes to the
+  database, or back to the spool, as soon as either takes it.  When that
+  buffer is full too the record is dropped -- logged at error level with its
+  id and counted -- and the client's call is still answered: the proxy never
+  fails a call because it cannot record it.
 
 Duplicates are impossible because every path into the database is keyed by the
-record id minted on the request path; losses are impossible short of losing
-the disk itself.
+record id minted on the request path.  What can still lose a record: losing
+the disk, a machine crash before the page cache reaches it (no fsync per
+request), or a full disk that outlasts the memory buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import queue
@@ -41,6 +54,7 @@ import structlog
 from distillery.config import CaptureSettings
 from distillery.redact import Redactor
 from distillery.store import Store
+from distillery.store.repair import RecordRefused, repair
 
 log = structlog.get_logger()
 
@@ -78,20 +92,43 @@ class Spool:
         return os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def append(self, line: bytes) -> int:
-        """Append one line to the active segment; the caller holds ``self.lock``."""
-        os.write(self._fd, line)
-        self.size += len(line)
+        """Append one line to the active segment; the caller holds ``self.lock``.
+
+        A write the disk could only partly take (it filled up) is cut off again,
+        so the segment never holds half a line that would swallow the next one.
+        """
+        try:
+            written = os.write(self._fd, line)
+        except OSError:
+            self._truncate()
+            raise
+        if written != len(line):
+            self._truncate()
+            raise OSError(errno.ENOSPC, f"short spool write ({written} of {len(line)} bytes)")
+        self.size += written
         return self.seq
 
+    def _truncate(self) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self.size)
+
     def rotate(self) -> int | None:
-        """Close the active segment (if it holds anything) and return its number."""
+        """Close the active segment (if it holds anything) and return its number.
+
+        When no new segment can be created (disk full), the active one stays open.
+        """
         with self.lock:
             if self.size == 0:
+                return None
+            try:
+                fd = self._open(self.seq + 1)
+            except OSError as exc:
+                log.warning("cannot start a new spool segment", error=str(exc))
                 return None
             os.close(self._fd)
             closed = self.seq
             self.seq += 1
-            self._fd = self._open(self.seq)
+            self._fd = fd
             self.size = 0
             self.opened_at = time.monotonic()
             return closed
@@ -170,12 +207,21 @@ class Capture:
         self.settings = settings
         self.redactor = redactor
         self.spool = Spool(spool_dir)
+        self.dead_letter_dir = spool_dir.parent / "dead-letter"
         self.queue: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue(settings.queue_size)
         self.dirty: set[int] = set()
+        # Records no spool segment holds (the disk refused the write), by id,
+        # with their size; guarded by spool.lock.  Bounded by memory_buffer_mb.
+        self.unspooled: dict[str, tuple[dict[str, Any], int]] = {}
+        self.unspooled_bytes = 0
         self.db_ok = True
+        self.spool_error: str | None = None
         self.stored = 0
         self.write_errors = 0
-        self.spool_errors = 0
+        self.spool_write_errors = 0
+        self.dropped = 0
+        self.repaired = 0
+        self.dead_lettered = 0
         self._closed: list[int] = []
         self._orphans: list[tuple[int, Path, list[Path]]] = []
         self._last_seq = 0
@@ -189,20 +235,28 @@ class Capture:
         self._thread.start()
 
     def submit(self, record: dict[str, Any]) -> str:
-        """Redact, spool and enqueue one record; returns ``"queued"`` or ``"spooled"``."""
+        """Redact, spool and enqueue one record; never raises.
+
+        Returns the outcome: ``queued``; ``spooled`` (queue full, the writer
+        replays it from disk); ``buffered`` (the spool write failed, the record
+        waits in memory); ``dropped`` (that memory buffer is full too).
+        """
         redact = self.redactor
         for key in ("request", "response", "error", "metadata"):
             if record.get(key) is not None:
                 record[key] = redact(record[key])
-        line = orjson.dumps(record) + b"\n"
+        try:
+            line = orjson.dumps(record) + b"\n"
+        except (orjson.JSONEncodeError, TypeError):
+            # JSON nested deeper than orjson writes: keep that part as text.
+            record, _ = repair(record)
+            line = orjson.dumps(record) + b"\n"
         with self.spool.lock:
             try:
                 seq = self.spool.append(line)
             except OSError as exc:
-                # Disk full or similar: keep serving, keep the record in memory.
-                self.spool_errors += 1
-                log.error("spool write failed", error=str(exc))
-                seq = self.spool.seq
+                return self._hold(record, len(line), exc)
+            self.spool_error = None
             try:
                 self.queue.put_nowait((seq, record))
             except queue.Full:
@@ -210,14 +264,46 @@ class Capture:
                 return "spooled"
         return "queued"
 
+    def _hold(self, record: dict[str, Any], size: int, exc: OSError) -> str:
+        """Keep a record the spool refused in memory, if there is room (spool.lock held)."""
+        self.spool_write_errors += 1
+        if self.spool_error is None:
+            log.error("spool write failed; holding records in memory", error=str(exc))
+        self.spool_error = str(exc)
+        if self.unspooled_bytes + size > self.settings.memory_buffer_mb * 1024 * 1024:
+            self.dropped += 1
+            log.error(
+                "capture dropped: spool unwritable and memory buffer full",
+                record_id=record["id"],
+                buffered=len(self.unspooled),
+            )
+            return "dropped"
+        self.unspooled[record["id"]] = (record, size)
+        self.unspooled_bytes += size
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait((0, record))
+        return "buffered"
+
     def health(self) -> dict[str, Any]:
+        problems = []
+        if not self.db_ok:
+            problems.append("database unavailable: records wait in the spool")
+        if self.spool_error is not None:
+            problems.append(f"spool not writable ({self.spool_error}): records wait in memory")
         return {
             "database": "ok" if self.db_ok else "unavailable",
+            "spool": "ok" if self.spool_error is None else "failing",
+            "problems": problems,
             "queue_depth": self.queue.qsize(),
             "spool_bytes": self.spool.pending_bytes(),
             "spool_dirty_segments": len(self.dirty) + sum(len(g[2]) for g in self._orphans),
+            "memory_buffered": len(self.unspooled),
             "stored": self.stored,
             "write_errors": self.write_errors,
+            "spool_write_errors": self.spool_write_errors,
+            "repaired": self.repaired,
+            "dead_lettered": self.dead_lettered,
+            "dropped": self.dropped,
         }
 
     def close(self, timeout: float = 30.0) -> None:
@@ -230,15 +316,10 @@ class Capture:
     def _run(self) -> None:
         try:
             while not (self._stopping.is_set() and self.queue.empty()):
-                batch = self._take_batch()
-                if batch:
-                    self._write(batch)
-                self._maintain()
+                self._step()
             self._rotate()
             self._next_try = 0.0  # one last try, whatever the backoff says
-            self._maintain()
-        except Exception:  # pragma: no cover - a bug; the spool still holds every record
-            log.exception("capture writer crashed")
+            self._step(final=True)
         finally:
             for fd, _lock_path, _ in self._orphans:
                 os.close(fd)
@@ -248,6 +329,24 @@ class Capture:
                     "records left in the spool; they are replayed at next start",
                     spool=str(self.spool.directory),
                 )
+            if self.unspooled:
+                log.error(
+                    "records lost at shutdown: neither the spool nor the database took them",
+                    record_ids=list(self.unspooled)[:100],
+                    count=len(self.unspooled),
+                )
+
+    def _step(self, final: bool = False) -> None:
+        """One round of the writer; a bug here is logged and the writer goes on."""
+        try:
+            if not final:
+                batch = self._take_batch()
+                if batch:
+                    self._write(batch)
+            self._maintain()
+        except Exception:  # pragma: no cover - a bug; the spool still holds every record
+            log.exception("capture writer error; retrying")
+            self._stopping.wait(0.5)
 
     def _take_batch(self) -> list[tuple[int, dict[str, Any]]]:
         """Up to ``batch_size`` records, after sleeping ``flush_interval`` unless one is full.
@@ -265,19 +364,92 @@ class Capture:
         return batch
 
     def _write(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
-        seqs = {seq for seq, _ in batch}
-        self._last_seq = max(seqs)
-        if not self.db_ok and time.monotonic() < self._next_try:
-            self._mark_dirty(seqs)
+        seqs = {seq for seq, _ in batch if seq}
+        self._last_seq = max(seqs, default=self._last_seq)
+        if (self.db_ok or time.monotonic() >= self._next_try) and self._store(
+            [record for _, record in batch]
+        ):
+            self._ok()
+            spooled = sum(1 for seq, _ in batch if seq)
+            self.stored += spooled + self._forget([record for seq, record in batch if not seq])
             return
+        self._mark_dirty(seqs)
+
+    def _store(self, records: list[dict[str, Any]]) -> bool:
+        """Insert ``records``; False when the database is unavailable (they stay spooled).
+
+        A batch the database refuses is split until each refused record is
+        found, so one bad record never holds back the good ones around it.
+        """
         try:
-            self.store.insert(record for _, record in batch)
+            self.store.insert(records)
+            return True
+        except RecordRefused as exc:
+            if len(records) == 1:
+                return self._store_refused(records[0], exc)
         except Exception as exc:
             self._failed(exc)
-            self._mark_dirty(seqs)
-            return
-        self._ok()
-        self.stored += len(batch)
+            return False
+        middle = len(records) // 2
+        return self._store(records[:middle]) and self._store(records[middle:])
+
+    def _store_refused(self, record: dict[str, Any], refusal: RecordRefused) -> bool:
+        """Repair a refused record and store it, or move it to the dead-letter file."""
+        try:
+            fixed, changes = repair(record)
+            self.store.insert([fixed])
+        except RecordRefused as exc:
+            return self._dead_letter(record, f"{refusal}; after repair: {exc}")
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        self.repaired += 1
+        log.warning(
+            "capture record repaired",
+            record_id=record.get("id"),
+            changes=changes,
+            refused=str(refusal)[:300],
+        )
+        return True
+
+    def _dead_letter(self, record: dict[str, Any], reason: str) -> bool:
+        line = orjson.dumps(
+            {"id": record.get("id"), "at": time.time(), "reason": reason, "record": record},
+            default=str,
+        )
+        try:
+            self.dead_letter_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = self.dead_letter_dir / f"{self.spool.instance}.jsonl"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                if os.write(fd, line + b"\n") != len(line) + 1:
+                    raise OSError(errno.ENOSPC, "short write")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("cannot write the dead-letter file; record stays spooled", error=str(exc))
+            return False
+        self.dead_lettered += 1
+        log.error(
+            "capture record dead-lettered",
+            record_id=record.get("id"),
+            reason=reason[:300],
+            file=str(path),
+        )
+        return True
+
+    def _forget(self, records: list[dict[str, Any]]) -> int:
+        """Drop records that are now in the database from the memory buffer; how many were."""
+        forgotten = 0
+        if not records:
+            return forgotten
+        with self.spool.lock:
+            for record in records:
+                entry = self.unspooled.pop(record["id"], None)
+                if entry is not None:
+                    self.unspooled_bytes -= entry[1]
+                    forgotten += 1
+        return forgotten
 
     def _mark_dirty(self, seqs: set[int]) -> None:
         with self.spool.lock:
@@ -323,6 +495,7 @@ class Capture:
             or spool.seq in self.dirty
         ):
             self._rotate()
+        self._drain_memory()
         # Every record of a closed segment has been through _write once the
         # writer has moved past it or the queue is empty (FIFO, and rotation
         # happens under the lock that submit() appends and enqueues under).
@@ -346,23 +519,50 @@ class Capture:
             _release(fd, lock_path)
             self._orphans.pop(0)
 
+    def _drain_memory(self) -> None:
+        """Records held in memory go to the database, or back to the spool once it takes them."""
+        if not self.unspooled:
+            return
+        with self.spool.lock:
+            records = [record for record, _ in self.unspooled.values()]
+        if self._database_reachable():
+            for start in range(0, len(records), self.settings.batch_size):
+                chunk = records[start : start + self.settings.batch_size]
+                if not self._store(chunk):
+                    return
+                self.stored += self._forget(chunk)
+            return
+        with self.spool.lock:
+            for record in records:
+                size = self.unspooled[record["id"]][1]
+                try:
+                    seq = self.spool.append(orjson.dumps(record) + b"\n")
+                except OSError:
+                    return
+                self.spool_error = None
+                self.dirty.add(seq)
+                del self.unspooled[record["id"]]
+                self.unspooled_bytes -= size
+
     def _replay(self, paths: list[Path]) -> bool:
         """Insert every record of these segments; True when all are in the database."""
         replayed = 0
-        try:
-            for path in paths:
-                batch: list[dict[str, Any]] = []
+        for path in paths:
+            batch: list[dict[str, Any]] = []
+            try:
                 for record in read_segment(path):
                     batch.append(record)
                     if len(batch) >= self.settings.batch_size:
-                        self.store.insert(batch)
+                        if not self._store(batch):
+                            return False
                         replayed += len(batch)
                         batch = []
-                self.store.insert(batch)
-                replayed += len(batch)
-        except Exception as exc:
-            self._failed(exc)
-            return False
+            except OSError as exc:
+                self._failed(exc)
+                return False
+            if not self._store(batch):
+                return False
+            replayed += len(batch)
         if replayed:
             log.info("spool replayed", records=replayed, segments=len(paths))
         return True

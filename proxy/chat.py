@@ -9,6 +9,7 @@ client receives the end of the response (the body of a JSON answer, the
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from typing import Any
@@ -19,13 +20,32 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from distillery.config import ProxySettings
 from distillery.proxy.errors import APIError, upstream_timeout, upstream_unreachable
 from distillery.proxy.forward import abort, request_headers, response_headers, upstream_url
 from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, log_fields
-from distillery.proxy.stream import StreamRelay
+from distillery.proxy.stream import StreamRelay, malformed
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
 
 log = structlog.get_logger()
+
+CLIENT_GONE = {"type": "client_error", "message": "client disconnected before the response ended"}
+STREAM_CLIENT_GONE = {
+    "type": "client_error",
+    "message": "client disconnected before the stream ended",
+}
+CANCELLED = {
+    "type": "cancelled",
+    "message": "the proxy stopped before the call ended (shutdown timeout)",
+}
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class Call:
@@ -70,12 +90,24 @@ class Call:
         )
         self.capture = proxy.capture if proxy.capture and proxy.sampled(self.metadata) else None
         self.ttft_ms: float | None = None
+        self.finished = False
+        model = body.get("model")
+        # The model name is the client's text like any other: it may hold an e-mail.
+        self.model = proxy.redactor.text(model) if isinstance(model, str) else None
 
     def payload(self) -> bytes:
-        if not self.strip_usage:
-            return orjson.dumps(self.body)
-        options = dict(self.body.get("stream_options") or {}, include_usage=True)
-        return orjson.dumps({**self.body, "stream_options": options})
+        body = self.body
+        if self.strip_usage:
+            options = dict(body.get("stream_options") or {}, include_usage=True)
+            body = {**body, "stream_options": options}
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise APIError(
+                400,
+                "The request body nests JSON deeper than the proxy can forward (254 levels).",
+                code="invalid_json",
+            ) from None
 
     def finish(
         self,
@@ -85,34 +117,39 @@ class Call:
         headers: CIMultiDictProxy[str] | None = None,
     ) -> str:
         """Hand the record to capture; returns the outcome for the log line."""
+        if self.finished:
+            return "recorded"
+        self.finished = True
         if self.capture is None:
             return "sampled_out" if self.proxy.capture else "off"
-        choices = (response or {}).get("choices") or [{}]
-        usage = (response or {}).get("usage") or {}
-        model = self.body.get("model")
+        response = response or {}
+        choices = response.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        first = first if isinstance(first, dict) else {}
+        usage = response.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        served = response.get("model")
         record = {
             "id": self.id,
-            "completion_id": (response or {}).get("id"),
+            "completion_id": _string(response.get("id")),
             "created_at": self.created_at,
             "tenant": self.tenant,
             "upstream": self.proxy.upstream_url,
             "path": self.path,
-            "model_requested": model if isinstance(model, str) else None,
-            "model_served": (response or {}).get("model"),
+            "model_requested": self.model,
+            "model_served": self.proxy.redactor.text(served) if isinstance(served, str) else None,
             "status": status,
             "stream": self.stream,
-            "finish_reason": choices[0].get("finish_reason")
-            if isinstance(choices[0], dict)
-            else None,
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"),
-            "total_tokens": usage.get("total_tokens"),
+            "finish_reason": _string(first.get("finish_reason")),
+            "prompt_tokens": _integer(usage.get("prompt_tokens")),
+            "completion_tokens": _integer(usage.get("completion_tokens")),
+            "total_tokens": _integer(usage.get("total_tokens")),
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
             "ttft_ms": self.ttft_ms,
             "upstream_request_id": headers.get("x-request-id") if headers else None,
             "prompt_fingerprint": self.fingerprint,
             "request": self.body,
-            "response": response,
+            "response": response or None,
             "error": error,
             "metadata": self.metadata,
         }
@@ -126,32 +163,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     tenant, authorization = proxy.authorize(request)
     fields = log_fields(request)
     fields["tenant"] = tenant
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise APIError(
-            413,
-            f"Request body is larger than the proxy's limit of "
-            f"{proxy.settings.proxy.max_body_mb} MB (proxy.max_body_mb).",
-            code="request_too_large",
-        ) from None
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.")
+    target = upstream_url(proxy.upstream_url, request)
+    body = await _read_body(request, proxy.settings.proxy)
     call = Call(proxy, request, tenant, body)
-    fields.update(model=body.get("model"), stream=call.stream, tags=len(call.metadata))
+    fields.update(model=call.model, stream=call.stream, tags=len(call.metadata))
+    payload = call.payload()
     headers = request_headers(request.headers, authorization, identity=True)
     headers["Content-Type"] = "application/json"
     try:
         async with proxy.session.post(
-            upstream_url(proxy.upstream_url, request),
-            data=call.payload(),
+            target,
+            data=payload,
             headers=headers,
             allow_redirects=False,
         ) as upstream:
+            del payload  # the request can be large: hold one copy, not two
             if (
                 call.stream
                 and upstream.status == 200
@@ -165,6 +191,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         proxy.metrics.upstream_errors.labels("timeout" if timed_out else "unreachable").inc()
         fields["capture"] = call.finish(failure.status, None, failure.body())
         raise failure from None
+    except asyncio.CancelledError:
+        # Shutdown outlived its timeout (or the task was cancelled): the call
+        # is still recorded, as unanswered.
+        fields["capture"] = call.finish(499, None, CANCELLED)
+        raise
 
     response = web.Response(
         body=content,
@@ -173,17 +204,62 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers=response_headers(upstream.headers),
     )
     parsed = _parse_json(content, upstream.headers.get("Content-Encoding"))
-    if upstream.status < 400 and isinstance(parsed, dict) and "error" not in parsed:
-        outcome = call.finish(upstream.status, parsed, None, upstream.headers)
+    problem = malformed(parsed) if upstream.status < 400 and isinstance(parsed, dict) else None
+    gone = request.transport is None or request.transport.is_closing()
+    if problem is not None:
+        error: Any = {"type": "upstream_malformed", "message": problem, "body": parsed}
+        outcome = call.finish(upstream.status, None, error, upstream.headers)
+    elif upstream.status < 400 and isinstance(parsed, dict) and "error" not in parsed:
+        outcome = call.finish(
+            upstream.status, parsed, CLIENT_GONE if gone else None, upstream.headers
+        )
     else:
         error = (
             parsed if parsed is not None else {"body": content[:4096].decode("utf-8", "replace")}
         )
         outcome = call.finish(upstream.status, None, error, upstream.headers)
     fields["capture"] = outcome
-    await response.prepare(request)
-    await response.write_eof()
+    if gone:
+        log.info("client went away before the response")
+        return response
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("client went away before the response")
     return response
+
+
+async def _read_body(request: web.Request, settings: ProxySettings) -> dict[str, Any]:
+    """The request's JSON object, or an OpenAI-shaped 4xx naming what is wrong with it."""
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(
+            413,
+            f"Request body is larger than the proxy's limit of "
+            f"{settings.max_body_mb} MB (proxy.max_body_mb).",
+            code="request_too_large",
+        ) from None
+    except TimeoutError:
+        raise APIError(
+            408,
+            f"The request body did not arrive within {settings.body_timeout} s "
+            "(is Content-Length larger than the body?).",
+            code="request_timeout",
+        ) from None
+    except (aiohttp.http_exceptions.HttpProcessingError, zlib.error, ValueError) as exc:
+        encoding = request.headers.get("Content-Encoding")
+        what = f"as Content-Encoding: {encoding}" if encoding else "as sent"
+        raise APIError(400, f"The request body cannot be read {what}: {exc}") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(400, f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    return body
 
 
 async def _relay_stream(
@@ -195,42 +271,54 @@ async def _relay_stream(
     response = web.StreamResponse(
         status=upstream.status, reason=upstream.reason, headers=response_headers(upstream.headers)
     )
-    await response.prepare(request)
     relay = StreamRelay(strip_usage=call.strip_usage)
     error: dict[str, Any] | None = None
     client_gone = False
     try:
-        async for data in upstream.content.iter_any():
-            if call.ttft_ms is None:
-                call.ttft_ms = round((time.perf_counter() - call.started) * 1000, 3)
-            out = relay.feed(data)
-            if out:
-                try:
-                    await response.write(out)
-                except ConnectionResetError:
-                    client_gone = True
-                    break
+        try:
+            await response.prepare(request)
+        except ConnectionResetError:
+            client_gone = True
+        if not client_gone:
+            async for data in upstream.content.iter_any():
+                if call.ttft_ms is None:
+                    call.ttft_ms = round((time.perf_counter() - call.started) * 1000, 3)
+                out = relay.feed(data)
+                if out:
+                    try:
+                        await response.write(out)
+                    except ConnectionResetError:  # aiohttp's is a ClientError too
+                        client_gone = True
+                        break
     except (TimeoutError, aiohttp.ClientError) as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
         error = {"message": f"upstream stream {reason}", "type": "upstream_error"}
+    except asyncio.CancelledError:
+        fields["capture"] = call.finish(upstream.status, relay.assembler.result(), CANCELLED)
+        raise
     if client_gone:
-        error = {"message": "client disconnected before the stream ended", "type": "client_error"}
+        error = STREAM_CLIENT_GONE
     elif relay.assembler.error is not None:
         error = {"error": relay.assembler.error}
+    elif relay.assembler.malformed is not None and error is None:
+        error = {"type": "upstream_malformed", "message": relay.assembler.malformed}
     fields["capture"] = call.finish(
         upstream.status, relay.assembler.result(), error, upstream.headers
     )
     if client_gone:
         log.info("client went away mid-stream")
         return response
-    if error is not None and error.get("type") == "upstream_error":
-        tail = relay.finish()
-        if tail:
-            await response.write(tail)
-        abort(request)
-        return response
-    await response.write(relay.finish())
-    await response.write_eof()
+    try:
+        if error is not None and error.get("type") == "upstream_error":
+            tail = relay.finish()
+            if tail:
+                await response.write(tail)
+            abort(request)
+            return response
+        await response.write(relay.finish())
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("client went away at the end of the stream")
     return response
 
 

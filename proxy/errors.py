@@ -2,6 +2,8 @@
 
 Upstream errors are never rewritten: they pass through byte for byte.  These
 are only for what the proxy decides on its own (bad body, unreachable upstream).
+Every one of them carries the proxy's request id in ``x-request-id`` (the
+header the openai SDK reads into ``error.request_id``), the id its log line has.
 """
 
 from __future__ import annotations
@@ -39,9 +41,14 @@ class APIError(Exception):
             }
         }
 
-    def response(self) -> web.Response:
+    def response(self, request_id: str | None = None) -> web.Response:
+        """The response; ``request_id`` goes in ``x-request-id``, where OpenAI puts its own."""
+        headers = {"x-request-id": request_id} if request_id else None
         return web.Response(
-            status=self.status, body=orjson.dumps(self.body()), content_type="application/json"
+            status=self.status,
+            body=orjson.dumps(self.body()),
+            content_type="application/json",
+            headers=headers,
         )
 
 

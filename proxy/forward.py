@@ -9,6 +9,7 @@ headers and Distillery's own ``X-Distillery-*`` headers are removed.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import unquote
 
 import aiohttp
 import structlog
@@ -16,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from distillery.proxy.errors import upstream_timeout, upstream_unreachable
+from distillery.proxy.errors import APIError, upstream_timeout, upstream_unreachable
 from distillery.proxy.state import PROXY, log_fields
 
 log = structlog.get_logger()
@@ -41,12 +42,31 @@ RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 OWN_PREFIX = "x-distillery-"
 
 
+# What OpenAI's API uses; TRACE and CONNECT (and anything else) never reach the upstream.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def upstream_url(base: str, request: web.Request) -> URL:
-    """``base`` + the part of the raw path after ``/v1`` (and after ``/a/<app>``)."""
-    raw = request.raw_path
+    """``base`` + the part of the path after ``/v1`` (and after ``/a/<app>``), and the query.
+
+    Built from the request's relative URL, so an absolute-form request line
+    (``GET http://elsewhere/v1/models``) cannot name another host, and refused
+    when a segment is ``.`` or ``..`` (however encoded), so a client cannot
+    climb out of the configured base path.
+    """
+    url = request.rel_url
+    raw = url.raw_path
     if raw.startswith("/a/"):
         raw = raw[raw.index("/", 3) :]
-    return URL(base + raw[3:], encoded=True)
+    tail = raw[3:]
+    if any(unquote(segment) in (".", "..") for segment in tail.split("/")):
+        raise APIError(
+            400,
+            f"Invalid path {request.path!r}: '.' and '..' segments are not allowed.",
+            code="invalid_path",
+        )
+    query = url.raw_query_string
+    return URL(base + tail + ("?" + query if query else ""), encoded=True)
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
@@ -92,15 +112,18 @@ def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
+    if request.method not in METHODS:
+        raise APIError(405, f"Method {request.method} is not allowed.", code="method_not_allowed")
     tenant, authorization = proxy.authorize(request)
     log_fields(request)["tenant"] = tenant
+    target = upstream_url(proxy.upstream_url, request)
     headers = request_headers(request.headers, authorization)
     data = request.content if request.body_exists else None
     response: web.StreamResponse | None = None
     try:
         async with proxy.session.request(
             request.method,
-            upstream_url(proxy.upstream_url, request),
+            target,
             headers=headers,
             data=data,
             allow_redirects=False,
@@ -119,7 +142,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             return response
     except ConnectionResetError:
         log.info("client went away", path=request.path)
-        assert response is not None
+        if response is None:
+            raise APIError(400, "The client closed the connection.") from None
         return response
     except (TimeoutError, aiohttp.ClientError) as exc:
         if response is None or not response.prepared:

@@ -1,6 +1,7 @@
 """Running the proxy: uvloop, graceful shutdown, and N worker processes on one port.
 
-aiohttp's ``run_app`` already does what a graceful stop needs: on a signal it
+The server runs as aiohttp's ``run_app`` would (see ``http.py`` for why not
+``run_app`` itself), which already does what a graceful stop needs: on a signal it
 stops accepting, waits up to ``shutdown_timeout`` for in-flight requests
 (streams included) and then runs the app's cleanup, where the capture writer
 flushes its queue to the database (or leaves it in the spool).
@@ -13,6 +14,7 @@ SIGTERM/SIGINT go to every worker; a worker that dies is started again.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import signal
 import sys
@@ -20,10 +22,10 @@ import time
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from distillery.config import Settings
 from distillery.errors import DistilleryError
+from distillery.proxy import http
 from distillery.proxy.app import make_app
 from distillery.store import Store
 from distillery.store.db import create_engine, migrate
@@ -55,9 +57,9 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        loop_factory = None
+        loop = asyncio.new_event_loop()
     else:
-        loop_factory = uvloop.new_event_loop
+        loop = uvloop.new_event_loop()
     # The writer thread holds the GIL in bursts while it inserts a batch; a
     # short switch interval (default 5 ms) bounds how long the event loop can
     # wait for it, which is what p99 latency feels.
@@ -66,15 +68,15 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
     store = open_capture_store(settings) if needs_store else None
     app = make_app(settings, store)
     try:
-        web.run_app(
-            app,
-            host=settings.proxy.host,
-            port=settings.proxy.port,
-            access_log=None,
-            print=None,
-            shutdown_timeout=settings.proxy.shutdown_timeout,
-            loop=loop_factory() if loop_factory else None,
-            reuse_port=reuse_port or None,
+        http.run(
+            http.serve_forever(
+                app,
+                settings.proxy.host,
+                settings.proxy.port,
+                shutdown_timeout=settings.proxy.shutdown_timeout,
+                reuse_port=reuse_port,
+            ),
+            loop,
         )
     except OSError as exc:
         raise DistilleryError(

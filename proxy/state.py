@@ -14,6 +14,7 @@ from distillery.proxy.capture import Capture
 from distillery.proxy.errors import APIError
 from distillery.proxy.metrics import Metrics
 from distillery.proxy.tagging import Tagger
+from distillery.redact import Redactor
 from distillery.store import Store
 
 ANONYMOUS = "anonymous"
@@ -37,6 +38,7 @@ class Proxy:
     tagger: Tagger
     metrics: Metrics
     capture: Capture | None
+    redactor: Redactor
     store: Store | None = None
     upstream_url: str = field(init=False)
     upstream_key: str | None = field(init=False)

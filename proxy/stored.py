@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from distillery.proxy.errors import APIError
-from distillery.proxy.state import PROXY, Caller, log_fields
+from distillery.proxy.state import ANONYMOUS, PROXY, Caller, log_fields
 from distillery.store import Store, query
 from distillery.store.records import check_metadata, message_text
 
@@ -48,6 +48,15 @@ _METADATA_PARAM = re.compile(r"^metadata\[(.+)\]$")
 def _caller(request: web.Request) -> Caller:
     caller = request.app[PROXY].caller(request)
     log_fields(request)["tenant"] = caller.tenant
+    if caller.tenant == ANONYMOUS:
+        # Keyless callers have no identity to scope by: one of them must not
+        # read every other keyless caller's traffic.
+        raise APIError(
+            401,
+            "The stored completions API needs an API key: it lists only the calls "
+            "made with the key you present.",
+            code="invalid_api_key",
+        )
     return caller
 
 

@@ -14,6 +14,7 @@ receives exactly the bytes it would have received without the proxy.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -22,18 +23,34 @@ _USAGE_NULL = b',"usage":null'
 
 
 class StreamAssembler:
-    """Merges ``chat.completion.chunk`` objects into one ``chat.completion``."""
+    """Merges ``chat.completion.chunk`` objects into one ``chat.completion``.
+
+    Text arrives in thousands of small deltas, so it is collected in lists and
+    joined once in :meth:`result` (appending to a string each time would be
+    quadratic).  A chunk whose shape is not OpenAI's stops the assembly: the
+    stream is still relayed untouched, and ``malformed`` says what was wrong.
+    """
 
     def __init__(self) -> None:
         self.head: dict[str, Any] = {}
         self.choices: dict[int, dict[str, Any]] = {}
+        self._parts: dict[tuple[int, str], list[str]] = {}
         self._tool_calls: dict[int, dict[int, dict[str, Any]]] = {}
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
+        self.malformed: str | None = None
         self.chunks = 0
 
     def add(self, chunk: dict[str, Any]) -> None:
         self.chunks += 1
+        if self.malformed is not None:
+            return
+        try:
+            self._add(chunk)
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+            self.malformed = f"chunk {self.chunks} is not a chat.completion.chunk: {exc!r}"[:500]
+
+    def _add(self, chunk: dict[str, Any]) -> None:
         if "error" in chunk and "choices" not in chunk:
             self.error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk}
             return
@@ -43,13 +60,21 @@ class StreamAssembler:
                 for key in ("id", "created", "model", "system_fingerprint", "service_tier")
                 if key in chunk
             }
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
+        usage = chunk.get("usage")
+        if usage:
+            if not isinstance(usage, dict):
+                raise TypeError("usage is not an object")
+            self.usage = usage
+        choices = chunk.get("choices") or ()
+        if not isinstance(choices, list):
+            raise TypeError("choices is not a list")
+        for choice in choices:
             self._add_choice(choice)
 
     def _add_choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
+        if not isinstance(index, int):
+            raise TypeError("choice index is not an integer")
         merged = self.choices.get(index)
         if merged is None:
             merged = self.choices[index] = {
@@ -63,14 +88,17 @@ class StreamAssembler:
         if delta.get("role"):
             message["role"] = delta["role"]
         for key in ("content", "refusal"):
-            if delta.get(key) is not None:
-                message[key] = (message[key] or "") + delta[key]
+            text = delta.get(key)
+            if text is not None:
+                if not isinstance(text, str):
+                    raise TypeError(f"delta.{key} is not a string")
+                self._parts.setdefault((index, key), []).append(text)
         for call in delta.get("tool_calls") or ():
             self._add_tool_call(index, call)
         if delta.get("function_call"):
-            function = message.setdefault("function_call", {"name": "", "arguments": ""})
+            function = message.setdefault("function_call", {"name": [], "arguments": []})
             for key in ("name", "arguments"):
-                function[key] += delta["function_call"].get(key) or ""
+                function[key].append(_text(delta["function_call"].get(key)))
         if delta.get("annotations"):
             message.setdefault("annotations", []).extend(delta["annotations"])
         logprobs = choice.get("logprobs")
@@ -78,7 +106,9 @@ class StreamAssembler:
             merged_logprobs = merged["logprobs"] or {"content": None, "refusal": None}
             for key in ("content", "refusal"):
                 if logprobs.get(key):
-                    merged_logprobs[key] = (merged_logprobs[key] or []) + logprobs[key]
+                    if merged_logprobs[key] is None:
+                        merged_logprobs[key] = []
+                    merged_logprobs[key].extend(logprobs[key])
             merged["logprobs"] = merged_logprobs
         if choice.get("finish_reason") is not None:
             merged["finish_reason"] = choice["finish_reason"]
@@ -90,15 +120,15 @@ class StreamAssembler:
             slot = calls[call.get("index", 0)] = {
                 "id": None,
                 "type": "function",
-                "function": {"name": "", "arguments": ""},
+                "function": {"name": [], "arguments": []},
             }
         if call.get("id"):
             slot["id"] = call["id"]
         if call.get("type"):
             slot["type"] = call["type"]
         function = call.get("function") or {}
-        slot["function"]["name"] += function.get("name") or ""
-        slot["function"]["arguments"] += function.get("arguments") or ""
+        slot["function"]["name"].append(_text(function.get("name")))
+        slot["function"]["arguments"].append(_text(function.get("arguments")))
 
     def result(self) -> dict[str, Any] | None:
         """The reassembled completion, or ``None`` if no chunk ever arrived."""
@@ -107,10 +137,19 @@ class StreamAssembler:
         choices = []
         for index in sorted(self.choices):
             choice = self.choices[index]
+            message = dict(choice["message"])
+            for key in ("content", "refusal"):
+                parts = self._parts.get((index, key))
+                if parts is not None:
+                    message[key] = "".join(parts)
+            if "function_call" in message:
+                message["function_call"] = _joined(message["function_call"])
             calls = self._tool_calls.get(index)
             if calls:
-                choice["message"]["tool_calls"] = [calls[i] for i in sorted(calls)]
-            choices.append(choice)
+                message["tool_calls"] = [
+                    {**calls[i], "function": _joined(calls[i]["function"])} for i in sorted(calls)
+                ]
+            choices.append({**choice, "message": message})
         completion: dict[str, Any] = {"id": self.head.get("id"), "object": "chat.completion"}
         completion.update(self.head)
         completion["choices"] = choices
@@ -118,13 +157,46 @@ class StreamAssembler:
         return completion
 
 
-def _find_event_end(buffer: bytes, start: int) -> tuple[int, int]:
-    """Index of the blank line ending the next event and its length, or (-1, 0)."""
-    lf = buffer.find(b"\n\n", start)
-    crlf = buffer.find(b"\r\n\r\n", start)
-    if crlf != -1 and (lf == -1 or crlf < lf):
-        return crlf, 4
-    return (lf, 2) if lf != -1 else (-1, 0)
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError("a streamed function name or arguments is not a string")
+    return value
+
+
+def _joined(function: dict[str, list[str]]) -> dict[str, str]:
+    return {key: "".join(parts) for key, parts in function.items()}
+
+
+def malformed(completion: dict[str, Any]) -> str | None:
+    """What makes a (non-streamed) chat.completion unreadable, or ``None`` if it is fine.
+
+    The proxy relays whatever the upstream sent; this decides whether it can
+    also be stored as a completion or only as an upstream error.
+    """
+    choices = completion.get("choices")
+    if not isinstance(choices, list):
+        return "choices is not a list"
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return "a choice is not an object"
+        message = choice.get("message")
+        if message is not None and not isinstance(message, dict):
+            return "a choice's message is not an object"
+        if isinstance(message, dict) and not isinstance(message.get("content"), str | None):
+            content = message.get("content")
+            if not isinstance(content, list):
+                return "a message's content is neither a string nor a list"
+    usage = completion.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        return "usage is not an object"
+    return None
+
+
+# The blank line that ends an event; one regex finds whichever comes first in
+# a single scan (searching for each separately rescans the buffer per event).
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
 
 
 def _event_data(event: bytes) -> bytes | None:
@@ -144,26 +216,36 @@ class StreamRelay:
         self.strip_usage = strip_usage
         self.assembler = StreamAssembler()
         self.done = False
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scan = 0
         self._held: list[bytes] = []
 
     def feed(self, data: bytes) -> bytes:
-        buffer = self._buffer + data if self._buffer else data
+        """Linear in the bytes fed, however they are split into reads and events."""
+        if self._buffer:
+            self._buffer += data
+            buffer: bytes | bytearray = self._buffer
+        else:
+            buffer = data
+            self._scan = 0
         out: list[bytes] = []
         start = 0
-        while True:
-            end, sep = _find_event_end(buffer, start)
-            if end == -1:
-                break
-            event = buffer[start : end + sep]
-            start = end + sep
-            forwarded = self._event(event, buffer[start - sep : start])
+        while (match := _EVENT_END.search(buffer, max(start, self._scan))) is not None:
+            end = match.end()
+            event = bytes(buffer[start:end])
+            start = end
+            forwarded = self._event(event, match.group())
             if forwarded:
                 if self.done:
                     self._held.append(forwarded)
                 else:
                     out.append(forwarded)
-        self._buffer = buffer[start:]
+        if start == 0 and isinstance(buffer, bytearray):
+            pass  # nothing complete yet: keep growing the same buffer
+        else:
+            self._buffer = bytearray(buffer[start:])
+        # A separator can straddle two reads: rescan only the last 3 bytes.
+        self._scan = max(0, len(self._buffer) - 3)
         return b"".join(out)
 
     def _event(self, event: bytes, sep: bytes) -> bytes:
@@ -191,7 +273,7 @@ class StreamRelay:
 
     def finish(self) -> bytes:
         """Everything held back: the ``[DONE]`` event and any trailing bytes."""
-        rest = b"".join(self._held) + self._buffer
+        rest = b"".join(self._held) + bytes(self._buffer)
         self._held.clear()
-        self._buffer = b""
+        self._buffer = bytearray()
         return rest

@@ -49,15 +49,22 @@ def prompt_fingerprint(body: Mapping[str, Any]) -> str | None:
     tools = body.get("tools")
     if isinstance(tools, list):
         names = sorted(
-            str((tool.get("function") or {}).get("name", ""))
+            str(tool["function"].get("name", ""))
             for tool in tools
-            if isinstance(tool, dict)
+            if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
         )
         parts.append("tools:" + ",".join(names))
     if not parts:
         return None
     text = _SPACE.sub(" ", _DIGITS.sub("0", "\n".join(parts))).strip()
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _text(header: str) -> str:
+    """A header as text: bytes that are not UTF-8 (kept by aiohttp as surrogates) become U+FFFD."""
+    if header.isascii():
+        return header
+    return header.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class Tagger:
@@ -90,9 +97,9 @@ class Tagger:
         tags = dict(self.static)
         for name, value in headers.items():
             if name.lower().startswith(self.header_prefix):
-                key = name[len(self.header_prefix) :].lower()
+                key = _text(name[len(self.header_prefix) :].lower())
                 if key:
-                    tags[key] = value
+                    tags[key] = _text(value)
         app = path_app or self.apps.get(tenant)
         if app:
             tags[self.app_key] = app

@@ -9,6 +9,8 @@ replay safe to repeat.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +34,7 @@ from distillery.store.models import (
     GenerationCache,
 )
 from distillery.store.records import search_text
+from distillery.store.repair import RecordRefused, refused
 
 COMPLETIONS: sa.Table = Completion.__table__  # type: ignore[attr-defined]
 TAGS: sa.Table = CompletionTag.__table__  # type: ignore[attr-defined]
@@ -67,7 +70,7 @@ def create_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(parsed.database))
         # sqlite3's own busy timeout (5 s unless the URL says ?timeout=...)
         # rides out a concurrent writer such as a second proxy worker.
         kwargs["connect_args"] = {"check_same_thread": False}
@@ -78,6 +81,19 @@ def create_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file readable by its owner only (captured traffic is private).
+
+    SQLite gives its -wal and -shm files the main file's permissions.  A file
+    that already exists keeps the permissions it has.
+    """
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -195,6 +211,12 @@ def _converter(column_type: sa.types.TypeEngine[Any], postgres: bool) -> Any:
     return None
 
 
+def _search_text(record: Mapping[str, Any]) -> str:
+    text = search_text(record.get("request"), record.get("response"))
+    limit = record.get("search_limit")
+    return text[:limit] if isinstance(limit, int) else text
+
+
 class Store:
     """A database the capture path writes to and the curation commands read."""
 
@@ -213,29 +235,35 @@ class Store:
 
         Records carry ``created_at`` as epoch seconds: cheap to mint on the
         request path and JSON-safe in the spool.
+        Raises :class:`RecordRefused` when the database refuses the records
+        themselves (see ``repair.py``); any other exception means it is unavailable.
         """
         records = list(records)
         if not records:
             return 0
-        tags = [
-            {"completion_id": record["id"], "key": key, "value": value}
-            for record in records
-            for key, value in record["metadata"].items()
-        ]
         if not self.migrated:
             # The proxy starts even when the database is down; the schema is
             # created the first time it answers.
             migrate(self.engine)
             self.migrated = True
-        texts = [
-            (record["id"], search_text(record.get("request"), record.get("response")))
-            for record in records
-        ]
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql(self._completions.sql, self._completions.rows(records))
-            if tags:
-                conn.exec_driver_sql(self._tags.sql, self._tags.rows(tags))
-            search.insert(conn, texts)
+        dialect = self.engine.dialect.name
+        try:
+            completions = self._completions.rows(records)
+            tags = self._tags.rows(
+                {"completion_id": record["id"], "key": key, "value": value}
+                for record in records
+                for key, value in record["metadata"].items()
+            )
+            texts = [(record["id"], _search_text(record)) for record in records]
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(self._completions.sql, completions)
+                if tags:
+                    conn.exec_driver_sql(self._tags.sql, tags)
+                search.insert(conn, texts)
+        except Exception as exc:
+            if refused(exc, dialect):
+                raise RecordRefused(f"{type(exc).__name__}: {exc}") from exc
+            raise
         return len(records)
 
     def ping(self) -> None:
