@@ -10,6 +10,7 @@ client receives the end of the response (the body of a JSON answer, the
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 import zlib
 from typing import Any
@@ -22,13 +23,20 @@ from multidict import CIMultiDictProxy
 
 from distillery.config import ProxySettings
 from distillery.proxy.errors import APIError, upstream_timeout, upstream_unreachable
-from distillery.proxy.forward import abort, request_headers, response_headers, upstream_url
+from distillery.proxy.forward import (
+    abort,
+    request_headers,
+    response_headers,
+    unreadable_body,
+    upstream_url,
+)
 from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, log_fields
 from distillery.proxy.stream import StreamRelay, malformed
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
 
 log = structlog.get_logger()
 
+LARGE_BODY = 1 << 20
 CLIENT_GONE = {"type": "client_error", "message": "client disconnected before the response ended"}
 STREAM_CLIENT_GONE = {
     "type": "client_error",
@@ -167,7 +175,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _read_body(request, proxy.settings.proxy)
     call = Call(proxy, request, tenant, body)
     fields.update(model=call.model, stream=call.stream, tags=len(call.metadata))
-    payload = call.payload()
+    body_bytes = call.payload()
+    # aiohttp writes a BytesIO in 64 KB pieces, yielding to the loop between them.
+    payload = io.BytesIO(body_bytes) if len(body_bytes) > LARGE_BODY else body_bytes
+    del body_bytes
     headers = request_headers(request.headers, authorization, identity=True)
     headers["Content-Type"] = "application/json"
     try:
@@ -249,10 +260,8 @@ async def _read_body(request: web.Request, settings: ProxySettings) -> dict[str,
             "(is Content-Length larger than the body?).",
             code="request_timeout",
         ) from None
-    except (aiohttp.http_exceptions.HttpProcessingError, zlib.error, ValueError) as exc:
-        encoding = request.headers.get("Content-Encoding")
-        what = f"as Content-Encoding: {encoding}" if encoding else "as sent"
-        raise APIError(400, f"The request body cannot be read {what}: {exc}") from None
+    except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+        raise unreadable_body(request, exc) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -86,6 +86,8 @@ def request_headers(
         lower = name.lower()
         if lower in REQUEST_DROP or lower in named or lower.startswith(OWN_PREFIX):
             continue
+        if not value.isascii():
+            _check_utf8(name, value)
         out.add(name, value)
     if "content-encoding" in out:
         # aiohttp's server has already decoded the body; forward it decoded.
@@ -96,8 +98,18 @@ def request_headers(
         out.popall("content-length", None)
         out["Accept-Encoding"] = "identity"
     if authorization:
+        if not authorization.isascii():
+            _check_utf8("Authorization", authorization)
         out["Authorization"] = authorization
     return out
+
+
+def _check_utf8(name: str, value: str) -> None:
+    """aiohttp keeps bytes that are not UTF-8 as surrogates, which cannot be sent on."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"Header {name!r} is not valid UTF-8.", code="invalid_header") from None
 
 
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -140,6 +152,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 await response.write(chunk)
             await response.write_eof()
             return response
+    except web.RequestPayloadError as exc:
+        if response is None or not response.prepared:
+            raise unreadable_body(request, exc) from None
+        abort(request)
+        return response
     except ConnectionResetError:
         log.info("client went away", path=request.path)
         if response is None:
@@ -157,6 +174,14 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         log.warning("upstream failed mid-response", error=repr(exc))
         abort(request)
         return response
+
+
+def unreadable_body(request: web.Request, exc: BaseException) -> APIError:
+    """The client's body cannot be decoded (a Content-Encoding it does not honour)."""
+    encoding = request.headers.get("Content-Encoding")
+    what = f"as Content-Encoding: {encoding}" if encoding else "as sent"
+    reason = str(exc).replace("\n", " ").strip()
+    return APIError(400, f"The request body cannot be read {what}: {reason}", code="invalid_body")
 
 
 def abort(request: web.Request) -> None:

@@ -211,6 +211,14 @@ def _converter(column_type: sa.types.TypeEngine[Any], postgres: bool) -> Any:
     return None
 
 
+def _tag(key: Any, value: Any) -> str:
+    # Drivers stringify some non-strings their own way (psycopg: a list as
+    # '{1,2}'), so the same record would be stored differently per database.
+    if not isinstance(value, str) or not isinstance(key, str):
+        raise TypeError(f"metadata value for {key!r} is not a string")
+    return value
+
+
 def _search_text(record: Mapping[str, Any]) -> str:
     text = search_text(record.get("request"), record.get("response"))
     limit = record.get("search_limit")
@@ -250,7 +258,7 @@ class Store:
         try:
             completions = self._completions.rows(records)
             tags = self._tags.rows(
-                {"completion_id": record["id"], "key": key, "value": value}
+                {"completion_id": record["id"], "key": key, "value": _tag(key, value)}
                 for record in records
                 for key, value in record["metadata"].items()
             )

@@ -52,6 +52,7 @@ TEXT_FIELDS = (
 # exceeded (tsvector too long).  Everything else -- connection failures (08),
 # disk full (53), shutdown (57), locks (55), a missing table (42) -- is an outage.
 _POSTGRES_REFUSALS = ("22", "23", "54")
+_DATATYPE_MISMATCH = "42804"  # the one class-42 error a value can cause
 # Raised by our own row building (a metadata value that is not a string, a
 # timestamp that is not a number, JSON orjson cannot serialise).
 _ROW_ERRORS = (TypeError, ValueError, KeyError, AttributeError, OverflowError)
@@ -76,9 +77,9 @@ def refused(exc: BaseException, dialect: str) -> bool:
     if not isinstance(exc, sa.exc.DBAPIError):
         return False
     if dialect == "postgresql":
-        code = getattr(exc.orig, "sqlstate", None)
+        code = str(getattr(exc.orig, "sqlstate", None) or "")
         if code:
-            return str(code)[:2] in _POSTGRES_REFUSALS
+            return code[:2] in _POSTGRES_REFUSALS or code == _DATATYPE_MISMATCH
         # Errors psycopg raises before sending (a NUL byte, a type it cannot adapt).
         return isinstance(exc, sa.exc.DataError | sa.exc.ProgrammingError)
     # SQLite: "database is locked", "disk is full", "unable to open" are

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from distillery.config import Settings, load_settings
 from distillery.proxy.app import make_app
+from distillery.proxy.http import ProxyRunner
 from distillery.store import Store
 from distillery.store.db import create_engine
 
@@ -50,9 +51,11 @@ class ServerThread:
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def serve(self, app: web.Application) -> tuple[str, web.AppRunner]:
+    def serve(
+        self, app: web.Application, runner_class: type[web.AppRunner] = web.AppRunner
+    ) -> tuple[str, web.AppRunner]:
         async def start() -> tuple[str, web.AppRunner]:
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+            runner = runner_class(app, access_log=None, shutdown_timeout=5)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
@@ -74,6 +77,15 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
+
+
+@pytest.fixture(autouse=True)
+def reap_proxies() -> Iterator[None]:
+    """No ``distillery proxy`` process outlives its test, whether it passed or failed."""
+    yield
+    from proxy_process import ProxyProcess
+
+    ProxyProcess.reap()
 
 
 @pytest.fixture
@@ -104,7 +116,7 @@ class RunningProxy:
         self.servers = servers
         self.settings = settings
         self.app = make_app(settings, store)
-        self.url, self.runner = servers.serve(self.app)
+        self.url, self.runner = servers.serve(self.app, ProxyRunner)
         self.base_url = self.url + "/v1"
         self.reader = Store(create_engine(settings.storage.resolved_database_url()))
 

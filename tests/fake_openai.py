@@ -9,6 +9,10 @@ What it answers depends on the request's ``model``:
     fake-cut          a stream (or body) cut off mid-way by closing the socket
     fake-slow         takes `slow_seconds` to answer (spread over the chunks when streaming)
     fake-midstream-error  an SSE stream that ends with an error event
+    fake-many         a stream of `many_deltas` small deltas, written 1,000 events at a time
+    fake-malformed-choices / fake-malformed-usage / fake-malformed-delta
+                      answers whose shape is not OpenAI's (choices a string, usage a
+                      list, a delta that is a string)
 
 Streams follow OpenAI: compact JSON chunks, ``"usage":null`` on every chunk and a
 final usage-only chunk when ``stream_options.include_usage`` is set, then
@@ -41,6 +45,7 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.slow_seconds = 2.0
+        self.many_deltas = 32_000  # fake-many: a stream of this many one-word deltas
         self.app = web.Application(client_max_size=200 * 1024 * 1024)
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_get("/v1/models", self.models)
@@ -129,6 +134,13 @@ class FakeOpenAI:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json(loads=orjson.loads)
         self._record(request, body)
+        try:
+            return await self._chat(request, body)
+        except (TypeError, ValueError, AttributeError) as exc:
+            # Like OpenAI, any request it cannot read gets a 400 in its error shape.
+            return self._error(400, f"The fake upstream cannot read this request: {exc}", None)
+
+    async def _chat(self, request: web.Request, body: Any) -> web.StreamResponse:
         self.counter += 1
         model = body.get("model", "")
         if model == "fake-error-400":
@@ -143,7 +155,19 @@ class FakeOpenAI:
         n = int(body.get("n") or 1)
         headers = {"x-request-id": f"req_{digest}", "openai-processing-ms": "12"}
         if body.get("stream"):
+            if model == "fake-many":
+                return await self._many(request, completion_id)
+            if model == "fake-malformed-delta":
+                return await self._malformed_stream(request, completion_id)
             return await self._stream(request, body, completion_id, model, n, headers)
+        if model == "fake-malformed-choices":
+            return web.json_response(
+                {"id": completion_id, "object": "chat.completion", "choices": "x"}
+            )
+        if model == "fake-malformed-usage":
+            return web.json_response(
+                {"id": completion_id, "object": "chat.completion", "choices": [], "usage": [1, 2]}
+            )
         if model == "fake-cut":
             response = web.StreamResponse(
                 headers={"Content-Type": "application/json", "Content-Length": "500"}
@@ -304,6 +328,37 @@ class FakeOpenAI:
             await send([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
         if include_usage:
             await send([], usage=_usage())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _many(self, request: web.Request, completion_id: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        head = (
+            b'data: {"id":"' + completion_id.encode() + b'","object":"chat.completion.chunk",'
+            b'"created":1700000000,"model":"fake-many","choices":[{"index":0,"delta":'
+        )
+        events = [
+            head + b'{"content":"w' + str(i).encode() + b' "},"finish_reason":null}]}\n\n'
+            for i in range(self.many_deltas)
+        ]
+        for start in range(0, len(events), 1000):
+            await response.write(b"".join(events[start : start + 1000]))
+        await response.write(head + b'{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+        await response.write_eof()
+        return response
+
+    async def _malformed_stream(
+        self, request: web.Request, completion_id: str
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for delta in ('{"role":"assistant","content":""}', '"a string delta"', '{"content":"x"}'):
+            await response.write(
+                b'data: {"id":"' + completion_id.encode() + b'","object":"chat.completion.chunk",'
+                b'"choices":[{"index":0,"delta":' + delta.encode() + b"}]}\n\n"
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

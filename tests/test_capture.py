@@ -6,10 +6,7 @@ import asyncio
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -23,6 +20,7 @@ from distillery.redact import Redactor
 from distillery.store import open_store
 
 from conftest import wait_for
+from proxy_process import ProxyProcess
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}]
 
@@ -123,57 +121,6 @@ def test_torn_last_line_is_skipped_and_orphans_replayed(tmp_path):
 # -- the real process ---------------------------------------------------------
 
 
-class ProxyProcess:
-    def __init__(
-        self, port: int, upstream_url: str, data_dir: Path, database_url: str, *extra: str
-    ) -> None:
-        self.port = port
-        self.args = [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream_url,
-            "--data-dir",
-            str(data_dir),
-            "--database-url",
-            database_url,
-            "--log-json",
-            *extra,
-        ]
-        self.log = data_dir.parent / f"proxy-{port}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> ProxyProcess:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            assert self.process is not None and self.process.poll() is None, self.log.read_text()
-            try:
-                return httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=20, what="proxy process to listen")
-        return self
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 30) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout)
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request, tmp_path):
     if request.param == "sqlite":
@@ -262,13 +209,16 @@ def test_sigterm_under_load_loses_nothing(upstream, tmp_path, unused_tcp_port):
             except openai.APIConnectionError:
                 pass  # refused once the proxy stopped accepting: never answered, fine
 
-        async def sigterm_soon() -> None:
-            await asyncio.sleep(0.4)
+        async def sigterm_mid_load() -> None:
+            # Observable state, not a sleep: the upstream holds all 60 first calls
+            # (fake-slow takes 0.3 s), so they are in flight when SIGTERM lands.
+            await asyncio.to_thread(
+                wait_for, lambda: len(upstream.requests) >= 60, 30, "60 calls in flight"
+            )
             proxy.signal(signal.SIGTERM)
 
         tasks = [asyncio.create_task(one(i)) for i in range(60)]
-        await asyncio.sleep(0.05)
-        tasks.append(asyncio.create_task(sigterm_soon()))
+        await sigterm_mid_load()
         tasks += [asyncio.create_task(one(i)) for i in range(60, 120)]
         await asyncio.gather(*tasks)
         await client.close()

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 
 from distillery.store import open_store
 
-from test_capture import ProxyProcess
+from conftest import wait_for
+from proxy_process import ProxyProcess
 
 
 def free_port() -> int:
@@ -69,8 +70,12 @@ def test_two_proxies_on_one_postgres_sigterm_and_restart(upstream, tmp_path, pos
 
     async def scenario() -> None:
         load = asyncio.create_task(drive([first.base_url, second.base_url], 0, 80, answered))
-        await asyncio.sleep(0.15)
-        first.signal(signal.SIGTERM)  # mid-load: its in-flight calls must still finish
+        # Mid-load: once the upstream has seen calls through both proxies, some of
+        # the first one's are in flight (fake-slow takes 0.3 s) and must still finish.
+        await asyncio.to_thread(
+            wait_for, lambda: len(upstream.requests) >= 20, 20, "calls in flight"
+        )
+        first.signal(signal.SIGTERM)
         await load
         await asyncio.to_thread(first.wait)
         first.start()  # the same port again
