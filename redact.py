@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+CACHED_CHARS = 16_384
+
 # Keys whose string values are identifiers or enum members, never free text.
 STRUCTURAL_KEYS = frozenset(
     {
@@ -127,7 +129,9 @@ class Redactor:
         self.patterns = tuple(patterns)
         self._checks = tuple((p, p.trigger) for p in self.patterns)
         # Calls of one task repeat their long system prompt: redact it once.
-        self.text = functools.lru_cache(maxsize=1024)(self._text)  # type: ignore[method-assign]
+        # Only strings up to CACHED_CHARS are kept: a cache of 1,024 entries
+        # must not hold a 50 MB prompt alive.
+        self._cached = functools.lru_cache(maxsize=1024)(self._text)
 
     @classmethod
     def from_settings(cls, defaults: bool, extra: Iterable[tuple[str, str]] = ()) -> Redactor:
@@ -135,6 +139,8 @@ class Redactor:
         return cls([*(DEFAULT_PATTERNS if defaults else ()), *custom])
 
     def text(self, value: str) -> str:
+        if len(value) <= CACHED_CHARS:
+            return self._cached(value)
         return self._text(value)
 
     def _text(self, value: str) -> str:

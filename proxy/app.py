@@ -18,7 +18,7 @@ from distillery.proxy import stored
 from distillery.proxy.capture import Capture, new_record_id
 from distillery.proxy.chat import chat_completions
 from distillery.proxy.errors import APIError
-from distillery.proxy.forward import passthrough
+from distillery.proxy.forward import passthrough, unreadable_body
 from distillery.proxy.metrics import Metrics
 from distillery.proxy.state import LOG_FIELDS, PROXY, REQUEST_ID, Proxy
 from distillery.proxy.tagging import Tagger
@@ -52,6 +52,11 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     except APIError as error:
         fields.setdefault("error", error.message)
         response = error.response(request_id)
+    except web.RequestPayloadError as exc:
+        # A body no route could read (a Content-Encoding it does not honour).
+        unreadable = unreadable_body(request, exc)
+        fields.setdefault("error", unreadable.message)
+        response = unreadable.response(request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

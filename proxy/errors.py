@@ -23,8 +23,10 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
+        self.close = close  # the connection cannot be reused (a broken body)
         self.status = status
         self.message = message
         self.type = type
@@ -44,12 +46,15 @@ class APIError(Exception):
     def response(self, request_id: str | None = None) -> web.Response:
         """The response; ``request_id`` goes in ``x-request-id``, where OpenAI puts its own."""
         headers = {"x-request-id": request_id} if request_id else None
-        return web.Response(
+        response = web.Response(
             status=self.status,
             body=orjson.dumps(self.body()),
             content_type="application/json",
             headers=headers,
         )
+        if self.close:
+            response.force_close()
+        return response
 
 
 def upstream_unreachable(exc: BaseException) -> APIError:

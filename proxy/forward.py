@@ -163,6 +163,12 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             raise APIError(400, "The client closed the connection.") from None
         return response
     except (TimeoutError, aiohttp.ClientError) as exc:
+        broken_body = request.content.exception()
+        if isinstance(broken_body, web.RequestPayloadError) and not (
+            response and response.prepared
+        ):
+            # Sending failed because the client's own body cannot be decoded.
+            raise unreadable_body(request, broken_body) from None
         if response is None or not response.prepared:
             proxy.metrics.upstream_errors.labels(
                 "timeout" if isinstance(exc, TimeoutError) else "unreachable"
@@ -177,11 +183,19 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
 
 def unreadable_body(request: web.Request, exc: BaseException) -> APIError:
-    """The client's body cannot be decoded (a Content-Encoding it does not honour)."""
+    """The client's body cannot be decoded (a Content-Encoding it does not honour).
+
+    The rest of the body is unreadable too, so the connection closes after the
+    answer: marking the body ended stops aiohttp from trying to drain it
+    afterwards (which would raise the same error again, as an unhandled one).
+    """
+    request.content.feed_eof()
     encoding = request.headers.get("Content-Encoding")
     what = f"as Content-Encoding: {encoding}" if encoding else "as sent"
     reason = str(exc).replace("\n", " ").strip()
-    return APIError(400, f"The request body cannot be read {what}: {reason}", code="invalid_body")
+    return APIError(
+        400, f"The request body cannot be read {what}: {reason}", code="invalid_body", close=True
+    )
 
 
 def abort(request: web.Request) -> None:

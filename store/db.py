@@ -219,10 +219,20 @@ def _tag(key: Any, value: Any) -> str:
     return value
 
 
+# Full-text search indexes at most this many characters of a call: its first
+# and last halves (the instructions, and the question and answer at the end).
+# Beyond that an index costs more than it finds, and Postgres refuses a
+# tsvector over 1 MB anyway.
+SEARCH_CHARS = 200_000
+
+
 def _search_text(record: Mapping[str, Any]) -> str:
     text = search_text(record.get("request"), record.get("response"))
     limit = record.get("search_limit")
-    return text[:limit] if isinstance(limit, int) else text
+    limit = limit if isinstance(limit, int) else SEARCH_CHARS
+    if len(text) <= limit:
+        return text
+    return text[: limit // 2] + "\n" + text[-(limit // 2) :]
 
 
 class Store:

@@ -15,7 +15,7 @@ refused record into one the database accepts, changing as little as it can:
 metadata becomes strings within OpenAI's limits (the original stays in the
 stored request JSON, which is what was sent upstream), NUL characters are
 escaped as the six characters ``\\u0000``, JSON that nests too deeply is kept
-as text, and the search index gets a bounded prefix.
+as text, and the search index gets a tighter bound.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import sqlalchemy as sa
 
 from distillery.store.records import MAX_KEY, MAX_VALUE
 
-# What full-text search indexes of a repaired record: Postgres refuses a
-# tsvector over 1 MB, which 100,000 characters of distinct words stay well under.
-SEARCH_PREFIX = 100_000
+# What full-text search indexes of a repaired record (its first and last
+# halves): Postgres refuses a tsvector over 1 MB; 100,000 characters of
+# distinct words stay well under it, even where the usual bound did not.
+SEARCH_CHARS_REPAIRED = 100_000
 # The tag that marks a repaired record, so it can be found with --tag.
 REPAIRED_TAG = "distillery_repaired"
 JSON_FIELDS = ("request", "response", "error")
@@ -111,7 +112,7 @@ def repair(record: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if out.get(name) is not None and not isinstance(out[name], str):
             out[name] = str(out[name])
             changes.append(f"{name} made a string")
-    out["search_limit"] = SEARCH_PREFIX  # read by Store.insert
+    out["search_limit"] = SEARCH_CHARS_REPAIRED  # read by Store.insert
     changes.append("search index bounded")
     metadata[REPAIRED_TAG] = _limit(", ".join(changes), MAX_VALUE)
     out["metadata"] = metadata

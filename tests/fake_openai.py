@@ -41,12 +41,33 @@ def _usage(prompt: int = 9, completion: int = 12) -> dict[str, Any]:
     }
 
 
+@web.middleware
+async def openai_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown routes and methods answer in OpenAI's error JSON, as OpenAI does."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            {
+                "error": {
+                    "message": exc.reason,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status=exc.status,
+        )
+
+
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.slow_seconds = 2.0
         self.many_deltas = 32_000  # fake-many: a stream of this many one-word deltas
-        self.app = web.Application(client_max_size=200 * 1024 * 1024)
+        self.app = web.Application(client_max_size=200 * 1024 * 1024, middlewares=[openai_errors])
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/chat/completions", self.stored_list)
@@ -143,6 +164,8 @@ class FakeOpenAI:
     async def _chat(self, request: web.Request, body: Any) -> web.StreamResponse:
         self.counter += 1
         model = body.get("model", "")
+        if not isinstance(model, str):
+            return self._error(400, "Invalid type for 'model': expected a string.", "invalid_type")
         if model == "fake-error-400":
             return self._error(400, "Invalid value for 'temperature'.", "invalid_value")
         if model == "fake-error-500":
@@ -152,7 +175,11 @@ class FakeOpenAI:
         # Deterministic per conversation, so direct and proxied answers compare byte for byte.
         digest = hashlib.sha1(orjson.dumps(body.get("messages"))).hexdigest()[:12]
         completion_id = f"chatcmpl-{digest}"
-        n = int(body.get("n") or 1)
+        n = body.get("n") or 1
+        if not isinstance(n, int) or not 1 <= n <= 8:
+            return self._error(
+                400, f"Invalid 'n': {str(n)[:20]}; expected 1 to 8.", "invalid_value"
+            )
         headers = {"x-request-id": f"req_{digest}", "openai-processing-ms": "12"}
         if body.get("stream"):
             if model == "fake-many":
