@@ -28,6 +28,7 @@ from distillery.store import Store
 log = structlog.get_logger()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DRAIN_SECONDS = 10.0  # aiohttp's own lingering time
 
 
 def _route_name(request: web.Request) -> str:
@@ -75,6 +76,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
             "The proxy failed to handle this request; see its log for the request id.",
             type="server_error",
         ).response(request_id)
+    await _drain(request, response)
     elapsed = time.perf_counter() - started
     route = _route_name(request)
     proxy.metrics.requests.labels(route, str(response.status)).inc()
@@ -90,6 +92,28 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
             **fields,
         )
     return response
+
+
+async def _drain(request: web.Request, response: web.StreamResponse) -> None:
+    """Read what a handler left unread of the body (it answered before needing it).
+
+    aiohttp would do this itself after the handler ("lingering"), outside any
+    middleware, where a body it cannot decode (a false Content-Encoding) is
+    logged as an unhandled exception; closing without reading instead makes
+    the kernel reset the connection, and the client can lose the answer.
+    """
+    content = request.content
+    if not request.body_exists or content.is_eof() or response.keep_alive is False:
+        return  # nothing left, or an answer that closes the connection anyway
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while not content.is_eof():
+                await content.readany()
+    except web.RequestPayloadError:
+        content.feed_eof()  # the rest cannot be read: close after the answer
+        response.force_close()
+    except (TimeoutError, ConnectionError):
+        response.force_close()
 
 
 async def healthz(request: web.Request) -> web.Response:

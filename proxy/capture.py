@@ -61,6 +61,7 @@ log = structlog.get_logger()
 ROTATE_BYTES = 8 * 1024 * 1024
 ROTATE_SECONDS = 1.0
 MAX_BACKOFF = 5.0
+SPOOL_ROOM = 1024 * 1024  # free bytes that count as "the spool can be written again"
 
 
 def new_record_id() -> str:
@@ -519,8 +520,26 @@ class Capture:
             _release(fd, lock_path)
             self._orphans.pop(0)
 
+    def _spool_recovered(self) -> None:
+        """Clear the spool's failure once its disk has room again.
+
+        Only a write clears it on the request path, and with the database
+        taking the buffered records there may be no write for a while.
+        """
+        if self.spool_error is None:
+            return
+        try:
+            stats = os.statvfs(self.spool.directory)
+        except OSError:
+            return
+        if stats.f_bavail * stats.f_frsize >= SPOOL_ROOM:
+            with self.spool.lock:
+                self.spool_error = None
+            log.info("spool writable again")
+
     def _drain_memory(self) -> None:
         """Records held in memory go to the database, or back to the spool once it takes them."""
+        self._spool_recovered()
         if not self.unspooled:
             return
         with self.spool.lock:

@@ -259,6 +259,7 @@ async def _read_body(request: web.Request, settings: ProxySettings) -> dict[str,
             f"The request body did not arrive within {settings.body_timeout} s "
             "(is Content-Length larger than the body?).",
             code="request_timeout",
+            close=True,
         ) from None
     except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
         raise unreadable_body(request, exc) from None

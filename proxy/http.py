@@ -66,18 +66,7 @@ class _Server(web.Server):
 
 
 class ProxyRunner(web.AppRunner):
-    """``web.AppRunner`` whose low-level errors are OpenAI-shaped too.
-
-    Lingering is off: when a handler answers without reading the body (a 401, a
-    405, a bad path), the connection closes after the answer instead of
-    draining the body -- which aiohttp would otherwise do after the handler,
-    outside any middleware, logging a body it cannot decode as an unhandled
-    exception.
-    """
-
-    def __init__(self, app: web.Application, **kwargs: Any) -> None:
-        kwargs.setdefault("lingering_time", 0)
-        super().__init__(app, **kwargs)
+    """``web.AppRunner`` whose low-level errors are OpenAI-shaped too."""
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
