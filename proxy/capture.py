@@ -250,8 +250,10 @@ class Capture:
             line = orjson.dumps(record) + b"\n"
         except (orjson.JSONEncodeError, TypeError):
             # JSON nested deeper than orjson writes: keep that part as text.
-            record, _ = repair(record)
+            record, changes = repair(record)
             line = orjson.dumps(record) + b"\n"
+            self.repaired += 1
+            log.warning("capture record repaired", record_id=record["id"], changes=changes)
         with self.spool.lock:
             try:
                 seq = self.spool.append(line)

@@ -161,7 +161,11 @@ class Call:
             "error": error,
             "metadata": self.metadata,
         }
-        outcome = self.capture.submit(record)
+        try:
+            outcome = self.capture.submit(record)
+        except Exception:  # a bug: the call is still answered
+            log.exception("capture failed", record_id=self.id)
+            outcome = "failed"
         self.proxy.metrics.captured.labels(outcome).inc()
         return outcome
 

@@ -10,6 +10,7 @@ What it answers depends on the request's ``model``:
     fake-slow         takes `slow_seconds` to answer (spread over the chunks when streaming)
     fake-midstream-error  an SSE stream that ends with an error event
     fake-many         a stream of `many_deltas` small deltas, written 1,000 events at a time
+    fake-deep         a completion with a member nested 300 levels deep
     fake-malformed-choices / fake-malformed-usage / fake-malformed-delta
                       answers whose shape is not OpenAI's (choices a string, usage a
                       list, a delta that is a string)
@@ -190,6 +191,13 @@ class FakeOpenAI:
         if model == "fake-malformed-choices":
             return web.json_response(
                 {"id": completion_id, "object": "chat.completion", "choices": "x"}
+            )
+        if model == "fake-deep":
+            deep: Any = 1
+            for _ in range(300):
+                deep = [deep]
+            return web.json_response(
+                {"id": completion_id, "object": "chat.completion", "choices": [], "x": deep}
             )
         if model == "fake-malformed-usage":
             return web.json_response(

@@ -517,6 +517,21 @@ def test_malformed_upstream_answers_are_relayed_as_sent_and_stored_as_errors(
     assert MALFORMED.get(model, "chunk 2") in error["message"]
 
 
+def test_an_answer_nested_too_deep_to_serialise_is_relayed_and_stored_as_text(
+    start_proxy, upstream
+):
+    proxy = start_proxy()
+    body = {"model": "fake-deep", "messages": MESSAGES}
+    direct = httpx.post(upstream.url + "/v1/chat/completions", json=body)
+    relayed = httpx.post(proxy.base_url + "/chat/completions", json=body)
+    assert relayed.status_code == 200 and relayed.content == direct.content
+    [row] = proxy.wait_stored(1)
+    response = json.loads(row["response"])
+    assert response["distillery_unstorable"] == "nested too deeply"
+    assert json.loads(response["json"]) == direct.json()
+    assert REPAIRED_TAG in proxy.tags(row["id"])
+
+
 # -- streams, disconnects, shutdown ------------------------------------------------
 
 
