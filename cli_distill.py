@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,8 +107,7 @@ def distill(
 
     settings = load_settings(config, {"storage.database_url": database_url})
     graders = [g for spec in grader_specs for g in load_graders(spec)]
-    key = os.environ.get(api_key_env) if api_key_env else None
-    endpoint = Endpoint("default", base_url, key)
+    endpoint = Endpoint.from_env("default", base_url, api_key_env)
     hyper = {
         k: v
         for k, v in {

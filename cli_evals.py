@@ -93,7 +93,8 @@ def eval_group() -> None:
     help="OpenAI-compatible URL for candidates without @ENDPOINT  [default: OPENAI_BASE_URL]",
 )
 @click.option(
-    "--api-key-env", help="Env var with the API key for --base-url  [default: OPENAI_API_KEY]"
+    "--api-key-env",
+    help="Env var with the API key for --base-url (must be set: no other key is sent)  [default: OPENAI_API_KEY]",
 )
 @click.option(
     "--grader",
@@ -160,8 +161,6 @@ def run_command(
             --grader fuzzy_match --grader judge.toml --html report.html
         distillery eval run --where --tag app=support --limit 200 --model my-student@local --grader rouge_l
     """
-    import os
-
     from distillery.cli_datasets import resolve
     from distillery.config import load_settings
     from distillery.curation import eval_items, evaluate
@@ -183,9 +182,11 @@ def run_command(
         raise click.UsageError(
             f"Two graders share a name ({', '.join(sorted(n for n in names if names.count(n) > 1))}): name them apart."
         )
-    default = Endpoint("default", base_url, os.environ.get(api_key_env) if api_key_env else None)
+    default = Endpoint.from_env("default", base_url, api_key_env)
+    # A configured endpoint without api_key_env is keyless: it never gets OPENAI_API_KEY.
     endpoints = {
-        name: Endpoint(name, e.base_url, e.api_key()) for name, e in settings.endpoints.items()
+        name: Endpoint.from_env(name, e.base_url, e.api_key_env, default_env=None)
+        for name, e in settings.endpoints.items()
     }
     candidates = []
     for spec in models:
@@ -197,6 +198,8 @@ def run_command(
         candidates.append(
             Candidate(spec, model, endpoints[endpoint_name] if endpoint_name else default)
         )
+    for candidate in candidates:
+        candidate.endpoint.check()  # before any work: name the unset variable
     # A JSONL file needs no captured calls; the database still keeps the run and the cache.
     store = open_cli_store(config, database_url, must_exist=jsonl is None)
     if jsonl:

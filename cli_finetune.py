@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,11 @@ JOB_COLUMNS = (
 
 def _backend(job_or_url: str | None, api_key_env: str | None) -> Any:
     from distillery.curation.finetune import OpenAIBackend
+    from distillery.curation.generate import Endpoint
 
-    backend = OpenAIBackend(job_or_url, os.environ.get(api_key_env) if api_key_env else None)
+    endpoint = Endpoint.from_env("fine-tuning", job_or_url, api_key_env)
+    endpoint.check()  # never the SDK's fallback to another key, never its traceback
+    backend = OpenAIBackend(job_or_url, endpoint.api_key)
     click.get_current_context().call_on_close(backend.client.close)
     return backend
 

@@ -172,7 +172,8 @@ def _finetune(
     if options.backend == "local":
         backend = finetune.LocalBackend(data_dir)
     else:
-        endpoint = options.student_endpoint or Endpoint("default")
+        endpoint = options.student_endpoint or Endpoint.from_env("default")
+        endpoint.check()
         backend = finetune.OpenAIBackend(endpoint.base_url, endpoint.api_key)
     job = finetune.get(store, state["job"]) if state.get("job") else None
     if job is None or job["status"] in ("failed", "cancelled"):
@@ -202,7 +203,7 @@ def _finetune(
             provider, status, url = (
                 remote.id,
                 remote.status,
-                (options.student_endpoint or Endpoint("d")).base_url,
+                (options.student_endpoint or Endpoint.from_env("d")).base_url,
             )
         job = finetune.record(
             store,
@@ -241,7 +242,7 @@ def _students(
     options: DistillOptions, job: dict[str, Any]
 ) -> Iterator[tuple[Candidate, Candidate]]:
     if options.backend == "openai":
-        endpoint = options.student_endpoint or Endpoint("default")
+        endpoint = options.student_endpoint or Endpoint.from_env("default")
         yield (
             Candidate(f"base:{options.student_base}", options.student_base, endpoint),
             Candidate(f"tuned:{job['fine_tuned_model']}", job["fine_tuned_model"], endpoint),

@@ -58,7 +58,7 @@ class Context:
     judge_endpoints: dict[str, Endpoint] = field(default_factory=dict)
     # Judges and embedding models run here unless a grader names an endpoint: never on
     # the candidate's server, which may be a local student that knows no judge model.
-    default_endpoint: Endpoint = field(default_factory=lambda: Endpoint("default"))
+    default_endpoint: Endpoint = field(default_factory=lambda: Endpoint.from_env("default"))
 
     def endpoint(self, name: str | None) -> Endpoint:
         if name and name not in self.judge_endpoints:

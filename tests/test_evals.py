@@ -516,3 +516,83 @@ def test_yaml_grader_file(models, items_file, db, tmp_path):
     stats = json.loads(result.output)["summary"]["candidates"]["weak"]["graders"]["close"]
     wrong = [g.rouge_n("I don't know.", answer(q), 1) for q in QUESTIONS[::2]]
     assert stats["mean"] == round((3 + sum(wrong)) / 6, 4) and stats["pass_rate"] == 0.5
+
+
+def test_an_unset_key_variable_is_an_error_never_a_fallback(
+    servers, models, items_file, db, tmp_path, monkeypatch
+):
+    """A key goes only where it was configured: an unset variable is named, and the user's
+    OPENAI_API_KEY is never sent in its place (the SDK's silent fallback)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-users-own-openai-key")
+    monkeypatch.delenv("DISTILLERY_UNSET_KEY", raising=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "run",
+            "--database-url",
+            db,
+            "--file",
+            str(items_file),
+            "--model",
+            "teacher",
+            "--base-url",
+            models.url + "/v1",
+            "--api-key-env",
+            "DISTILLERY_UNSET_KEY",
+            "--grader",
+            "exact",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "$DISTILLERY_UNSET_KEY is not set" in result.output
+    assert models.requests == []
+
+    config = tmp_path / "endpoints.toml"
+    config.write_text(
+        f'[endpoints.unset]\nbase_url = "{models.url}/v1"\napi_key_env = "DISTILLERY_UNSET_KEY"\n'
+        f'[endpoints.local]\nbase_url = "{models.url}/v1"\n'
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "run",
+            "-c",
+            str(config),
+            "--database-url",
+            db,
+            "--file",
+            str(items_file),
+            "--model",
+            "teacher@unset",
+            "--grader",
+            "exact",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "$DISTILLERY_UNSET_KEY is not set" in result.output and "'unset'" in result.output
+    assert models.requests == []
+
+    # An endpoint configured without api_key_env is keyless: it gets a placeholder, not a key.
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "run",
+            "-c",
+            str(config),
+            "--database-url",
+            db,
+            "--file",
+            str(items_file),
+            "--model",
+            "teacher@local",
+            "--grader",
+            "exact",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert {r["headers"]["Authorization"] for r in models.requests} == {"Bearer distillery-no-key"}

@@ -149,3 +149,29 @@ def test_unknown_job_and_dataset_name_the_fix(db, api):
         api.url + "/v1",
     )
     assert "No dataset 'missing'" in result.output
+
+
+def test_create_without_a_key_is_one_line_naming_the_variable(db, api, monkeypatch):
+    """No traceback, and no other key sent in its place."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            "create",
+            "--dataset",
+            "support",
+            "--base-model",
+            "gpt-4.1-mini",
+            "--base-url",
+            api.url + "/v1",
+            "--database-url",
+            db,
+        ],
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: $OPENAI_API_KEY is not set: it holds the API key for endpoint 'fine-tuning'. "
+        "Export it (no other key is sent in its place)."
+    ]
+    assert api.created == []
