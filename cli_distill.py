@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from distillery.cli_completions import (
     open_cli_store,
     store_options,
 )
+from distillery.cli_evals import fail_under_option, max_error_rate_option
 from distillery.errors import DistilleryError
 from distillery.output import write_rows
 
@@ -44,9 +44,8 @@ from distillery.output import write_rows
     metavar="NAME|FILE",
     help="As for `eval run` (repeatable).",
 )
-@click.option(
-    "--fail-under", type=float, help="Exit 1 when the fine-tuned student's mean misses this."
-)
+@fail_under_option("the fine-tuned student's")
+@max_error_rate_option
 @click.option("--epochs", type=click.IntRange(1, 500), help="Fine-tune epochs.")
 @click.option("--batch-size", type=click.IntRange(1, 256))
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), help="local backend.")
@@ -77,7 +76,8 @@ def distill(
     student_base: str,
     backend: str,
     grader_specs: tuple[str, ...],
-    fail_under: float | None,
+    fail_under: tuple[str, ...],
+    max_error_rate: float,
     epochs: int | None,
     batch_size: int | None,
     learning_rate: float | None,
@@ -96,9 +96,9 @@ def distill(
     \b
     Example:
         distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
-            --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under 0.6
+            --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under rouge_l=0.6
     """
-    from distillery.cli_evals import RESULT_COLUMNS, result_rows
+    from distillery.cli_evals import RESULT_COLUMNS, gate, result_rows, thresholds
     from distillery.config import load_settings
     from distillery.curation import distill as loop
     from distillery.curation import evaluate
@@ -107,6 +107,7 @@ def distill(
 
     settings = load_settings(config, {"storage.database_url": database_url})
     graders = [g for spec in grader_specs for g in load_graders(spec)]
+    limits = thresholds(fail_under, graders)
     endpoint = Endpoint.from_env("default", base_url, api_key_env)
     hyper = {
         k: v
@@ -146,17 +147,11 @@ def distill(
         from distillery.curation.eval_report import render
 
         html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), []))
-    if fail_under is not None:
-        tuned = [
-            label
-            for label in result["summary"]["candidates"]
-            if label.startswith(("fine-tuned", "tuned:"))
-        ]
-        misses = [
-            m for m in evaluate.failing(result["summary"], fail_under) if m.split("/")[0] in tuned
-        ]
-        if misses:
-            click.echo("Below --fail-under: " + "; ".join(misses), err=True)
-            sys.exit(1)
+    tuned = {
+        label
+        for label in result["summary"]["candidates"]
+        if label.startswith(("fine-tuned", "tuned:"))
+    }
+    gate(result["summary"], limits, max_error_rate, judged=tuned)
     if not result["summary"]["candidates"]:
         raise DistilleryError("Nothing was graded.")

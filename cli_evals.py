@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ RESULT_COLUMNS = (
     "ci_95",
     "pass_rate",
     "n",
+    "errors",
     "p50_ms",
     "p95_ms",
     "tokens_in",
@@ -44,9 +46,16 @@ def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     "candidate": label,
                     "grader": name,
                     "mean": stats["mean"],
-                    "ci_95": f"[{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]",
+                    "ci_95": (
+                        f"[{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
+                        if stats["mean"] is not None
+                        else None
+                    ),
                     "pass_rate": stats["pass_rate"],
                     "n": stats["n"],
+                    # Items without a score (a failed call, a judge without a verdict):
+                    # the mean is over the n that have one.
+                    "errors": stats.get("errors", 0),
                     "p50_ms": entry["latency_p50_ms"],
                     "p95_ms": entry["latency_p95_ms"],
                     "tokens_in": entry["prompt_tokens"],
@@ -55,6 +64,81 @@ def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def fail_under_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--fail-under",
+        multiple=True,
+        metavar="[GRADER=]VALUE",
+        help=f"Exit 1 when {what} mean for GRADER is below VALUE (repeatable). A bare VALUE "
+        "applies to every grader, and only when they all score on one scale.",
+    )
+
+
+max_error_rate_option = click.option(
+    "--max-error-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of items a candidate may fail (no answer, or a grader without a score) "
+    "before the run exits 1.",
+)
+
+
+def thresholds(specs: tuple[str, ...], graders: list[Any]) -> dict[str, float]:
+    """``--fail-under`` values by grader name; one bare number only for graders on one scale."""
+    names = [g.name for g in graders]
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, sep, value = spec.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise click.UsageError(
+                f"--fail-under takes GRADER=VALUE or a number, not {spec!r}."
+            ) from None
+        if sep:
+            if name not in names:
+                raise click.UsageError(
+                    f"--fail-under {spec}: no grader {name!r} in this run ({', '.join(names)})."
+                )
+            out[name] = number
+            continue
+        scales = {g.scale() for g in graders}
+        if len(scales) > 1:
+            each = ", ".join(f"{g.name} {g.scale()[0]:g}-{g.scale()[1]:g}" for g in graders)
+            raise click.UsageError(
+                f"--fail-under {value} would apply one number to graders on different scales "
+                f"({each}): give one per grader, e.g. --fail-under {names[0]}=VALUE."
+            )
+        out.update(dict.fromkeys(names, number))
+    return out
+
+
+def gate(
+    summary: dict[str, Any],
+    limits: dict[str, float],
+    max_error_rate: float,
+    judged: set[str] | None = None,
+) -> None:
+    """Exit 1, saying why, when a candidate failed too many items or a mean is below its limit.
+
+    ``judged`` limits ``--fail-under`` to those candidates (distill: the fine-tuned student);
+    errors count for every candidate, since a failed call is never a score.
+    """
+    from distillery.curation import evaluate
+
+    problems = evaluate.erroring(summary, max_error_rate)
+    misses = [
+        m for m in evaluate.failing(summary, limits) if judged is None or m.split("/")[0] in judged
+    ]
+    if misses:
+        problems.append("Below --fail-under: " + "; ".join(misses))
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
 
 
 @click.group(name="eval")
@@ -124,11 +208,8 @@ def eval_group() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a self-contained HTML report.",
 )
-@click.option(
-    "--fail-under",
-    type=float,
-    help="Exit 1 when any candidate's mean for any grader is below this.",
-)
+@fail_under_option("any candidate's")
+@max_error_rate_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @fail_on_errors
 def run_command(
@@ -149,7 +230,8 @@ def run_command(
     retries: int,
     by_tag: str | None,
     html_path: Path | None,
-    fail_under: float | None,
+    fail_under: tuple[str, ...],
+    max_error_rate: float,
     as_json: bool,
     **filters: Any,
 ) -> None:
@@ -178,6 +260,7 @@ def run_command(
     except DistilleryError as exc:
         raise click.ClickException(str(exc)) from None
     names = [g.name for g in graders]
+    limits = thresholds(fail_under, graders)
     if len(set(names)) != len(names):
         raise click.UsageError(
             f"Two graders share a name ({', '.join(sorted(n for n in names if names.count(n) > 1))}): name them apart."
@@ -258,11 +341,7 @@ def run_command(
         write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
         if by_tag:
             _print_breakdown(result["summary"])
-    if fail_under is not None:
-        misses = evaluate.failing(result["summary"], fail_under)
-        if misses:
-            click.echo("Below --fail-under: " + "; ".join(misses), err=True)
-            sys.exit(1)
+    gate(result["summary"], limits, max_error_rate)
 
 
 def _print_breakdown(summary: dict[str, Any]) -> None:

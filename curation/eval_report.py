@@ -14,7 +14,7 @@ def _bars(grader: str, candidates: dict[str, Any]) -> str:
     """Mean score per candidate with its 95% interval as a whisker."""
     labels = list(candidates)
     stats = [candidates[c]["graders"][grader] for c in labels]
-    top = max([s["ci_high"] for s in stats] + [1.0])
+    top = max([s["ci_high"] for s in stats if s["mean"] is not None] + [1.0])
     width, row, left = 640, 34, 180
     height = row * len(labels) + 30
     scale = (width - left - 60) / top
@@ -27,6 +27,11 @@ def _bars(grader: str, candidates: dict[str, Any]) -> str:
         parts.append(
             f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{html.escape(label)}</text>'
         )
+        if s["mean"] is None:  # nothing was scored: no bar, never a zero
+            parts.append(
+                f'<text x="{left}" y="{y + 17}">no score ({s.get("errors", 0)} errors)</text>'
+            )
+            continue
         parts.append(
             f'<rect x="{left}" y="{y + 4}" width="{s["mean"] * scale:.1f}" height="18" fill="{colour}"/>'
         )
@@ -46,7 +51,9 @@ def _scatter(grader: str, candidates: dict[str, Any]) -> str:
     use_cost = all(c["cost_usd"] is not None for c in candidates.values())
     key, unit = ("cost_usd", "cost, USD") if use_cost else ("latency_p50_ms", "p50 latency, ms")
     points = [
-        (label, c[key] or 0.0, c["graders"][grader]["mean"]) for label, c in candidates.items()
+        (label, c[key] or 0.0, c["graders"][grader]["mean"])
+        for label, c in candidates.items()
+        if c["graders"][grader]["mean"] is not None
     ]
     width, height, pad = 640, 260, 50
     max_x = max([p[1] for p in points] + [1e-9])
@@ -71,6 +78,16 @@ def _scatter(grader: str, candidates: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _interval(stats: dict[str, Any]) -> str:
+    if stats["mean"] is None:
+        return "—"
+    return f"[{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]"
+
+
 def _text(message: dict[str, Any] | None) -> str:
     if not message:
         return "(no answer)"
@@ -92,8 +109,8 @@ def render(run: dict[str, Any], samples: list[dict[str, Any]], items: list[Item]
         cost = "" if c["cost_usd"] is None else f"{c['cost_usd']:.4g}"
         for name, s in c["graders"].items():
             rows.append(
-                f"<tr><td>{html.escape(label)}</td><td>{html.escape(name)}</td><td>{s['mean']:.4f}</td>"
-                f"<td>[{s['ci_low']:.4f}, {s['ci_high']:.4f}]</td><td>{s['pass_rate']}</td><td>{s['n']}</td>"
+                f"<tr><td>{html.escape(label)}</td><td>{html.escape(name)}</td><td>{_number(s['mean'])}</td>"
+                f"<td>{_interval(s)}</td><td>{s['pass_rate']}</td><td>{s['n']}</td><td>{s.get('errors', 0)}</td>"
                 f"<td>{c['latency_p50_ms'] or 0:.0f} / {c['latency_p95_ms'] or 0:.0f}</td>"
                 f"<td>{c['prompt_tokens']} / {c['completion_tokens']}</td>"
                 f"<td>{cost}</td></tr>"
@@ -134,7 +151,7 @@ pre {{ white-space: pre-wrap; max-width: 40ch; margin: 0; font-size: 12px; }} sv
 <h1>Eval {html.escape(run["id"])}</h1>
 <p>{summary["items"]} items from {html.escape(str(config.get("source")))}; reference: the teacher's stored answer.
 Means with 95% bootstrap confidence intervals.</p>
-<table><tr><th>candidate</th><th>grader</th><th>mean</th><th>95% CI</th><th>pass rate</th><th>n</th>
+<table><tr><th>candidate</th><th>grader</th><th>mean</th><th>95% CI</th><th>pass rate</th><th>n</th><th>errors</th>
 <th>latency p50/p95 ms</th><th>tokens in/out</th><th>cost USD</th></tr>{"".join(rows)}</table>
 <h2>Scores</h2>{charts}
 <h2>Where the candidates disagree ({len(disagreements)} items{", first 100" if len(disagreements) >= 100 else ""})</h2>

@@ -148,9 +148,13 @@ def summarise(
             if price
             else None
         )
+        failed = [s for s in mine if s["error"] or _ungraded(s)]
         entry: dict[str, Any] = {
             "model": candidate.model,
             "errors": sum(1 for s in mine if s["error"]),
+            # Items with no call answer or some grader without a score, and why the first did.
+            "failed_items": len(failed),
+            "first_error": _why(failed[0]) if failed else None,
             "latency_p50_ms": percentile(latencies, 50),
             "latency_p95_ms": percentile(latencies, 95),
             "prompt_tokens": prompt_tokens,
@@ -159,44 +163,66 @@ def summarise(
             "graders": {},
         }
         for grader in graders:
-            scores = [s["grades"][grader.name]["score"] for s in mine]
-            passed = [s["grades"][grader.name]["passed"] for s in mine]
-            mean, low, high = bootstrap(scores)
+            graded = [s for s in mine if s["grades"][grader.name]["score"] is not None]
+            scores = [s["grades"][grader.name]["score"] for s in graded]
+            passed = [s["grades"][grader.name]["passed"] for s in graded]
             stats: dict[str, Any] = {
-                "mean": round(mean, 4),
-                "ci_low": round(low, 4),
-                "ci_high": round(high, 4),
+                **_mean_ci(scores),
                 "pass_rate": round(sum(passed) / len(passed), 4) if passed else None,
                 "n": len(scores),
+                "errors": len(mine) - len(graded),
+                "scale": list(grader.scale()),
             }
             if by_tag:
                 groups: dict[str, list[float]] = {}
-                for sample in mine:
+                for sample in graded:
                     value = tags.get(sample["item"], {}).get(by_tag, "(none)")
                     groups.setdefault(value, []).append(sample["grades"][grader.name]["score"])
                 stats["by_tag"] = {
-                    value: dict(
-                        zip(
-                            ("mean", "ci_low", "ci_high"),
-                            (round(x, 4) for x in bootstrap(v)),
-                            strict=True,
-                        )
-                    )
-                    | {"n": len(v)}
-                    for value, v in sorted(groups.items())
+                    value: _mean_ci(v) | {"n": len(v)} for value, v in sorted(groups.items())
                 }
             entry["graders"][grader.name] = stats
         result["candidates"][candidate.label] = entry
     return result
 
 
-def failing(summary: dict[str, Any], fail_under: float) -> list[str]:
-    """Candidate/grader pairs whose mean is below ``fail_under``."""
+def _mean_ci(scores: list[float]) -> dict[str, float | None]:
+    """Mean and 95% interval over the scored items; all ``None`` when none was scored."""
+    if not scores:
+        return {"mean": None, "ci_low": None, "ci_high": None}
+    mean, low, high = bootstrap(scores)
+    return {"mean": round(mean, 4), "ci_low": round(low, 4), "ci_high": round(high, 4)}
+
+
+def _ungraded(sample: dict[str, Any]) -> bool:
+    return any(grade["score"] is None for grade in sample["grades"].values())
+
+
+def _why(sample: dict[str, Any]) -> str:
+    if sample["error"]:
+        return str(sample["error"])
+    name, grade = next((n, g) for n, g in sample["grades"].items() if g["score"] is None)
+    return f"{name}: {grade['detail']}"
+
+
+def failing(summary: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
+    """Candidate/grader pairs whose mean is below the grader's threshold (or has none)."""
     return [
-        f"{label}/{name}: {stats['mean']} < {fail_under}"
+        f"{label}/{name}: {stats['mean']} < {thresholds[name]}"
         for label, entry in summary["candidates"].items()
         for name, stats in entry["graders"].items()
-        if stats["mean"] < fail_under
+        if name in thresholds and (stats["mean"] is None or stats["mean"] < thresholds[name])
+    ]
+
+
+def erroring(summary: dict[str, Any], max_error_rate: float) -> list[str]:
+    """Candidates that failed on more than ``max_error_rate`` of the items, with the first error."""
+    items = summary["items"] or 1
+    return [
+        f"{label}: {entry['failed_items']} of {summary['items']} items failed "
+        f"(first: {entry['first_error']})"
+        for label, entry in summary["candidates"].items()
+        if entry.get("failed_items", 0) / items > max_error_rate
     ]
 
 
@@ -232,15 +258,20 @@ def compare(
     grader: str,
 ) -> dict[str, Any]:
     """Paired comparison over the items both runs graded (matched by prompt)."""
+    # An item either side could not score is no evidence for either.
     left = {
         s["item_key"]: s["grades"][grader]["score"]
         for s in a
-        if s["candidate"] == candidate_a and grader in s["grades"]
+        if s["candidate"] == candidate_a
+        and grader in s["grades"]
+        and s["grades"][grader]["score"] is not None
     }
     right = {
         s["item_key"]: s["grades"][grader]["score"]
         for s in b
-        if s["candidate"] == candidate_b and grader in s["grades"]
+        if s["candidate"] == candidate_b
+        and grader in s["grades"]
+        and s["grades"][grader]["score"] is not None
     }
     shared = sorted(left.keys() & right.keys())
     differences = [right[k] - left[k] for k in shared]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 
 from distillery.curation.eval_items import Item
@@ -47,9 +48,19 @@ class GraderError(DistilleryError):
 
 @dataclass
 class Grade:
-    score: float
+    """One grader's verdict on one answer; ``score`` is ``None`` when there is none.
+
+    No score is an error for that item (no answer to grade, a judge that gave
+    no verdict, an embedding call that failed), counted apart and never a 0.
+    """
+
+    score: float | None
     passed: bool
     detail: str = ""
+
+
+class NoGrade(Exception):
+    """Raised inside a grader when it cannot produce a score; the message says why."""
 
 
 @dataclass
@@ -168,9 +179,22 @@ class Grader:
         self, generation: Generation, item: Item, candidate: Candidate, context: Context
     ) -> Grade:
         if generation.error is not None or generation.message is None:
-            return Grade(0.0, False, f"no answer: {generation.error}")
+            return Grade(None, False, f"no answer: {generation.error}")
         method: Callable[..., Any] = getattr(self, "_" + self.type)
-        return await method(generation, item, candidate, context)  # type: ignore[no-any-return]
+        try:
+            return await method(generation, item, candidate, context)  # type: ignore[no-any-return]
+        except NoGrade as exc:
+            return Grade(None, False, str(exc))
+        except openai.OpenAIError as exc:  # an embedding call that failed for good
+            return Grade(None, False, f"{type(exc).__name__}: {exc}"[:500])
+
+    def scale(self) -> tuple[float, float]:
+        """The range its scores fall in: what a --fail-under number means for it."""
+        if self.type == "score_model" and not self.options.get("pairwise"):
+            low, high = self.options.get("range", [0, 10])
+            return float(low), float(high)
+        low, high = self.options.get("range", [0, 1]) if self.type == "python" else (0, 1)
+        return float(low), float(high)
 
     def _passes(self, score: float, default: float) -> bool:
         threshold = self.pass_threshold if self.pass_threshold is not None else default
@@ -279,7 +303,7 @@ class Grader:
             context,
         )
         if not isinstance(answer, dict) or not isinstance(answer.get("score"), (int, float)):
-            return Grade(float(low), False, "the judge gave no score")
+            raise NoGrade(f"the judge gave no score: {str(answer)[:200]}")
         score = min(max(float(answer["score"]), low), high)
         return Grade(
             score, self._passes(score, (low + high) / 2), str(answer.get("reason", ""))[:500]
@@ -307,6 +331,8 @@ class Grader:
             context,
         )
         label = answer.get("label") if isinstance(answer, dict) else None
+        if label not in labels:
+            raise NoGrade(f"the judge gave no label from {labels}: {str(answer)[:200]}")
         ok = label in passing
         return Grade(float(ok), ok, f"label: {label}")
 
@@ -337,6 +363,8 @@ class Grader:
             context,
         )
         winner = answer.get("winner") if isinstance(answer, dict) else None
+        if winner not in ("A", "B", "tie"):
+            raise NoGrade(f"the judge named no winner: {str(answer)[:200]}")
         candidate_slot = "A" if swap else "B"
         score = 0.5 if winner == "tie" else float(winner == candidate_slot)
         return Grade(score, score >= 0.5, f"winner: {winner} (candidate was {candidate_slot})")
@@ -364,10 +392,12 @@ class Grader:
         result = await context.generator.complete(
             judge, [{"role": "user", "content": prompt}], params
         )
+        if result.error is not None:
+            raise NoGrade(f"the judge call failed: {result.error}"[:500])
         try:
             return parse_json(result.text)
         except ValueError:
-            return None
+            raise NoGrade(f"the judge's answer is not JSON: {result.text[:200]!r}") from None
 
     async def _python(self, generation: Generation, item: Item, *_: Any) -> Grade:
         function = self.options["function"]

@@ -6,6 +6,8 @@ flaky     like the teacher, but every prompt first gets a 429 (Retry-After: 0)
 tools     calls lookup(id=<n>) with the arguments in a different key order
 judge     score 10 when the graded answer equals the reference, else 2;
           pairwise: the slot holding the reference wins, tie when both do
+mute-judge  answers every judge prompt with prose: no score, no label, no winner
+broken    like the teacher on even-numbered questions, HTTP 500 on odd ones
 embed     (embeddings) a 3-number vector per text, see ``vector()``
 """
 
@@ -71,6 +73,19 @@ class FakeModels:
                 status=429,
                 headers={"Retry-After": "0", "x-should-retry": "true"},
             )
+        if model == "broken" and int(re.search(r"(\d+)", user).group(1)) % 2:  # type: ignore[union-attr]
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "The server had an error",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=500,
+                headers={"x-should-retry": "false"},
+            )
         message: dict[str, Any] = {"role": "assistant", "content": answer(user), "refusal": None}
         if model == "weak":
             number = int(re.search(r"(\d+)", user).group(1))  # type: ignore[union-attr]
@@ -94,6 +109,8 @@ class FakeModels:
             }
         elif model == "judge":
             message["content"] = orjson.dumps(self._judge(user)).decode()
+        elif model == "mute-judge":
+            message["content"] = "I would rather not say."
         return web.json_response(
             {
                 "id": "chatcmpl-fake",

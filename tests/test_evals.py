@@ -596,3 +596,113 @@ def test_an_unset_key_variable_is_an_error_never_a_fallback(
     )
     assert result.exit_code == 0, result.output
     assert {r["headers"]["Authorization"] for r in models.requests} == {"Bearer distillery-no-key"}
+
+
+def test_failed_calls_are_errors_not_zero_scores(models, items_file, db):
+    """Half the calls fail: the mean is over the answered half, the errors are counted and
+    shown, and the run exits 1 with the first error (unless --max-error-rate allows it)."""
+    args = [
+        "--file",
+        str(items_file),
+        "--model",
+        "broken",
+        *on(models),
+        "--grader",
+        "exact",
+        "--retries",
+        "0",
+    ]
+    result = eval_run(db, *args, "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)["summary"]["candidates"]["broken"]
+    assert summary["errors"] == 3 and summary["failed_items"] == 3
+    assert summary["graders"]["exact"] == {
+        **summary["graders"]["exact"],
+        "mean": 1.0,
+        "n": 3,
+        "errors": 3,
+        "pass_rate": 1.0,
+    }
+    assert "broken: 3 of 6 items failed (first: HTTP 500" in result.stderr
+    allowed = eval_run(db, *args, "--max-error-rate", "0.5")
+    assert allowed.exit_code == 0, allowed.output
+    [row] = [line for line in allowed.stdout.splitlines() if line.startswith("broken")]
+    assert row.split()[:6] == ["broken", "exact", "1", "[1.000,", "1.000]", "1"]
+    assert row.split()[6:8] == ["3", "3"]  # n scored, errors
+
+
+def test_a_dead_endpoint_scores_nothing_and_exits_1(items_file, db):
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "teacher",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--api-key-env",
+        "HOME",
+        "--grader",
+        "exact",
+        "--retries",
+        "0",
+        "--timeout",
+        "5",
+        "--json",
+    )
+    assert result.exit_code == 1
+    stats = json.loads(result.stdout)["summary"]["candidates"]["teacher"]["graders"]["exact"]
+    assert (stats["mean"], stats["ci_low"], stats["n"], stats["errors"]) == (None, None, 0, 6)
+    assert "teacher: 6 of 6 items failed (first: APIConnectionError" in result.stderr
+
+
+def test_a_judge_without_a_verdict_is_an_error_not_a_score(models, items_file, db, tmp_path):
+    judges = tmp_path / "mute.toml"
+    judges.write_text(
+        '[[graders]]\nname = "score"\ntype = "score_model"\nmodel = "mute-judge"\n\n'
+        '[[graders]]\nname = "label"\ntype = "label_model"\nmodel = "mute-judge"\n'
+        'labels = ["correct", "wrong"]\npassing_labels = ["correct"]\n\n'
+        '[[graders]]\nname = "pairwise"\ntype = "score_model"\nmodel = "mute-judge"\npairwise = true\n'
+    )
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "teacher",
+        *on(models),
+        "--grader",
+        str(judges),
+        "--json",
+    )
+    assert result.exit_code == 1
+    graders = json.loads(result.stdout)["summary"]["candidates"]["teacher"]["graders"]
+    for name in ("score", "label", "pairwise"):
+        assert (graders[name]["mean"], graders[name]["errors"]) == (None, 6), name
+    assert "the judge's answer is not JSON" in result.stderr
+
+
+def test_fail_under_is_per_grader_when_scales_differ(models, items_file, judge_file, db):
+    base = [
+        "--file",
+        str(items_file),
+        "--model",
+        "weak",
+        *on(models),
+        "--grader",
+        "rouge_l",
+        "--grader",
+        str(judge_file),
+    ]
+    refused = eval_run(db, *base, "--fail-under", "0.6")
+    assert refused.exit_code == 2
+    assert "one number to graders on different scales (rouge_l 0-1, judge 0-10" in refused.output
+    assert models.requests == []
+    unknown = eval_run(db, *base, "--fail-under", "nope=1")
+    assert unknown.exit_code == 2 and "no grader 'nope'" in unknown.output
+    # weak: judge mean (3*10 + 3*2)/6 = 6.0
+    passed = eval_run(db, *base, "--fail-under", "judge=6", "--fail-under", "rouge_l=0.1")
+    assert passed.exit_code == 0, passed.output
+    missed = eval_run(db, *base, "--fail-under", "judge=6.5")
+    assert missed.exit_code == 1
+    assert "Below --fail-under: weak/judge: 6.0 < 6.5" in missed.stderr
