@@ -81,19 +81,21 @@ def _not_found(ref: str) -> APIError:
 
 
 def _limit(request: web.Request) -> int:
+    """The spec's ``limit``: any integer from 0 (an empty page; ``has_more`` still says if
+    there are calls) up; pages hold at most ``MAX_LIMIT``."""
     raw = request.query.get("limit", "20")
     try:
         limit = int(raw)
     except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIMIT:
+        limit = -1
+    if limit < 0:
         raise APIError(
             400,
-            f"Invalid 'limit': expected an integer from 1 to {MAX_LIMIT}, got {raw!r}.",
+            f"Invalid 'limit': expected a non-negative integer, got {raw!r}.",
             param="limit",
             code="invalid_value",
         )
-    return limit
+    return min(limit, MAX_LIMIT)
 
 
 def _order(request: web.Request) -> query.Order:
