@@ -40,6 +40,9 @@ REFUSED = (
 )
 
 
+MIN_EXAMPLES = 10  # OpenAI's fine-tuning API refuses a training file with fewer
+
+
 class FineTuneError(DistilleryError):
     """A fine-tune could not be started, read or cancelled."""
 
@@ -84,6 +87,15 @@ class OpenAIBackend:
         seed: int | None,
         metadata: dict[str, str],
     ) -> Any:
+        train = directory / "train.jsonl"
+        examples = _examples(train)
+        if examples < MIN_EXAMPLES:
+            # Checked here: the provider would accept the upload, start the job and fail it.
+            raise FineTuneError(
+                f"{train} has {examples} examples; OpenAI's fine-tuning API needs at least "
+                f"{MIN_EXAMPLES}. Capture more calls and build the dataset again, or fine-tune "
+                "with --backend local."
+            )
         files = {}
         for split in ("train", "val"):
             path = directory / f"{split}.jsonl"
@@ -120,17 +132,25 @@ class OpenAIBackend:
     def retrieve(self, provider_job_id: str) -> Any:
         return self._call("read the job", self.client.fine_tuning.jobs.retrieve, provider_job_id)
 
+    def _optional(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """An endpoint that only adds detail (events, checkpoints): ``None`` where the
+        provider has none, so a job that succeeded is never recorded as failed for it."""
+        try:
+            return function(*args, **kwargs)
+        except openai.APIStatusError as exc:
+            if exc.status_code in (404, 405, 501):
+                return None
+            raise FineTuneError(f"HTTP {exc.status_code}: {_message(exc)}") from None
+        except openai.APIConnectionError as exc:
+            raise FineTuneError(f"cannot reach {self.base_url or 'OpenAI'} ({exc}).") from None
+
     def events(self, provider_job_id: str) -> list[Any]:
-        page = self._call(
-            "read events", self.client.fine_tuning.jobs.list_events, provider_job_id, limit=100
-        )
-        return list(reversed(page.data))  # the API answers newest first
+        page = self._optional(self.client.fine_tuning.jobs.list_events, provider_job_id, limit=100)
+        return list(reversed(page.data)) if page is not None else []  # newest first
 
     def checkpoints(self, provider_job_id: str) -> list[Any]:
-        page = self._call(
-            "read checkpoints", self.client.fine_tuning.jobs.checkpoints.list, provider_job_id
-        )
-        return list(page.data)
+        page = self._optional(self.client.fine_tuning.jobs.checkpoints.list, provider_job_id)
+        return list(page.data) if page is not None else []
 
     def cancel(self, job: dict[str, Any]) -> str:
         remote = self._call("cancel", self.client.fine_tuning.jobs.cancel, job["provider_job_id"])
@@ -165,6 +185,13 @@ class OpenAIBackend:
             }
             for e in self.events(job["provider_job_id"])
         ]
+
+
+def _examples(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def record(store: Store, values: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,8 @@ class FakeFineTuning:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.created: list[dict[str, Any]] = []
         self.counter = itertools.count(1)
+        # Events and checkpoints are detail some OpenAI-compatible providers lack (404).
+        self.detail_endpoints = True
         self.app = web.Application(client_max_size=50 * 1024 * 1024)
         self.app.router.add_post("/v1/files", self.upload)
         self.app.router.add_post("/v1/fine_tuning/jobs", self.create)
@@ -107,6 +109,8 @@ class FakeFineTuning:
         return web.json_response(self._job(job))
 
     async def events(self, request: web.Request) -> web.Response:
+        if not self.detail_endpoints:
+            raise web.HTTPNotFound()
         job = self.jobs[request.match_info["id"]]
         events = [
             {
@@ -171,6 +175,8 @@ class FakeFineTuning:
         )
 
     async def checkpoints(self, request: web.Request) -> web.Response:
+        if not self.detail_endpoints:
+            raise web.HTTPNotFound()
         job = self.jobs[request.match_info["id"]]
         data = (
             [

@@ -175,3 +175,55 @@ def test_create_without_a_key_is_one_line_naming_the_variable(db, api, monkeypat
         "Export it (no other key is sent in its place)."
     ]
     assert api.created == []
+
+
+def test_a_provider_without_events_or_checkpoints_still_records_the_model(db, api):
+    """Events and checkpoints are optional detail: their 404 never turns a job that
+    succeeded into a failure."""
+    api.detail_endpoints = False
+    job_id = create(db, api, "gpt-4.1-mini", "--suffix", "support").output.strip().splitlines()[-1]
+    result = ft(db, api, "watch", job_id, "--api-key-env", "HOME", "--interval", "0.01")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(ft(db, api, "status", job_id, "--api-key-env", "HOME", "--json").output)
+    assert shown["status"] == "succeeded"
+    assert shown["fine_tuned_model"] == "ft:gpt-4.1-mini:acme:support:abc123"
+
+
+def test_a_dataset_below_the_providers_minimum_is_refused_before_upload(api, tmp_path):
+    """OpenAI needs 10 training examples: fewer is refused here, not by a failed job."""
+    url = f"sqlite:///{tmp_path / 'small.db'}"
+    store = open_store(url)
+    store.insert(base_records()[:5])
+    store.close()
+    built = CliRunner().invoke(
+        cli,
+        [
+            "dataset",
+            "build",
+            "tiny",
+            "--tag",
+            "app=support",
+            "--val-fraction",
+            "0",
+            "--database-url",
+            url,
+        ],
+        catch_exceptions=False,
+    )
+    assert built.exit_code == 0, built.output
+    result = ft(
+        url,
+        api,
+        "create",
+        "--dataset",
+        "tiny",
+        "--base-model",
+        "gpt-4.1-mini",
+        "--base-url",
+        api.url + "/v1",
+        "--api-key-env",
+        "HOME",
+    )
+    assert result.exit_code == 1
+    assert "has 5 examples; OpenAI's fine-tuning API needs at least 10" in result.output
+    assert api.files == {} and api.created == []
