@@ -145,8 +145,11 @@ def distill(
     write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
     if html_path is not None:
         from distillery.curation.eval_report import render
+        from distillery.store import datasets
 
-        html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), []))
+        version = datasets.latest(store, name)
+        items = loop.graded_items(store, version, limit, seed) if version else []
+        html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), items))
     tuned = {
         label
         for label in result["summary"]["candidates"]

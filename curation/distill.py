@@ -102,6 +102,18 @@ def _state_path(data_dir: Path, name: str) -> Path:
     return data_dir / "distill" / name / "state.json"
 
 
+def graded_items(
+    store: Store, version: dict[str, Any], limit: int | None, seed: int
+) -> list[eval_items.Item]:
+    """What the loop grades: the validation split (seeded sample), else part of train."""
+    items = eval_items.sample(eval_items.from_dataset(store, version, "val"), limit, seed)
+    if not items:
+        items = eval_items.sample(
+            eval_items.from_dataset(store, version, "train"), limit or 50, seed
+        )
+    return items
+
+
 def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> dict[str, Any]:
     state_path = _state_path(data_dir, options.name)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -123,13 +135,7 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
     if state.get("dataset_version") != version["version"]:
         state = {"dataset_version": version["version"]}
     job = _finetune(store, options, version, state, state_path, data_dir, echo)
-    items = eval_items.sample(
-        eval_items.from_dataset(store, version, "val"), options.limit, options.seed
-    )
-    if not items:
-        items = eval_items.sample(
-            eval_items.from_dataset(store, version, "train"), options.limit or 50, options.seed
-        )
+    items = graded_items(store, version, options.limit, options.seed)
     with _students(options, job) as (base, tuned):
         generator = Generator(store)
         context = Context(generator, {}, options.teacher.endpoint)

@@ -14,10 +14,13 @@ def _bars(grader: str, candidates: dict[str, Any]) -> str:
     """Mean score per candidate with its 95% interval as a whisker."""
     labels = list(candidates)
     stats = [candidates[c]["graders"][grader] for c in labels]
-    top = max([s["ci_high"] for s in stats if s["mean"] is not None] + [1.0])
-    width, row, left = 640, 34, 180
+    top = max([s["ci_high"] for s in stats if s["mean"] is not None] + [_scale_top(stats)])
+    # Left: room for the longest (shortened) label; right: for "0.123 [0.100, 0.150]".
+    left = 16 + CHAR_PX * max([len(_short(label)) for label in labels] + [8])
+    right = 190
+    width, row = left + 420 + right, 34
     height = row * len(labels) + 30
-    scale = (width - left - 60) / top
+    scale = (width - left - right) / top
     parts = [
         f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(grader)}">'
     ]
@@ -25,7 +28,8 @@ def _bars(grader: str, candidates: dict[str, Any]) -> str:
         y = 10 + i * row
         colour = COLOURS[i % len(COLOURS)]
         parts.append(
-            f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{html.escape(label)}</text>'
+            f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">'
+            f"<title>{html.escape(label)}</title>{html.escape(_short(label))}</text>"
         )
         if s["mean"] is None:  # nothing was scored: no bar, never a zero
             parts.append(
@@ -55,27 +59,76 @@ def _scatter(grader: str, candidates: dict[str, Any]) -> str:
         for label, c in candidates.items()
         if c["graders"][grader]["mean"] is not None
     ]
-    width, height, pad = 640, 260, 50
+    width, height, pad = 720, 280, 70
     max_x = max([p[1] for p in points] + [1e-9])
-    max_y = max([p[2] for p in points] + [1.0])
+    max_y = max(
+        [p[2] for p in points] + [_scale_top([c["graders"][grader] for c in candidates.values()])]
+    )
     parts = [
         f'<svg width="{width}" height="{height}" role="img">',
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - 20}" y2="{height - pad}" stroke="#888"/>',
         f'<line x1="{pad}" y1="20" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
-        f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">{unit}</text>',
-        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(grader)}</text>',
+        f'<text x="{width / 2}" y="{height - 4}" text-anchor="middle">{unit}</text>',
+        f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">{html.escape(grader)}</text>',
     ]
-    for i, (label, x, y) in enumerate(points):
-        cx = pad + (width - pad - 160) * (x / max_x)  # room for the label on the right
-        cy = height - pad - (height - pad - 30) * (y / max_y)
+    plot_w, plot_h = width - pad - 40, height - pad - 30
+    for fraction in (0.0, 0.5, 1.0):  # tick values on both axes
+        tx, ty = pad + plot_w * fraction, height - pad - plot_h * fraction
         parts.append(
-            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{COLOURS[i % len(COLOURS)]}"/>'
+            f'<line x1="{tx:.1f}" y1="{height - pad}" x2="{tx:.1f}" y2="{height - pad + 5}" stroke="#888"/>'
+            f'<text x="{tx:.1f}" y="{height - pad + 18}" text-anchor="middle">{max_x * fraction:.3g}</text>'
+            f'<line x1="{pad - 5}" y1="{ty:.1f}" x2="{pad}" y2="{ty:.1f}" stroke="#888"/>'
+            f'<text x="{pad - 8}" y="{ty + 4:.1f}" text-anchor="end">{max_y * fraction:.3g}</text>'
         )
+    order = list(candidates)
+    for label, x, y in points:
+        cx = pad + plot_w * (x / max_x)
+        cy = height - pad - plot_h * (y / max_y)
+        colour = COLOURS[order.index(label) % len(COLOURS)]  # the bars' colour for it
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{colour}"/>')
+        # Labels of points in the right half go to their left, so none runs off the edge.
+        right_half = cx > pad + plot_w / 2
+        tx, anchor = (cx - 9, "end") if right_half else (cx + 9, "start")
         parts.append(
-            f'<text x="{cx + 9:.1f}" y="{cy + 4:.1f}">{html.escape(label)} ({x:.4g})</text>'
+            f'<text x="{tx:.1f}" y="{cy + 4:.1f}" text-anchor="{anchor}"><title>{html.escape(label)}</title>'
+            f"{html.escape(_short(label))} ({x:.4g})</text>"
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+SHOWN = 100  # disagreeing items listed in full
+CHAR_PX = 7  # width of a character at the charts' 12px font, roughly
+LABEL_CHARS = 40  # longer labels are shortened in charts (the full one is the tooltip)
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
+
+
+def _scale_top(stats: list[dict[str, Any]]) -> float:
+    """The top of the graders' scale (10 for a 0-10 judge), so charts show it whole."""
+    return max([float(s["scale"][1]) for s in stats if s.get("scale")] + [1.0])
+
+
+def _answer_cell(sample: dict[str, Any] | None, graders: list[str]) -> str:
+    if sample is None:
+        return "<td></td>"
+    grades = []
+    for name in graders:
+        grade = sample["grades"][name]
+        if grade["score"] is None:
+            grades.append(f'<span class="none">{html.escape(name)}: no score</span>')
+        else:
+            verdict = "pass" if grade["passed"] else "fail"
+            grades.append(
+                f'<span class="{verdict}">{html.escape(name)}: {grade["score"]:.3g}</span>'
+            )
+    return (
+        f"<td><pre>{html.escape(_text(sample['output']))}</pre><small>"
+        + ", ".join(grades)
+        + "</small></td>"
+    )
 
 
 def _number(value: float | None) -> str:
@@ -110,7 +163,7 @@ def render(run: dict[str, Any], samples: list[dict[str, Any]], items: list[Item]
         for name, s in c["graders"].items():
             rows.append(
                 f"<tr><td>{html.escape(label)}</td><td>{html.escape(name)}</td><td>{_number(s['mean'])}</td>"
-                f"<td>{_interval(s)}</td><td>{s['pass_rate']}</td><td>{s['n']}</td><td>{s.get('errors', 0)}</td>"
+                f"<td>{_interval(s)}</td><td>{_number(s['pass_rate'])}</td><td>{s['n']}</td><td>{s.get('errors', 0)}</td>"
                 f"<td>{c['latency_p50_ms'] or 0:.0f} / {c['latency_p95_ms'] or 0:.0f}</td>"
                 f"<td>{c['prompt_tokens']} / {c['completion_tokens']}</td>"
                 f"<td>{cost}</td></tr>"
@@ -118,35 +171,36 @@ def render(run: dict[str, Any], samples: list[dict[str, Any]], items: list[Item]
     charts = "".join(
         f"<h3>{html.escape(g)}</h3>{_bars(g, candidates)}{_scatter(g, candidates)}" for g in graders
     )
+    # One ordered list of candidates makes every column: headers and cells cannot disagree.
+    labels = list(candidates)
     by_item: dict[int, dict[str, dict[str, Any]]] = {}
     for sample in samples:
         by_item.setdefault(sample["item"], {})[sample["candidate"]] = sample
     lookup = {item.index: item for item in items}
-    disagreements = []
+    disagreements: list[str] = []
+    disagreeing = 0
     for index, answers in sorted(by_item.items()):
         verdicts = {g: {a["grades"][g]["passed"] for a in answers.values()} for g in graders}
         if not any(len(v) > 1 for v in verdicts.values()):
             continue
+        disagreeing += 1
+        if len(disagreements) >= SHOWN:
+            continue
         item = lookup.get(index)
-        cells = "".join(
-            f"<td><pre>{html.escape(_text(a['output']))}</pre><small>"
-            + ", ".join(f"{html.escape(g)}: {a['grades'][g]['score']:.3g}" for g in graders)
-            + "</small></td>"
-            for a in answers.values()
-        )
+        cells = "".join(_answer_cell(answers.get(label), graders) for label in labels)
         disagreements.append(
             f"<tr><td><pre>{html.escape(item.input_text if item else '')}</pre></td>"
             f"<td><pre>{html.escape(item.reference_text if item else '')}</pre></td>{cells}</tr>"
         )
-        if len(disagreements) >= 100:
-            break
-    heads = "".join(f"<th>{html.escape(label)}</th>" for label in candidates)
+    heads = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    shown = f", first {SHOWN} shown" if disagreeing > SHOWN else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Distillery eval {html.escape(run["id"])}</title>
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2rem; color: #222; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }}
 pre {{ white-space: pre-wrap; max-width: 40ch; margin: 0; font-size: 12px; }} svg text {{ font-size: 12px; }}
+.pass {{ color: #1a7f37; }} .fail {{ color: #cf222e; }} .none {{ color: #6e7781; }}
 </style></head><body>
 <h1>Eval {html.escape(run["id"])}</h1>
 <p>{summary["items"]} items from {html.escape(str(config.get("source")))}; reference: the teacher's stored answer.
@@ -154,7 +208,7 @@ Means with 95% bootstrap confidence intervals.</p>
 <table><tr><th>candidate</th><th>grader</th><th>mean</th><th>95% CI</th><th>pass rate</th><th>n</th><th>errors</th>
 <th>latency p50/p95 ms</th><th>tokens in/out</th><th>cost USD</th></tr>{"".join(rows)}</table>
 <h2>Scores</h2>{charts}
-<h2>Where the candidates disagree ({len(disagreements)} items{", first 100" if len(disagreements) >= 100 else ""})</h2>
+<h2>Where the candidates disagree ({disagreeing} items{shown})</h2>
 <table><tr><th>prompt</th><th>reference</th>{heads}</tr>{"".join(disagreements)}</table>
 </body></html>
 """

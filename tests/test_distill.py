@@ -109,3 +109,18 @@ def test_fail_under_judges_the_fine_tuned_student(db, provider):
     # The fake fine-tunes answer perfectly; a bar above 1 cannot be met.
     result = distill(db, url, "--fail-under", "1.5")
     assert result.exit_code == 1 and "Below --fail-under: tuned:" in result.output
+
+
+def test_the_distill_report_shows_prompts_and_references(db, provider, tmp_path):
+    """`distill --html` used to pass no items: its prompt and reference columns were empty."""
+    from test_evals import _Table
+
+    url, _, _ = provider
+    report = tmp_path / "distill.html"
+    result = distill(db, url, "--html", str(report))
+    assert result.exit_code == 0, result.output
+    parser = _Table()
+    parser.feed(report.read_text())
+    header, *rows = parser.tables[-1]
+    assert header[:2] == ["prompt", "reference"] and rows
+    assert all(prompt.strip() and reference.strip() for prompt, reference, *_ in rows)

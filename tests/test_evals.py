@@ -706,3 +706,64 @@ def test_fail_under_is_per_grader_when_scales_differ(models, items_file, judge_f
     missed = eval_run(db, *base, "--fail-under", "judge=6.5")
     assert missed.exit_code == 1
     assert "Below --fail-under: weak/judge: 6.0 < 6.5" in missed.stderr
+
+
+class _Table(__import__("html.parser").parser.HTMLParser):
+    """The last <table> of a page as rows of cell texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self.cell is not None:
+            self.tables[-1][-1].append("".join(self.cell))
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def test_the_report_puts_each_answer_under_its_own_model(models, items_file, db, tmp_path):
+    """Candidates given out of alphabetical order: every column's header, answers and
+    grades belong to the same model, and the disagreement count is the real one."""
+    report = tmp_path / "report.html"
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "weak",
+        "--model",
+        "teacher",
+        *on(models),
+        "--grader",
+        "exact",
+        "--html",
+        str(report),
+    )
+    assert result.exit_code == 0, result.output
+    page = report.read_text()
+    parser = _Table()
+    parser.feed(page)
+    header, *rows = parser.tables[-1]
+    assert header == ["prompt", "reference", "weak", "teacher"]
+    assert len(rows) == 3 and "(3 items)" in page  # weak is wrong on questions 1, 3, 5
+    for prompt, reference, weak, teacher in rows:
+        assert prompt and reference and teacher.startswith(reference)
+        assert weak.startswith("I don't know.") and weak.endswith("exact: 0")
+        assert teacher.endswith("exact: 1")
+    assert (
+        '<span class="fail">exact: 0</span>' in page
+        and '<span class="pass">exact: 1</span>' in page
+    )
