@@ -345,18 +345,26 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
 @click.option(
     "--min-examples",
     type=int,
-    default=10,
-    show_default=True,
-    help="Fewest examples (OpenAI: 10 for training).",
+    help="Fewest examples  [default: 10 (OpenAI's minimum for training); 0 for a validation "
+    "file: val.jsonl, *_val.jsonl, *validation.jsonl]",
 )
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
-def validate(path: Path, max_tokens: int, min_examples: int, epochs: int, as_json: bool) -> None:
+def validate(
+    path: Path, max_tokens: int, min_examples: int | None, epochs: int, as_json: bool
+) -> None:
     """Check any chat fine-tuning JSONL file against OpenAI's format rules.
 
     Exits non-zero when the file has errors.
     """
-    from distillery.curation.validate import validate_file
+    import re
+
+    from distillery.curation.validate import MIN_EXAMPLES, validate_file
+
+    if min_examples is None:
+        # The 10-example minimum is a training-file rule; a validation file may be small.
+        validation = re.search(r"(^|[-_.])(val|valid|validation)$", path.stem) is not None
+        min_examples = 0 if validation else MIN_EXAMPLES
 
     report = validate_file(path, max_tokens, min_examples)
     summary = report.summary(epochs)

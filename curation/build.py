@@ -330,8 +330,12 @@ def _write(
     try:
         for i in order.tolist():
             leader = int(groups[i])
-            if leader < protected and carried_splits is not None:
-                split = carried_splits[leader]  # stays with the example it resembles
+            if i < protected and carried_splits is not None:
+                # A carried example keeps its split, even when a new call joins its group
+                # to another carried group on the other side.
+                split = carried_splits[i]
+            elif leader < protected and carried_splits is not None:
+                split = carried_splits[leader]  # a new example joins the one it resembles
             else:
                 split = _split(ids[leader].decode(), options.seed, options.val_fraction)
             source = sources[segment_of[i]]

@@ -436,6 +436,20 @@ def test_validator_accepts_a_good_file_and_wants_ten_examples(tmp_path):
     assert result.exit_code == 1 and "fewer than 10 examples" in result.output
 
 
+def test_a_small_validation_file_passes_its_own_validation(tmp_path):
+    """The 10-example minimum is a training-file rule: a version's val.jsonl is valid."""
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    for name in ("val.jsonl", "support_val.jsonl", "validation.jsonl"):
+        path = tmp_path / name
+        path.write_text(good + "\n")
+        result = CliRunner().invoke(cli, ["dataset", "validate", str(path)])
+        assert result.exit_code == 0, (name, result.output)
+    result = CliRunner().invoke(
+        cli, ["dataset", "validate", str(tmp_path / "val.jsonl"), "--min-examples", "2"]
+    )
+    assert result.exit_code == 1 and "fewer than 2 examples" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -467,3 +481,34 @@ def test_parallel_workers_build_the_same_dataset(db, tmp_path, monkeypatch):
     store.close()
     assert parallel.version["manifest"]["counts"] == serial.version["manifest"]["counts"]
     assert parallel.version["content_hash"] == serial.version["content_hash"]
+
+
+def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path):
+    """v1 has two prompts in different groups, one in train and one in val; a new call
+    resembling both joins their groups. Carried examples still keep their split."""
+    from distillery.curation.build import _split
+
+    # Overlapping word windows, chosen so that MinHash puts the first two in separate
+    # groups and the bridge in a group with both, without being anyone's near duplicate.
+    words = [f"w{i}" for i in range(60)]
+    first, second, bridge = (" ".join(words[a : a + 30]) for a in (0, 15, 8))
+    url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    one, two = record(1, first), record(2, second)
+    seed = next(s for s in range(100) if _split(one["id"], s, 0.5) != _split(two["id"], s, 0.5))
+    store = open_store(url)
+    store.insert([one, two])
+    store.close()
+    args = ["--seed", str(seed), "--val-fraction", "0.5", "--incremental"]
+    v1 = build(url, *args)
+    store = open_store(url)
+    store.insert([record(3, bridge)])
+    store.close()
+    v2 = build(url, *args)
+    assert v2["counts"]["carried_over"] == 2 and v2["counts"]["dropped"] == {}
+    old, new = files(v1, tmp_path), files(v2, tmp_path)
+    for split in ("train", "val"):
+        assert set((old / f"{split}.ids").read_text().split()) <= set(
+            (new / f"{split}.ids").read_text().split()
+        ), split
+    diff = json.loads(run(url, "diff", "support@1", "support@2", "--json").output)
+    assert [d["change"] for d in diff] == ["added"]
