@@ -123,13 +123,25 @@ def proxy(
             "capture.enabled": False if no_capture else None,
         },
     )
+    from distillery.proxy.preflight import missing_upstream_key, run_checks
+
     if check_config:
+        from distillery.config import config_file
+
         click.echo(
             f"Configuration OK: listening on {settings.proxy.host}:{settings.proxy.port}, "
             f"forwarding to {settings.upstream.url}, "
             f"storing in {settings.storage.resolved_database_url()}"
         )
+        checks = run_checks(settings, config_file(config))
+        for check in checks:
+            click.echo(f"  {'ok' if check.ok else 'FAIL':4}  {check.name}: {check.detail}")
+        if not all(check.ok for check in checks):
+            sys.exit(1)
         return
+    problem = missing_upstream_key(settings)
+    if problem:
+        raise click.ClickException(problem)
     from distillery import logs
     from distillery.proxy.server import serve
 

@@ -239,6 +239,12 @@ class Settings(_Section):
         return self
 
 
+def config_file(config_path: Path | None = None) -> Path | None:
+    """The config file :func:`load_settings` reads, or ``None`` when it reads none."""
+    path = config_path or Path(os.environ.get("DISTILLERY_CONFIG") or default_config_path())
+    return path if path.exists() else None
+
+
 def load_settings(
     config_path: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Settings:

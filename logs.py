@@ -54,3 +54,5 @@ def configure(level: str = "info", json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # alembic narrates every migration step at INFO; a first start is not news.
+    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))

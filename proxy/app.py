@@ -236,12 +236,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     if proxy.capture is not None:
         proxy.capture.start()
-    log.info(
-        "proxy ready",
-        upstream=proxy.upstream_url,
-        capture="on" if proxy.capture else "off",
-        database=proxy.capture.store.url if proxy.capture else None,
-    )
     yield
     await proxy.session.close()
     if proxy.capture is not None:

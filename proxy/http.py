@@ -101,6 +101,18 @@ async def serve_forever(
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
+        # Only now, bound: "ready" with the address a client can use.
+        bound_host, bound_port = runner.addresses[0][:2]
+        if ":" in bound_host:
+            bound_host = f"[{bound_host}]"
+        proxy = app[PROXY]
+        log.info(
+            "proxy ready",
+            address=f"http://{bound_host}:{bound_port}/v1",
+            upstream=proxy.upstream_url,
+            capture="on" if proxy.capture else "off",
+            database=proxy.capture.store.url if proxy.capture else None,
+        )
         while True:
             await asyncio.sleep(3600)
     finally:

@@ -67,6 +67,11 @@ def create_engine(url: str) -> Engine:
             f"Cannot parse database URL {url!r}: use sqlite:///path/to/file.db "
             "or postgresql://user@host/dbname"
         ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise StoreError(
+            f"Unsupported database {parsed.get_backend_name()!r} in {url!r}: "
+            "use sqlite:///path/to/file.db or postgresql://user@host/dbname"
+        )
     kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

@@ -242,3 +242,37 @@ def test_spool_files_are_private(start_proxy, upstream, tmp_path, sdk):
     for path in spool.iterdir():
         assert path.stat().st_mode & 0o077 == 0, path
     assert os.environ["DISTILLERY_DATA_DIR"] == str(tmp_path / "data")
+
+
+def test_ready_is_logged_once_bound_and_a_taken_port_never_says_ready(
+    upstream, tmp_path, unused_tcp_port
+):
+    """ "proxy ready" comes after the port is bound, with the address; a first start logs no
+    alembic chatter; a second proxy on the same port fails without claiming to be ready."""
+    import json
+    import subprocess
+
+    proxy = ProxyProcess(
+        unused_tcp_port, upstream.url + "/v1", tmp_path / "data", f"sqlite:///{tmp_path / 'r.db'}"
+    ).start()
+    wait_for(lambda: '"proxy ready"' in proxy.log.read_text(), what="the ready line")
+    log = proxy.log.read_text()
+    [ready] = [json.loads(line) for line in log.splitlines() if '"proxy ready"' in line]
+    assert ready["address"] == f"http://127.0.0.1:{unused_tcp_port}/v1"
+    assert "alembic" not in log
+    second = subprocess.run(
+        [
+            *proxy.args[:-5],
+            "--data-dir",
+            str(tmp_path / "other"),
+            "--database-url",
+            f"sqlite:///{tmp_path / 'r2.db'}",
+            "--log-json",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert second.returncode != 0
+    assert b"Cannot listen on 127.0.0.1" in second.stderr and b"proxy ready" not in second.stderr
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0

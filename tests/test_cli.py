@@ -21,8 +21,7 @@ def run(*args: str, **kwargs) -> tuple[int, str]:
 
 
 def test_defaults_are_safe(tmp_path):
-    code, out = run("proxy", "--check-config")
-    assert code == 0
+    _, out = run("proxy", "--check-config")  # the probes' verdicts depend on the network
     assert "listening on 127.0.0.1:8787" in out
     assert "forwarding to https://api.openai.com/v1" in out
     assert f"sqlite:///{tmp_path / 'data' / 'distillery.db'}" in out
@@ -33,17 +32,17 @@ def test_flags_beat_env_beat_file_beat_defaults(tmp_path, monkeypatch):
     config.write_text(
         '[proxy]\nport = 9000\nhost = "127.0.0.2"\n[upstream]\nurl = "http://file:1/v1"\n'
     )
-    code, out = run("proxy", "-c", str(config), "--check-config")
+    _, out = run("proxy", "-c", str(config), "--check-config")
     assert "127.0.0.2:9000" in out and "http://file:1/v1" in out
     monkeypatch.setenv("DISTILLERY_PORT", "9100")
     monkeypatch.setenv("DISTILLERY_UPSTREAM", "http://env:2/v1")
-    code, out = run("proxy", "-c", str(config), "--check-config")
+    _, out = run("proxy", "-c", str(config), "--check-config")
     assert "127.0.0.2:9100" in out and "http://env:2/v1" in out
-    code, out = run("proxy", "-c", str(config), "--port", "9200", "--check-config")
+    _, out = run("proxy", "-c", str(config), "--port", "9200", "--check-config")
     assert "127.0.0.2:9200" in out
     monkeypatch.setenv("DISTILLERY_CONFIG", str(config))
-    code, out = run("proxy", "--check-config")
-    assert code == 0 and "127.0.0.2:9100" in out
+    _, out = run("proxy", "--check-config")
+    assert "127.0.0.2:9100" in out and f"config file: {config}" in out
 
 
 @pytest.mark.parametrize(
@@ -109,3 +108,68 @@ def test_cli_start_up_stays_light(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["[]", "[]"]
+
+
+def test_check_config_probes_what_the_proxy_will_meet(tmp_path, upstream):
+    """Env var, port, database and upstream are checked for real, each on its own line."""
+    config = tmp_path / "good.toml"
+    config.write_text(
+        f'[upstream]\nurl = "{upstream.url}/v1"\n[storage]\n'
+        f'database_url = "sqlite:///{tmp_path / "db.sqlite"}"\n[proxy]\nport = 0\n'
+    )
+    code, out = run("proxy", "-c", str(config), "--check-config")
+    assert code == 0, out
+    assert f"  ok    config file: {config}" in out
+    assert "  ok    upstream key: none: each client's own key is forwarded" in out
+    assert "  ok    database: " in out and "empty: the proxy creates the schema at start" in out
+    assert "  ok    upstream: " in out and "(HTTP 200 to GET /models)" in out
+    assert upstream.requests[-1]["headers"].get("Authorization") is None  # no key sent
+
+
+@pytest.mark.parametrize(
+    ("toml", "failing"),
+    [
+        (
+            '[storage]\ndatabase_url = "mysql://root@localhost/test"\n',
+            "FAIL  database: Unsupported database 'mysql'",
+        ),
+        (
+            '[storage]\ndatabase_url = "postgresql://nobody@127.0.0.1:1/none"\n',
+            "FAIL  database: cannot open",
+        ),
+        (
+            '[upstream]\napi_key_env = "DISTILLERY_TEST_UNSET"\n[auth]\nkeys = ["sk-a"]\n',
+            "FAIL  upstream key: upstream.api_key_env names $DISTILLERY_TEST_UNSET, which is not set",
+        ),
+        ('[upstream]\nurl = "http://127.0.0.1:9/v1"\n', "FAIL  upstream: cannot reach"),
+    ],
+)
+def test_check_config_fails_on_what_would_fail(tmp_path, toml, failing):
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    result = CliRunner().invoke(cli, ["proxy", "-c", str(config), "--check-config"])
+    assert result.exit_code == 1
+    assert failing in result.output and "Traceback" not in result.output
+
+
+def test_check_config_sees_a_taken_port(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["proxy", "--port", str(port), "--check-config"])
+    assert (
+        f"FAIL  listen: cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
+    )
+
+
+def test_the_proxy_refuses_to_start_with_an_unset_key_variable(tmp_path):
+    config = tmp_path / "k.toml"
+    config.write_text(
+        '[upstream]\napi_key_env = "DISTILLERY_TEST_UNSET"\n[auth]\nkeys = ["sk-a"]\n'
+    )
+    result = CliRunner().invoke(cli, ["proxy", "-c", str(config)])
+    assert result.exit_code == 1
+    assert "$DISTILLERY_TEST_UNSET, which is not set" in result.output
