@@ -407,8 +407,11 @@ def export(config: Path | None, database_url: str | None, ref: str, fmt: str, ou
     store = open_cli_store(config, database_url)
     version = resolve(store, ref)
     writer = export_openai if fmt == "openai" else export_parquet
-    for path in writer(Path(version["path"]), output):
+    written, empty = writer(Path(version["path"]), output)
+    for path in written:
         click.echo(str(path))
+    for split in empty:
+        click.echo(f"The {split} split is empty: no file written for it.", err=True)
 
 
 @dataset.command()

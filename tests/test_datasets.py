@@ -360,6 +360,8 @@ def test_export_openai_and_parquet(db, tmp_path):
     table = pq.read_table(out / "hf" / "train.parquet")
     rows = table.to_pylist()
     assert rows and {"messages", "tools", "parallel_tool_calls"} <= set(table.column_names)
+    # This version has tool calls: their keys are columns (null where a message has none).
+    assert {"tool_calls", "tool_call_id"} <= set(rows[0]["messages"][0])
     assert rows[0]["messages"][0]["role"] == "system"
     tool_rows = [r for r in rows if r["tools"]]
     assert all(json.loads(r["tools"]) == TOOLS for r in tool_rows)
@@ -512,3 +514,46 @@ def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path):
         ), split
     diff = json.loads(run(url, "diff", "support@1", "support@2", "--json").output)
     assert [d["change"] for d in diff] == ["added"]
+
+
+def test_parquet_has_only_the_keys_examples_use_and_no_empty_split(tmp_path):
+    """A Llama-3-style chat template that tests `'tool_calls' in message` renders every row,
+    and `load_dataset` with both splits works: there is no empty validation file."""
+    jinja2 = pytest.importorskip("jinja2", reason="the train extra brings jinja2")
+    load_dataset = pytest.importorskip(
+        "datasets", reason="the train extra brings datasets"
+    ).load_dataset
+
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    store = open_store(url)
+    store.insert(base_records()[:14])  # no tool calls anywhere
+    store.close()
+    assert run(url, "build", "plain", "--tag", "app=support", "--val-fraction", "0").exit_code == 0
+    result = CliRunner().invoke(
+        cli,
+        [
+            "dataset",
+            "export",
+            "plain",
+            "--format",
+            "hf-parquet",
+            "-o",
+            str(tmp_path / "hf"),
+            "--database-url",
+            url,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "The val split is empty: no file written for it." in result.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["train.parquet"]
+    train = load_dataset("parquet", data_files={"train": str(tmp_path / "hf" / "train.parquet")})[
+        "train"
+    ]
+    template = jinja2.Template(
+        "{% for m in messages %}{% if 'tool_calls' in m %}{{ raise('tool_calls on ' + m['role']) }}"
+        "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    )
+    template.globals["raise"] = lambda text: (_ for _ in ()).throw(ValueError(text))
+    rendered = [template.render(messages=row["messages"]) for row in train]
+    assert len(rendered) == train.num_rows > 0 and all("<|assistant|>" in r for r in rendered)
+    assert set(train[0]["messages"][0]) == {"role", "content"}
