@@ -46,6 +46,7 @@ from distillery.output import write_rows
 )
 @fail_under_option("the fine-tuned student's")
 @max_error_rate_option
+@click.option("--no-cache", is_flag=True, help="Call every model afresh (no eval cache).")
 @click.option("--epochs", type=click.IntRange(1, 500), help="Fine-tune epochs.")
 @click.option("--batch-size", type=click.IntRange(1, 256))
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), help="local backend.")
@@ -78,6 +79,7 @@ def distill(
     grader_specs: tuple[str, ...],
     fail_under: tuple[str, ...],
     max_error_rate: float,
+    no_cache: bool,
     epochs: int | None,
     batch_size: int | None,
     learning_rate: float | None,
@@ -138,6 +140,7 @@ def distill(
         seed=seed,
         poll=poll_interval,
         prices=dict(settings.prices),
+        use_cache=not no_cache,
     )
     result = loop.run(
         store, options, settings.storage.resolved_data_dir(), lambda m: click.echo(m, err=True)

@@ -210,6 +210,11 @@ def eval_group() -> None:
 )
 @fail_under_option("any candidate's")
 @max_error_rate_option
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Call every model afresh (answers are not read from or kept in the cache).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @fail_on_errors
 def run_command(
@@ -232,6 +237,7 @@ def run_command(
     html_path: Path | None,
     fail_under: tuple[str, ...],
     max_error_rate: float,
+    no_cache: bool,
     as_json: bool,
     **filters: Any,
 ) -> None:
@@ -300,7 +306,9 @@ def run_command(
     items = eval_items.sample(items, limit, seed)
     if not items:
         raise DistilleryError(f"Nothing to grade in {source}.")
-    generator = Generator(store, concurrency=concurrency, timeout=timeout, retries=retries)
+    generator = Generator(
+        store, concurrency=concurrency, timeout=timeout, retries=retries, use_cache=not no_cache
+    )
     context = Context(generator, endpoints, default)
     total = len(items) * len(candidates)
     bar = (
@@ -330,6 +338,12 @@ def run_command(
         from distillery.curation.eval_report import render
 
         html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), items))
+    for model in sorted(generator.uncached):
+        click.echo(
+            f"Not cached: {model} (its endpoint's GET /models does not list it, so what "
+            "model answers cannot be told apart from another under that name).",
+            err=True,
+        )
     if as_json:
         click.echo(dumps(result, indent=True))
     else:

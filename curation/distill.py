@@ -47,6 +47,7 @@ class DistillOptions:
     seed: int = 0
     poll: float = 10.0
     prices: dict[str, Any] = field(default_factory=dict)
+    use_cache: bool = True
 
 
 def _free_port() -> int:
@@ -137,7 +138,7 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
     job = _finetune(store, options, version, state, state_path, data_dir, echo)
     items = graded_items(store, version, options.limit, options.seed)
     with _students(options, job) as (base, tuned):
-        generator = Generator(store)
+        generator = Generator(store, use_cache=options.use_cache)
         context = Context(generator, {}, options.teacher.endpoint)
         result = evaluate.run(
             store,
@@ -258,7 +259,18 @@ def _students(
         served(options.student_base, "base") as base,
         served(job["fine_tuned_model"], "tuned") as tuned,
     ):
+        # Known by their files, so the base student's answers are cached across runs on
+        # whatever port it is served, and a new fine-tune never gets the last one's.
+        from distillery.curation.serve import model_hash
+
         yield (
-            Candidate("base student", "base", base),
-            Candidate("fine-tuned student", "tuned", tuned),
+            Candidate(
+                "base student", "base", base, f"files:{model_hash(Path(options.student_base))}"
+            ),
+            Candidate(
+                "fine-tuned student",
+                "tuned",
+                tuned,
+                f"files:{model_hash(Path(job['fine_tuned_model']))}",
+            ),
         )

@@ -1,9 +1,12 @@
 """Calling candidate models for evals: bounded concurrency, retries, a cache.
 
-Every answer is cached in the database under a hash of (model, endpoint,
+Every answer is cached in the database under a hash of (the model's identity,
 messages, parameters), so re-grading, adding a grader or re-running a report
-never calls a model twice.  Retries with exponential backoff on 429 and 5xx
-(honouring ``Retry-After``) are the openai SDK's own; timeouts are per request.
+never calls a model twice.  The identity is what the model is, never where it
+is served (see ``Generator.identity``): a new model under an old name and port
+never gets the old answers; a model whose identity cannot be told is not cached.
+Retries with exponential backoff on 429 and 5xx (honouring ``Retry-After``) are
+the openai SDK's own; timeouts are per request.
 
 Eval requests carry ``X-Distillery-Tag-distillery_eval: 1``: through a
 Distillery proxy that becomes a tag, and dataset builds leave such traffic out.
@@ -83,6 +86,9 @@ class Candidate:
     label: str
     model: str
     endpoint: Endpoint
+    # What the model *is*, when the caller knows (distill: the served directory's content
+    # hash); otherwise the endpoint's /v1/models is asked.  The cache keys on this.
+    identity: str | None = None
 
 
 @dataclass
@@ -111,8 +117,12 @@ class Generator:
         concurrency: int = 8,
         timeout: float = 120.0,
         retries: int = 4,
+        use_cache: bool = True,
     ) -> None:
         self.store = store
+        self.use_cache = use_cache
+        self._identities: dict[tuple[str, Endpoint], str | None] = {}
+        self.uncached: set[str] = set()  # models whose identity could not be established
         self.semaphore = asyncio.Semaphore(concurrency)
         self.timeout = timeout
         self.retries = retries
@@ -154,11 +164,44 @@ class Generator:
         with self.store.engine.begin() as conn:
             conn.execute(dialect.insert(CACHE).values(**values).on_conflict_do_nothing())
 
+    async def identity(self, candidate: Candidate) -> str | None:
+        """What the cache knows the model as, or ``None`` (then nothing is cached for it).
+
+        Never its address: a new model served under the same name and port must
+        miss, and the same files served anywhere must hit.  A model Distillery
+        serves reports its directory's content hash in ``/v1/models``; any other
+        is known by its ``/v1/models`` entry (id, owner, root) and base URL.
+        """
+        if candidate.identity is not None:
+            return candidate.identity
+        slot = (candidate.model, candidate.endpoint)
+        if slot not in self._identities:
+            self._identities[slot] = await self._ask_identity(candidate)
+            if self._identities[slot] is None:
+                self.uncached.add(candidate.model)
+        return self._identities[slot]
+
+    async def _ask_identity(self, candidate: Candidate) -> str | None:
+        try:
+            listing = await self.client(candidate.endpoint).models.list()
+        except openai.OpenAIError:
+            return None
+        for model in listing.data:
+            if model.id != candidate.model:
+                continue
+            entry = model.model_dump()
+            if entry.get("distillery_model_hash"):
+                return f"files:{entry['distillery_model_hash']}"
+            fields = {k: entry.get(k) for k in ("id", "owned_by", "root")}
+            return cache_key("model", fields, candidate.endpoint.base_url)
+        return None
+
     async def complete(
         self, candidate: Candidate, messages: list[dict[str, Any]], params: dict[str, Any]
     ) -> Generation:
-        key = cache_key("chat", candidate.model, candidate.endpoint.base_url, messages, params)
-        hit = await asyncio.to_thread(self._cached, key)
+        identity = await self.identity(candidate) if self.use_cache else None
+        key = cache_key("chat", identity, messages, params) if identity else None
+        hit = await asyncio.to_thread(self._cached, key) if key else None
         if hit is not None:
             self.cache_hits += 1
             return Generation(hit["message"], hit["usage"], hit["latency_ms"], cached=True)
@@ -179,12 +222,13 @@ class Generator:
         message = response.choices[0].message.model_dump(exclude_none=True)
         usage = response.usage.model_dump(exclude_none=True) if response.usage else {}
         stored = {"message": message, "usage": usage, "latency_ms": latency}
-        await asyncio.to_thread(self._remember, key, candidate.model, stored, latency)
+        if key:
+            await asyncio.to_thread(self._remember, key, candidate.model, stored, latency)
         return Generation(message, usage, latency, cached=False)
 
     async def embed(self, endpoint: Endpoint, model: str, texts: list[str]) -> list[list[float]]:
         key = cache_key("embed", model, endpoint.base_url, texts)
-        hit = await asyncio.to_thread(self._cached, key)
+        hit = await asyncio.to_thread(self._cached, key) if self.use_cache else None
         if hit is not None:
             self.cache_hits += 1
             return list(hit["vectors"])

@@ -10,6 +10,7 @@ then call the student like any other model.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 import threading
@@ -25,6 +26,27 @@ from distillery.proxy.errors import APIError
 
 STUDENT = web.AppKey("student", object)
 NAME = web.AppKey("name", str)
+HASH = web.AppKey("model_hash", str)
+
+
+def model_hash(path: Path) -> str:
+    """SHA-256 over a model directory's files (names and bytes): the model's identity.
+
+    Evals cache a served model's answers under it, so the same files served on
+    any port hit the cache and different files under the same name never do.
+    """
+    digest = hashlib.sha256()
+    if not path.exists():  # a hub name: that is all that is known of it
+        digest.update(b"name\0" + str(path).encode())
+        return digest.hexdigest()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Student:
@@ -190,6 +212,7 @@ async def models(request: web.Request) -> web.Response:
                     "object": "model",
                     "created": 0,
                     "owned_by": "distillery",
+                    "distillery_model_hash": request.app[HASH],
                 }
             ],
         }
@@ -209,6 +232,7 @@ def make_app(path: Path, name: str) -> web.Application:
     app = web.Application(middlewares=[openai_errors])
     app[STUDENT] = Student(path)
     app[NAME] = name
+    app[HASH] = model_hash(path)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
     return app

@@ -35,6 +35,30 @@ class FakeModels:
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_post("/v1/embeddings", self.embeddings)
+        self.app.router.add_get("/v1/models", self.models)
+        # What GET /v1/models says: None lists nothing (a server that cannot say which
+        # model it runs); a string is reported as the served files' content hash.
+        self.listed: set[str] | None = {
+            "teacher",
+            "weak",
+            "flaky",
+            "tools",
+            "judge",
+            "mute-judge",
+            "broken",
+            "embed",
+        }
+        self.model_hash: str | None = None
+
+    async def models(self, request: web.Request) -> web.Response:
+        if self.listed is None:
+            raise web.HTTPNotFound()
+        data = [
+            {"id": name, "object": "model", "created": 1, "owned_by": "fake"}
+            | ({"distillery_model_hash": self.model_hash} if self.model_hash else {})
+            for name in sorted(self.listed)
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -767,3 +767,64 @@ def test_the_report_puts_each_answer_under_its_own_model(models, items_file, db,
         '<span class="fail">exact: 0</span>' in page
         and '<span class="pass">exact: 1</span>' in page
     )
+
+
+def test_the_cache_knows_a_model_by_its_files_not_its_address(servers, items_file, db, tmp_path):
+    """New files served under the same name and port never get the old answers; the same
+    files served on another port hit the cache; a server that cannot say what it runs is
+    not cached at all; --no-cache calls afresh."""
+    first, second = FakeModels(), FakeModels()
+    first.url, _ = servers.serve(first.app)
+    second.url, _ = servers.serve(second.app)
+    first.model_hash = second.model_hash = "files-v1"
+    config = tmp_path / "e.toml"
+    config.write_text(
+        f'[endpoints.a]\nbase_url = "{first.url}/v1"\n[endpoints.b]\nbase_url = "{second.url}/v1"\n'
+    )
+
+    def calls(endpoint, *extra):
+        result = CliRunner().invoke(
+            cli,
+            [
+                "eval",
+                "run",
+                "-c",
+                str(config),
+                "--database-url",
+                db,
+                "--file",
+                str(items_file),
+                "--model",
+                f"weak@{endpoint}",
+                "--grader",
+                "exact",
+                "--json",
+                *extra,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["summary"]["calls"], result.stderr
+
+    assert calls("a")[0] == {"made": 6, "cached": 0}
+    assert calls("a")[0] == {"made": 0, "cached": 6}
+    assert calls("b")[0] == {"made": 0, "cached": 6}  # the same files on another port
+    first.model_hash = "files-v2"  # a new fine-tune served under the old name and port
+    assert calls("a")[0] == {"made": 6, "cached": 0}
+    assert calls("a", "--no-cache")[0] == {"made": 6, "cached": 0}
+    first.listed = None  # GET /v1/models: 404
+    made, note = calls("a")
+    assert made == {"made": 6, "cached": 0} and "Not cached: weak" in note
+    assert calls("a")[0] == {"made": 6, "cached": 0}
+
+
+def test_model_hash_follows_the_files(tmp_path):
+    from distillery.curation.serve import model_hash
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights")
+        (tmp_path / name / "config.json").write_text("{}")
+    assert model_hash(tmp_path / "one") == model_hash(tmp_path / "two")
+    (tmp_path / "two" / "model.safetensors").write_bytes(b"weightz")
+    assert model_hash(tmp_path / "one") != model_hash(tmp_path / "two")
+    assert model_hash(tmp_path / "no-such-dir") != model_hash(tmp_path / "other-name")
