@@ -14,7 +14,17 @@ import click
 from distillery.errors import DistilleryError
 from distillery.output import dumps, output_options, write_rows
 
-LIST_COLUMNS = ("id", "created_at", "model", "status", "tokens", "latency_ms", "tags", "prompt")
+LIST_COLUMNS = (
+    "id",
+    "created_at",
+    "model",
+    "status",
+    "error",
+    "tokens",
+    "latency_ms",
+    "tags",
+    "prompt",
+)
 
 
 class DefaultGroup(click.Group):
@@ -166,12 +176,24 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
         "id": record["id"],
         "created_at": record["created_at"],
         "model": record.get("model_requested"),
-        "status": record["status"] if record.get("error") is None else f"{record['status']}!",
+        "status": record["status"],
+        "error": _error_kind(record.get("error")),
         "tokens": record.get("total_tokens"),
         "latency_ms": record.get("latency_ms"),
         "tags": ",".join(f"{k}={v}" for k, v in (record.get("metadata") or {}).items()),
         "prompt": " ".join(prompt.split()),
     }
+
+
+def _error_kind(error: Any) -> str | None:
+    """A short name for what went wrong: the error's type (OpenAI's shape or ours)."""
+    if error is None:
+        return None
+    if isinstance(error, dict):
+        nested = error.get("error")
+        inner: dict[str, Any] = nested if isinstance(nested, dict) else error
+        return str(inner.get("type") or inner.get("code") or "error")
+    return "error"
 
 
 def _select_ids(
@@ -272,13 +294,16 @@ def render(record: dict[str, Any]) -> Iterator[str]:
         ("completion", record.get("completion_id")),
         ("created", record["created_at"]),
         ("tenant", record["tenant"]),
-        ("model", f"{record.get('model_requested')} -> {record.get('model_served')}"),
+        (
+            "model",
+            f"{_or_dash(record.get('model_requested'))} -> {_or_dash(record.get('model_served'))}",
+        ),
         ("status", record["status"]),
         ("stream", bool(record["stream"])),
         ("finish", record.get("finish_reason")),
         (
             "tokens",
-            f"{record.get('prompt_tokens')} in, {record.get('completion_tokens')} out, {record.get('total_tokens')} total",
+            f"{_or_dash(record.get('prompt_tokens'))} in, {_or_dash(record.get('completion_tokens'))} out, {_or_dash(record.get('total_tokens'))} total",
         ),
         (
             "latency",
@@ -293,7 +318,7 @@ def render(record: dict[str, Any]) -> Iterator[str]:
         ("fingerprint", record.get("prompt_fingerprint")),
     ]
     for name, value in fields:
-        yield f"{name + ':':<13}{value}"
+        yield f"{name + ':':<13}{'-' if value is None else value}"
     metadata = record.get("metadata") or {}
     yield "metadata:    " + (", ".join(f"{k}={v}" for k, v in metadata.items()) or "-")
     yield ""
@@ -314,6 +339,10 @@ def render(record: dict[str, Any]) -> Iterator[str]:
         yield "  " + dumps(record["error"])
 
 
+def _or_dash(value: Any) -> Any:
+    return "-" if value is None else value
+
+
 def _message(message: dict[str, Any], text: str) -> Iterator[str]:
     role = message.get("role", "?")
     lines = text.splitlines() or [""]
@@ -322,7 +351,7 @@ def _message(message: dict[str, Any], text: str) -> Iterator[str]:
         yield f"  {' ' * (len(role) + 2)} {line}"
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
-        yield f"  [{role}] -> {function.get('name')}({function.get('arguments')})  {call.get('id') or ''}".rstrip()
+        yield f"  [{role}] -> {function.get('name')}({function.get('arguments') or ''})  {call.get('id') or ''}".rstrip()
     if message.get("refusal"):
         yield f"  [{role}] refused: {message['refusal']}"
 

@@ -151,12 +151,13 @@ def test_list_table_is_the_default(db):
         .invoke(cli, ["completions", "--database-url", db, "-n", "3"], catch_exceptions=False)
         .output
     )
+    # Numbers right-aligned, one format per column; an error is a column, not a marker.
     assert output == (
-        "id                                created_at           model        status  tokens  latency_ms  tags                     prompt\n"
-        "--------------------------------  -------------------  -----------  ------  ------  ----------  -----------------------  ------------\n"
-        "cap_0000000000000000000000000005  2026-11-20 14:00:00  gpt-4o-mini  200     15      75          app=sql                  drop table\n"
-        "cap_0000000000000000000000000004  2026-11-20 13:00:00  gpt-4o       500!    15      300         app=support,env=staging  refund again\n"
-        "cap_0000000000000000000000000003  2026-11-20 12:00:00  gpt-4o-mini  200     15      50          app=sql,env=prod         count users\n"
+        "id                                created_at           model        status  error  tokens  latency_ms  tags                     prompt\n"
+        "--------------------------------  -------------------  -----------  ------  -----  ------  ----------  -----------------------  ------------\n"
+        "cap_0000000000000000000000000005  2026-11-20 14:00:00  gpt-4o-mini     200             15        75.0  app=sql                  drop table\n"
+        "cap_0000000000000000000000000004  2026-11-20 13:00:00  gpt-4o          500  error      15       300.0  app=support,env=staging  refund again\n"
+        "cap_0000000000000000000000000003  2026-11-20 12:00:00  gpt-4o-mini     200             15        50.0  app=sql,env=prod         count users\n"
     )
 
 
@@ -195,8 +196,8 @@ def test_json_is_one_array_of_whole_records_and_csv_has_a_header(db):
     assert json.loads(ok(db, "list", "--json", "--tag", "app=none")) == []
     csv = ok(db, "list", "--csv", "-n", "1")
     assert csv.splitlines() == [
-        "id,created_at,model,status,tokens,latency_ms,tags,prompt",
-        "cap_0000000000000000000000000005,2026-11-20 14:00:00,gpt-4o-mini,200,15,75,app=sql,drop table",
+        "id,created_at,model,status,error,tokens,latency_ms,tags,prompt",
+        "cap_0000000000000000000000000005,2026-11-20T14:00:00+00:00,gpt-4o-mini,200,,15,75.0,app=sql,drop table",
     ]
 
 
@@ -262,7 +263,7 @@ def test_stats_groups_and_finds_the_tasks(db):
     assert [(r["group"], r["calls"]) for r in by_day] == [("2026-11-20", 5)]
     table = ok(db, "stats", "--tag", "app=sql")
     assert "Top prompt fingerprints" in table
-    assert "fp_sql       2      100%   Write SQL." in table
+    assert "fp_sql           2  100%   Write SQL." in table
 
 
 def test_tag_untag_by_id_and_where(db):
@@ -351,3 +352,34 @@ def test_missing_database_is_a_clear_error(tmp_path):
         cli, ["completions", "--database-url", f"sqlite:///{tmp_path}/none.db"]
     )
     assert result.exit_code == 1 and "No database at" in result.output
+
+
+def test_tables_fit_the_terminal_unless_wide(db, monkeypatch):
+    """On a terminal a table fits its width, cutting cells with an ellipsis; --wide shows
+    them whole; in a pipe nothing is cut to a terminal."""
+    import io
+    import os
+
+    from distillery.output import write_rows
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("shutil.get_terminal_size", lambda *_: os.terminal_size((60, 24)))
+    rows = [{"id": "cap_" + "0" * 28, "prompt": "a long prompt " * 5, "latency_ms": 1234.5}]
+    screen = Terminal()
+    write_rows(rows, "table", ("id", "prompt", "latency_ms"), out=screen)
+    lines = screen.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 60 and "…" in lines[2]
+    assert lines[2].endswith("  1234")  # three significant digits at least, right-aligned
+    pipe = io.StringIO()
+    write_rows(rows, "table", ("id", "prompt", "latency_ms"), out=pipe)
+    assert "a long prompt a long prompt a long prompt a long prompt" in pipe.getvalue()
+    wide = CliRunner().invoke(cli, ["completions", "--database-url", db, "-n", "1", "--wide"])
+    assert wide.exit_code == 0 and "drop table" in wide.output
+
+
+def test_show_never_prints_none(db):
+    output = ok(db, "show", "cap_0000000000000000000000000004")
+    assert "None" not in output

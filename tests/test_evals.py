@@ -627,7 +627,7 @@ def test_failed_calls_are_errors_not_zero_scores(models, items_file, db):
     allowed = eval_run(db, *args, "--max-error-rate", "0.5")
     assert allowed.exit_code == 0, allowed.output
     [row] = [line for line in allowed.stdout.splitlines() if line.startswith("broken")]
-    assert row.split()[:6] == ["broken", "exact", "1", "[1.000,", "1.000]", "1"]
+    assert row.split()[:6] == ["broken", "exact", "1.00", "[1.000,", "1.000]", "1.00"]
     assert row.split()[6:8] == ["3", "3"]  # n scored, errors
 
 
