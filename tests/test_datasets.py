@@ -546,9 +546,11 @@ def test_parquet_has_only_the_keys_examples_use_and_no_empty_split(tmp_path):
     assert result.exit_code == 0, result.output
     assert "The val split is empty: no file written for it." in result.stderr
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["train.parquet"]
-    train = load_dataset("parquet", data_files={"train": str(tmp_path / "hf" / "train.parquet")})[
-        "train"
-    ]
+    train = load_dataset(
+        "parquet",
+        data_files={"train": str(tmp_path / "hf" / "train.parquet")},
+        cache_dir=str(tmp_path / "hf-cache"),
+    )["train"]
     template = jinja2.Template(
         "{% for m in messages %}{% if 'tool_calls' in m %}{{ raise('tool_calls on ' + m['role']) }}"
         "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
