@@ -154,54 +154,8 @@ def make_app(settings: Settings, store: Store | None) -> web.Application:
     )
     serve_stored = store is not None and settings.proxy.stored_completions == "local"
     if capture is not None:
-        proxy.metrics.watch(
-            "distillery_capture_queue_depth",
-            "Records waiting for the database writer.",
-            lambda: capture.queue.qsize(),
-        )
-        proxy.metrics.watch(
-            "distillery_spool_bytes",
-            "Bytes in spool segments not yet deleted.",
-            lambda: capture.spool.pending_bytes(),
-        )
-        proxy.metrics.watch(
-            "distillery_capture_write_errors",
-            "Database writes that failed (records spooled).",
-            lambda: capture.write_errors,
-        )
-        proxy.metrics.watch(
-            "distillery_captured_stored",
-            "Records the writer has stored in the database.",
-            lambda: capture.stored,
-        )
-        for name, documentation, read in (
-            (
-                "distillery_spool_write_errors",
-                "Records the spool could not write (disk full?); they wait in memory.",
-                lambda: capture.spool_write_errors,
-            ),
-            (
-                "distillery_capture_dropped",
-                "Records lost: the spool failed and the memory buffer was full.",
-                lambda: capture.dropped,
-            ),
-            (
-                "distillery_capture_repaired",
-                "Records the database refused as they were, stored after repair.",
-                lambda: capture.repaired,
-            ),
-            (
-                "distillery_capture_dead_lettered",
-                "Records the database refused even after repair (see the dead-letter file).",
-                lambda: capture.dead_lettered,
-            ),
-        ):
-            proxy.metrics.watch_total(name, documentation, read)
-        proxy.metrics.watch(
-            "distillery_capture_memory_buffered",
-            "Records held in memory because the spool could not take them.",
-            lambda: len(capture.unspooled),
-        )
+        capture.on_event = proxy.metrics.capture_event
+        capture.on_levels = proxy.metrics.capture_levels
 
     app = web.Application(
         middlewares=[canonical_request],

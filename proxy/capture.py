@@ -44,7 +44,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,14 @@ class Capture:
         self._next_try = 0.0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="distillery-writer", daemon=True)
+        # Where counts and levels go besides this object's attributes (the app's metrics).
+        self.on_event: Callable[[str, int], None] = lambda _name, _count: None
+        self.on_levels: Callable[[int, int, int], None] = lambda _q, _s, _m: None
+        self._levels_at = 0.0
+
+    def _count(self, name: str, count: int = 1) -> None:
+        setattr(self, name, getattr(self, name) + count)
+        self.on_event(name, count)
 
     def start(self) -> None:
         self._orphans = self.spool.orphans()
@@ -252,7 +260,7 @@ class Capture:
             # JSON nested deeper than orjson writes: keep that part as text.
             record, changes = repair(record)
             line = orjson.dumps(record) + b"\n"
-            self.repaired += 1
+            self._count("repaired")
             log.warning("capture record repaired", record_id=record["id"], changes=changes)
         with self.spool.lock:
             try:
@@ -269,12 +277,12 @@ class Capture:
 
     def _hold(self, record: dict[str, Any], size: int, exc: OSError) -> str:
         """Keep a record the spool refused in memory, if there is room (spool.lock held)."""
-        self.spool_write_errors += 1
+        self._count("spool_write_errors")
         if self.spool_error is None:
             log.error("spool write failed; holding records in memory", error=str(exc))
         self.spool_error = str(exc)
         if self.unspooled_bytes + size > self.settings.memory_buffer_mb * 1024 * 1024:
-            self.dropped += 1
+            self._count("dropped")
             log.error(
                 "capture dropped: spool unwritable and memory buffer full",
                 record_id=record["id"],
@@ -347,6 +355,9 @@ class Capture:
                 if batch:
                     self._write(batch)
             self._maintain()
+            if time.monotonic() >= self._levels_at:  # metrics' gauges, twice a second
+                self._levels_at = time.monotonic() + 0.5
+                self.on_levels(self.queue.qsize(), self.spool.pending_bytes(), len(self.unspooled))
         except Exception:  # pragma: no cover - a bug; the spool still holds every record
             log.exception("capture writer error; retrying")
             self._stopping.wait(0.5)
@@ -374,7 +385,7 @@ class Capture:
         ):
             self._ok()
             spooled = sum(1 for seq, _ in batch if seq)
-            self.stored += spooled + self._forget([record for seq, record in batch if not seq])
+            self._count("stored", spooled + self._forget([r for seq, r in batch if not seq]))
             return
         self._mark_dirty(seqs)
 
@@ -406,7 +417,7 @@ class Capture:
         except Exception as exc:
             self._failed(exc)
             return False
-        self.repaired += 1
+        self._count("repaired")
         log.warning(
             "capture record repaired",
             record_id=record.get("id"),
@@ -432,7 +443,7 @@ class Capture:
         except OSError as exc:
             log.error("cannot write the dead-letter file; record stays spooled", error=str(exc))
             return False
-        self.dead_lettered += 1
+        self._count("dead_lettered")
         log.error(
             "capture record dead-lettered",
             record_id=record.get("id"),
@@ -459,7 +470,7 @@ class Capture:
             self.dirty.update(seqs)
 
     def _failed(self, exc: Exception) -> None:
-        self.write_errors += 1
+        self._count("write_errors")
         if self.db_ok:
             log.error("database write failed; spooling until it is back", error=str(exc))
         self.db_ok = False
@@ -551,7 +562,7 @@ class Capture:
                 chunk = records[start : start + self.settings.batch_size]
                 if not self._store(chunk):
                     return
-                self.stored += self._forget(chunk)
+                self._count("stored", self._forget(chunk))
             return
         with self.spool.lock:
             for record in records:

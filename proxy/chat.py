@@ -128,15 +128,23 @@ class Call:
         if self.finished:
             return "recorded"
         self.finished = True
-        if self.capture is None:
-            return "sampled_out" if self.proxy.capture else "off"
         response = response or {}
-        choices = response.get("choices")
-        first = choices[0] if isinstance(choices, list) and choices else None
-        first = first if isinstance(first, dict) else {}
         usage = response.get("usage")
         usage = usage if isinstance(usage, dict) else {}
         served = response.get("model")
+        self.proxy.metrics.chat(
+            model=self.proxy.redactor.text(served) if isinstance(served, str) else self.model,
+            app=self.metadata.get(self.proxy.settings.tagging.app_key),
+            seconds=time.perf_counter() - self.started,
+            ttft_seconds=self.ttft_ms / 1000 if self.ttft_ms is not None else None,
+            prompt_tokens=_integer(usage.get("prompt_tokens")),
+            completion_tokens=_integer(usage.get("completion_tokens")),
+        )
+        if self.capture is None:
+            return "sampled_out" if self.proxy.capture else "off"
+        choices = response.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        first = first if isinstance(first, dict) else {}
         record = {
             "id": self.id,
             "completion_id": _string(response.get("id")),

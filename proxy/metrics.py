@@ -1,61 +1,192 @@
-"""Prometheus metrics for one proxy process, in a registry of its own."""
+"""Prometheus metrics for the proxy: one process, or every worker of ``--workers N``.
+
+With one process, metrics live in a registry of the app's own (several apps in
+one test process never mix), plus that process's ``process_*`` metrics.
+
+With ``--workers N`` every scrape lands on one worker, chosen by the kernel, so a
+per-process view would report one worker's counters each time and look like
+resets to Prometheus.  The supervisor therefore starts the workers with
+``PROMETHEUS_MULTIPROC_DIR`` set (prometheus_client's multiprocess mode): each
+worker writes its values to memory-mapped files there and any worker's
+``/metrics`` serves the sum.  Gauges are summed over live workers; the
+``process_*`` metrics are left out in that mode, since they would describe only
+the worker that happened to answer.
+
+Everything that counts events is a counter (``_total``); levels (queue depth,
+spool bytes, records held in memory) are gauges the capture writer sets.
+Labels that come from traffic (model, app) are bounded: past 64 distinct values
+in a process, new ones are counted as ``other``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+MAX_LABEL_VALUES = 64
+
+# What the capture writer counts, by Capture's attribute name: (metric, help).
+CAPTURE_EVENTS = {
+    "stored": ("distillery_capture_stored", "Records the writer has stored in the database."),
+    "write_errors": (
+        "distillery_capture_write_errors",
+        "Database writes that failed (records stay spooled).",
+    ),
+    "spool_write_errors": (
+        "distillery_spool_write_errors",
+        "Records the spool could not write (disk full?); they wait in memory.",
+    ),
+    "dropped": (
+        "distillery_capture_dropped",
+        "Records lost: the spool failed and the memory buffer was full.",
+    ),
+    "repaired": (
+        "distillery_capture_repaired",
+        "Records the database refused as they were, stored after repair.",
+    ),
+    "dead_lettered": (
+        "distillery_capture_dead_lettered",
+        "Records the database refused even after repair (see the dead-letter file).",
+    ),
+}
+
+
+def shared() -> bool:
+    """True in a worker of ``--workers N``: values go to the shared directory."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class _Bounded:
+    """Label values from traffic, at most ``MAX_LABEL_VALUES`` distinct ones."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        value = value or "none"
+        if value in self.seen:
+            return value
+        if len(self.seen) >= MAX_LABEL_VALUES:
+            return "other"
+        self.seen.add(value)
+        return value
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        own: CollectorRegistry | None = None
+        if shared():
+            MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
+        else:
+            own = self.registry
+            ProcessCollector(registry=self.registry)
         self.requests = Counter(
             "distillery_requests",
             "Requests answered, by route and HTTP status.",
             ["route", "status"],
-            registry=self.registry,
+            registry=own,
         )
         self.latency = Histogram(
             "distillery_request_duration_seconds",
             "Time from request to the last byte of the response.",
             ["route"],
             buckets=BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
         self.upstream_errors = Counter(
             "distillery_upstream_errors",
             "Upstream calls that failed before a response: unreachable or timed out.",
             ["kind"],
-            registry=self.registry,
+            registry=own,
         )
         self.captured = Counter(
             "distillery_captured",
-            "Chat completions handed to storage: queued, spooled (queue full) or sampled out.",
+            "Chat completions handed to storage: queued, spooled, buffered, dropped, sampled out.",
             ["outcome"],
-            registry=self.registry,
+            registry=own,
         )
+        self.chat_latency = Histogram(
+            "distillery_chat_duration_seconds",
+            "Chat completions: time from request to the end of the answer, by model and app.",
+            ["model", "app"],
+            buckets=BUCKETS,
+            registry=own,
+        )
+        self.ttft = Histogram(
+            "distillery_time_to_first_token_seconds",
+            "Streamed chat completions: time to the first byte of the stream, by model and app.",
+            ["model", "app"],
+            buckets=BUCKETS,
+            registry=own,
+        )
+        self.tokens = Counter(
+            "distillery_tokens",
+            "Tokens the upstream reported, by model, app and kind (prompt, completion).",
+            ["model", "app", "kind"],
+            registry=own,
+        )
+        self.capture_events = {
+            name: Counter(metric, help_text, registry=own)
+            for name, (metric, help_text) in CAPTURE_EVENTS.items()
+        }
+        self.queue_depth = Gauge(
+            "distillery_capture_queue_depth",
+            "Records waiting for the database writer.",
+            multiprocess_mode="livesum",
+            registry=own,
+        )
+        self.spool_bytes = Gauge(
+            "distillery_spool_bytes",
+            "Bytes in spool segments not yet deleted.",
+            multiprocess_mode="livesum",
+            registry=own,
+        )
+        self.memory_buffered = Gauge(
+            "distillery_capture_memory_buffered",
+            "Records held in memory because the spool could not take them.",
+            multiprocess_mode="livesum",
+            registry=own,
+        )
+        self._model = _Bounded()
+        self._app = _Bounded()
 
-    def watch(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        Gauge(name, documentation, registry=self.registry).set_function(read)
+    def capture_event(self, name: str, count: int) -> None:
+        self.capture_events[name].inc(count)
 
-    def watch_total(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        """A counter whose value another object keeps (exposed as ``<name>_total``)."""
-        self.registry.register(_ReadCounter(name, documentation, read))
+    def capture_levels(self, queue_depth: int, spool_bytes: int, memory_buffered: int) -> None:
+        self.queue_depth.set(queue_depth)
+        self.spool_bytes.set(spool_bytes)
+        self.memory_buffered.set(memory_buffered)
+
+    def chat(
+        self,
+        model: str | None,
+        app: str | None,
+        seconds: float,
+        ttft_seconds: float | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """One chat completion's latency, time to first token and tokens."""
+        labels = (self._model(model), self._app(app))
+        self.chat_latency.labels(*labels).observe(seconds)
+        if ttft_seconds is not None:
+            self.ttft.labels(*labels).observe(ttft_seconds)
+        for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if count:
+                self.tokens.labels(*labels, kind).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class _ReadCounter(Collector):
-    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.read = read
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self.name, self.documentation, value=self.read())

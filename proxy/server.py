@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -27,6 +30,7 @@ from distillery.config import Settings
 from distillery.errors import DistilleryError
 from distillery.proxy import http
 from distillery.proxy.app import make_app
+from distillery.proxy.metrics import MULTIPROC_ENV
 from distillery.store import Store
 from distillery.store.db import create_engine, migrate
 
@@ -102,6 +106,18 @@ def _worker(settings: Settings, logging: dict[str, Any]) -> None:
 def _supervise(settings: Settings, workers: int, logging: dict[str, Any]) -> None:
     if settings.capture.enabled:
         migrate(create_engine(settings.storage.resolved_database_url()))
+    # Workers write their metrics to files here; whichever answers /metrics serves the sum.
+    shared_metrics = tempfile.mkdtemp(prefix="distillery-metrics-")
+    os.environ[MULTIPROC_ENV] = shared_metrics  # spawned workers inherit it
+    try:
+        _run_workers(settings, workers, logging, shared_metrics)
+    finally:
+        shutil.rmtree(shared_metrics, ignore_errors=True)
+
+
+def _run_workers(
+    settings: Settings, workers: int, logging: dict[str, Any], shared_metrics: str
+) -> None:
     context = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -131,6 +147,9 @@ def _supervise(settings: Settings, workers: int, logging: dict[str, Any]) -> Non
                 stop(signal.SIGTERM, None)
                 raise DistilleryError("A worker could not listen; see the log above.")
             log.warning("worker died; starting another", pid=process.pid, code=process.exitcode)
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(process.pid, shared_metrics)  # type: ignore[no-untyped-call]
             time.sleep(0.5)
             processes[index] = start()
         if stopping and all(not p.is_alive() for p in processes):

@@ -452,6 +452,20 @@ def test_healthz_and_metrics(start_proxy, upstream, clients):
     assert 'distillery_captured_total{outcome="queued"} 1.0' in text
     assert "distillery_capture_queue_depth 0.0" in text
     assert "distillery_request_duration_seconds_bucket" in text
+    # Counters end in _total; latency and tokens by model and app; this process's own metrics.
+    wait_for(
+        lambda: "distillery_capture_stored_total 1.0" in httpx.get(proxy.url + "/metrics").text,
+        what="the stored counter",
+    )
+    assert (
+        'distillery_chat_duration_seconds_count{app="none",model="fake-model-2024-08-06"} 1.0'
+        in text
+    )
+    assert (
+        'distillery_tokens_total{app="none",kind="prompt",model="fake-model-2024-08-06"} 9.0'
+        in text
+    )
+    assert "process_cpu_seconds_total" in text
 
 
 def test_client_leaving_mid_stream_is_logged_and_stored(start_proxy, upstream):

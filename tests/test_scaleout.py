@@ -103,3 +103,40 @@ def test_workers_share_one_port(upstream, tmp_path):
     assert proxy.wait() == 0
     assert len(pids) == 2
     assert sorted(stored(database_url)) == sorted(answered) and len(answered) == 30
+
+
+def sample(text: str, name: str) -> float:
+    """The value of one sample line (``name`` with its labels) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_are_the_sum_over_workers(upstream, tmp_path):
+    """Every scrape lands on one worker; each must report all workers' counts, not its own."""
+    database_url = f"sqlite:///{tmp_path / 'metrics.db'}"
+    proxy = ProxyProcess(
+        free_port(), upstream.url + "/v1", tmp_path / "data", database_url, "--workers", "2"
+    ).start()
+    answered: list[str] = []
+    asyncio.run(drive([proxy.base_url], 0, 40, answered))
+    assert len(answered) == 40
+    metrics = f"http://127.0.0.1:{proxy.port}/metrics"
+    wait_for(
+        lambda: sample(httpx.get(metrics).text, "distillery_capture_stored_total") == 40,
+        what="40 stored, as every worker's /metrics sees it",
+    )
+    pids, totals = set(), set()
+    for _ in range(20):
+        pids.add(httpx.get(f"http://127.0.0.1:{proxy.port}/healthz").json()["pid"])
+        text = httpx.get(metrics).text
+        totals.add(sample(text, 'distillery_requests_total{route="chat",status="200"}'))
+        assert sample(text, "distillery_capture_stored_total") == 40
+    assert len(pids) == 2 and totals == {40.0}
+    tokens = sample(
+        text, 'distillery_tokens_total{app="none",kind="completion",model="fake-slow-2024-08-06"}'
+    )
+    assert tokens == 40 * 12  # the fake upstream reports 12 completion tokens a call
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
