@@ -35,6 +35,7 @@ import numpy as np
 import orjson
 
 from distillery.curation.dedupe import find_duplicates
+from distillery.curation.examples import TOKEN_METHOD
 from distillery.curation.options import BuildOptions, Rules
 from distillery.curation.scan import Segment, carry_over, scan, scan_store
 from distillery.curation.validate import MIN_EXAMPLES, Report
@@ -249,6 +250,7 @@ def _assemble(
         warnings.append("no validation examples: too few prompt groups for --val-fraction")
     summary = Report(examples=counts["train"], tokens=tokens).summary(options.epochs)
     summary.pop("errors"), summary.pop("warnings")
+    summary["method"] = TOKEN_METHOD  # how the counts were made: an estimate, and which
     considered = sum(segment.considered for segment in segments)
     return {
         "created_at": datetime.now(UTC).isoformat(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,24 +32,50 @@ PROMPT_ROLES = ("system", "developer")
 _WORDS = re.compile(r"\w+", re.UNICODE)
 
 
-def estimate_tokens(example: Mapping[str, Any]) -> int:
-    """Tokens an example costs, estimated without a tokenizer.
+# Tokens by script, from how GPT-family tokenizers (o200k, cl100k) cut text: plain
+# words about 4.4 characters a token (spaces included), punctuation about 0.55 of a
+# token a character (pairs such as ``":`` merge), digits in threes, a CJK character or
+# full-width form about 0.8, other scripts about one token per 3 characters.  That
+# gives English ~4.4 characters a token, JSON ~2.5, Chinese or Japanese ~1.25; the
+# usual rule of four characters a token counts CJK at a third and JSON at a half.
+# Counted with str.translate and one regex, all in C: a build estimates millions.
+_CJK_CHAR = re.compile(
+    "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]"
+)
+_NO_PUNCT = {ord(c): None for c in string.punctuation}
+_NO_DIGITS = {ord(c): None for c in string.digits}
+TOKEN_METHOD = "estimate by script (words, punctuation, digits, CJK, other scripts)"
 
-    OpenAI's rule of thumb: about four characters of English per token, plus
-    three tokens of framing per message and three to prime the reply.  Tool
-    definitions count by their JSON length.  It errs high on code and low on
-    CJK text; use it for limits and budgets, not billing.
+
+def text_tokens(text: str) -> int:
+    """Tokens a text costs, estimated by script (see the constants above)."""
+    size = len(text)
+    if not size:
+        return 0
+    punct = size - len(text.translate(_NO_PUNCT))
+    digits = size - len(text.translate(_NO_DIGITS))
+    cjk = other = 0
+    if not text.isascii():
+        cjk = len(_CJK_CHAR.findall(text))
+        other = size - len(text.encode("ascii", "ignore")) - cjk
+    plain = size - punct - digits - cjk - other
+    return math.ceil(plain / 4.4 + punct * 0.55 + digits / 2.5 + cjk * 0.8 + other / 3)
+
+
+def estimate_tokens(example: Mapping[str, Any]) -> int:
+    """Tokens an example costs, estimated without a tokenizer (see :func:`text_tokens`).
+
+    Plus OpenAI's framing: three tokens a message and three to prime the reply; tool
+    definitions count by their JSON.  Use it for limits and budgets, not billing.
     """
     total = 3
     for message in example.get("messages") or ():
-        total += 3 + math.ceil(len(message_text(message)) / 4)
+        total += 3 + text_tokens(message_text(message))
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}
-            total += 3 + math.ceil(
-                (len(function.get("name", "")) + len(function.get("arguments", ""))) / 4
-            )
+            total += 3 + text_tokens(f"{function.get('name', '')} {function.get('arguments', '')}")
     if example.get("tools"):
-        total += math.ceil(len(orjson.dumps(example["tools"])) / 4)
+        total += text_tokens(orjson.dumps(example["tools"]).decode())
     return total
 
 

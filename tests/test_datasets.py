@@ -559,3 +559,33 @@ def test_parquet_has_only_the_keys_examples_use_and_no_empty_split(tmp_path):
     rendered = [template.render(messages=row["messages"]) for row in train]
     assert len(rendered) == train.num_rows > 0 and all("<|assistant|>" in r for r in rendered)
     assert set(train[0]["messages"][0]) == {"role", "content"}
+
+
+def test_token_estimates_follow_the_script(tmp_path):
+    """Four characters a token counted Chinese at a third of the truth and JSON at half;
+    the estimate by script counts them about as a GPT tokenizer does (English ~4.4
+    characters a token, JSON ~2.5, CJK ~1.25), and the manifest says it is an estimate."""
+    from distillery.curation.examples import text_tokens
+
+    assert text_tokens("The quick brown fox jumps over the lazy dog.") == 11  # tiktoken: 10
+    assert text_tokens('{"name": "John", "age": 30, "city": "New York"}') == 17  # ~19
+    assert text_tokens("我想退货\uff0c订单号是12345\u3002") == 10  # 15 characters; 4 a token says 4
+    assert text_tokens("退" * 1000) == 800
+    line = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "退货" * 1500},
+                {"role": "assistant", "content": "好"},
+            ]
+        },
+        ensure_ascii=False,
+    )
+    path = tmp_path / "cjk.jsonl"
+    path.write_text("\n".join([line] * 10) + "\n")
+    result = CliRunner().invoke(cli, ["dataset", "validate", str(path), "--max-tokens", "1000"])
+    assert result.exit_code == 1 and "longer than 1000 tokens" in result.output
+
+
+def test_the_manifest_says_how_tokens_were_counted(db):
+    manifest = build(db)
+    assert manifest["tokens"]["method"].startswith("estimate by script")
