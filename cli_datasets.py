@@ -143,6 +143,11 @@ def dataset() -> None:
     "--epochs", type=int, default=3, show_default=True, help="For the training-token estimate."
 )
 @click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False),
+    help="Count tokens with this local model directory's tokenizer (the student's) instead of estimating.",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
@@ -176,6 +181,7 @@ def build(
     history_weight: int | None,
     redact_patterns: tuple[str, ...],
     epochs: int,
+    tokenizer: str | None,
     output: Path | None,
     include_eval_traffic: bool,
     as_json: bool,
@@ -246,6 +252,7 @@ def build(
         redact_patterns=tuple((p.name, p.pattern) for p in settings.redact.patterns)
         + tuple(patterns),
         epochs=epochs,
+        tokenizer=tokenizer,
     )
     bar: Any = None
     hooks: dict[str, Any] = {}

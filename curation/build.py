@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 
 from distillery.curation.dedupe import find_duplicates
-from distillery.curation.examples import TOKEN_METHOD
+from distillery.curation.examples import token_counter, token_method
 from distillery.curation.options import BuildOptions, Rules
 from distillery.curation.scan import Segment, carry_over, scan, scan_store
 from distillery.curation.validate import MIN_EXAMPLES, Report
@@ -94,6 +94,7 @@ def _build_locked(
             f"No completions captured since {options.name}@{previous['version']}; nothing to do.",
         )
     selection = replace(selection, upto_id=watermark)
+    token_counter(options.tokenizer)  # a tokenizer that will not load fails here, not in workers
     final = options.output_dir or data_dir / "datasets" / options.name / f"v{number}"
     if final.exists() and any(final.iterdir()):
         raise BuildError(f"{final} exists and is not empty; pick another -o directory.")
@@ -170,7 +171,8 @@ def _scan(
 ) -> list[Segment]:
     segments: list[Segment] = []
     if previous is not None:
-        segments.append(carry_over(Path(previous["path"]), scratch / "carried"))
+        counter = token_counter(options.tokenizer)
+        segments.append(carry_over(Path(previous["path"]), scratch / "carried", counter))
     passes = [selection]
     if options.prefer:
         passes = [
@@ -250,7 +252,7 @@ def _assemble(
         warnings.append("no validation examples: too few prompt groups for --val-fraction")
     summary = Report(examples=counts["train"], tokens=tokens).summary(options.epochs)
     summary.pop("errors"), summary.pop("warnings")
-    summary["method"] = TOKEN_METHOD  # how the counts were made: an estimate, and which
+    summary["method"] = token_method(options.tokenizer)  # how the counts were made
     considered = sum(segment.considered for segment in segments)
     return {
         "created_at": datetime.now(UTC).isoformat(),

@@ -121,7 +121,16 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
     selection = replace(options.filters, exclude_tags=(*options.filters.exclude_tags, EVAL_TAG))
     built = build(
         store,
-        BuildOptions(name=options.name, filters=selection, incremental=True, seed=options.seed),
+        BuildOptions(
+            name=options.name,
+            filters=selection,
+            incremental=True,
+            seed=options.seed,
+            # A local student counts tokens with its own tokenizer, when it is a directory.
+            tokenizer=options.student_base
+            if options.backend == "local" and Path(options.student_base).is_dir()
+            else None,
+        ),
         data_dir,
     )
     echo(built.message)

@@ -8,16 +8,18 @@ calls included).  Only the keys OpenAI's format knows are kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from distillery.errors import DistilleryError
 from distillery.store.records import message_text, output_messages
 
 MESSAGE_KEYS = {
@@ -60,6 +62,53 @@ def text_tokens(text: str) -> int:
         other = size - len(text.encode("ascii", "ignore")) - cjk
     plain = size - punct - digits - cjk - other
     return math.ceil(plain / 4.4 + punct * 0.55 + digits / 2.5 + cjk * 0.8 + other / 3)
+
+
+def token_counter(tokenizer: str | None) -> Callable[[Mapping[str, Any]], int]:
+    """How a build counts an example's tokens: with the student's own tokenizer (a local
+    model directory; its chat template when it has one), else :func:`estimate_tokens`."""
+    if tokenizer is None:
+        return estimate_tokens
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DistilleryError(
+            "--tokenizer needs transformers: pip install 'distillery[train]'"
+        ) from None
+    try:
+        loaded = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DistilleryError(
+            f"Cannot load a tokenizer from {tokenizer}: {str(exc).splitlines()[0]} "
+            "Point --tokenizer at a model directory that holds tokenizer files."
+        ) from None
+
+    def count(example: Mapping[str, Any]) -> int:
+        messages = [
+            {"role": m.get("role"), "content": _counted_text(m)} for m in example["messages"]
+        ]
+        if loaded.chat_template:
+            with contextlib.suppress(Exception):  # a template that refuses these roles
+                ids = loaded.apply_chat_template(messages, tokenize=True)
+                ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+                return len(ids)
+        return 3 + sum(
+            3 + len(loaded.encode(m["content"], add_special_tokens=False)) for m in messages
+        )
+
+    return count
+
+
+def _counted_text(message: Mapping[str, Any]) -> str:
+    text = message_text(message)
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        text += f"\n{function.get('name', '')} {function.get('arguments', '')}"
+    return text
+
+
+def token_method(tokenizer: str | None) -> str:
+    return f"counted with the tokenizer at {tokenizer}" if tokenizer else TOKEN_METHOD
 
 
 def estimate_tokens(example: Mapping[str, Any]) -> int:

@@ -39,3 +39,4 @@ class BuildOptions:
     redact_defaults: bool = True
     redact_patterns: tuple[tuple[str, str], ...] = ()
     epochs: int = 3
+    tokenizer: str | None = None  # a local model directory: count with its tokenizer

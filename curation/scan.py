@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,18 +115,21 @@ def scan(url: str, filters: query.Filters, options: BuildOptions, directory: Pat
 def scan_store(
     store: Store, filters: query.Filters, options: BuildOptions, directory: Path
 ) -> Segment:
+    count = ex.token_counter(options.tokenizer)  # loaded once per worker, before any file
     writer = SegmentWriter(directory)
     segment = writer.segment
     redactor = Redactor.from_settings(options.redact_defaults, options.redact_patterns)
     for record in query.iterate(store, filters, order="desc", columns=COLUMNS):
         segment.considered += 1
-        reason = admit(record, options, writer, redactor, segment.system_prompts)
+        reason = admit(record, options, writer, redactor, segment.system_prompts, count)
         if reason:
             segment.dropped[reason] += 1
     return writer.finish()
 
 
-def carry_over(previous: Path, directory: Path) -> Segment:
+def carry_over(
+    previous: Path, directory: Path, count: Callable[[dict[str, Any]], int] = ex.estimate_tokens
+) -> Segment:
     """The previous version's examples, as a segment that keeps their split."""
     writer = SegmentWriter(directory)
     splits: list[str] = []
@@ -136,7 +140,7 @@ def carry_over(previous: Path, directory: Path) -> Segment:
         ):
             for line, record_id in zip(lines, ids, strict=True):
                 example = orjson.loads(line)
-                writer.add(record_id.strip(), example, line, ex.estimate_tokens(example))
+                writer.add(record_id.strip(), example, line, count(example))
                 splits.append(split)
     segment = writer.finish()
     segment.splits = splits
@@ -149,6 +153,7 @@ def admit(
     writer: SegmentWriter,
     redactor: Redactor,
     system_prompts: Counter[str],
+    count: Callable[[dict[str, Any]], int] = ex.estimate_tokens,
 ) -> str | None:
     """Add the record's example, or say why not."""
     rules = options.rules
@@ -169,7 +174,7 @@ def admit(
         for message in example["messages"][:-1]:
             if message.get("role") == "assistant":
                 message["weight"] = options.history_weight
-    tokens = ex.estimate_tokens(example)
+    tokens = count(example)
     if tokens < rules.min_tokens:
         return "too short"
     if tokens > rules.max_tokens:

@@ -589,3 +589,33 @@ def test_token_estimates_follow_the_script(tmp_path):
 def test_the_manifest_says_how_tokens_were_counted(db):
     manifest = build(db)
     assert manifest["tokens"]["method"].startswith("estimate by script")
+
+
+def test_tokens_can_be_counted_with_the_students_tokenizer(db, tmp_path):
+    """With --tokenizer the build counts with a real tokenizer (the student's chat template
+    included), and the manifest says so; a directory without one is a clean error."""
+    transformers = pytest.importorskip("transformers", reason="the train extra brings transformers")
+    from tiny_model import build as build_tiny
+
+    student = build_tiny(tmp_path / "student", [TOPICS[0], "hello there", "refund please"] * 20)
+    manifest = build(db, "--tokenizer", str(student))
+    assert manifest["tokens"]["method"] == f"counted with the tokenizer at {student}"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(student, local_files_only=True)
+    counts = []
+    for line in (files(manifest, tmp_path) / "train.jsonl").read_text().splitlines():
+        messages = [
+            {"role": m["role"], "content": m.get("content") or ""}
+            for m in json.loads(line)["messages"]
+        ]
+        for m, original in zip(messages, json.loads(line)["messages"], strict=True):
+            for call in original.get("tool_calls") or ():
+                m["content"] += f"\n{call['function']['name']} {call['function']['arguments']}"
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)
+        counts.append(len(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    assert manifest["tokens"]["max_tokens"] == max(counts)
+    assert manifest["tokens"]["min_tokens"] == min(counts)
+    (tmp_path / "empty").mkdir()
+    result = run(
+        db, "build", "support", "--tag", "app=support", "--tokenizer", str(tmp_path / "empty")
+    )
+    assert result.exit_code == 1 and "Cannot load a tokenizer from" in result.output
