@@ -66,6 +66,13 @@ def eval_run(db, *args):
     )
 
 
+def eval_with(config, db, *args, **kwargs):
+    """`eval run` with a config file (for [endpoints.*])."""
+    return CliRunner().invoke(
+        cli, ["eval", "run", "-c", str(config), "--database-url", db, *args], **kwargs
+    )
+
+
 @pytest.fixture
 def db(tmp_path):
     return f"sqlite:///{tmp_path / 'evals.db'}"
@@ -382,21 +389,7 @@ def test_bad_grader_specs_name_the_fix(tmp_path, db):
         ("nonsense", "No grader 'nonsense'"),
         (str(bad), "unknown type 'mystery'"),
     ):
-        result = CliRunner().invoke(
-            cli,
-            [
-                "eval",
-                "run",
-                "--database-url",
-                db,
-                "--file",
-                __file__,
-                "--model",
-                "m",
-                "--grader",
-                spec,
-            ],
-        )
+        result = eval_run(db, "--file", __file__, "--model", "m", "--grader", spec)
         assert (
             result.exit_code == 1 and message in result.output and "Traceback" not in result.output
         )
@@ -435,24 +428,17 @@ def test_judges_never_run_on_the_candidates_server(
     student.url, _ = servers.serve(student.app)
     config = tmp_path / "d.toml"
     config.write_text(f'[endpoints.local]\nbase_url = "{student.url}/v1"\napi_key_env = "HOME"\n')
-    result = CliRunner().invoke(
-        cli,
-        [
-            "eval",
-            "run",
-            "-c",
-            str(config),
-            "--database-url",
-            db,
-            "--file",
-            str(items_file),
-            "--model",
-            "weak@local",
-            *on(models),
-            "--grader",
-            str(judge_file),
-            "--json",
-        ],
+    result = eval_with(
+        config,
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "weak@local",
+        *on(models),
+        "--grader",
+        str(judge_file),
+        "--json",
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -525,24 +511,18 @@ def test_an_unset_key_variable_is_an_error_never_a_fallback(
     OPENAI_API_KEY is never sent in its place (the SDK's silent fallback)."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-users-own-openai-key")
     monkeypatch.delenv("DISTILLERY_UNSET_KEY", raising=False)
-    result = CliRunner().invoke(
-        cli,
-        [
-            "eval",
-            "run",
-            "--database-url",
-            db,
-            "--file",
-            str(items_file),
-            "--model",
-            "teacher",
-            "--base-url",
-            models.url + "/v1",
-            "--api-key-env",
-            "DISTILLERY_UNSET_KEY",
-            "--grader",
-            "exact",
-        ],
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "teacher",
+        "--base-url",
+        models.url + "/v1",
+        "--api-key-env",
+        "DISTILLERY_UNSET_KEY",
+        "--grader",
+        "exact",
     )
     assert result.exit_code == 1
     assert "$DISTILLERY_UNSET_KEY is not set" in result.output
@@ -553,45 +533,24 @@ def test_an_unset_key_variable_is_an_error_never_a_fallback(
         f'[endpoints.unset]\nbase_url = "{models.url}/v1"\napi_key_env = "DISTILLERY_UNSET_KEY"\n'
         f'[endpoints.local]\nbase_url = "{models.url}/v1"\n'
     )
-    result = CliRunner().invoke(
-        cli,
-        [
-            "eval",
-            "run",
-            "-c",
-            str(config),
-            "--database-url",
-            db,
-            "--file",
-            str(items_file),
-            "--model",
-            "teacher@unset",
-            "--grader",
-            "exact",
-        ],
+    result = eval_with(
+        config, db, "--file", str(items_file), "--model", "teacher@unset", "--grader", "exact"
     )
     assert result.exit_code == 1
     assert "$DISTILLERY_UNSET_KEY is not set" in result.output and "'unset'" in result.output
     assert models.requests == []
 
     # An endpoint configured without api_key_env is keyless: it gets a placeholder, not a key.
-    result = CliRunner().invoke(
-        cli,
-        [
-            "eval",
-            "run",
-            "-c",
-            str(config),
-            "--database-url",
-            db,
-            "--file",
-            str(items_file),
-            "--model",
-            "teacher@local",
-            "--grader",
-            "exact",
-            "--json",
-        ],
+    result = eval_with(
+        config,
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "teacher@local",
+        "--grader",
+        "exact",
+        "--json",
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -783,24 +742,17 @@ def test_the_cache_knows_a_model_by_its_files_not_its_address(servers, items_fil
     )
 
     def calls(endpoint, *extra):
-        result = CliRunner().invoke(
-            cli,
-            [
-                "eval",
-                "run",
-                "-c",
-                str(config),
-                "--database-url",
-                db,
-                "--file",
-                str(items_file),
-                "--model",
-                f"weak@{endpoint}",
-                "--grader",
-                "exact",
-                "--json",
-                *extra,
-            ],
+        result = eval_with(
+            config,
+            db,
+            "--file",
+            str(items_file),
+            "--model",
+            f"weak@{endpoint}",
+            "--grader",
+            "exact",
+            "--json",
+            *extra,
         )
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)["summary"]["calls"], result.stderr
