@@ -131,6 +131,15 @@ def _answer_cell(sample: dict[str, Any] | None, graders: list[str]) -> str:
     )
 
 
+def _reference(config: dict[str, Any]) -> str:
+    """Who wrote the answers the candidates are graded against."""
+    models = config.get("reference_models") or {}
+    if not models:
+        return "the final assistant message of each item"
+    named = ", ".join(f"{model} ({count} items)" for model, count in models.items())
+    return f"the teacher's stored answers, by {named}"
+
+
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
@@ -203,7 +212,7 @@ pre {{ white-space: pre-wrap; max-width: 40ch; margin: 0; font-size: 12px; }} sv
 .pass {{ color: #1a7f37; }} .fail {{ color: #cf222e; }} .none {{ color: #6e7781; }}
 </style></head><body>
 <h1>Eval {html.escape(run["id"])}</h1>
-<p>{summary["items"]} items from {html.escape(str(config.get("source")))}; reference: the teacher's stored answer.
+<p>{summary["items"]} items from {html.escape(str(config.get("source")))}; reference: {html.escape(_reference(config))}.
 Means with 95% bootstrap confidence intervals.</p>
 <table><tr><th>candidate</th><th>grader</th><th>mean</th><th>95% CI</th><th>pass rate</th><th>n</th><th>errors</th>
 <th>latency p50/p95 ms</th><th>tokens in/out</th><th>cost USD</th></tr>{"".join(rows)}</table>

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +22,7 @@ from distillery.config import Price
 from distillery.curation.eval_items import Item
 from distillery.curation.generate import Candidate, Generator
 from distillery.curation.graders import Context, Grader, describe
-from distillery.store import Store
+from distillery.store import Store, query
 from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES, as_record
 
 RESAMPLES = 2000
@@ -107,6 +108,7 @@ def run(
     run_id = new_run_id()
     config = {
         **config,
+        "reference_models": reference_models(store, items),
         "graders": [describe(g) for g in graders],
         "candidates": [
             {"label": c.label, "model": c.model, "base_url": c.endpoint.base_url}
@@ -125,6 +127,20 @@ def run(
         for start in range(0, len(rows), 1000):
             conn.execute(EVAL_SAMPLES.insert(), rows[start : start + 1000])
     return {"id": run_id, "config": config, "summary": summary}
+
+
+def reference_models(store: Store, items: list[Item]) -> dict[str, int]:
+    """Which models wrote the reference answers (the teacher), and for how many items.
+
+    Empty when the items come from a file: their references name no model.
+    """
+    ids = [item.source for item in items if item.source]
+    found: Counter[str] = Counter()
+    for start in range(0, len(ids), 500):
+        chunk = tuple(ids[start : start + 500])
+        for record in query.find(store, query.Filters(ids=chunk), limit=None):
+            found[record.get("model_served") or record.get("model_requested") or "unknown"] += 1
+    return dict(found.most_common())
 
 
 def summarise(

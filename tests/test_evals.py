@@ -450,7 +450,7 @@ def test_judges_never_run_on_the_candidates_server(
     )
 
 
-def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db):
+def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db, tmp_path):
     from distillery.store import open_store
 
     from test_datasets import base_records
@@ -473,8 +473,13 @@ def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db):
         "tool_call",
         "--json",
     ]
-    first, second = json.loads(eval_run(db, *args).output), json.loads(eval_run(db, *args).output)
+    report = tmp_path / "stored.html"
+    first = json.loads(eval_run(db, *args, "--html", str(report)).output)
+    second = json.loads(eval_run(db, *args).output)
     assert first["summary"]["items"] == 5
+    # The report names the teacher whose stored answers are the reference.
+    assert first["config"]["reference_models"] == {"gpt-4o": 5}
+    assert "reference: the teacher&#x27;s stored answers, by gpt-4o (5 items)" in report.read_text()
     assert second["summary"]["calls"] == {"made": 0, "cached": 5}  # the same seeded sample
     tools_sent = [r["body"].get("tools") for r in models.requests if r["body"].get("tools")]
     sampled_tool_items = [
@@ -726,6 +731,7 @@ def test_the_report_puts_each_answer_under_its_own_model(models, items_file, db,
         '<span class="fail">exact: 0</span>' in page
         and '<span class="pass">exact: 1</span>' in page
     )
+    assert "reference: the final assistant message of each item" in page  # a file names no model
 
 
 def test_the_cache_knows_a_model_by_its_files_not_its_address(servers, items_file, db, tmp_path):
