@@ -20,7 +20,7 @@ from distillery.proxy.chat import chat_completions
 from distillery.proxy.errors import APIError
 from distillery.proxy.forward import passthrough, unreadable_body
 from distillery.proxy.metrics import Metrics
-from distillery.proxy.state import LOG_FIELDS, PROXY, REQUEST_ID, Proxy
+from distillery.proxy.state import AFTER_RESPONSE, LOG_FIELDS, PROXY, REQUEST_ID, Proxy
 from distillery.proxy.tagging import Tagger
 from distillery.redact import Redactor
 from distillery.store import Store
@@ -47,6 +47,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     structlog.contextvars.bind_contextvars(request_id=request_id)
     fields: dict[str, object] = {}
     request[LOG_FIELDS] = fields
+    request[AFTER_RESPONSE] = []
     proxy = request.app[PROXY]
     try:
         response = await handler(request)
@@ -77,6 +78,8 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
             type="server_error",
         ).response(request_id)
     await _drain(request, response)
+    for work in request[AFTER_RESPONSE]:
+        work()
     elapsed = time.perf_counter() - started
     route = _route_name(request)
     proxy.metrics.requests.labels(route, str(response.status)).inc()

@@ -30,7 +30,7 @@ from distillery.proxy.forward import (
     unreadable_body,
     upstream_url,
 )
-from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, log_fields
+from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, after_response, log_fields
 from distillery.proxy.stream import StreamRelay, malformed
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
 
@@ -61,6 +61,7 @@ class Call:
 
     def __init__(self, proxy: Proxy, request: web.Request, tenant: str, body: dict[str, Any]):
         self.proxy = proxy
+        self.request = request
         self.id = request[REQUEST_ID]
         self.created_at = time.time()
         self.started = time.perf_counter()
@@ -132,13 +133,19 @@ class Call:
         usage = response.get("usage")
         usage = usage if isinstance(usage, dict) else {}
         served = response.get("model")
-        self.proxy.metrics.chat(
-            model=self.proxy.redactor.text(served) if isinstance(served, str) else self.model,
-            app=self.metadata.get(self.proxy.settings.tagging.app_key),
-            seconds=time.perf_counter() - self.started,
-            ttft_seconds=self.ttft_ms / 1000 if self.ttft_ms is not None else None,
-            prompt_tokens=_integer(usage.get("prompt_tokens")),
-            completion_tokens=_integer(usage.get("completion_tokens")),
+        served = self.proxy.redactor.text(served) if isinstance(served, str) else None
+        seconds = time.perf_counter() - self.started
+        # Metrics wait until the answer is out (the middleware runs after_response work).
+        after_response(
+            self.request,
+            lambda: self.proxy.metrics.chat(
+                model=served or self.model,
+                app=self.metadata.get(self.proxy.settings.tagging.app_key),
+                seconds=seconds,
+                ttft_seconds=self.ttft_ms / 1000 if self.ttft_ms is not None else None,
+                prompt_tokens=_integer(usage.get("prompt_tokens")),
+                completion_tokens=_integer(usage.get("completion_tokens")),
+            ),
         )
         if self.capture is None:
             return "sampled_out" if self.proxy.capture else "off"
@@ -153,7 +160,7 @@ class Call:
             "upstream": self.proxy.upstream_url,
             "path": self.path,
             "model_requested": self.model,
-            "model_served": self.proxy.redactor.text(served) if isinstance(served, str) else None,
+            "model_served": served,
             "status": status,
             "stream": self.stream,
             "finish_reason": _string(first.get("finish_reason")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +95,14 @@ class Proxy:
 
 PROXY = web.AppKey("proxy", Proxy)
 LOG_FIELDS = web.RequestKey("log_fields", dict[str, Any])
+# Work a handler leaves for after the response is out (metrics): the middleware runs it.
+AFTER_RESPONSE = web.RequestKey("after_response", list[Callable[[], None]])
 REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def after_response(request: web.Request, work: Callable[[], None]) -> None:
+    """Run ``work`` once the response has been delivered, off the request's critical path."""
+    request[AFTER_RESPONSE].append(work)
 
 
 def log_fields(request: web.Request) -> dict[str, Any]:
