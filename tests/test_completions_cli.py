@@ -376,6 +376,17 @@ def test_tables_fit_the_terminal_unless_wide(db, monkeypatch):
     pipe = io.StringIO()
     write_rows(rows, "table", ("id", "prompt", "latency_ms"), out=pipe)
     assert "a long prompt a long prompt a long prompt a long prompt" in pipe.getvalue()
+    assert "…" in pipe.getvalue()  # a pipe still cuts cells at 60 characters
+    # --wide (which every listing command has) shows every cell whole, even on a terminal.
+    import click
+
+    from distillery.output import WIDE
+
+    with click.Context(click.Command("list")) as context:
+        context.meta[WIDE] = True
+        screen = Terminal()
+        write_rows(rows, "table", ("id", "prompt", "latency_ms"), out=screen)
+    assert "…" not in screen.getvalue() and ("a long prompt " * 5).strip() in screen.getvalue()
     wide = CliRunner().invoke(cli, ["completions", "--database-url", db, "-n", "1", "--wide"])
     assert wide.exit_code == 0 and "drop table" in wide.output
 
