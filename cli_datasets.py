@@ -36,6 +36,15 @@ SUMMARY_COLUMNS = (
 )
 
 
+tokenizer_option = click.option(
+    "--tokenizer",
+    metavar="SPEC",
+    help="Count tokens with: a local model directory (the student's tokenizer), "
+    "tiktoken:ENCODING, an OpenAI model name, or 'estimate'.  [default: tiktoken's "
+    "o200k_base when it is in tiktoken's cache, else an estimate by script]",
+)
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     name, _, version = ref.partition("@")
     if not name:
@@ -112,14 +121,14 @@ def dataset() -> None:
     type=int,
     default=1,
     show_default=True,
-    help="Fewest estimated tokens per example.",
+    help="Fewest tokens per example.",
 )
 @click.option(
     "--max-tokens",
     type=int,
     default=65_536,
     show_default=True,
-    help="Most estimated tokens per example.",
+    help="Most tokens per example.",
 )
 @click.option(
     "--strip-system-prompt",
@@ -142,11 +151,7 @@ def dataset() -> None:
 @click.option(
     "--epochs", type=int, default=3, show_default=True, help="For the training-token estimate."
 )
-@click.option(
-    "--tokenizer",
-    type=click.Path(exists=True, file_okay=False),
-    help="Count tokens with this local model directory's tokenizer (the student's) instead of estimating.",
-)
+@tokenizer_option
 @click.option(
     "-o",
     "--output",
@@ -294,9 +299,10 @@ def describe(manifest: dict[str, Any]) -> list[str]:
     if dropped:
         lines.append("dropped: " + ", ".join(f"{reason} {n}" for reason, n in dropped.items()))
     lines.append(
-        f"train tokens (estimated): {tokens['tokens']} total, min {tokens['min_tokens']}, "
+        f"train tokens: {tokens['tokens']} total, min {tokens['min_tokens']}, "
         f"mean {tokens['mean_tokens']}, max {tokens['max_tokens']}; "
-        f"x {tokens['epochs']} epochs = {tokens['training_tokens']} training tokens"
+        f"x {tokens['epochs']} epochs = {tokens['training_tokens']} training tokens "
+        f"({tokens.get('method', 'estimated')})"
     )
     for warning in manifest.get("warnings") or ():
         lines.append(f"warning: {warning}")
@@ -347,8 +353,9 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
     type=int,
     default=65_536,
     show_default=True,
-    help="Per-example limit (estimated tokens).",
+    help="Per-example limit in tokens.",
 )
+@tokenizer_option
 @click.option(
     "--min-examples",
     type=int,
@@ -358,7 +365,12 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
 def validate(
-    path: Path, max_tokens: int, min_examples: int | None, epochs: int, as_json: bool
+    path: Path,
+    max_tokens: int,
+    tokenizer: str | None,
+    min_examples: int | None,
+    epochs: int,
+    as_json: bool,
 ) -> None:
     """Check any chat fine-tuning JSONL file against OpenAI's format rules.
 
@@ -373,12 +385,16 @@ def validate(
         validation = re.search(r"(^|[-_.])(val|valid|validation)$", path.stem) is not None
         min_examples = 0 if validation else MIN_EXAMPLES
 
-    report = validate_file(path, max_tokens, min_examples)
-    summary = report.summary(epochs)
+    from distillery.curation import tokens
+
+    tokenizer = tokens.resolve(tokenizer)
+    report = validate_file(path, max_tokens, min_examples, tokens.counter(tokenizer))
+    summary = report.summary(epochs) | {"method": tokens.method(tokenizer)}
     if as_json:
         click.echo(dumps(summary, indent=True))
     else:
         write_rows([summary], "table", SUMMARY_COLUMNS)
+        click.echo(f"tokens {summary['method']}")
         for message, n in report.errors.items():
             line = report.first_error_line.get(message)
             where = f" (first on line {line})" if line else ""

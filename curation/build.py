@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from distillery.curation import tokens
 from distillery.curation.dedupe import find_duplicates
-from distillery.curation.examples import token_counter, token_method
 from distillery.curation.options import BuildOptions, Rules
 from distillery.curation.scan import Segment, carry_over, scan, scan_store
 from distillery.curation.validate import MIN_EXAMPLES, Report
@@ -94,7 +94,9 @@ def _build_locked(
             f"No completions captured since {options.name}@{previous['version']}; nothing to do.",
         )
     selection = replace(selection, upto_id=watermark)
-    token_counter(options.tokenizer)  # a tokenizer that will not load fails here, not in workers
+    # Decided once so workers and manifest agree; one that will not load fails here.
+    options = replace(options, tokenizer=tokens.resolve(options.tokenizer))
+    tokens.counter(options.tokenizer)
     final = options.output_dir or data_dir / "datasets" / options.name / f"v{number}"
     if final.exists() and any(final.iterdir()):
         raise BuildError(f"{final} exists and is not empty; pick another -o directory.")
@@ -171,7 +173,7 @@ def _scan(
 ) -> list[Segment]:
     segments: list[Segment] = []
     if previous is not None:
-        counter = token_counter(options.tokenizer)
+        counter = tokens.counter(options.tokenizer)
         segments.append(carry_over(Path(previous["path"]), scratch / "carried", counter))
     passes = [selection]
     if options.prefer:
@@ -240,7 +242,7 @@ def _assemble(
     for reason, mask in (("exact duplicate", exact), ("near duplicate", near)):
         if mask[protected:].any():
             dropped[reason] += int(mask[protected:].sum())
-    counts, content_hash, tokens = _write(
+    counts, content_hash, train_tokens = _write(
         segments, facts, ~(exact | near), groups, protected, options, scratch
     )
     warnings = []
@@ -250,9 +252,9 @@ def _assemble(
         )
     if options.val_fraction and not counts["val"]:
         warnings.append("no validation examples: too few prompt groups for --val-fraction")
-    summary = Report(examples=counts["train"], tokens=tokens).summary(options.epochs)
+    summary = Report(examples=counts["train"], tokens=train_tokens).summary(options.epochs)
     summary.pop("errors"), summary.pop("warnings")
-    summary["method"] = token_method(options.tokenizer)  # how the counts were made
+    summary["method"] = tokens.method(options.tokenizer)  # how the counts were made
     considered = sum(segment.considered for segment in segments)
     return {
         "created_at": datetime.now(UTC).isoformat(),
@@ -321,7 +323,7 @@ def _write(
     )
     offsets = np.concatenate([f["offsets"] for f in facts])
     lengths = np.concatenate([f["lengths"] for f in facts])
-    tokens = np.concatenate([f["tokens"] for f in facts])
+    example_tokens = np.concatenate([f["tokens"] for f in facts])
     carried_splits = segments[0].splits if protected else None
     fresh = np.flatnonzero(keep[protected:]) + protected
     order = np.concatenate([np.arange(protected), fresh[np.argsort(ids[fresh], kind="stable")]])
@@ -350,7 +352,7 @@ def _write(
             id_files[split].write(ids[i].decode() + "\n")
             counts[split] += 1
             if split == "train":
-                train_tokens.append(int(tokens[i]))
+                train_tokens.append(int(example_tokens[i]))
     finally:
         for handle in (*sources, *files.values()):
             handle.close()

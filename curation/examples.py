@@ -8,18 +8,14 @@ calls included).  Only the keys OpenAI's format knows are kept.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import math
 import re
-import string
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from distillery.errors import DistilleryError
 from distillery.store.records import message_text, output_messages
 
 MESSAGE_KEYS = {
@@ -32,100 +28,6 @@ MESSAGE_KEYS = {
 }
 PROMPT_ROLES = ("system", "developer")
 _WORDS = re.compile(r"\w+", re.UNICODE)
-
-
-# Tokens by script, from how GPT-family tokenizers (o200k, cl100k) cut text: plain
-# words about 4.4 characters a token (spaces included), punctuation about 0.55 of a
-# token a character (pairs such as ``":`` merge), digits in threes, a CJK character or
-# full-width form about 0.8, other scripts about one token per 3 characters.  That
-# gives English ~4.4 characters a token, JSON ~2.5, Chinese or Japanese ~1.25; the
-# usual rule of four characters a token counts CJK at a third and JSON at a half.
-# Counted with str.translate and one regex, all in C: a build estimates millions.
-_CJK_CHAR = re.compile(
-    "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]"
-)
-_NO_PUNCT = {ord(c): None for c in string.punctuation}
-_NO_DIGITS = {ord(c): None for c in string.digits}
-TOKEN_METHOD = "estimate by script (words, punctuation, digits, CJK, other scripts)"
-
-
-def text_tokens(text: str) -> int:
-    """Tokens a text costs, estimated by script (see the constants above)."""
-    size = len(text)
-    if not size:
-        return 0
-    punct = size - len(text.translate(_NO_PUNCT))
-    digits = size - len(text.translate(_NO_DIGITS))
-    cjk = other = 0
-    if not text.isascii():
-        cjk = len(_CJK_CHAR.findall(text))
-        other = size - len(text.encode("ascii", "ignore")) - cjk
-    plain = size - punct - digits - cjk - other
-    return math.ceil(plain / 4.4 + punct * 0.55 + digits / 2.5 + cjk * 0.8 + other / 3)
-
-
-def token_counter(tokenizer: str | None) -> Callable[[Mapping[str, Any]], int]:
-    """How a build counts an example's tokens: with the student's own tokenizer (a local
-    model directory; its chat template when it has one), else :func:`estimate_tokens`."""
-    if tokenizer is None:
-        return estimate_tokens
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise DistilleryError(
-            "--tokenizer needs transformers: pip install 'distillery[train]'"
-        ) from None
-    try:
-        loaded = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise DistilleryError(
-            f"Cannot load a tokenizer from {tokenizer}: {str(exc).splitlines()[0]} "
-            "Point --tokenizer at a model directory that holds tokenizer files."
-        ) from None
-
-    def count(example: Mapping[str, Any]) -> int:
-        messages = [
-            {"role": m.get("role"), "content": _counted_text(m)} for m in example["messages"]
-        ]
-        if loaded.chat_template:
-            with contextlib.suppress(Exception):  # a template that refuses these roles
-                ids = loaded.apply_chat_template(messages, tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
-                return len(ids)
-        return 3 + sum(
-            3 + len(loaded.encode(m["content"], add_special_tokens=False)) for m in messages
-        )
-
-    return count
-
-
-def _counted_text(message: Mapping[str, Any]) -> str:
-    text = message_text(message)
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
-        text += f"\n{function.get('name', '')} {function.get('arguments', '')}"
-    return text
-
-
-def token_method(tokenizer: str | None) -> str:
-    return f"counted with the tokenizer at {tokenizer}" if tokenizer else TOKEN_METHOD
-
-
-def estimate_tokens(example: Mapping[str, Any]) -> int:
-    """Tokens an example costs, estimated without a tokenizer (see :func:`text_tokens`).
-
-    Plus OpenAI's framing: three tokens a message and three to prime the reply; tool
-    definitions count by their JSON.  Use it for limits and budgets, not billing.
-    """
-    total = 3
-    for message in example.get("messages") or ():
-        total += 3 + text_tokens(message_text(message))
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") or {}
-            total += 3 + text_tokens(f"{function.get('name', '')} {function.get('arguments', '')}")
-    if example.get("tools"):
-        total += text_tokens(orjson.dumps(example["tools"]).decode())
-    return total
 
 
 def _clean(message: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from distillery.curation import examples as ex
+from distillery.curation import tokens
 from distillery.curation.dedupe import SignatureWriter
 from distillery.curation.options import BuildOptions
 from distillery.curation.validate import Report, check_example
@@ -115,7 +116,7 @@ def scan(url: str, filters: query.Filters, options: BuildOptions, directory: Pat
 def scan_store(
     store: Store, filters: query.Filters, options: BuildOptions, directory: Path
 ) -> Segment:
-    count = ex.token_counter(options.tokenizer)  # loaded once per worker, before any file
+    count = tokens.counter(options.tokenizer)  # loaded once per worker, before any file
     writer = SegmentWriter(directory)
     segment = writer.segment
     redactor = Redactor.from_settings(options.redact_defaults, options.redact_patterns)
@@ -128,7 +129,7 @@ def scan_store(
 
 
 def carry_over(
-    previous: Path, directory: Path, count: Callable[[dict[str, Any]], int] = ex.estimate_tokens
+    previous: Path, directory: Path, count: Callable[[dict[str, Any]], int] = tokens.estimate_tokens
 ) -> Segment:
     """The previous version's examples, as a segment that keeps their split."""
     writer = SegmentWriter(directory)
@@ -153,7 +154,7 @@ def admit(
     writer: SegmentWriter,
     redactor: Redactor,
     system_prompts: Counter[str],
-    count: Callable[[dict[str, Any]], int] = ex.estimate_tokens,
+    count: Callable[[dict[str, Any]], int] = tokens.estimate_tokens,
 ) -> str | None:
     """Add the record's example, or say why not."""
     rules = options.rules
@@ -174,17 +175,17 @@ def admit(
         for message in example["messages"][:-1]:
             if message.get("role") == "assistant":
                 message["weight"] = options.history_weight
-    tokens = count(example)
-    if tokens < rules.min_tokens:
+    size = count(example)
+    if size < rules.min_tokens:
         return "too short"
-    if tokens > rules.max_tokens:
+    if size > rules.max_tokens:
         return "too long"
     report = Report()
-    check_example(example, 1, report, rules.max_tokens, tokens)
+    check_example(example, 1, report, rules.max_tokens, size)
     if report.errors:
         return f"invalid: {next(iter(report.errors))}"
     if options.strip_system_prompt and len(system_prompts) < 1000:
         for text in ex.system_prompts(record):
             system_prompts[text] += 1
-    writer.add(record["id"], example, orjson.dumps(example) + b"\n", tokens)
+    writer.add(record["id"], example, orjson.dumps(example) + b"\n", size)
     return None

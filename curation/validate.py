@@ -15,7 +15,9 @@ from typing import Any
 
 import orjson
 
-from distillery.curation.examples import MESSAGE_KEYS, estimate_tokens
+from distillery.curation.examples import MESSAGE_KEYS
+from distillery.curation.tokens import Counter as TokenCounter
+from distillery.curation.tokens import estimate_tokens
 
 MIN_EXAMPLES = 10
 DEFAULT_MAX_TOKENS = 65_536  # gpt-4o-mini's per-example limit
@@ -79,7 +81,12 @@ def _check_tool_calls(calls: Any, report: Report, number: int) -> list[str]:
 
 
 def check_example(
-    example: Any, number: int, report: Report, max_tokens: int, tokens: int | None = None
+    example: Any,
+    number: int,
+    report: Report,
+    max_tokens: int,
+    tokens: int | None = None,
+    count: TokenCounter = estimate_tokens,
 ) -> None:
     if not isinstance(example, dict):
         report.error(number, "line is not a JSON object")
@@ -133,14 +140,17 @@ def check_example(
             number, 'tools must be a list of {"type": "function", "function": {"name": ...}}'
         )
     if tokens is None:
-        tokens = estimate_tokens(example)
+        tokens = count(example)
     report.tokens.append(tokens)
     if tokens > max_tokens:
-        report.error(number, f"example is longer than {max_tokens} tokens (estimated)")
+        report.error(number, f"example is longer than {max_tokens} tokens")
 
 
 def validate_lines(
-    lines: Iterable[bytes], max_tokens: int = DEFAULT_MAX_TOKENS, report: Report | None = None
+    lines: Iterable[bytes],
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    report: Report | None = None,
+    count: TokenCounter = estimate_tokens,
 ) -> Report:
     report = report or Report()
     for number, line in enumerate(lines, 1):
@@ -153,16 +163,19 @@ def validate_lines(
         except orjson.JSONDecodeError:
             report.error(number, "line is not valid JSON")
             continue
-        check_example(example, number, report, max_tokens)
+        check_example(example, number, report, max_tokens, count=count)
     return report
 
 
 def validate_file(
-    path: Path, max_tokens: int = DEFAULT_MAX_TOKENS, min_examples: int = MIN_EXAMPLES
+    path: Path,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    min_examples: int = MIN_EXAMPLES,
+    count: TokenCounter = estimate_tokens,
 ) -> Report:
     """Check a JSONL file; a training file needs ``min_examples`` (validation files 0)."""
     with path.open("rb") as handle:
-        report = validate_lines(handle, max_tokens)
+        report = validate_lines(handle, max_tokens, count=count)
     if report.examples < min_examples:
         report.error(0, f"fewer than {min_examples} examples (OpenAI's minimum)")
     return report

@@ -33,6 +33,8 @@ def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data = tmp_path / "data"
     monkeypatch.setenv("DISTILLERY_DATA_DIR", str(data))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    # tiktoken's cache decides how builds count tokens: empty unless a test fills it.
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
     for name in list(os.environ):
         if name.startswith("DISTILLERY_") and name not in ("DISTILLERY_DATA_DIR", POSTGRES_ENV):
             monkeypatch.delenv(name)

