@@ -176,6 +176,7 @@ from distillery.cli_distill import distill  # noqa: E402
 from distillery.cli_evals import eval_group  # noqa: E402
 from distillery.cli_finetune import finetune  # noqa: E402
 from distillery.cli_serve import serve  # noqa: E402
+from distillery.cli_student import student  # noqa: E402
 
 cli.add_command(completions)
 cli.add_command(dataset)
@@ -184,6 +185,7 @@ cli.add_command(db)
 cli.add_command(finetune)
 cli.add_command(serve)
 cli.add_command(distill)
+cli.add_command(student)
 
 
 def main() -> None:

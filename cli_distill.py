@@ -47,10 +47,31 @@ from distillery.output import write_rows
 @fail_under_option("the fine-tuned student's")
 @max_error_rate_option
 @click.option("--no-cache", is_flag=True, help="Call every model afresh (no eval cache).")
-@click.option("--epochs", type=click.IntRange(1, 500), help="Fine-tune epochs.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(1, 500),
+    help="Fine-tune epochs  [default: openai auto; local: until the validation loss stops "
+    "improving, keeping the best epoch]",
+)
 @click.option("--batch-size", type=click.IntRange(1, 256))
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), help="local backend.")
-@click.option("--full", is_flag=True, help="local: train every weight instead of LoRA.")
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="local  [default: chosen for the student; see `finetune create --help`]",
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="local: train every weight  [default: for students made from scratch or small]",
+)
+@click.option(
+    "--lora", is_flag=True, help="local: train a LoRA adapter  [default: larger students]"
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    help="local: CPU threads  [default: half the cores, at most 8]",
+)
 @click.option("--limit", type=int, help="Grade a seeded sample of the validation split.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -84,6 +105,8 @@ def distill(
     batch_size: int | None,
     learning_rate: float | None,
     full: bool,
+    lora: bool,
+    threads: int | None,
     limit: int | None,
     seed: int,
     poll_interval: float,
@@ -107,6 +130,8 @@ def distill(
     from distillery.curation.generate import Candidate, Endpoint
     from distillery.curation.graders import load_graders
 
+    if full and lora:
+        raise click.UsageError("Cannot use --full and --lora together.")
     settings = load_settings(config, {"storage.database_url": database_url})
     graders = [g for spec in grader_specs for g in load_graders(spec)]
     limits = thresholds(fail_under, graders)
@@ -117,6 +142,7 @@ def distill(
             "epochs": epochs,
             "batch_size": batch_size,
             "learning_rate": learning_rate,
+            "threads": threads,
             "seed": seed,
         }.items()
         if v is not None
@@ -135,6 +161,7 @@ def distill(
         graders=graders,
         hyperparameters=hyper,
         full=full,
+        lora=lora,
         student_endpoint=endpoint,
         limit=limit,
         seed=seed,

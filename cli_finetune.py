@@ -89,9 +89,14 @@ def finetune() -> None:
     "--epochs",
     "n_epochs",
     type=click.IntRange(1, 50),
-    help="Training epochs  [default: openai auto, local 3]",
+    help="Training epochs  [default: openai auto; local: until the validation loss stops "
+    "improving, keeping the best epoch]",
 )
-@click.option("--batch-size", type=click.IntRange(1, 256), help="[default: openai auto, local 8]")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 256),
+    help="[default: openai auto; local 32 from scratch, 16 small, 8 LoRA]",
+)
 @click.option(
     "--learning-rate-multiplier",
     type=click.FloatRange(min=0, min_open=True),
@@ -100,24 +105,23 @@ def finetune() -> None:
 @click.option(
     "--learning-rate",
     type=click.FloatRange(min=0, min_open=True),
-    help="local only  [default: 2e-4 LoRA, 5e-5 full]",
+    help="local only  [default: 1e-3 from scratch, 1e-4 small, 2e-4 LoRA]",
+)
+@click.option("--lora-r", type=click.IntRange(1, 1024), help="local: LoRA rank  [default: 16]")
+@click.option("--lora-alpha", type=click.IntRange(1, 4096), help="local: LoRA alpha  [default: 32]")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="local: fine-tune every weight  [default: for models made from scratch or under "
+    "30M parameters]",
 )
 @click.option(
-    "--lora-r",
-    type=click.IntRange(1, 1024),
-    default=16,
-    show_default=True,
-    help="local: LoRA rank.",
+    "--lora", is_flag=True, help="local: train a LoRA adapter  [default: for larger models]"
 )
 @click.option(
-    "--lora-alpha",
-    type=click.IntRange(1, 4096),
-    default=32,
-    show_default=True,
-    help="local: LoRA alpha.",
-)
-@click.option(
-    "--full", is_flag=True, help="local: fine-tune every weight instead of a LoRA adapter."
+    "--threads",
+    type=click.IntRange(1, 256),
+    help="local: CPU threads  [default: half the cores, at most 8]",
 )
 @click.option(
     "--merge", is_flag=True, help="local: also save the base model with the LoRA adapter merged in."
@@ -137,9 +141,11 @@ def create(
     batch_size: int | None,
     learning_rate_multiplier: float | None,
     learning_rate: float | None,
-    lora_r: int,
-    lora_alpha: int,
+    lora_r: int | None,
+    lora_alpha: int | None,
     full: bool,
+    lora: bool,
+    threads: int | None,
     merge: bool,
     suffix: str | None,
     seed: int | None,
@@ -156,6 +162,8 @@ def create(
     from distillery.config import load_settings
     from distillery.curation import finetune as ft
 
+    if full and lora:
+        raise click.UsageError("Cannot use --full and --lora together.")
     if suffix is not None and len(suffix) > 64:
         raise click.UsageError("--suffix can be at most 64 characters.")
     store = open_cli_store(config, database_url)
@@ -173,6 +181,7 @@ def create(
                 "seed": seed,
                 "lora_r": lora_r,
                 "lora_alpha": lora_alpha,
+                "threads": threads,
             }.items()
             if v is not None
         }
@@ -183,11 +192,11 @@ def create(
             label,
             base_model,
             hyperparameters,
-            lora=not full,
+            lora=True if lora else (False if full else None),
             merge=merge,
         )
         provider_id, status, base_url = str(directory), "queued", None
-        hyperparameters.update(full=full, merge=merge)
+        hyperparameters.update(merge=merge)
     else:
         hyperparameters = {
             k: v
@@ -271,6 +280,9 @@ def status(
     )
     if job.get("fine_tuned_model"):
         click.echo(f"model: {job['fine_tuned_model']}")
+    settings = {k: v for k, v in (job.get("hyperparameters") or {}).items() if v is not None}
+    if settings:
+        click.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     metrics = {k: v for k, v in (job.get("metrics") or {}).items() if k != "checkpoints"}
     if metrics:
         click.echo("metrics: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))

@@ -1,9 +1,12 @@
 """``distillery distill``: dataset -> baseline -> fine-tune -> eval -> report, resumable.
 
 State lives in ``<data dir>/distill/<dataset>/state.json``: which dataset version the
-last loop used, its fine-tune job, and its final eval run.  Re-running with no new
-calls does nothing (it prints the last result); an interrupted run picks up its
-fine-tune job instead of starting another.  The final eval grades the teacher, the
+last loop used, the settings it ran with, its fine-tune job, and its final eval run.
+Re-running with no new calls and the same settings does nothing (it prints the last
+result); an interrupted run picks up its fine-tune job instead of starting another.
+Changed settings redo what they affect, and say so: other filters rebuild the dataset
+from scratch (and retrain), another student or training setting retrains, other
+graders, teacher or sample re-grade the same fine-tune.  The final eval grades the teacher, the
 base student and the fine-tuned student in one run; the generation cache means only
 the new student is actually called when the others were graded before.
 """
@@ -18,7 +21,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,8 @@ class DistillOptions:
     backend: str
     graders: list[Grader]
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    full: bool = False
+    full: bool = False  # local: --full / --lora force a method; neither lets the trainer choose
+    lora: bool = False
     student_endpoint: Endpoint | None = None  # openai backend: where ft: models run
     limit: int | None = None
     seed: int = 0
@@ -115,16 +119,65 @@ def graded_items(
     return items
 
 
+def settings(options: DistillOptions) -> dict[str, dict[str, Any]]:
+    """What a run's result depends on, in three parts that are redone separately."""
+    filters = {k: v for k, v in asdict(options.filters).items() if v not in (None, (), False)}
+    return _plain(
+        {
+            "data": {"filters": filters, "seed": options.seed},
+            "train": {
+                "backend": options.backend,
+                "student": options.student_base,
+                "method": "lora" if options.lora else ("full" if options.full else "auto"),
+                "hyperparameters": options.hyperparameters,
+            },
+            "eval": {
+                "teacher": options.teacher.model,
+                "teacher_url": options.teacher.endpoint.base_url,
+                "graders": [
+                    {"name": g.name, "type": g.type, "pass": g.pass_threshold, **g.options}
+                    for g in options.graders
+                ],
+                "limit": options.limit,
+            },
+        }
+    )
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples as lists, datetimes as text), to compare with state."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``part.key: old -> new`` for each top-level setting that differs."""
+    out = []
+    for part in ("data", "train", "eval"):
+        old, new = before.get(part) or {}, after.get(part) or {}
+        for key in sorted(old.keys() | new.keys()):
+            if old.get(key) != new.get(key):
+                out.append(
+                    f"{part}.{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
+                )
+    return out
+
+
 def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> dict[str, Any]:
     state_path = _state_path(data_dir, options.name)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    wanted = settings(options)
+    before = state.get("settings")
+    changed = changes(before, wanted) if before is not None else []
+    if changed:
+        echo("Settings changed since the last run: " + "; ".join(changed))
+    rebuild = before is not None and before["data"] != wanted["data"]
     selection = replace(options.filters, exclude_tags=(*options.filters.exclude_tags, EVAL_TAG))
     built = build(
         store,
         BuildOptions(
             name=options.name,
             filters=selection,
-            incremental=True,
+            incremental=not rebuild,  # other filters: a version of its own, from scratch
             seed=options.seed,
             # A local student counts tokens with its own tokenizer, when it is a directory.
             tokenizer=options.student_base
@@ -137,13 +190,18 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
     version = datasets.latest(store, options.name)
     if version is None:
         raise DistilleryError("No calls match the filters: nothing to distil yet.")
-    if state.get("dataset_version") == version["version"] and state.get("final_run"):
+    same = state.get("dataset_version") == version["version"]
+    if same and state.get("final_run") and not changed:
         echo(f"No new calls since {options.name}@{version['version']}; the last result stands.")
         found = evaluate.load_run(store, state["final_run"])
         assert found is not None
         return found
-    if state.get("dataset_version") != version["version"]:
-        state = {"dataset_version": version["version"]}
+    if not same or (before is not None and before["train"] != wanted["train"]):
+        state = {"dataset_version": version["version"]}  # train (again)
+    else:
+        state.pop("final_run", None)  # only grading changed: the same fine-tune, graded anew
+    state["settings"] = wanted
+    _save(state_path, state)
     job = _finetune(store, options, version, state, state_path, data_dir, echo)
     items = graded_items(store, version, options.limit, options.seed)
     with _students(options, job) as (base, tuned):
@@ -203,8 +261,8 @@ def _finetune(
                 label,
                 options.student_base,
                 hyper,
-                lora=not options.full,
-                merge=not options.full,
+                lora=True if options.lora else (False if options.full else None),
+                merge=True,  # served for the final eval: a LoRA run's adapter merged in
             )
             provider, status, url = str(directory), "queued", None
         else:
@@ -232,7 +290,7 @@ def _finetune(
                 "dataset_version": version["version"],
                 "base_model": options.student_base,
                 "status": status,
-                "hyperparameters": {**hyper, "full": options.full},
+                "hyperparameters": hyper,
             },
         )
         state["job"] = job_id

@@ -254,9 +254,10 @@ class LocalBackend:
         base_model: str,
         hyperparameters: dict[str, Any],
         *,
-        lora: bool,
+        lora: bool | None,
         merge: bool,
     ) -> Path:
+        """Start the trainer; ``lora`` True/False forces LoRA/full, None lets it choose."""
         import importlib.util
 
         if importlib.util.find_spec("trl") is None or importlib.util.find_spec("torch") is None:
@@ -323,12 +324,18 @@ class LocalBackend:
             for k, v in (status.get("metrics") or {}).items()
             if isinstance(v, (int, float)) or k == "device"
         }
-        return {
+        changes = {
             "status": state,
             "fine_tuned_model": status.get("model_dir"),
             "metrics": metrics,
             "error": error,
         }
+        if status.get("settings"):  # what the trainer chose, defaults included
+            changes["hyperparameters"] = {
+                **(job.get("hyperparameters") or {}),
+                **status["settings"],
+            }
+        return changes
 
     def job_events(self, job: dict[str, Any]) -> list[dict[str, Any]]:
         path = Path(job["provider_job_id"]) / "events.jsonl"

@@ -1,17 +1,21 @@
 """The self-hosted trainer, run as its own process: ``python -m distillery.curation.train_local DIR``.
 
 ``DIR/job.json`` says what to train (base model path or hub id, dataset files,
-hyperparameters, LoRA or full).  The process appends every logged step and
-evaluation to ``DIR/events.jsonl``, keeps ``DIR/status.json`` current
-(running / succeeded / failed / cancelled), saves a checkpoint per epoch under
-``DIR/checkpoints``, the adapter (or full model) under ``DIR/model`` and, when
-asked, the merged model under ``DIR/merged``, with a ``manifest.json`` naming
-the base model, dataset version, hyperparameters and final metrics.
+the hyperparameters the user gave, LoRA, full or neither).  The settings are
+chosen from the model (:mod:`distillery.curation.train_settings`) and written,
+defaults included, to ``DIR/status.json`` before training starts.  The process
+appends every logged step and evaluation to ``DIR/events.jsonl``, keeps
+``DIR/status.json`` current (running / succeeded / failed / cancelled), saves
+a checkpoint per epoch under ``DIR/checkpoints``, the best epoch's adapter (or
+full model) under ``DIR/model`` and, when asked, the merged model under
+``DIR/merged``, with a ``manifest.json`` naming the base model, dataset
+version, settings, the epoch kept and final metrics.
 
 Supervised fine-tuning with Hugging Face TRL (+ PEFT for LoRA): the model's
 chat template is applied and the loss counts assistant tokens only.  Runs on
-CUDA (bf16 where supported) or the CPU; ``accelerate launch`` for several GPUs.
-SIGTERM stops training at the next step and marks the job cancelled.
+CUDA (bf16 where supported) or the CPU with a set number of threads;
+``accelerate launch`` for several GPUs.  SIGTERM stops training at the next
+step and marks the job cancelled.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def run(directory: Path) -> int:
     try:
         import torch
         from datasets import Dataset
-        from transformers import AutoTokenizer, TrainerCallback
+        from transformers import AutoTokenizer, EarlyStoppingCallback, TrainerCallback
         from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
         tokenizer = AutoTokenizer.from_pretrained(job["base_model"])
@@ -85,10 +89,15 @@ def run(directory: Path) -> int:
             )
 
         train, valid = load("train"), load("val")
-        hyper = job["hyperparameters"]
-        steps = -(-len(train) // hyper.get("batch_size", 8)) * hyper.get("epochs", 3)
+        settings = choose_settings(job, valid is not None, torch.cuda.is_available())
+        if settings["threads"]:
+            torch.set_num_threads(settings["threads"])
+        status("running", settings=settings)
+        event(f"settings: {settings['profile']}", "info", settings)
         cuda = torch.cuda.is_available()
         bf16 = cuda and torch.cuda.is_bf16_supported()
+        batch_size = settings["batch_size"]
+        steps = -(-len(train) // batch_size) * settings["max_epochs"]
 
         class Report(TrainerCallback):  # type: ignore[misc]
             def on_log(
@@ -109,31 +118,45 @@ def run(directory: Path) -> int:
                 if cancelled["flag"]:
                     control.should_training_stop = True
 
+        per_epoch = "epoch" if valid is not None else "no"
         config = SFTConfig(
             output_dir=str(directory / "checkpoints"),
-            num_train_epochs=hyper.get("epochs", 3),
-            per_device_train_batch_size=hyper.get("batch_size", 8),
-            learning_rate=hyper.get("learning_rate", 2e-4 if job["lora"] else 5e-5),
-            seed=hyper.get("seed", 0),
-            logging_steps=hyper.get("logging_steps", max(1, min(50, steps // 10))),
-            eval_strategy="epoch" if valid is not None else "no",
+            num_train_epochs=settings["max_epochs"],
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
+            learning_rate=settings["learning_rate"],
+            lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": settings["min_learning_rate_ratio"]},
+            warmup_steps=max(1, round(steps * settings["warmup_ratio"])),
+            weight_decay=settings["weight_decay"],
+            seed=settings["seed"],
+            logging_steps=max(1, min(50, steps // 20)),
+            eval_strategy=per_epoch,
             save_strategy="epoch",
             save_total_limit=2,
+            load_best_model_at_end=valid is not None,
+            metric_for_best_model="eval_loss" if valid is not None else None,
+            greater_is_better=False if valid is not None else None,
             assistant_only_loss=masks,
             completion_only_loss=None if masks else True,
-            max_length=hyper.get("max_length", 1024),
+            max_length=settings["max_length"],
             bf16=bf16,
             use_cpu=not cuda,
+            dataloader_num_workers=0,
             report_to=[],
             disable_tqdm=True,
         )
+        callbacks: list[Any] = [Report()]
+        if settings["early_stopping"]:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings["patience"]))
         peft_config = None
-        if job["lora"]:
+        if settings["method"] == "lora":
             from peft import LoraConfig
 
             peft_config = LoraConfig(
-                r=hyper.get("lora_r", 16),
-                lora_alpha=hyper.get("lora_alpha", 32),
+                r=settings["lora_r"],
+                lora_alpha=settings["lora_alpha"],
+                lora_dropout=settings["lora_dropout"],
                 target_modules="all-linear",
                 task_type="CAUSAL_LM",
             )
@@ -144,7 +167,7 @@ def run(directory: Path) -> int:
             eval_dataset=valid,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[Report()],
+            callbacks=callbacks,
         )
         started = time.time()
         trainer.train()
@@ -156,7 +179,8 @@ def run(directory: Path) -> int:
         trainer.save_model(str(directory / "model"))
         tokenizer.save_pretrained(str(directory / "model"))
         output = directory / "model"
-        if job["lora"] and job.get("merge"):
+        lora = settings["method"] == "lora"
+        if lora and job.get("merge"):
             merged = cast(Any, trainer.model).merge_and_unload()
             merged.save_pretrained(str(directory / "merged"))
             tokenizer.save_pretrained(str(directory / "merged"))
@@ -165,8 +189,10 @@ def run(directory: Path) -> int:
         manifest = {
             "base_model": job["base_model"],
             "dataset": job["dataset"],
-            "lora": job["lora"],
-            "hyperparameters": hyper,
+            "lora": lora,
+            "settings": settings,
+            "best_epoch": _best_epoch(trainer.state),
+            "epochs_run": round(trainer.state.epoch or 0, 2),
             "device": "cuda" if cuda else "cpu",
             "bf16": bf16,
             "train_seconds": round(time.time() - started, 1),
@@ -187,6 +213,41 @@ def run(directory: Path) -> int:
         return 1
     finally:
         events.close()
+
+
+def choose_settings(job: dict[str, Any], has_validation: bool, cuda: bool) -> dict[str, Any]:
+    """The run's settings (see :mod:`train_settings`) for the job's base model."""
+    from distillery.curation import student, train_settings
+
+    given = dict(job.get("hyperparameters") or {})
+    lora = job.get("lora")  # True/False when --lora/--full was given, None to choose
+    return train_settings.choose(
+        parameters=_parameters(job["base_model"]),
+        from_scratch=student.from_scratch(job["base_model"]),
+        has_validation=has_validation,
+        given=given,
+        method=None if lora is None else ("lora" if lora else "full"),
+        cuda=cuda,
+    )
+
+
+def _parameters(base_model: str) -> int:
+    """The model's parameter count, from its config alone (no weights are loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _best_epoch(state: Any) -> float | None:
+    best = state.best_metric
+    for entry in state.log_history:
+        if best is not None and entry.get("eval_loss") == best:
+            return cast(float, entry.get("epoch"))
+    return None
 
 
 if __name__ == "__main__":

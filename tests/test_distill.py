@@ -90,6 +90,37 @@ def test_distill_closes_the_gap_and_is_idempotent(db, provider):
     )  # nothing re-run, nothing re-called
 
 
+def test_a_rerun_with_changed_settings_redoes_what_they_affect(db, provider, tmp_path):
+    """The last result stands only for the same settings: other training settings
+    fine-tune again, another grader re-grades the same fine-tune, other filters build a
+    new dataset version from scratch; each run says what changed."""
+    url, tuning, _ = provider
+    assert distill(db, url).exit_code == 0
+    assert len(tuning.created) == 1
+
+    retrained = distill(db, url, "--epochs", "2")
+    assert retrained.exit_code == 0, retrained.output
+    assert "Settings changed since the last run: train.hyperparameters" in retrained.output
+    assert (
+        len(tuning.created) == 2
+        and tuning.created[1]["method"]["supervised"]["hyperparameters"]["n_epochs"] == 2
+    )
+    assert "the last result stands" not in retrained.output
+
+    regraded = distill(db, url, "--epochs", "2", "--grader", "rouge_l")
+    assert regraded.exit_code == 0, regraded.output
+    assert "eval.graders" in regraded.output and len(tuning.created) == 2
+    assert "rouge_l" in regraded.output
+
+    same = distill(db, url, "--epochs", "2", "--grader", "rouge_l")
+    assert "the last result stands" in same.output and len(tuning.created) == 2
+
+    refiltered = distill(db, url, "--epochs", "2", "--grader", "rouge_l", "--model", "gpt-4o")
+    assert refiltered.exit_code == 0, refiltered.output
+    assert "data.filters" in refiltered.output
+    assert len(tuning.created) == 3 and tuning.created[2]["metadata"]["dataset"] == "support@2"
+
+
 def test_an_interrupted_distill_resumes_its_fine_tune(db, provider, tmp_path):
     url, tuning, _ = provider
     assert distill(db, url).exit_code == 0
