@@ -73,6 +73,7 @@ from distillery.output import write_rows
     help="local: CPU threads  [default: half the cores, at most 8]",
 )
 @click.option("--limit", type=int, help="Grade a seeded sample of the validation split.")
+@click.option("--by", "by_tag", metavar="tag:KEY", help="Break scores down by a tag.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--poll-interval",
@@ -108,6 +109,7 @@ def distill(
     lora: bool,
     threads: int | None,
     limit: int | None,
+    by_tag: str | None,
     seed: int,
     poll_interval: float,
     html_path: Path | None,
@@ -123,7 +125,13 @@ def distill(
         distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
             --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under rouge_l=0.6
     """
-    from distillery.cli_evals import RESULT_COLUMNS, gate, result_rows, thresholds
+    from distillery.cli_evals import (
+        RESULT_COLUMNS,
+        gate,
+        print_breakdown,
+        result_rows,
+        thresholds,
+    )
     from distillery.config import load_settings
     from distillery.curation import distill as loop
     from distillery.curation import evaluate
@@ -132,6 +140,8 @@ def distill(
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
+    if by_tag is not None and not by_tag.startswith("tag:"):
+        raise click.UsageError("--by takes tag:KEY, e.g. --by tag:app.")
     settings = load_settings(config, {"storage.database_url": database_url})
     graders = [g for spec in grader_specs for g in load_graders(spec)]
     limits = thresholds(fail_under, graders)
@@ -168,11 +178,16 @@ def distill(
         poll=poll_interval,
         prices=dict(settings.prices),
         use_cache=not no_cache,
+        by_tag=by_tag[4:] if by_tag else None,
     )
     result = loop.run(
         store, options, settings.storage.resolved_data_dir(), lambda m: click.echo(m, err=True)
     )
     write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
+    if by_tag:
+        print_breakdown(result["summary"])
+    for line in loop.verdict(result["summary"], limits):
+        click.echo(line)
     if html_path is not None:
         from distillery.curation.eval_report import render
         from distillery.store import datasets

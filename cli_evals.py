@@ -354,11 +354,11 @@ def run_command(
         )
         write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
         if by_tag:
-            _print_breakdown(result["summary"])
+            print_breakdown(result["summary"])
     gate(result["summary"], limits, max_error_rate)
 
 
-def _print_breakdown(summary: dict[str, Any]) -> None:
+def print_breakdown(summary: dict[str, Any]) -> None:
     rows = [
         {
             "candidate": label,

@@ -28,7 +28,7 @@ def student() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="...or on this chat fine-tuning JSONL file's text.",
 )
-@click.option("--hidden", type=click.IntRange(16, 8192), default=256, show_default=True)
+@click.option("--hidden", type=click.IntRange(16, 8192), default=128, show_default=True)
 @click.option("--layers", type=click.IntRange(1, 128), default=4, show_default=True)
 @click.option("--heads", type=click.IntRange(1, 128), default=4, show_default=True)
 @click.option("--vocab-size", type=click.IntRange(300, 200_000), default=1024, show_default=True)

@@ -52,6 +52,7 @@ class DistillOptions:
     poll: float = 10.0
     prices: dict[str, Any] = field(default_factory=dict)
     use_cache: bool = True
+    by_tag: str | None = None  # break scores down by this tag's values
 
 
 def _free_port() -> int:
@@ -139,6 +140,7 @@ def settings(options: DistillOptions) -> dict[str, dict[str, Any]]:
                     for g in options.graders
                 ],
                 "limit": options.limit,
+                "by": options.by_tag,
             },
         }
     )
@@ -218,14 +220,43 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
                 "source": f"{version['name']}@{version['version']} (distill)",
                 "limit": options.limit,
                 "seed": options.seed,
-                "by": None,
+                "by": f"tag:{options.by_tag}" if options.by_tag else None,
                 "finetune_job": job["id"],
             },
             prices=options.prices,
+            by_tag=options.by_tag,
         )
     state["final_run"] = result["id"]
     _save(state_path, state)
     return result
+
+
+def verdict(summary: dict[str, Any], limits: dict[str, float]) -> list[str]:
+    """One line per grader: the fine-tuned student's score, its share of the teacher's,
+    and whether it met its ``--fail-under`` bar or by how much it missed."""
+    candidates = summary["candidates"]
+    teacher = next((c for c in candidates if c.startswith("teacher:")), None)
+    tuned = next((c for c in candidates if c.startswith(("fine-tuned", "tuned:"))), None)
+    if tuned is None:
+        return []
+    lines = []
+    for name, stats in candidates[tuned]["graders"].items():
+        score = stats.get("mean")
+        if score is None:
+            lines.append(f"Verdict ({name}): the fine-tuned student has no score.")
+            continue
+        line = f"Verdict ({name}): the fine-tuned student scores {score:.3f}"
+        reference = (candidates.get(teacher) or {}).get("graders", {}).get(name, {}).get("mean")
+        if reference:
+            line += f", {score / reference:.0%} of the teacher's {reference:.3f}"
+        bar = limits.get(name)
+        if bar is not None:
+            if score >= bar:
+                line += f"; it reaches the bar of {bar:g} (+{score - bar:.3f})"
+            else:
+                line += f"; it misses the bar of {bar:g} by {bar - score:.3f}"
+        lines.append(line + ".")
+    return lines
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ def create(
     directory: Path,
     texts: Iterable[str],
     *,
-    hidden: int = 256,
+    hidden: int = 128,
     layers: int = 4,
     heads: int = 4,
     vocab_size: int = 1024,

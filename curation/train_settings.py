@@ -35,7 +35,7 @@ SCRATCH: dict[str, Any] = {
     "warmup_ratio": 0.05,
     "weight_decay": 0.01,
     "batch_size": 32,
-    "max_epochs": 60,
+    "max_epochs": 40,
     "patience": 5,
 }
 SMALL_PRETRAINED: dict[str, Any] = {

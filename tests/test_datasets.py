@@ -708,9 +708,10 @@ def test_tokens_can_be_counted_with_the_students_tokenizer(db, tmp_path):
     """With --tokenizer the build counts with a real tokenizer (the student's chat template
     included), and the manifest says so; a directory without one is a clean error."""
     transformers = pytest.importorskip("transformers", reason="the train extra brings transformers")
-    from tiny_model import build as build_tiny
+    from distillery.curation.student import create
 
-    student = build_tiny(tmp_path / "student", [TOPICS[0], "hello there", "refund please"] * 20)
+    student = tmp_path / "student"
+    create(student, [TOPICS[0], "hello there", "refund please"] * 20, hidden=64, layers=2)
     manifest = build(db, "--tokenizer", str(student))
     assert manifest["tokens"]["method"] == f"counted with the tokenizer at {student}"
     tokenizer = transformers.AutoTokenizer.from_pretrained(student, local_files_only=True)

@@ -33,7 +33,12 @@ def db(tmp_path):
     url = f"sqlite:///{tmp_path / 'distill.db'}"
     questions = [f"question {i}: how many letters?" for i in range(1, 31)]
     store = open_store(url)
-    store.insert([record(i, q, answer(q)) for i, q in enumerate(questions, 1)])
+    store.insert(
+        [
+            record(i, q, answer(q), tags={"kind": "odd" if i % 2 else "even"})
+            for i, q in enumerate(questions, 1)
+        ]
+    )
     store.close()
     return url
 
@@ -140,6 +145,24 @@ def test_fail_under_judges_the_fine_tuned_student(db, provider):
     # The fake fine-tunes answer perfectly; a bar above 1 cannot be met.
     result = distill(db, url, "--fail-under", "1.5")
     assert result.exit_code == 1 and "Below --fail-under: tuned:" in result.output
+    assert "it misses the bar of 1.5 by 0.500" in result.output
+
+
+def test_distill_explains_its_scores_by_tag_and_in_one_line(db, provider):
+    """`--by tag:KEY` breaks each candidate's score down by the tag's values, and one
+    line says what the fine-tuned student reached against the teacher and the bar."""
+    url, *_ = provider
+    result = distill(db, url, "--by", "tag:kind", "--fail-under", "exact=0.9")
+    assert result.exit_code == 0, result.output
+    breakdown = [line.split() for line in result.output.splitlines() if " odd " in line]
+    assert {row[0] for row in breakdown} >= {"teacher:teacher", "base:weak"}
+    assert any(" even " in line for line in result.output.splitlines())
+    assert (
+        "Verdict (exact): the fine-tuned student scores 1.000, 100% of the teacher's 1.000; "
+        "it reaches the bar of 0.9 (+0.100)." in result.output
+    )
+    wrong = distill(db, url, "--by", "kind")
+    assert wrong.exit_code == 2 and "--by takes tag:KEY" in wrong.output
 
 
 def test_the_distill_report_shows_prompts_and_references(db, provider, tmp_path):

@@ -13,11 +13,19 @@ from distillery.cli import cli
 from distillery.store import open_store
 
 from test_datasets import record
-from tiny_model import build
 
 pytest.importorskip(
     "trl", reason="the training extra is not installed: pip install torch==2.13.0 -e '.[train]'"
 )
+
+
+def build(directory: Path, texts: list[str]) -> Path:
+    """A tiny student, as `distillery student create --hidden 64 --layers 2` makes one."""
+    from distillery.curation.student import create
+
+    create(directory, texts, hidden=64, layers=2, vocab_size=400)
+    return directory
+
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 PRODUCTS = ["blender", "kettle", "toaster", "lamp", "router", "phone"]
@@ -97,6 +105,7 @@ def test_local_lora_trains_merges_and_answers(setup):
         "8",
         "--learning-rate",
         "3e-3",
+        "--lora",
         "--merge",
         "--seed",
         "1",
@@ -128,6 +137,79 @@ def test_local_lora_trains_merges_and_answers(setup):
         **ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_settings_fit_the_student():
+    """From scratch: full, 1e-3, warm-up and a cosine decay to a floor, early stopping.
+    Pretrained: LoRA with the usual settings.  What the user gives wins; without a
+    validation split (nothing to stop on) or with --epochs, the count is fixed."""
+    from distillery.curation.train_settings import choose, default_threads
+
+    scratch = choose(parameters=1_000_000, from_scratch=True, has_validation=True, given={})
+    assert scratch["method"] == "full" and scratch["learning_rate"] == 1e-3
+    assert scratch["warmup_ratio"] > 0 and 0 < scratch["min_learning_rate_ratio"] < 1
+    assert scratch["early_stopping"] is True and "lora_r" not in scratch
+    assert scratch["profile"].startswith("randomly initialised")
+    pretrained = choose(parameters=500_000_000, from_scratch=False, has_validation=True, given={})
+    assert pretrained["method"] == "lora" and pretrained["learning_rate"] == 2e-4
+    assert (pretrained["lora_r"], pretrained["lora_alpha"]) == (16, 32)
+    small = choose(parameters=5_000_000, from_scratch=False, has_validation=True, given={})
+    assert small["method"] == "full" and small["learning_rate"] < scratch["learning_rate"]
+    forced = choose(
+        parameters=5_000_000,
+        from_scratch=False,
+        has_validation=True,
+        given={"learning_rate": 3e-3, "epochs": 4, "lora_r": 8},
+        method="lora",
+    )
+    assert forced["method"] == "lora" and forced["learning_rate"] == 3e-3
+    assert forced["lora_r"] == 8 and forced["max_epochs"] == 4 and not forced["early_stopping"]
+    blind = choose(parameters=1_000_000, from_scratch=True, has_validation=False, given={})
+    assert not blind["early_stopping"] and blind["max_epochs"] == 20
+    assert default_threads(2) == 1 and default_threads(16) == 8 and default_threads(1) == 1
+    assert (
+        choose(parameters=1, from_scratch=True, has_validation=True, given={}, cuda=True)["threads"]
+        is None
+    )
+
+
+def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(setup, tmp_path):
+    """`student create` makes a randomly initialised student; the trainer sees it, trains
+    every weight, stops once the validation loss has not improved for `patience`
+    epochs and keeps the best epoch's weights.  The settings it used, defaults
+    included, are in the manifest and shown by `finetune status`."""
+    db, _ = setup
+    made = CliRunner().invoke(
+        cli,
+        [
+            *("student", "create", str(tmp_path / "student"), "--dataset", "tickets"),
+            *("--hidden", "64", "--layers", "2", "--database-url", db),
+        ],
+        catch_exceptions=False,
+    )
+    assert made.exit_code == 0, made.output
+    assert "parameters" in made.output
+    # A learning rate far too high: the validation loss rises after its best epoch.
+    job_id = create_local(db, tmp_path / "student", "--learning-rate", "1.0")
+    watched = ft(db, "watch", job_id, "--interval", "0.5")
+    assert watched.exit_code == 0, watched.output
+    status = ft(db, "status", job_id)
+    assert "settings: " in status.output and "method=full" in status.output
+    assert "early_stopping=True" in status.output and "learning_rate=1.0" in status.output
+    job = json.loads(ft(db, "status", job_id, "--json").output)
+    manifest = json.loads((Path(job["fine_tuned_model"]) / "manifest.json").read_text())
+    settings = manifest["settings"]
+    assert settings["method"] == "full" and manifest["lora"] is False
+    assert settings["profile"].startswith("randomly initialised")
+    assert settings["threads"] >= 1 and settings["warmup_ratio"] > 0
+    log = (Path(job["provider_job_id"]) / "events.jsonl").read_text().splitlines()
+    events = [json.loads(line)["data"] for line in log]
+    valid = [(e["valid_loss"], e["epoch"]) for e in events if "valid_loss" in e and "step" in e]
+    best_loss, best_epoch = min(valid)
+    assert manifest["epochs_run"] < settings["max_epochs"]  # stopped early
+    assert manifest["epochs_run"] == best_epoch + settings["patience"]
+    assert manifest["best_epoch"] == best_epoch
+    assert manifest["valid_loss"] == pytest.approx(best_loss, rel=1e-4)  # the best epoch's weights
 
 
 def test_cancel_stops_a_local_job(setup):

@@ -1,17 +1,18 @@
 """The end-to-end proof: captured traffic in, a fine-tuned student that matches the teacher out.
 
-Runs offline on a CPU in about a minute:
+Runs offline on a CPU (needs the training extra: pip install torch==2.13.0 -e '.[train]'):
 
 1. a teacher (a local OpenAI-compatible server that extracts ticket fields perfectly);
 2. an app sending tickets with the real openai SDK through the real proxy;
-3. `distillery distill`: dataset build, baseline of the teacher and an untrained tiny student,
-   a local full fine-tune of that student, `distillery serve`, the final eval.
+3. `distillery dataset build` and `distillery student create`: a small student made from
+   scratch, with a tokenizer trained on the dataset's text (nothing is downloaded);
+4. `distillery distill` with its default settings: baseline of the teacher and the untrained
+   student, a local fine-tune (the trainer picks full training for a student made from
+   scratch and stops at the best epoch), `distillery serve`, the final eval.
 
-The tiny student is a 2-layer Llama made from a config, with a BPE tokenizer trained on the
-task's text (real transformers/tokenizers code; nothing is downloaded). With network access,
-`--student-base` takes any hub model instead.
+With network access, `--student-base` of `distill` takes any hub model instead.
 
-    python examples/ticket_extraction/run.py [--tickets 300] [--epochs 25]
+    python examples/ticket_extraction/run.py [--tickets 300] [--seed 0]
 """
 
 from __future__ import annotations
@@ -36,9 +37,7 @@ from aiohttp import web
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from task import SYSTEM, extract, teacher_app, tickets  # noqa: E402
-
-from tiny_model import build  # noqa: E402
+from task import SYSTEM, teacher_app, tickets  # noqa: E402
 
 
 def free_port() -> int:
@@ -74,9 +73,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tickets", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0, help="the student's and the training's")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("torch") is None:
+        raise SystemExit(
+            "This example trains a model and needs the training extra:\n"
+            "    pip install torch==2.13.0 -e '.[train]'"
+        )
     work = args.workdir or Path(tempfile.mkdtemp(prefix="distillery-example-"))
     env = {**os.environ, "DISTILLERY_DATA_DIR": str(work / "data"), "OPENAI_API_KEY": "sk-example"}
     database = f"sqlite:///{work / 'data' / 'distillery.db'}"
@@ -117,7 +123,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     proxy.send_signal(signal.SIGTERM)
     proxy.wait(60)
 
-    student = build(work / "tiny-student", [SYSTEM, *texts, *(extract(t) for t in texts)])
+    def distillery(*command: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "distillery", *command, "--database-url", database],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout
+
+    student = work / "student"
+    distillery("dataset", "build", "tickets", "--tag", "app=tickets")
+    distillery("student", "create", str(student), "--dataset", "tickets", "--seed", str(args.seed))
     command = [
         sys.executable,
         "-m",
@@ -137,13 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         str(student),
         "--backend",
         "local",
-        "--full",
-        "--epochs",
-        str(args.epochs),
-        "--learning-rate",
-        "2e-3",
-        "--batch-size",
-        "16",
+        "--seed",
+        str(args.seed),
         "--grader",
         "exact",
         "--grader",
@@ -162,41 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "re-run without new calls:",
         "nothing to do" if "the last result stands" in again.stderr else "RAN AGAIN",
     )
-    runs = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distillery",
-                "eval",
-                "list",
-                "--json",
-                "--database-url",
-                database,
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-        ).stdout
-    )
-    summary = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distillery",
-                "eval",
-                "show",
-                runs[0]["id"],
-                "--json",
-                "--database-url",
-                database,
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-        ).stdout
-    )["summary"]
+    runs = json.loads(distillery("eval", "list", "--json"))
+    summary = json.loads(distillery("eval", "show", runs[0]["id"], "--json"))["summary"]
     scores = {
         label: entry["graders"]["exact"]["mean"] for label, entry in summary["candidates"].items()
     }
