@@ -123,7 +123,7 @@ def graded_items(
 def settings(options: DistillOptions) -> dict[str, dict[str, Any]]:
     """What a run's result depends on, in three parts that are redone separately."""
     filters = {k: v for k, v in asdict(options.filters).items() if v not in (None, (), False)}
-    return _plain(
+    plain: dict[str, dict[str, Any]] = _plain(
         {
             "data": {"filters": filters, "seed": options.seed},
             "train": {
@@ -144,6 +144,7 @@ def settings(options: DistillOptions) -> dict[str, dict[str, Any]]:
             },
         }
     )
+    return plain
 
 
 def _plain(value: Any) -> Any:

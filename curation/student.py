@@ -94,7 +94,7 @@ def create(
             show_progress=False,
         ),
     )
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         bos_token="<s>",
         eos_token="<|im_end|>",
@@ -142,6 +142,6 @@ def from_scratch(model_dir: str | Path) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("initialised") == "random"
+        return bool(json.loads(marker.read_text()).get("initialised") == "random")
     except (OSError, ValueError):
         return False
