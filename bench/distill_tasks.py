@@ -35,8 +35,10 @@ import openai
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "ticket_extraction"))
 
 import reference_loop
+from task import teacher_app  # the example's teacher server
 from tasks import TASKS, Task, inputs
 
 
@@ -44,33 +46,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def teacher_app(task: Task) -> web.Application:
-    async def chat(request: web.Request) -> web.Response:
-        body = await request.json()
-        answer = task.answer(body["messages"][-1]["content"])
-        return web.json_response(
-            {
-                "id": "chatcmpl-teacher",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": answer, "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30},
-            }
-        )
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
 
 
 def serve(app: web.Application) -> str:
@@ -177,7 +152,7 @@ def run_task(task: Task, args: argparse.Namespace, work: Path) -> dict[str, Any]
     db = f"sqlite:///{work / 'data' / 'distillery.db'}"
     held_out = inputs(task, args.heldout, seed=args.seed + 1000)
     training = inputs(task, args.calls, seed=args.seed, exclude=set(held_out))
-    teacher = serve(teacher_app(task))
+    teacher = serve(teacher_app(task.answer))
     capture(task, training, teacher, env, db)
 
     def cli(*args: str) -> str:

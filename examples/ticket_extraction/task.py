@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -50,29 +51,34 @@ def extract(ticket: str) -> str:
     return json.dumps({"name": name, "product": product, "order": int(order)})
 
 
-async def _chat(request: web.Request) -> web.Response:
-    body: dict[str, Any] = await request.json()
-    answer = extract(body["messages"][-1]["content"])
-    return web.json_response(
-        {
-            "id": "chatcmpl-teacher",
-            "object": "chat.completion",
-            "created": 1,
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 30, "completion_tokens": 15, "total_tokens": 45},
-        }
-    )
+def teacher_app(answer_for: Callable[[str], str] = extract) -> web.Application:
+    """An OpenAI-compatible teacher that answers the last user message with ``answer_for``
+    (bench/distill_tasks.py serves its own tasks with it)."""
 
+    async def chat(request: web.Request) -> web.Response:
+        body: dict[str, Any] = await request.json()
+        return web.json_response(
+            _completion(body["model"], answer_for(body["messages"][-1]["content"]))
+        )
 
-def teacher_app() -> web.Application:
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/chat/completions", chat)
     return app
+
+
+def _completion(model: str, answer: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-teacher",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 15, "total_tokens": 45},
+    }
