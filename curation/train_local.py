@@ -89,7 +89,7 @@ def run(directory: Path) -> int:
             )
 
         train, valid = load("train"), load("val")
-        settings = choose_settings(job, valid is not None, torch.cuda.is_available())
+        settings = choose_settings(job, len(train), valid is not None, torch.cuda.is_available())
         if settings["threads"]:
             torch.set_num_threads(settings["threads"])
         status("running", settings=settings)
@@ -215,7 +215,9 @@ def run(directory: Path) -> int:
         events.close()
 
 
-def choose_settings(job: dict[str, Any], has_validation: bool, cuda: bool) -> dict[str, Any]:
+def choose_settings(
+    job: dict[str, Any], examples: int, has_validation: bool, cuda: bool
+) -> dict[str, Any]:
     """The run's settings (see :mod:`train_settings`) for the job's base model."""
     from distillery.curation import student, train_settings
 
@@ -223,6 +225,7 @@ def choose_settings(job: dict[str, Any], has_validation: bool, cuda: bool) -> di
     lora = job.get("lora")  # True/False when --lora/--full was given, None to choose
     return train_settings.choose(
         parameters=_parameters(job["base_model"]),
+        examples=examples,
         from_scratch=student.from_scratch(job["base_model"]),
         has_validation=has_validation,
         given=given,

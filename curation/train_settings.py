@@ -12,6 +12,10 @@ an order of magnitude:
   (rank 16, alpha 32, learning rate 2e-4) for a few epochs; the model already
   knows language, the adapter only learns the task.
 
+A model trained from scratch learns from the number of updates more than from the
+number of epochs, so its batch follows the dataset: about 40 steps an epoch, between 8
+and 32 examples a batch (280 examples train in batches of 8, 1,350 in batches of 32).
+
 In both the number of epochs is not guessed: training evaluates the validation
 split every epoch, stops when its loss has not improved for ``patience`` epochs
 and keeps the best checkpoint (``max_epochs`` is the ceiling).  Without a
@@ -68,9 +72,18 @@ def default_threads(cpu_count: int | None = None) -> int:
     return max(1, min(8, (cpu_count or os.cpu_count() or 1) // 2))
 
 
+def scratch_batch(examples: int) -> int:
+    """About 40 steps an epoch, as a power of two from 8 to 32."""
+    batch = 8
+    while batch < 32 and examples / (batch * 2) >= 40:
+        batch *= 2
+    return batch
+
+
 def choose(
     *,
     parameters: int,
+    examples: int,
     from_scratch: bool,
     has_validation: bool,
     given: dict[str, Any],
@@ -91,8 +104,11 @@ def choose(
     settings = dict(profile)
     if method is not None and method != settings["method"]:
         settings = {**(PRETRAINED if method == "lora" else SMALL_PRETRAINED), "method": method}
+    if settings["method"] == "full":
+        settings["batch_size"] = min(settings["batch_size"], scratch_batch(examples))
     settings["profile"] = why
     settings["parameters"] = parameters
+    settings["examples"] = examples
     for key, value in given.items():
         if value is not None:
             settings[key] = value

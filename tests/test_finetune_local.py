@@ -145,17 +145,24 @@ def test_settings_fit_the_student():
     validation split (nothing to stop on) or with --epochs, the count is fixed."""
     from distillery.curation.train_settings import choose, default_threads
 
-    scratch = choose(parameters=1_000_000, from_scratch=True, has_validation=True, given={})
+    scratch = choose(
+        examples=1350, parameters=1_000_000, from_scratch=True, has_validation=True, given={}
+    )
     assert scratch["method"] == "full" and scratch["learning_rate"] == 1e-3
     assert scratch["warmup_ratio"] > 0 and 0 < scratch["min_learning_rate_ratio"] < 1
     assert scratch["early_stopping"] is True and "lora_r" not in scratch
     assert scratch["profile"].startswith("randomly initialised")
-    pretrained = choose(parameters=500_000_000, from_scratch=False, has_validation=True, given={})
+    pretrained = choose(
+        examples=1350, parameters=500_000_000, from_scratch=False, has_validation=True, given={}
+    )
     assert pretrained["method"] == "lora" and pretrained["learning_rate"] == 2e-4
     assert (pretrained["lora_r"], pretrained["lora_alpha"]) == (16, 32)
-    small = choose(parameters=5_000_000, from_scratch=False, has_validation=True, given={})
+    small = choose(
+        examples=1350, parameters=5_000_000, from_scratch=False, has_validation=True, given={}
+    )
     assert small["method"] == "full" and small["learning_rate"] < scratch["learning_rate"]
     forced = choose(
+        examples=1350,
         parameters=5_000_000,
         from_scratch=False,
         has_validation=True,
@@ -164,11 +171,22 @@ def test_settings_fit_the_student():
     )
     assert forced["method"] == "lora" and forced["learning_rate"] == 3e-3
     assert forced["lora_r"] == 8 and forced["max_epochs"] == 4 and not forced["early_stopping"]
-    blind = choose(parameters=1_000_000, from_scratch=True, has_validation=False, given={})
+    blind = choose(
+        examples=1350, parameters=1_000_000, from_scratch=True, has_validation=False, given={}
+    )
     assert not blind["early_stopping"] and blind["max_epochs"] == 20
+    assert (
+        choose(examples=280, parameters=1, from_scratch=True, has_validation=True, given={})[
+            "batch_size"
+        ]
+        == 8
+    )  # about 40 steps an epoch for a student learning from scratch
+    assert scratch["batch_size"] == 32 and pretrained["batch_size"] == 8
     assert default_threads(2) == 1 and default_threads(16) == 8 and default_threads(1) == 1
     assert (
-        choose(parameters=1, from_scratch=True, has_validation=True, given={}, cuda=True)["threads"]
+        choose(
+            examples=1350, parameters=1, from_scratch=True, has_validation=True, given={}, cuda=True
+        )["threads"]
         is None
     )
 
