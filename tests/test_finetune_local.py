@@ -191,6 +191,25 @@ def test_settings_fit_the_student():
     )
 
 
+def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path):
+    """The marker `student create` writes is what makes a model "from scratch"; the same
+    weights without it are a small pretrained model (its parameters counted from the
+    config), and an explicit --lora is honoured."""
+    from distillery.curation.student import MARKER
+    from distillery.curation.train_local import choose_settings
+
+    model = build(tmp_path / "student", ["hello there", "the answer is 42"] * 10)
+    job = {"base_model": str(model), "hyperparameters": {}, "lora": None}
+    scratch = choose_settings(job, 280, True, False)
+    assert scratch["profile"].startswith("randomly initialised") and scratch["method"] == "full"
+    assert scratch["batch_size"] == 8 and 10_000 < scratch["parameters"] < 30_000_000
+    (model / MARKER).unlink()
+    small = choose_settings(job, 280, True, False)
+    assert small["profile"].startswith("small") and small["learning_rate"] == 1e-4
+    lora = choose_settings({**job, "lora": True}, 280, True, False)
+    assert lora["method"] == "lora" and lora["lora_r"] == 16
+
+
 def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(setup, tmp_path):
     """`student create` makes a randomly initialised student; the trainer sees it, trains
     every weight, stops once the validation loss has not improved for `patience`
