@@ -1,6 +1,6 @@
 """The end-to-end proof in examples/: traffic through the proxy, `distillery distill`, scores.
 
-Slow (about 1.5 minutes on a 2-core CPU); deselect locally with `-m "not example"`. CI runs it.
+Slow (several minutes on a 2-core CPU); deselect locally with `-m "not example"`. CI runs it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ def test_distilled_student_closes_most_of_the_gap(tmp_path):
     print(f"teacher {teacher:.3f}, untrained student {base:.3f}, fine-tuned student {tuned:.3f}")
     assert teacher == 1.0
     assert base <= 0.05
-    assert tuned >= base + 0.3  # far above the untrained student
-    assert tuned >= 0.4 * teacher  # the stated fraction of the teacher (README)
+    assert tuned >= 0.7 * teacher  # the stated fraction of the teacher (README)
     assert (tmp_path / "report.html").exists()
     assert "re-run without new calls: nothing to do" in result.stdout  # idempotent, cron-safe
