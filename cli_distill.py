@@ -15,6 +15,7 @@ from distillery.cli_completions import (
     store_options,
 )
 from distillery.cli_evals import fail_under_option, max_error_rate_option
+from distillery.cli_finetune import local_method_options
 from distillery.errors import DistilleryError
 from distillery.output import write_rows
 
@@ -59,19 +60,7 @@ from distillery.output import write_rows
     type=click.FloatRange(min=0, min_open=True),
     help="local  [default: chosen for the student; see `finetune create --help`]",
 )
-@click.option(
-    "--full",
-    is_flag=True,
-    help="local: train every weight  [default: for students made from scratch or small]",
-)
-@click.option(
-    "--lora", is_flag=True, help="local: train a LoRA adapter  [default: larger students]"
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 256),
-    help="local: CPU threads  [default: half the cores, at most 8]",
-)
+@local_method_options
 @click.option("--limit", type=int, help="Grade a seeded sample of the validation split.")
 @click.option("--by", "by_tag", metavar="tag:KEY", help="Break scores down by a tag.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,29 @@ def _job(store: Any, job_id: str) -> dict[str, Any]:
     return job
 
 
+def local_method_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--full, --lora and --threads, for `finetune create` and `distill` alike."""
+    options = [
+        click.option(
+            "--full",
+            is_flag=True,
+            help="local: train every weight  [default: for models made from scratch or under "
+            "30M parameters]",
+        ),
+        click.option(
+            "--lora", is_flag=True, help="local: train a LoRA adapter  [default: larger models]"
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(1, 256),
+            help="local: CPU threads  [default: half the cores, at most 8]",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group()
 def finetune() -> None:
     """Fine-tune a student model on a dataset version (OpenAI's fine-tuning API)."""
@@ -95,7 +119,8 @@ def finetune() -> None:
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 256),
-    help="[default: openai auto; local 32 from scratch, 16 small, 8 LoRA]",
+    help="[default: openai auto; local: 8-32 from scratch (about 40 steps an epoch), "
+    "16 small, 8 LoRA]",
 )
 @click.option(
     "--learning-rate-multiplier",
@@ -109,20 +134,7 @@ def finetune() -> None:
 )
 @click.option("--lora-r", type=click.IntRange(1, 1024), help="local: LoRA rank  [default: 16]")
 @click.option("--lora-alpha", type=click.IntRange(1, 4096), help="local: LoRA alpha  [default: 32]")
-@click.option(
-    "--full",
-    is_flag=True,
-    help="local: fine-tune every weight  [default: for models made from scratch or under "
-    "30M parameters]",
-)
-@click.option(
-    "--lora", is_flag=True, help="local: train a LoRA adapter  [default: for larger models]"
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 256),
-    help="local: CPU threads  [default: half the cores, at most 8]",
-)
+@local_method_options
 @click.option(
     "--merge", is_flag=True, help="local: also save the base model with the LoRA adapter merged in."
 )
