@@ -117,12 +117,13 @@ def counter(spec: str | None) -> Counter:
     if Path(spec).is_dir():
         return _local_counter(spec)
     name = spec.removeprefix("tiktoken:") if spec.startswith("tiktoken:") else None
-    encoding = _tiktoken(name or _encoding_for_model(spec))
+    name = name or _encoding_for_model(spec)
+    encoding = _tiktoken(name)
     if encoding is None:
         raise DistilleryError(
-            f"tiktoken's {name or _encoding_for_model(spec)} encoding is not on this machine. "
+            f"tiktoken's {name} encoding is not on this machine. "
             'Fetch it once where there is internet (python -c "import tiktoken; '
-            f"tiktoken.get_encoding('{name or _encoding_for_model(spec)}')\") and point "
+            f"tiktoken.get_encoding('{name}')\") and point "
             "TIKTOKEN_CACHE_DIR at that cache, or use --tokenizer estimate."
         )
     encode = encoding.encode_ordinary  # text that looks like <|endoftext|> is text
