@@ -167,7 +167,7 @@ def fail_on_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     """The table view of one record: what a person scans for."""
-    from distillery.store.records import message_text
+    from distillery.shapes import message_text
 
     messages = (record.get("request") or {}).get("messages") or []
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
@@ -287,7 +287,7 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
 
 
 def render(record: dict[str, Any]) -> Iterator[str]:
-    from distillery.store.records import message_text, output_messages
+    from distillery.shapes import message_text, output_messages
 
     fields = [
         ("id", record["id"]),

@@ -202,8 +202,8 @@ def build(
     import re
 
     from distillery.config import load_settings
-    from distillery.curation.build import BuildOptions, Rules
-    from distillery.curation.build import build as run_build
+    from distillery.curation.datasets.build import BuildOptions, Rules
+    from distillery.curation.datasets.build import build as run_build
     from distillery.store.query import parse_tag
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", name):
@@ -234,7 +234,7 @@ def build(
     )
     from dataclasses import replace
 
-    from distillery.curation.generate import EVAL_TAG
+    from distillery.curation.evals.generate import EVAL_TAG
 
     selection = build_filters(**filters)
     if not include_eval_traffic:
@@ -378,14 +378,14 @@ def validate(
     """
     import re
 
-    from distillery.curation.validate import MIN_EXAMPLES, validate_file
+    from distillery.curation.datasets.validate import MIN_EXAMPLES, validate_file
 
     if min_examples is None:
         # The 10-example minimum is a training-file rule; a validation file may be small.
         validation = re.search(r"(^|[-_.])(val|valid|validation)$", path.stem) is not None
         min_examples = 0 if validation else MIN_EXAMPLES
 
-    from distillery.curation import tokens
+    from distillery.curation.datasets import tokens
 
     tokenizer = tokens.resolve(tokenizer)
     report = validate_file(path, max_tokens, min_examples, tokens.counter(tokenizer))
@@ -425,7 +425,7 @@ def validate(
 @fail_on_errors
 def export(config: Path | None, database_url: str | None, ref: str, fmt: str, output: Path) -> None:
     """Write a version for a trainer: OpenAI JSONL, or Parquet that HF `datasets` reads."""
-    from distillery.curation.export import export_openai, export_parquet
+    from distillery.curation.datasets.export import export_openai, export_parquet
 
     store = open_cli_store(config, database_url)
     version = resolve(store, ref)

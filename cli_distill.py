@@ -123,9 +123,9 @@ def distill(
     )
     from distillery.config import load_settings
     from distillery.curation import distill as loop
-    from distillery.curation import evaluate
-    from distillery.curation.generate import Candidate, Endpoint
-    from distillery.curation.graders import load_graders
+    from distillery.curation.evals import evaluate
+    from distillery.curation.evals.generate import Candidate, Endpoint
+    from distillery.curation.evals.graders import load_graders
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
@@ -178,7 +178,7 @@ def distill(
     for line in loop.verdict(result["summary"], limits):
         click.echo(line)
     if html_path is not None:
-        from distillery.curation.eval_report import render
+        from distillery.curation.evals.report import render
         from distillery.store import datasets
 
         version = datasets.latest(store, name)

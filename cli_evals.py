@@ -127,7 +127,7 @@ def gate(
     ``judged`` limits ``--fail-under`` to those candidates (distill: the fine-tuned student);
     errors count for every candidate, since a failed call is never a score.
     """
-    from distillery.curation import evaluate
+    from distillery.curation.evals import evaluate
 
     problems = evaluate.erroring(summary, max_error_rate)
     misses = [
@@ -251,9 +251,10 @@ def run_command(
     """
     from distillery.cli_datasets import resolve
     from distillery.config import load_settings
-    from distillery.curation import eval_items, evaluate
-    from distillery.curation.generate import Candidate, Endpoint, Generator
-    from distillery.curation.graders import Context, load_graders
+    from distillery.curation.evals import evaluate
+    from distillery.curation.evals import items as eval_items
+    from distillery.curation.evals.generate import Candidate, Endpoint, Generator
+    from distillery.curation.evals.graders import Context, load_graders
 
     sources = [bool(dataset_ref), bool(jsonl), where]
     if sum(sources) > 1:
@@ -335,7 +336,7 @@ def run_command(
         if bar is not None:
             bar.__exit__(None, None, None)
     if html_path is not None:
-        from distillery.curation.eval_report import render
+        from distillery.curation.evals.report import render
 
         html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), items))
     for model in sorted(generator.uncached):
@@ -383,7 +384,7 @@ def print_breakdown(summary: dict[str, Any]) -> None:
 @fail_on_errors
 def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:
     """List stored eval runs, newest first."""
-    from distillery.curation import evaluate
+    from distillery.curation.evals import evaluate
 
     store = open_cli_store(config, database_url)
     rows = [
@@ -406,7 +407,7 @@ def list_command(config: Path | None, database_url: str | None, limit: int, fmt:
 
 
 def _run(store: Any, run_id: str) -> dict[str, Any]:
-    from distillery.curation import evaluate
+    from distillery.curation.evals import evaluate
 
     found = evaluate.load_run(store, run_id)
     if found is None:
@@ -421,7 +422,7 @@ def _run(store: Any, run_id: str) -> dict[str, Any]:
 @fail_on_errors
 def show(config: Path | None, database_url: str | None, run_id: str, as_json: bool) -> None:
     """Show a run's results (and with --json every per-item output and grade)."""
-    from distillery.curation import evaluate
+    from distillery.curation.evals import evaluate
 
     store = open_cli_store(config, database_url)
     found = _run(store, run_id)
@@ -452,7 +453,7 @@ def compare(
     fmt: str,
 ) -> None:
     """Per-item wins and losses of RUN_B over RUN_A, with the mean difference's 95% CI."""
-    from distillery.curation import evaluate
+    from distillery.curation.evals import evaluate
 
     store = open_cli_store(config, database_url)
     a, b = _run(store, run_a), _run(store, run_b)

@@ -26,8 +26,8 @@ JOB_COLUMNS = (
 
 
 def _backend(job_or_url: str | None, api_key_env: str | None) -> Any:
-    from distillery.curation.finetune import OpenAIBackend
-    from distillery.curation.generate import Endpoint
+    from distillery.curation.evals.generate import Endpoint
+    from distillery.curation.training.finetune import OpenAIBackend
 
     endpoint = Endpoint.from_env("fine-tuning", job_or_url, api_key_env)
     endpoint.check()  # never the SDK's fallback to another key, never its traceback
@@ -39,14 +39,14 @@ def _backend(job_or_url: str | None, api_key_env: str | None) -> Any:
 def _backend_for(job: dict[str, Any], api_key_env: str | None, config: Path | None) -> Any:
     if job["backend"] == "local":
         from distillery.config import load_settings
-        from distillery.curation.finetune import LocalBackend
+        from distillery.curation.training.finetune import LocalBackend
 
         return LocalBackend(load_settings(config).storage.resolved_data_dir())
     return _backend(job["base_url"], api_key_env)
 
 
 def _job(store: Any, job_id: str) -> dict[str, Any]:
-    from distillery.curation import finetune
+    from distillery.curation.training import finetune
 
     job = finetune.get(store, job_id)
     if job is None:
@@ -172,7 +172,7 @@ def create(
     """
     from distillery.cli_datasets import resolve
     from distillery.config import load_settings
-    from distillery.curation import finetune as ft
+    from distillery.curation.training import finetune as ft
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
@@ -258,7 +258,7 @@ def create(
 @fail_on_errors
 def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:
     """List fine-tune jobs, newest first, as last seen (`status` refreshes one)."""
-    from distillery.curation import finetune as ft
+    from distillery.curation.training import finetune as ft
 
     store = open_cli_store(config, database_url)
     write_rows(ft.all_jobs(store, limit or None), fmt, JOB_COLUMNS, empty="No fine-tune jobs yet.")
@@ -278,7 +278,7 @@ def status(
     as_json: bool,
 ) -> None:
     """Refresh a job from its provider and show it (status, model, metrics, checkpoints)."""
-    from distillery.curation import finetune as ft
+    from distillery.curation.training import finetune as ft
     from distillery.output import dumps
 
     store = open_cli_store(config, database_url)
@@ -325,7 +325,7 @@ def watch(
 
     Exits 0 when the job succeeds and 1 when it fails or is cancelled.
     """
-    from distillery.curation import finetune as ft
+    from distillery.curation.training import finetune as ft
 
     store = open_cli_store(config, database_url)
     job = _job(store, job_id)
@@ -364,7 +364,7 @@ def cancel(
     config: Path | None, database_url: str | None, job_id: str, api_key_env: str | None
 ) -> None:
     """Cancel a running job."""
-    from distillery.curation import finetune as ft
+    from distillery.curation.training import finetune as ft
 
     store = open_cli_store(config, database_url)
     job = _job(store, job_id)

@@ -66,7 +66,7 @@ def create(
             --student-base ./student --grader exact
     """
     from distillery.cli_datasets import resolve
-    from distillery.curation import student as make
+    from distillery.curation.training import student as make
 
     if (dataset_ref is None) == (from_file is None):
         raise click.UsageError("Give one of --dataset NAME[@VERSION] or --from-file FILE.")

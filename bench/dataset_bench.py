@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distillery.curation.build import BuildOptions, build
+from distillery.curation.datasets.build import BuildOptions, build
 from distillery.store import open_store
 
 

@@ -26,7 +26,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distillery.curation.student import create
+    from distillery.curation.training.student import create
 
     texts = [
         f"please ship {n} steel bolts to oslo by 2026-0{n % 9 + 1}-1{n % 9}" for n in range(500)

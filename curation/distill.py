@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from distillery.curation import eval_items, evaluate, finetune
-from distillery.curation.build import BuildOptions, build
-from distillery.curation.generate import EVAL_TAG, Candidate, Endpoint, Generator
-from distillery.curation.graders import Context, Grader
+from distillery.curation.datasets.build import BuildOptions, build
+from distillery.curation.evals import evaluate
+from distillery.curation.evals import items as eval_items
+from distillery.curation.evals.generate import EVAL_TAG, Candidate, Endpoint, Generator
+from distillery.curation.evals.graders import Context, Grader
+from distillery.curation.training import finetune
 from distillery.errors import DistilleryError
 from distillery.store import Store, datasets, query
 

@@ -25,8 +25,8 @@ from aiohttp import web
 
 from distillery.proxy.errors import APIError
 from distillery.proxy.state import ANONYMOUS, PROXY, Caller, log_fields
+from distillery.shapes import check_metadata, message_text
 from distillery.store import Store, query
-from distillery.store.records import check_metadata, message_text
 
 T = TypeVar("T")
 MAX_LIMIT = 100

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from distillery.config import Settings
-from distillery.store.records import MAX_KEY, MAX_PAIRS, MAX_VALUE, message_text
+from distillery.shapes import MAX_KEY, MAX_PAIRS, MAX_VALUE, message_text
 
 _DIGITS = re.compile(r"\d+")
 _SPACE = re.compile(r"\s+")

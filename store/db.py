@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from distillery.errors import StoreError
+from distillery.shapes import search_text
 from distillery.store import search
 from distillery.store.locks import named_lock
 from distillery.store.models import (
@@ -33,7 +34,6 @@ from distillery.store.models import (
     FineTuneJob,
     GenerationCache,
 )
-from distillery.store.records import search_text
 from distillery.store.repair import RecordRefused, refused
 
 COMPLETIONS: sa.Table = Completion.__table__  # type: ignore[attr-defined]

@@ -18,9 +18,9 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from distillery.errors import DistilleryError
+from distillery.shapes import check_metadata
 from distillery.store import search
 from distillery.store.db import COMPLETIONS, TAGS, Store, as_record
-from distillery.store.records import check_metadata
 
 C = COMPLETIONS.c
 Order = Literal["asc", "desc"]

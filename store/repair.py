@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from distillery.store.records import MAX_KEY, MAX_VALUE
+from distillery.shapes import MAX_KEY, MAX_VALUE
 
 # What full-text search indexes of a repaired record (its first and last
 # halves): Postgres refuses a tsvector over 1 MB; 100,000 characters of

@@ -13,9 +13,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from distillery.shapes import message_text
 from distillery.store.db import COMPLETIONS, TAGS, Store
 from distillery.store.query import Filters, QueryError, select_completions
-from distillery.store.records import message_text
 
 C = COMPLETIONS.c
 STAT_COLUMNS = (

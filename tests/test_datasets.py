@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from distillery.cli import cli
-from distillery.curation.validate import validate_file
+from distillery.curation.datasets.validate import validate_file
 from distillery.store import open_store
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
@@ -472,8 +472,8 @@ def test_dataset_errors_name_the_fix(db, args, message):
 
 def test_parallel_workers_build_the_same_dataset(db, tmp_path, monkeypatch):
     """Slicing the calls across worker processes changes nothing in the result."""
-    from distillery.curation import build as build_module
-    from distillery.curation.options import BuildOptions
+    from distillery.curation.datasets import build as build_module
+    from distillery.curation.datasets.options import BuildOptions
     from distillery.store.query import Filters
 
     store = open_store(db)
@@ -491,7 +491,7 @@ def test_parallel_workers_build_the_same_dataset(db, tmp_path, monkeypatch):
 def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path):
     """v1 has two prompts in different groups, one in train and one in val; a new call
     resembling both joins their groups. Carried examples still keep their split."""
-    from distillery.curation.build import _split
+    from distillery.curation.datasets.build import _split
 
     # Overlapping word windows, chosen so that MinHash puts the first two in separate
     # groups and the bridge in a group with both, without being anyone's near duplicate.
@@ -568,7 +568,7 @@ def test_token_estimates_follow_the_script(tmp_path):
     """Four characters a token counted Chinese at a third of the truth and JSON at half;
     the estimate by script counts them about as a GPT tokenizer does (English ~4.4
     characters a token, JSON ~2.5, CJK ~1.25), and the manifest says it is an estimate."""
-    from distillery.curation.tokens import text_tokens
+    from distillery.curation.datasets.tokens import text_tokens
 
     assert text_tokens("The quick brown fox jumps over the lazy dog.") == 11  # tiktoken: 10
     assert text_tokens('{"name": "John", "age": 30, "city": "New York"}') == 17  # ~19
@@ -639,7 +639,7 @@ def test_a_cached_tiktoken_encoding_counts_the_tokens(db, tmp_path, monkeypatch)
     """With tiktoken's encoding in its cache a build counts real tokens, by default (the
     default encoding, o200k_base, is swapped for cl100k_base here: only that file ships
     offline) or named; the manifest says which encoding counted."""
-    from distillery.curation import tokens
+    from distillery.curation.datasets import tokens
 
     cache_as_tiktoken_would(cl100k_file())
     choices = [("--tokenizer", "tiktoken:cl100k_base"), ("--tokenizer", "gpt-4"), ()]
@@ -708,7 +708,7 @@ def test_tokens_can_be_counted_with_the_students_tokenizer(db, tmp_path):
     """With --tokenizer the build counts with a real tokenizer (the student's chat template
     included), and the manifest says so; a directory without one is a clean error."""
     transformers = pytest.importorskip("transformers", reason="the train extra brings transformers")
-    from distillery.curation.student import create
+    from distillery.curation.training.student import create
 
     student = tmp_path / "student"
     create(student, [TOPICS[0], "hello there", "refund please"] * 20, hidden=64, layers=2)

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from distillery.cli import cli
-from distillery.curation import graders as g
-from distillery.curation.evaluate import bootstrap
+from distillery.curation.evals import graders as g
+from distillery.curation.evals.evaluate import bootstrap
 
 from fake_models import FakeModels, answer, vector
 
@@ -372,8 +372,8 @@ def test_json_parsing_and_bootstrap():
 def test_json_grader(output, reference, expected):
     import asyncio
 
-    from distillery.curation.eval_items import Item
-    from distillery.curation.generate import Candidate, Endpoint, Generation
+    from distillery.curation.evals.generate import Candidate, Endpoint, Generation
+    from distillery.curation.evals.items import Item
 
     grader = g.load_graders("json")[0]
     item = Item(0, [{"role": "user", "content": "x"}], {"role": "assistant", "content": reference})

@@ -21,7 +21,7 @@ pytest.importorskip(
 
 def build(directory: Path, texts: list[str]) -> Path:
     """A tiny student, as `distillery student create --hidden 64 --layers 2` makes one."""
-    from distillery.curation.student import create
+    from distillery.curation.training.student import create
 
     create(directory, texts, hidden=64, layers=2, vocab_size=400)
     return directory
@@ -143,7 +143,7 @@ def test_settings_fit_the_student():
     """From scratch: full, 1e-3, warm-up and a cosine decay to a floor, early stopping.
     Pretrained: LoRA with the usual settings.  What the user gives wins; without a
     validation split (nothing to stop on) or with --epochs, the count is fixed."""
-    from distillery.curation.train_settings import choose, default_threads
+    from distillery.curation.training.settings import choose, default_threads
 
     scratch = choose(
         examples=1350, parameters=1_000_000, from_scratch=True, has_validation=True, given={}
@@ -195,8 +195,8 @@ def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path):
     """The marker `student create` writes is what makes a model "from scratch"; the same
     weights without it are a small pretrained model (its parameters counted from the
     config), and an explicit --lora is honoured."""
-    from distillery.curation.student import MARKER
-    from distillery.curation.train_local import choose_settings
+    from distillery.curation.training.student import MARKER
+    from distillery.curation.training.trainer import choose_settings
 
     model = build(tmp_path / "student", ["hello there", "the answer is 42"] * 10)
     job = {"base_model": str(model), "hyperparameters": {}, "lora": None}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distillery.curation.eval_report import render
+from distillery.curation.evals.report import render
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = [

@@ -237,7 +237,7 @@ def refresh(store: Store, job: dict[str, Any], backend: Any) -> dict[str, Any]:
 
 
 class LocalBackend:
-    """Training on this machine: a ``train_local`` process per job, in ``<data dir>/finetunes``.
+    """Training on this machine: a ``trainer`` process per job, in ``<data dir>/finetunes``.
 
     The "provider job id" of a local job is its directory, which holds the
     job description, the trainer's status and events, checkpoints and the model.
@@ -282,7 +282,7 @@ class LocalBackend:
         launcher = (
             "import subprocess, sys; "
             "log = open(sys.argv[2], 'ab'); "
-            "p = subprocess.Popen([sys.executable, '-m', 'distillery.curation.train_local', sys.argv[1]], "
+            "p = subprocess.Popen([sys.executable, '-m', 'distillery.curation.training.trainer', sys.argv[1]], "
             "stdout=log, stderr=subprocess.STDOUT, start_new_session=True); "
             "print(p.pid)"
         )

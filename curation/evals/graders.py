@@ -33,8 +33,8 @@ from typing import Any
 import openai
 import orjson
 
-from distillery.curation.eval_items import Item
-from distillery.curation.generate import Candidate, Endpoint, Generation, Generator
+from distillery.curation.evals.generate import Candidate, Endpoint, Generation, Generator
+from distillery.curation.evals.items import Item
 from distillery.errors import DistilleryError
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from distillery.curation import tokens
-from distillery.curation.dedupe import find_duplicates
-from distillery.curation.options import BuildOptions, Rules
-from distillery.curation.scan import Segment, carry_over, scan, scan_store
-from distillery.curation.validate import MIN_EXAMPLES, Report
+from distillery.curation.datasets import tokens
+from distillery.curation.datasets.dedupe import find_duplicates
+from distillery.curation.datasets.options import BuildOptions, Rules
+from distillery.curation.datasets.scan import Segment, carry_over, scan, scan_store
+from distillery.curation.datasets.validate import MIN_EXAMPLES, Report
 from distillery.errors import DistilleryError
 from distillery.store import Store, datasets, query
 

@@ -19,9 +19,9 @@ import numpy as np
 import sqlalchemy as sa
 
 from distillery.config import Price
-from distillery.curation.eval_items import Item
-from distillery.curation.generate import Candidate, Generator
-from distillery.curation.graders import Context, Grader, describe
+from distillery.curation.evals.generate import Candidate, Generator
+from distillery.curation.evals.graders import Context, Grader, describe
+from distillery.curation.evals.items import Item
 from distillery.store import Store, query
 from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES, as_record
 

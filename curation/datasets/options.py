@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillery.curation.validate import DEFAULT_MAX_TOKENS
+from distillery.curation.datasets.validate import DEFAULT_MAX_TOKENS
 from distillery.store import query
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from distillery.errors import DistilleryError
-from distillery.store.records import message_text
+from distillery.shapes import message_text
 
 Counter = Callable[[Mapping[str, Any]], int]
 

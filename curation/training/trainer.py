@@ -1,8 +1,8 @@
-"""The self-hosted trainer, run as its own process: ``python -m distillery.curation.train_local DIR``.
+"""The self-hosted trainer, run as its own process: ``python -m distillery.curation.training.trainer DIR``.
 
 ``DIR/job.json`` says what to train (base model path or hub id, dataset files,
 the hyperparameters the user gave, LoRA, full or neither).  The settings are
-chosen from the model (:mod:`distillery.curation.train_settings`) and written,
+chosen from the model (:mod:`distillery.curation.training.settings`) and written,
 defaults included, to ``DIR/status.json`` before training starts.  The process
 appends every logged step and evaluation to ``DIR/events.jsonl``, keeps
 ``DIR/status.json`` current (running / succeeded / failed / cancelled), saves
@@ -218,8 +218,9 @@ def run(directory: Path) -> int:
 def choose_settings(
     job: dict[str, Any], examples: int, has_validation: bool, cuda: bool
 ) -> dict[str, Any]:
-    """The run's settings (see :mod:`train_settings`) for the job's base model."""
-    from distillery.curation import student, train_settings
+    """The run's settings (see :mod:`.settings`) for the job's base model."""
+    from distillery.curation.training import settings as train_settings
+    from distillery.curation.training import student
 
     given = dict(job.get("hyperparameters") or {})
     lora = job.get("lora")  # True/False when --lora/--full was given, None to choose

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.errors import DistilleryError
-from distillery.store.records import message_text
+from distillery.shapes import message_text
 
 MARKER = "distillery.json"
 SPECIAL_TOKENS = ["<unk>", "<s>", "<pad>", "<|im_start|>", "<|im_end|>"]

@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
-from distillery.curation.examples import MESSAGE_KEYS
-from distillery.curation.tokens import Counter as TokenCounter
-from distillery.curation.tokens import estimate_tokens
+from distillery.curation.datasets.examples import MESSAGE_KEYS
+from distillery.curation.datasets.tokens import Counter as TokenCounter
+from distillery.curation.datasets.tokens import estimate_tokens
 
 MIN_EXAMPLES = 10
 DEFAULT_MAX_TOKENS = 65_536  # gpt-4o-mini's per-example limit

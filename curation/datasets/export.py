@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from distillery.errors import DistilleryError
-from distillery.store.records import message_text
+from distillery.shapes import message_text
 
 PARQUET_NAMES = {"train": "train.parquet", "val": "validation.parquet"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from distillery.curation.eval_items import Item
+from distillery.curation.evals.items import Item
 
 COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
 

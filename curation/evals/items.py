@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from distillery.curation.examples import to_example
+from distillery.curation.datasets.examples import to_example
 from distillery.errors import DistilleryError
+from distillery.shapes import message_text
 from distillery.store import Store, query
-from distillery.store.records import message_text
 
 REPLAYED = (
     "tools",

@@ -1,0 +1,1 @@
+"""Datasets: captured calls scanned, redacted, validated, deduplicated and split into versions."""
