@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -11,6 +10,15 @@ from typing import Any
 
 import click
 
+from distillery.cli_shared import (
+    DefaultGroup,
+    build_filters,
+    count_option,
+    fail_on_errors,
+    filter_options,
+    open_cli_store,
+    store_options,
+)
 from distillery.errors import DistilleryError
 from distillery.output import dumps, output_options, write_rows
 
@@ -25,144 +33,6 @@ LIST_COLUMNS = (
     "tags",
     "prompt",
 )
-
-
-class DefaultGroup(click.Group):
-    """A group that runs ``list`` when no subcommand is named (``llm logs`` style)."""
-
-    default_command = "list"
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
-            args.insert(0, self.default_command)
-        return super().parse_args(ctx, args)
-
-
-def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    command = click.option(
-        "--database-url",
-        envvar="DISTILLERY_DATABASE_URL",
-        help="sqlite:///path.db or postgresql://...  [default: as the proxy]",
-    )(command)
-    return click.option(
-        "-c",
-        "--config",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar="DISTILLERY_CONFIG",
-        help="TOML config file (for the database location).",
-    )(command)
-
-
-count_option = click.option(
-    "-n",
-    "--count",
-    "limit",
-    type=int,
-    default=20,
-    show_default=True,
-    help="How many, newest first; 0 for all.",
-)
-
-
-def filter_options(
-    command: Callable[..., Any], model_flags: tuple[str, ...] = ("-m", "--model")
-) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--tag",
-            "tags",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Has this tag (repeatable, all must match).",
-        ),
-        click.option(*model_flags, "model", help="Model requested or served."),
-        click.option(
-            "--since",
-            metavar="WHEN",
-            help="Captured at or after: 2026-11-01, 2026-11-01T09:00, 7d, 12h.",
-        ),
-        click.option("--until", metavar="WHEN", help="Captured before."),
-        click.option("--status", type=click.Choice(["ok", "error"]), help="Succeeded or failed."),
-        click.option("--finish-reason", help="stop, length, tool_calls, content_filter, ..."),
-        click.option(
-            "--stream/--no-stream", default=None, help="Streamed calls only, or only not."
-        ),
-        click.option(
-            "-q",
-            "--search",
-            "text",
-            metavar="TEXT",
-            help="Full-text search over messages and output.",
-        ),
-        click.option(
-            "--tenant", "tenants", multiple=True, help="API-key fingerprint (repeatable)."
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def build_filters(
-    tags: tuple[str, ...] = (),
-    model: str | None = None,
-    since: str | None = None,
-    until: str | None = None,
-    status: str | None = None,
-    finish_reason: str | None = None,
-    stream: bool | None = None,
-    text: str | None = None,
-    tenants: tuple[str, ...] = (),
-    ids: tuple[str, ...] = (),
-) -> Any:
-    from distillery.store.query import Filters, parse_tag, parse_when
-
-    return Filters(
-        tags=tuple(parse_tag(tag) for tag in tags),
-        model=model,
-        since=parse_when(since) if since else None,
-        until=parse_when(until) if until else None,
-        status=status,  # type: ignore[arg-type]
-        finish_reason=finish_reason,
-        stream=stream,
-        text=text,
-        tenants=tenants or None,
-        ids=ids,
-    )
-
-
-def open_cli_store(config: Path | None, database_url: str | None, must_exist: bool = True) -> Any:
-    from distillery.config import load_settings
-    from distillery.store import open_store
-
-    settings = load_settings(config, {"storage.database_url": database_url})
-    url = settings.storage.resolved_database_url()
-    if (
-        must_exist
-        and url.startswith("sqlite:///")
-        and not Path(url.removeprefix("sqlite:///")).exists()
-    ):
-        raise DistilleryError(
-            f"No database at {url}. Start `distillery proxy` to capture calls, or point "
-            "--database-url at an existing one."
-        )
-    store = open_store(url)
-    # Closed when the command ends, so no connection outlives it.
-    click.get_current_context().call_on_close(store.close)
-    return store
-
-
-def fail_on_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn DistilleryError into a one-line message naming the fix."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except DistilleryError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
 
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:

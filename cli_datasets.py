@@ -8,14 +8,14 @@ from typing import Any
 
 import click
 
-from distillery.cli_completions import (
+from distillery.cli_shared import (
     build_filters,
     fail_on_errors,
     filter_options,
     open_cli_store,
+    resolve,
     store_options,
 )
-from distillery.errors import DistilleryError
 from distillery.output import dumps, output_options, write_rows
 
 VERSION_COLUMNS = (
@@ -43,31 +43,6 @@ tokenizer_option = click.option(
     "tiktoken:ENCODING, an OpenAI model name, or 'estimate'.  [default: tiktoken's "
     "o200k_base when it is in tiktoken's cache, else an estimate by script]",
 )
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    name, _, version = ref.partition("@")
-    if not name:
-        raise click.UsageError(f"{ref!r} is not NAME or NAME@VERSION.")
-    if not version:
-        return name, None
-    try:
-        return name, int(version.removeprefix("v"))
-    except ValueError:
-        raise click.UsageError(
-            f"{ref!r}: the version after @ must be a number, like {name}@3."
-        ) from None
-
-
-def resolve(store: Any, ref: str) -> dict[str, Any]:
-    from distillery.store import datasets
-
-    name, version = parse_ref(ref)
-    found = datasets.get(store, name, version)
-    if found is None:
-        which = f"version {version} of dataset {name!r}" if version else f"dataset {name!r}"
-        raise DistilleryError(f"No {which}. Run `distillery dataset list` to see names.")
-    return found
 
 
 @click.group()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from distillery.cli_completions import fail_on_errors, store_options
+from distillery.cli_shared import fail_on_errors, store_options
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

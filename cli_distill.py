@@ -7,15 +7,16 @@ from typing import Any
 
 import click
 
-from distillery.cli_completions import (
+from distillery.cli_shared import (
     build_filters,
     fail_on_errors,
+    fail_under_option,
     filter_options,
+    local_method_options,
+    max_error_rate_option,
     open_cli_store,
     store_options,
 )
-from distillery.cli_evals import fail_under_option, max_error_rate_option
-from distillery.cli_finetune import local_method_options
 from distillery.errors import DistilleryError
 from distillery.output import write_rows
 
@@ -114,13 +115,8 @@ def distill(
         distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
             --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under rouge_l=0.6
     """
-    from distillery.cli_evals import (
-        RESULT_COLUMNS,
-        gate,
-        print_breakdown,
-        result_rows,
-        thresholds,
-    )
+    from distillery.cli_evals import RESULT_COLUMNS, gate, print_breakdown, result_rows
+    from distillery.cli_shared import thresholds
     from distillery.config import load_settings
     from distillery.curation import distill as loop
     from distillery.curation.evals import evaluate

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from distillery.cli_completions import (
+from distillery.cli_shared import (
     build_filters,
     count_option,
     fail_on_errors,
+    fail_under_option,
     filter_options,
+    max_error_rate_option,
     open_cli_store,
     store_options,
+    thresholds,
 )
 from distillery.errors import DistilleryError
 from distillery.output import dumps, output_options, write_rows
@@ -64,56 +66,6 @@ def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
-
-
-def fail_under_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return click.option(
-        "--fail-under",
-        multiple=True,
-        metavar="[GRADER=]VALUE",
-        help=f"Exit 1 when {what} mean for GRADER is below VALUE (repeatable). A bare VALUE "
-        "applies to every grader, and only when they all score on one scale.",
-    )
-
-
-max_error_rate_option = click.option(
-    "--max-error-rate",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    show_default=True,
-    help="Share of items a candidate may fail (no answer, or a grader without a score) "
-    "before the run exits 1.",
-)
-
-
-def thresholds(specs: tuple[str, ...], graders: list[Any]) -> dict[str, float]:
-    """``--fail-under`` values by grader name; one bare number only for graders on one scale."""
-    names = [g.name for g in graders]
-    out: dict[str, float] = {}
-    for spec in specs:
-        name, sep, value = spec.rpartition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            raise click.UsageError(
-                f"--fail-under takes GRADER=VALUE or a number, not {spec!r}."
-            ) from None
-        if sep:
-            if name not in names:
-                raise click.UsageError(
-                    f"--fail-under {spec}: no grader {name!r} in this run ({', '.join(names)})."
-                )
-            out[name] = number
-            continue
-        scales = {g.scale() for g in graders}
-        if len(scales) > 1:
-            each = ", ".join(f"{g.name} {g.scale()[0]:g}-{g.scale()[1]:g}" for g in graders)
-            raise click.UsageError(
-                f"--fail-under {value} would apply one number to graders on different scales "
-                f"({each}): give one per grader, e.g. --fail-under {names[0]}=VALUE."
-            )
-        out.update(dict.fromkeys(names, number))
-    return out
 
 
 def gate(
@@ -249,7 +201,7 @@ def run_command(
             --grader fuzzy_match --grader judge.toml --html report.html
         distillery eval run --where --tag app=support --limit 200 --model my-student@local --grader rouge_l
     """
-    from distillery.cli_datasets import resolve
+    from distillery.cli_shared import resolve
     from distillery.config import load_settings
     from distillery.curation.evals import evaluate
     from distillery.curation.evals import items as eval_items

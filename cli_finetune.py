@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from distillery.cli_completions import count_option, fail_on_errors, open_cli_store, store_options
+from distillery.cli_shared import (
+    count_option,
+    fail_on_errors,
+    local_method_options,
+    open_cli_store,
+    store_options,
+)
 from distillery.errors import DistilleryError
 from distillery.output import output_options, write_rows
 
@@ -54,29 +59,6 @@ def _job(store: Any, job_id: str) -> dict[str, Any]:
             f"No fine-tune job {job_id!r}. Run `distillery finetune list` to see ids."
         )
     return job
-
-
-def local_method_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--full, --lora and --threads, for `finetune create` and `distill` alike."""
-    options = [
-        click.option(
-            "--full",
-            is_flag=True,
-            help="local: train every weight  [default: for models made from scratch or under "
-            "30M parameters]",
-        ),
-        click.option(
-            "--lora", is_flag=True, help="local: train a LoRA adapter  [default: larger models]"
-        ),
-        click.option(
-            "--threads",
-            type=click.IntRange(1, 256),
-            help="local: CPU threads  [default: half the cores, at most 8]",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 @click.group()
@@ -170,7 +152,7 @@ def create(
         distillery finetune create --dataset support-bot --backend local --base-model ./qwen --merge
         distillery finetune watch ftjob_...
     """
-    from distillery.cli_datasets import resolve
+    from distillery.cli_shared import resolve
     from distillery.config import load_settings
     from distillery.curation.training import finetune as ft
 

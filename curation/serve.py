@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import orjson
+import structlog
 from aiohttp import web
 
-from distillery.proxy.errors import APIError
+from distillery.api_errors import APIError, from_http_exception, json_object, unhandled
+
+log = structlog.get_logger()
 
 STUDENT = web.AppKey("student", object)
 NAME = web.AppKey("name", str)
@@ -99,15 +102,8 @@ class Student:
 
 
 def _body(request_bytes: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(request_bytes)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"The request body is not valid JSON: {exc}") from None
-    if (
-        not isinstance(body, dict)
-        or not isinstance(body.get("messages"), list)
-        or not body["messages"]
-    ):
+    body = json_object(request_bytes)
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise APIError(400, "'messages' must be a non-empty list.", param="messages")
     return body
 
@@ -226,6 +222,13 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
         return response
     except APIError as error:
         return error.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return from_http_exception(exc, request).response()
+    except Exception:
+        log.exception("unhandled error", path=request.path)
+        return unhandled("student server").response()
 
 
 def make_app(path: Path, name: str) -> web.Application:

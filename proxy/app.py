@@ -13,11 +13,11 @@ import orjson
 import structlog
 from aiohttp import web
 
+from distillery.api_errors import APIError, from_http_exception, unhandled
 from distillery.config import Settings
 from distillery.proxy import stored
 from distillery.proxy.capture import Capture, new_record_id
 from distillery.proxy.chat import chat_completions
-from distillery.proxy.errors import APIError
 from distillery.proxy.forward import passthrough, unreadable_body
 from distillery.proxy.metrics import Metrics
 from distillery.proxy.state import AFTER_RESPONSE, LOG_FIELDS, PROXY, REQUEST_ID, Proxy
@@ -62,21 +62,13 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = APIError(
-            exc.status,
-            f"{exc.reason}: {request.method} {request.path}",
-            code="not_found" if exc.status == 404 else None,
-        ).response(request_id)
+        response = from_http_exception(exc, request).response(request_id)
     except Exception:
         # A bug, never the client's fault: the traceback is for us, the client
         # still gets OpenAI's shape and an id to quote.
         log.exception("unhandled error", request_id=request_id, path=request.path)
         fields["error"] = "unhandled"
-        response = APIError(
-            500,
-            "The proxy failed to handle this request; see its log for the request id.",
-            type="server_error",
-        ).response(request_id)
+        response = unhandled("proxy").response(request_id)
     await _drain(request, response)
     for work in request[AFTER_RESPONSE]:
         work()

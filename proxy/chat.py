@@ -21,8 +21,9 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from distillery.api_errors import APIError, json_object
 from distillery.config import ProxySettings
-from distillery.proxy.errors import APIError, upstream_timeout, upstream_unreachable
+from distillery.proxy.errors import upstream_timeout, upstream_unreachable
 from distillery.proxy.forward import (
     abort,
     request_headers,
@@ -282,13 +283,7 @@ async def _read_body(request: web.Request, settings: ProxySettings) -> dict[str,
         ) from None
     except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
         raise unreadable_body(request, exc) from None
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    return body
+    return json_object(raw)
 
 
 async def _relay_stream(

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from distillery.api_errors import APIError
 from distillery.config import Settings, key_fingerprint
 from distillery.proxy.capture import Capture
-from distillery.proxy.errors import APIError
 from distillery.proxy.metrics import Metrics
 from distillery.proxy.tagging import Tagger
 from distillery.redact import Redactor

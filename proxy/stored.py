@@ -23,7 +23,7 @@ import orjson
 import sqlalchemy as sa
 from aiohttp import web
 
-from distillery.proxy.errors import APIError
+from distillery.api_errors import APIError, json_object
 from distillery.proxy.state import ANONYMOUS, PROXY, Caller, log_fields
 from distillery.shapes import check_metadata, message_text
 from distillery.store import Store, query
@@ -200,11 +200,8 @@ async def retrieve_completion(request: web.Request) -> web.Response:
 
 async def update_completion(request: web.Request) -> web.Response:
     ref = request.match_info["completion_id"]
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict) or set(body) - {"metadata"} or "metadata" not in body:
+    body = json_object(await request.read())
+    if set(body) - {"metadata"} or "metadata" not in body:
         raise APIError(
             400, "Only 'metadata' can be updated: send {\"metadata\": {...}}.", param="metadata"
         )

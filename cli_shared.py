@@ -1,0 +1,252 @@
+"""What the `distillery` commands share: options, opening the store, errors, dataset refs.
+
+Each ``cli_*.py`` module holds one command group; anything two of them use lives here, so
+the command modules never import each other for plumbing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillery.errors import DistilleryError
+
+
+class DefaultGroup(click.Group):
+    """A group that runs ``list`` when no subcommand is named (``llm logs`` style)."""
+
+    default_command = "list"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args.insert(0, self.default_command)
+        return super().parse_args(ctx, args)
+
+
+def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--database-url",
+        envvar="DISTILLERY_DATABASE_URL",
+        help="sqlite:///path.db or postgresql://...  [default: as the proxy]",
+    )(command)
+    return click.option(
+        "-c",
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="DISTILLERY_CONFIG",
+        help="TOML config file (for the database location).",
+    )(command)
+
+
+count_option = click.option(
+    "-n",
+    "--count",
+    "limit",
+    type=int,
+    default=20,
+    show_default=True,
+    help="How many, newest first; 0 for all.",
+)
+
+
+def filter_options(
+    command: Callable[..., Any], model_flags: tuple[str, ...] = ("-m", "--model")
+) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--tag",
+            "tags",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Has this tag (repeatable, all must match).",
+        ),
+        click.option(*model_flags, "model", help="Model requested or served."),
+        click.option(
+            "--since",
+            metavar="WHEN",
+            help="Captured at or after: 2026-11-01, 2026-11-01T09:00, 7d, 12h.",
+        ),
+        click.option("--until", metavar="WHEN", help="Captured before."),
+        click.option("--status", type=click.Choice(["ok", "error"]), help="Succeeded or failed."),
+        click.option("--finish-reason", help="stop, length, tool_calls, content_filter, ..."),
+        click.option(
+            "--stream/--no-stream", default=None, help="Streamed calls only, or only not."
+        ),
+        click.option(
+            "-q",
+            "--search",
+            "text",
+            metavar="TEXT",
+            help="Full-text search over messages and output.",
+        ),
+        click.option(
+            "--tenant", "tenants", multiple=True, help="API-key fingerprint (repeatable)."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_filters(
+    tags: tuple[str, ...] = (),
+    model: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    status: str | None = None,
+    finish_reason: str | None = None,
+    stream: bool | None = None,
+    text: str | None = None,
+    tenants: tuple[str, ...] = (),
+    ids: tuple[str, ...] = (),
+) -> Any:
+    from distillery.store.query import Filters, parse_tag, parse_when
+
+    return Filters(
+        tags=tuple(parse_tag(tag) for tag in tags),
+        model=model,
+        since=parse_when(since) if since else None,
+        until=parse_when(until) if until else None,
+        status=status,  # type: ignore[arg-type]
+        finish_reason=finish_reason,
+        stream=stream,
+        text=text,
+        tenants=tenants or None,
+        ids=ids,
+    )
+
+
+def open_cli_store(config: Path | None, database_url: str | None, must_exist: bool = True) -> Any:
+    from distillery.config import load_settings
+    from distillery.store import open_store
+
+    settings = load_settings(config, {"storage.database_url": database_url})
+    url = settings.storage.resolved_database_url()
+    if (
+        must_exist
+        and url.startswith("sqlite:///")
+        and not Path(url.removeprefix("sqlite:///")).exists()
+    ):
+        raise DistilleryError(
+            f"No database at {url}. Start `distillery proxy` to capture calls, or point "
+            "--database-url at an existing one."
+        )
+    store = open_store(url)
+    # Closed when the command ends, so no connection outlives it.
+    click.get_current_context().call_on_close(store.close)
+    return store
+
+
+def fail_on_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn DistilleryError into a one-line message naming the fix."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DistilleryError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    name, _, version = ref.partition("@")
+    if not name:
+        raise click.UsageError(f"{ref!r} is not NAME or NAME@VERSION.")
+    if not version:
+        return name, None
+    try:
+        return name, int(version.removeprefix("v"))
+    except ValueError:
+        raise click.UsageError(
+            f"{ref!r}: the version after @ must be a number, like {name}@3."
+        ) from None
+
+
+def resolve(store: Any, ref: str) -> dict[str, Any]:
+    from distillery.store import datasets
+
+    name, version = parse_ref(ref)
+    found = datasets.get(store, name, version)
+    if found is None:
+        which = f"version {version} of dataset {name!r}" if version else f"dataset {name!r}"
+        raise DistilleryError(f"No {which}. Run `distillery dataset list` to see names.")
+    return found
+
+
+def local_method_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--full, --lora and --threads, for `finetune create` and `distill` alike."""
+    options = [
+        click.option(
+            "--full",
+            is_flag=True,
+            help="local: train every weight  [default: for models made from scratch or under "
+            "30M parameters]",
+        ),
+        click.option(
+            "--lora", is_flag=True, help="local: train a LoRA adapter  [default: larger models]"
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(1, 256),
+            help="local: CPU threads  [default: half the cores, at most 8]",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def fail_under_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--fail-under",
+        multiple=True,
+        metavar="[GRADER=]VALUE",
+        help=f"Exit 1 when {what} mean for GRADER is below VALUE (repeatable). A bare VALUE "
+        "applies to every grader, and only when they all score on one scale.",
+    )
+
+
+max_error_rate_option = click.option(
+    "--max-error-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of items a candidate may fail (no answer, or a grader without a score) "
+    "before the run exits 1.",
+)
+
+
+def thresholds(specs: tuple[str, ...], graders: list[Any]) -> dict[str, float]:
+    """``--fail-under`` values by grader name; one bare number only for graders on one scale."""
+    names = [g.name for g in graders]
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, sep, value = spec.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise click.UsageError(
+                f"--fail-under takes GRADER=VALUE or a number, not {spec!r}."
+            ) from None
+        if sep:
+            if name not in names:
+                raise click.UsageError(
+                    f"--fail-under {spec}: no grader {name!r} in this run ({', '.join(names)})."
+                )
+            out[name] = number
+            continue
+        scales = {g.scale() for g in graders}
+        if len(scales) > 1:
+            each = ", ".join(f"{g.name} {g.scale()[0]:g}-{g.scale()[1]:g}" for g in graders)
+            raise click.UsageError(
+                f"--fail-under {value} would apply one number to graders on different scales "
+                f"({each}): give one per grader, e.g. --fail-under {names[0]}=VALUE."
+            )
+        out.update(dict.fromkeys(names, number))
+    return out
