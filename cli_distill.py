@@ -36,7 +36,11 @@ from distillery.output import write_rows
     help="local: a model directory or hub id; openai: a model name.",
 )
 @click.option(
-    "--backend", type=click.Choice(["local", "openai"]), default="local", show_default=True
+    "--backend",
+    default="local",
+    show_default=True,
+    metavar="NAME",
+    help="local (train here), openai (the fine-tuning API at --base-url), or a plugin's.",
 )
 @click.option(
     "--grader",
@@ -119,9 +123,11 @@ def distill(
     from distillery.cli_shared import thresholds
     from distillery.config import load_settings
     from distillery.curation import distill as loop
-    from distillery.curation.evals import evaluate
-    from distillery.curation.evals.generate import Candidate, Endpoint
+    from distillery.curation.endpoints import Endpoint
+    from distillery.curation.evals.generate import Candidate
     from distillery.curation.evals.graders import load_graders
+    from distillery.curation.training.backends import Hyperparameters
+    from distillery.store import evals
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
@@ -131,32 +137,23 @@ def distill(
     graders = [g for spec in grader_specs for g in load_graders(spec)]
     limits = thresholds(fail_under, graders)
     endpoint = Endpoint.from_env("default", base_url, api_key_env)
-    hyper = {
-        k: v
-        for k, v in {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "threads": threads,
-            "seed": seed,
-        }.items()
-        if v is not None
-    }
-    if backend == "openai":
-        hyper = {
-            k: v for k, v in {"n_epochs": epochs, "batch_size": batch_size}.items() if v is not None
-        }
+    hyper = Hyperparameters(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        threads=threads,
+        seed=seed,
+    )
     store = open_cli_store(config, database_url)
     options = loop.DistillOptions(
         name=name,
         filters=build_filters(**filters),
-        teacher=Candidate(f"teacher:{teacher}", teacher, endpoint),
+        teacher=Candidate(f"teacher:{teacher}", teacher, endpoint, role="teacher"),
         student_base=student_base,
         backend=backend,
         graders=graders,
         hyperparameters=hyper,
-        full=full,
-        lora=lora,
+        method="lora" if lora else ("full" if full else "auto"),
         student_endpoint=endpoint,
         limit=limit,
         seed=seed,
@@ -179,12 +176,7 @@ def distill(
 
         version = datasets.latest(store, name)
         items = loop.graded_items(store, version, limit, seed) if version else []
-        html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), items))
-    tuned = {
-        label
-        for label in result["summary"]["candidates"]
-        if label.startswith(("fine-tuned", "tuned:"))
-    }
-    gate(result["summary"], limits, max_error_rate, judged=tuned)
+        html_path.write_text(render(result, evals.samples(store, result["id"]), items))
+    gate(result["summary"], limits, max_error_rate, judged="tuned")
     if not result["summary"]["candidates"]:
         raise DistilleryError("Nothing was graded.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,9 @@ from distillery.cli_shared import (
 from distillery.errors import DistilleryError
 from distillery.output import dumps, output_options, write_rows
 
+if TYPE_CHECKING:
+    from distillery.store.records import EvalRunRecord, Role, Summary
+
 RESULT_COLUMNS = (
     "candidate",
     "grader",
@@ -39,7 +42,7 @@ RESULT_COLUMNS = (
 )
 
 
-def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def result_rows(summary: Summary) -> list[dict[str, Any]]:
     rows = []
     for label, entry in summary["candidates"].items():
         for name, stats in entry["graders"].items():
@@ -69,21 +72,21 @@ def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def gate(
-    summary: dict[str, Any],
+    summary: Summary,
     limits: dict[str, float],
     max_error_rate: float,
-    judged: set[str] | None = None,
+    judged: Role | None = None,
 ) -> None:
     """Exit 1, saying why, when a candidate failed too many items or a mean is below its limit.
 
-    ``judged`` limits ``--fail-under`` to those candidates (distill: the fine-tuned student);
-    errors count for every candidate, since a failed call is never a score.
+    ``judged`` limits ``--fail-under`` to the candidates in that role (distill: the fine-tuned
+    student); errors count for every candidate, since a failed call is never a score.
     """
     from distillery.curation.evals import evaluate
 
     problems = evaluate.erroring(summary, max_error_rate)
     misses = [
-        m for m in evaluate.failing(summary, limits) if judged is None or m.split("/")[0] in judged
+        str(m) for m in evaluate.failing(summary, limits) if judged is None or m.role == judged
     ]
     if misses:
         problems.append("Below --fail-under: " + "; ".join(misses))
@@ -203,10 +206,12 @@ def run_command(
     """
     from distillery.cli_shared import resolve
     from distillery.config import load_settings
+    from distillery.curation.endpoints import Endpoint
     from distillery.curation.evals import evaluate
     from distillery.curation.evals import items as eval_items
-    from distillery.curation.evals.generate import Candidate, Endpoint, Generator
+    from distillery.curation.evals.generate import Candidate, Generator
     from distillery.curation.evals.graders import Context, load_graders
+    from distillery.store import evals
 
     sources = [bool(dataset_ref), bool(jsonl), where]
     if sum(sources) > 1:
@@ -290,7 +295,7 @@ def run_command(
     if html_path is not None:
         from distillery.curation.evals.report import render
 
-        html_path.write_text(render(result, evaluate.load_samples(store, result["id"]), items))
+        html_path.write_text(render(result, evals.samples(store, result["id"]), items))
     for model in sorted(generator.uncached):
         click.echo(
             f"Not cached: {model} (its endpoint's GET /models does not list it, so what "
@@ -311,7 +316,7 @@ def run_command(
     gate(result["summary"], limits, max_error_rate)
 
 
-def print_breakdown(summary: dict[str, Any]) -> None:
+def print_breakdown(summary: Summary) -> None:
     rows = [
         {
             "candidate": label,
@@ -336,7 +341,7 @@ def print_breakdown(summary: dict[str, Any]) -> None:
 @fail_on_errors
 def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:
     """List stored eval runs, newest first."""
-    from distillery.curation.evals import evaluate
+    from distillery.store import evals
 
     store = open_cli_store(config, database_url)
     rows = [
@@ -348,7 +353,7 @@ def list_command(config: Path | None, database_url: str | None, limit: int, fmt:
             "candidates": ", ".join(r["summary"]["candidates"]),
             "graders": ", ".join(g["name"] for g in r["config"].get("graders", [])),
         }
-        for r in evaluate.list_runs(store, limit or None)
+        for r in evals.list_runs(store, limit or None)
     ]
     write_rows(
         rows,
@@ -358,10 +363,10 @@ def list_command(config: Path | None, database_url: str | None, limit: int, fmt:
     )
 
 
-def _run(store: Any, run_id: str) -> dict[str, Any]:
-    from distillery.curation.evals import evaluate
+def _run(store: Any, run_id: str) -> EvalRunRecord:
+    from distillery.store import evals
 
-    found = evaluate.load_run(store, run_id)
+    found = evals.get_run(store, run_id)
     if found is None:
         raise DistilleryError(f"No eval run {run_id!r}. Run `distillery eval list` to see ids.")
     return found
@@ -374,12 +379,12 @@ def _run(store: Any, run_id: str) -> dict[str, Any]:
 @fail_on_errors
 def show(config: Path | None, database_url: str | None, run_id: str, as_json: bool) -> None:
     """Show a run's results (and with --json every per-item output and grade)."""
-    from distillery.curation.evals import evaluate
+    from distillery.store import evals
 
     store = open_cli_store(config, database_url)
     found = _run(store, run_id)
     if as_json:
-        click.echo(dumps({**found, "samples": evaluate.load_samples(store, run_id)}, indent=True))
+        click.echo(dumps({**found, "samples": evals.samples(store, run_id)}, indent=True))
         return
     click.echo(
         f"Run {found['id']}: {found['summary']['items']} items from {found['config'].get('source')}"
@@ -406,6 +411,7 @@ def compare(
 ) -> None:
     """Per-item wins and losses of RUN_B over RUN_A, with the mean difference's 95% CI."""
     from distillery.curation.evals import evaluate
+    from distillery.store import evals
 
     store = open_cli_store(config, database_url)
     a, b = _run(store, run_a), _run(store, run_b)
@@ -423,7 +429,7 @@ def compare(
     ]
     if not graders:
         raise DistilleryError("The two runs share no grader to compare.")
-    samples_a, samples_b = evaluate.load_samples(store, run_a), evaluate.load_samples(store, run_b)
+    samples_a, samples_b = evals.samples(store, run_a), evals.samples(store, run_b)
     rows = [evaluate.compare(samples_a, samples_b, label_a, label_b, g) for g in graders]
     for row in rows:
         row["ci_95"] = f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"

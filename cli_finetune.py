@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,8 +15,11 @@ from distillery.cli_shared import (
     open_cli_store,
     store_options,
 )
-from distillery.errors import DistilleryError
 from distillery.output import output_options, write_rows
+
+if TYPE_CHECKING:
+    from distillery.curation.training.backends import FineTuneBackend, JobEvent
+    from distillery.store.records import FineTuneJobRecord
 
 JOB_COLUMNS = (
     "id",
@@ -30,35 +32,28 @@ JOB_COLUMNS = (
 )
 
 
-def _backend(job_or_url: str | None, api_key_env: str | None) -> Any:
-    from distillery.curation.evals.generate import Endpoint
-    from distillery.curation.training.finetune import OpenAIBackend
+def _open(
+    name: str, config: Path | None, base_url: str | None, api_key_env: str | None
+) -> FineTuneBackend:
+    """A backend for this command, closed when the command ends."""
+    from distillery.config import load_settings
+    from distillery.curation.endpoints import Endpoint
+    from distillery.curation.training.backends import BackendContext, open_backend
 
-    endpoint = Endpoint.from_env("fine-tuning", job_or_url, api_key_env)
-    endpoint.check()  # never the SDK's fallback to another key, never its traceback
-    backend = OpenAIBackend(job_or_url, endpoint.api_key)
-    click.get_current_context().call_on_close(backend.client.close)
+    context = BackendContext(
+        data_dir=load_settings(config).storage.resolved_data_dir(),
+        endpoint=Endpoint.from_env("fine-tuning", base_url, api_key_env),
+    )
+    backend = open_backend(name, context)
+    click.get_current_context().call_on_close(backend.close)
     return backend
 
 
-def _backend_for(job: dict[str, Any], api_key_env: str | None, config: Path | None) -> Any:
-    if job["backend"] == "local":
-        from distillery.config import load_settings
-        from distillery.curation.training.finetune import LocalBackend
-
-        return LocalBackend(load_settings(config).storage.resolved_data_dir())
-    return _backend(job["base_url"], api_key_env)
-
-
-def _job(store: Any, job_id: str) -> dict[str, Any]:
-    from distillery.curation.training import finetune
-
-    job = finetune.get(store, job_id)
-    if job is None:
-        raise DistilleryError(
-            f"No fine-tune job {job_id!r}. Run `distillery finetune list` to see ids."
-        )
-    return job
+def _backend_for(
+    job: FineTuneJobRecord, config: Path | None, api_key_env: str | None
+) -> FineTuneBackend:
+    """The backend that started ``job``, at the address it was started at."""
+    return _open(job["backend"], config, job["base_url"], api_key_env)
 
 
 @click.group()
@@ -80,10 +75,10 @@ def finetune() -> None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["openai", "local"]),
     default="openai",
     show_default=True,
-    help="openai: OpenAI's fine-tuning API or any provider speaking it (--base-url); local: TRL + PEFT here.",
+    metavar="NAME",
+    help="openai: OpenAI's fine-tuning API or any provider speaking it (--base-url); local: TRL + PEFT here; memory: in-process, trains nothing (tests); or a plugin's.",
 )
 @click.option(
     "--base-url",
@@ -153,84 +148,38 @@ def create(
         distillery finetune watch ftjob_...
     """
     from distillery.cli_shared import resolve
-    from distillery.config import load_settings
-    from distillery.curation.training import finetune as ft
+    from distillery.curation.training.backends import Hyperparameters, JobSpec, new_job_id
+    from distillery.curation.training.jobs import start_job
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
     if suffix is not None and len(suffix) > 64:
         raise click.UsageError("--suffix can be at most 64 characters.")
     store = open_cli_store(config, database_url)
-    version = resolve(store, dataset_ref)
-    label = f"{version['name']}@{version['version']}"
-    job_id = ft.new_job_id()
-    hyperparameters: dict[str, Any]
-    if backend == "local":
-        hyperparameters = {
-            k: v
-            for k, v in {
-                "epochs": n_epochs,
-                "batch_size": batch_size,
-                "learning_rate": learning_rate,
-                "seed": seed,
-                "lora_r": lora_r,
-                "lora_alpha": lora_alpha,
-                "threads": threads,
-            }.items()
-            if v is not None
-        }
-        local = ft.LocalBackend(load_settings(config).storage.resolved_data_dir())
-        directory = local.create(
-            job_id,
-            Path(version["path"]),
-            label,
-            base_model,
-            hyperparameters,
-            lora=True if lora else (False if full else None),
-            merge=merge,
-        )
-        provider_id, status, base_url = str(directory), "queued", None
-        hyperparameters.update(merge=merge)
-    else:
-        hyperparameters = {
-            k: v
-            for k, v in {
-                "n_epochs": n_epochs,
-                "batch_size": batch_size,
-                "learning_rate_multiplier": learning_rate_multiplier,
-            }.items()
-            if v is not None
-        }
-        remote = _backend(base_url, api_key_env).create(
-            Path(version["path"]),
-            base_model,
-            hyperparameters,
-            suffix=suffix,
+    spec = JobSpec(
+        job_id=new_job_id(),
+        dataset=resolve(store, dataset_ref),
+        base_model=base_model,
+        hyperparameters=Hyperparameters(
+            epochs=n_epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            learning_rate_multiplier=learning_rate_multiplier,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            threads=threads,
             seed=seed,
-            metadata={
-                "distillery_job": job_id,
-                "dataset": label,
-                "dataset_hash": version["content_hash"][:32],
-            },
-        )
-        provider_id, status = remote.id, remote.status
-        hyperparameters.update(suffix=suffix, seed=seed)
-    ft.record(
-        store,
-        {
-            "id": job_id,
-            "backend": backend,
-            "base_url": base_url,
-            "provider_job_id": provider_id,
-            "dataset": version["name"],
-            "dataset_version": version["version"],
-            "base_model": base_model,
-            "status": status,
-            "hyperparameters": hyperparameters,
-        },
+        ),
+        method="lora" if lora else ("full" if full else "auto"),
+        merge=merge,
+        suffix=suffix,
     )
-    click.echo(f"Started {job_id} ({provider_id}) on {label}: {status}.", err=True)
-    click.echo(job_id)
+    job = start_job(store, _open(backend, config, base_url, api_key_env), spec)
+    click.echo(
+        f"Started {job['id']} ({job['provider_job_id']}) on {spec.label}: {job['status']}.",
+        err=True,
+    )
+    click.echo(job["id"])
 
 
 @finetune.command(name="list")
@@ -240,10 +189,12 @@ def create(
 @fail_on_errors
 def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:
     """List fine-tune jobs, newest first, as last seen (`status` refreshes one)."""
-    from distillery.curation.training import finetune as ft
+    from distillery.store import finetunes
 
     store = open_cli_store(config, database_url)
-    write_rows(ft.all_jobs(store, limit or None), fmt, JOB_COLUMNS, empty="No fine-tune jobs yet.")
+    write_rows(
+        finetunes.list_jobs(store, limit or None), fmt, JOB_COLUMNS, empty="No fine-tune jobs yet."
+    )
 
 
 @finetune.command()
@@ -260,27 +211,27 @@ def status(
     as_json: bool,
 ) -> None:
     """Refresh a job from its provider and show it (status, model, metrics, checkpoints)."""
-    from distillery.curation.training import finetune as ft
+    from distillery.curation.training import jobs
     from distillery.output import dumps
 
     store = open_cli_store(config, database_url)
-    job = _job(store, job_id)
-    job = ft.refresh(store, job, _backend_for(job, api_key_env, config))
+    job = jobs.find(store, job_id)
+    job = jobs.refresh(store, job, _backend_for(job, config, api_key_env))
     if as_json:
         click.echo(dumps(job, indent=True))
         return
     click.echo(
         f"{job['id']}  {job['status']}  {job['base_model']} on {job['dataset']}@{job['dataset_version']}"
     )
-    if job.get("fine_tuned_model"):
+    if job["fine_tuned_model"]:
         click.echo(f"model: {job['fine_tuned_model']}")
-    settings = {k: v for k, v in (job.get("hyperparameters") or {}).items() if v is not None}
+    settings = {k: v for k, v in (job["hyperparameters"] or {}).items() if v is not None}
     if settings:
         click.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    metrics = {k: v for k, v in (job.get("metrics") or {}).items() if k != "checkpoints"}
+    metrics = {k: v for k, v in (job["metrics"] or {}).items() if k != "checkpoints"}
     if metrics:
         click.echo("metrics: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
-    if job.get("error"):
+    if job["error"]:
         click.echo(f"error: {job['error'].get('message')}")
 
 
@@ -307,30 +258,20 @@ def watch(
 
     Exits 0 when the job succeeds and 1 when it fails or is cancelled.
     """
-    from distillery.curation.training import finetune as ft
+    from distillery.curation.training import jobs
 
     store = open_cli_store(config, database_url)
-    job = _job(store, job_id)
-    backend = _backend_for(job, api_key_env, config)
-    seen: set[str] = set()
-    while True:
-        # Refresh first, then read events: the events of the final state are shown too.
-        job = ft.refresh(store, job, backend)
-        for event in backend.job_events(job):
-            if event["id"] in seen:
-                continue
-            seen.add(event["id"])
-            data = event.get("data") or {}
-            losses = ", ".join(f"{k}={v}" for k, v in data.items() if "loss" in k or k == "step")
-            click.echo(
-                f"{event['level']:<5} {event['message']}" + (f"  ({losses})" if losses else "")
-            )
-        if job["status"] in ft.TERMINAL:
-            break
-        time.sleep(interval)
+    job = jobs.find(store, job_id)
+
+    def show(event: JobEvent) -> None:
+        data = event["data"] or {}
+        losses = ", ".join(f"{k}={v}" for k, v in data.items() if "loss" in k or k == "step")
+        click.echo(f"{event['level']:<5} {event['message']}" + (f"  ({losses})" if losses else ""))
+
+    job = jobs.wait(store, job, _backend_for(job, config, api_key_env), interval, show)
     click.echo(
         f"{job['id']} {job['status']}"
-        + (f": {job['fine_tuned_model']}" if job.get("fine_tuned_model") else ""),
+        + (f": {job['fine_tuned_model']}" if job["fine_tuned_model"] else ""),
         err=True,
     )
     if job["status"] != "succeeded":
@@ -346,10 +287,9 @@ def cancel(
     config: Path | None, database_url: str | None, job_id: str, api_key_env: str | None
 ) -> None:
     """Cancel a running job."""
-    from distillery.curation.training import finetune as ft
+    from distillery.curation.training import jobs
 
     store = open_cli_store(config, database_url)
-    job = _job(store, job_id)
-    status = _backend_for(job, api_key_env, config).cancel(job)
-    ft.update(store, job["id"], status=status)
+    job = jobs.find(store, job_id)
+    status = jobs.cancel(store, job, _backend_for(job, config, api_key_env))
     click.echo(f"{job['id']}: {status}")

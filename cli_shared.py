@@ -9,11 +9,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from distillery.errors import DistilleryError
+
+if TYPE_CHECKING:
+    from distillery.store.records import DatasetVersionRecord
 
 
 class DefaultGroup(click.Group):
@@ -168,7 +171,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         ) from None
 
 
-def resolve(store: Any, ref: str) -> dict[str, Any]:
+def resolve(store: Any, ref: str) -> DatasetVersionRecord:
     from distillery.store import datasets
 
     name, version = parse_ref(ref)

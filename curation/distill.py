@@ -26,13 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from distillery.curation.datasets.build import BuildOptions, build
+from distillery.curation.endpoints import Endpoint
 from distillery.curation.evals import evaluate
 from distillery.curation.evals import items as eval_items
-from distillery.curation.evals.generate import EVAL_TAG, Candidate, Endpoint, Generator
+from distillery.curation.evals.generate import EVAL_TAG, Candidate, Generator
 from distillery.curation.evals.graders import Context, Grader
-from distillery.curation.training import finetune
+from distillery.curation.training.backends import (
+    BackendContext,
+    FineTuneBackend,
+    Hyperparameters,
+    JobSpec,
+    Method,
+    new_job_id,
+    open_backend,
+)
+from distillery.curation.training.jobs import start_job, wait
 from distillery.errors import DistilleryError
-from distillery.store import Store, datasets, query
+from distillery.store import Store, datasets, evals, finetunes, query
+from distillery.store.records import (
+    DatasetVersionRecord,
+    EvalRunRecord,
+    FineTuneJobRecord,
+    Summary,
+)
 
 Echo = Callable[[str], None]
 
@@ -45,10 +61,11 @@ class DistillOptions:
     student_base: str
     backend: str
     graders: list[Grader]
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    full: bool = False  # local: --full / --lora force a method; neither lets the trainer choose
-    lora: bool = False
-    student_endpoint: Endpoint | None = None  # openai backend: where ft: models run
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    method: Method = "auto"  # local: --full / --lora force a method; auto lets the trainer choose
+    student_endpoint: Endpoint | None = (
+        None  # API backends: the fine-tuning API, where ft: models run
+    )
     limit: int | None = None
     seed: int = 0
     poll: float = 10.0
@@ -111,7 +128,7 @@ def _state_path(data_dir: Path, name: str) -> Path:
 
 
 def graded_items(
-    store: Store, version: dict[str, Any], limit: int | None, seed: int
+    store: Store, version: DatasetVersionRecord, limit: int | None, seed: int
 ) -> list[eval_items.Item]:
     """What the loop grades: the validation split (seeded sample), else part of train."""
     items = eval_items.sample(eval_items.from_dataset(store, version, "val"), limit, seed)
@@ -131,8 +148,8 @@ def settings(options: DistillOptions) -> dict[str, dict[str, Any]]:
             "train": {
                 "backend": options.backend,
                 "student": options.student_base,
-                "method": "lora" if options.lora else ("full" if options.full else "auto"),
-                "hyperparameters": options.hyperparameters,
+                "method": options.method,
+                "hyperparameters": options.hyperparameters.given(),
             },
             "eval": {
                 "teacher": options.teacher.model,
@@ -167,7 +184,7 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return out
 
 
-def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> dict[str, Any]:
+def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> EvalRunRecord:
     state_path = _state_path(data_dir, options.name)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     wanted = settings(options)
@@ -198,7 +215,7 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
     same = state.get("dataset_version") == version["version"]
     if same and state.get("final_run") and not changed:
         echo(f"No new calls since {options.name}@{version['version']}; the last result stands.")
-        found = evaluate.load_run(store, state["final_run"])
+        found = evals.get_run(store, state["final_run"])
         assert found is not None
         return found
     if not same or (before is not None and before["train"] != wanted["train"]):
@@ -207,9 +224,9 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
         state.pop("final_run", None)  # only grading changed: the same fine-tune, graded anew
     state["settings"] = wanted
     _save(state_path, state)
-    job = _finetune(store, options, version, state, state_path, data_dir, echo)
+    job, backend = _finetune(store, options, version, state, state_path, data_dir, echo)
     items = graded_items(store, version, options.limit, options.seed)
-    with _students(options, job) as (base, tuned):
+    with _students(options, job, backend) as (base, tuned):
         generator = Generator(store, use_cache=options.use_cache)
         context = Context(generator, {}, options.teacher.endpoint)
         result = evaluate.run(
@@ -234,22 +251,23 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> di
     return result
 
 
-def verdict(summary: dict[str, Any], limits: dict[str, float]) -> list[str]:
+def verdict(summary: Summary, limits: dict[str, float]) -> list[str]:
     """One line per grader: the fine-tuned student's score, its share of the teacher's,
     and whether it met its ``--fail-under`` bar or by how much it missed."""
     candidates = summary["candidates"]
-    teacher = next((c for c in candidates if c.startswith("teacher:")), None)
-    tuned = next((c for c in candidates if c.startswith(("fine-tuned", "tuned:"))), None)
+    teacher = next(iter(evaluate.with_role(summary, "teacher")), None)
+    tuned = next(iter(evaluate.with_role(summary, "tuned")), None)
     if tuned is None:
         return []
     lines = []
     for name, stats in candidates[tuned]["graders"].items():
-        score = stats.get("mean")
+        score = stats["mean"]
         if score is None:
             lines.append(f"Verdict ({name}): the fine-tuned student has no score.")
             continue
         line = f"Verdict ({name}): the fine-tuned student scores {score:.3f}"
-        reference = (candidates.get(teacher) or {}).get("graders", {}).get(name, {}).get("mean")
+        teacher_stats = candidates[teacher]["graders"].get(name) if teacher else None
+        reference = teacher_stats["mean"] if teacher_stats else None
         if reference:
             line += f", {score / reference:.0%} of the teacher's {reference:.3f}"
         bar = limits.get(name)
@@ -270,95 +288,58 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 def _finetune(
     store: Store,
     options: DistillOptions,
-    version: dict[str, Any],
+    version: DatasetVersionRecord,
     state: dict[str, Any],
     state_path: Path,
     data_dir: Path,
     echo: Echo,
-) -> dict[str, Any]:
-    backend: Any
-    if options.backend == "local":
-        backend = finetune.LocalBackend(data_dir)
-    else:
-        endpoint = options.student_endpoint or Endpoint.from_env("default")
-        endpoint.check()
-        backend = finetune.OpenAIBackend(endpoint.base_url, endpoint.api_key)
-    job = finetune.get(store, state["job"]) if state.get("job") else None
+) -> tuple[FineTuneJobRecord, FineTuneBackend]:
+    backend = open_backend(
+        options.backend,
+        BackendContext(data_dir, options.student_endpoint or Endpoint.from_env("default")),
+    )
+    job = finetunes.get(store, state["job"]) if state.get("job") else None
     if job is None or job["status"] in ("failed", "cancelled"):
-        job_id = finetune.new_job_id()
-        label = f"{version['name']}@{version['version']}"
-        hyper = dict(options.hyperparameters)
-        if options.backend == "local":
-            directory = backend.create(
-                job_id,
-                Path(version["path"]),
-                label,
-                options.student_base,
-                hyper,
-                lora=True if options.lora else (False if options.full else None),
-                merge=True,  # served for the final eval: a LoRA run's adapter merged in
-            )
-            provider, status, url = str(directory), "queued", None
-        else:
-            remote = backend.create(
-                Path(version["path"]),
-                options.student_base,
-                hyper,
-                suffix=options.name[:40],
-                seed=options.seed,
-                metadata={"distillery_job": job_id, "dataset": label},
-            )
-            provider, status, url = (
-                remote.id,
-                remote.status,
-                (options.student_endpoint or Endpoint.from_env("d")).base_url,
-            )
-        job = finetune.record(
-            store,
-            {
-                "id": job_id,
-                "backend": options.backend,
-                "base_url": url,
-                "provider_job_id": provider,
-                "dataset": version["name"],
-                "dataset_version": version["version"],
-                "base_model": options.student_base,
-                "status": status,
-                "hyperparameters": hyper,
-            },
+        spec = JobSpec(
+            job_id=new_job_id(),
+            dataset=version,
+            base_model=options.student_base,
+            hyperparameters=replace(options.hyperparameters, seed=options.seed),
+            method=options.method,
+            merge=True,  # a local model is served for the final eval: a LoRA adapter merged in
+            suffix=options.name[:40],
         )
-        state["job"] = job_id
+        job = start_job(store, backend, spec)
+        state["job"] = job["id"]
         _save(state_path, state)
-        echo(f"Fine-tuning {options.student_base} on {label}: {job_id}")
+        echo(f"Fine-tuning {options.student_base} on {spec.label}: {job['id']}")
     else:
         echo(f"Resuming fine-tune {job['id']} ({job['status']})")
-    while True:
-        job = finetune.refresh(store, job, backend)
-        if job["status"] in finetune.TERMINAL:
-            break
-        time.sleep(options.poll)
+    job = wait(store, job, backend, options.poll)
     if job["status"] != "succeeded":
         raise DistilleryError(
-            f"Fine-tune {job['id']} {job['status']}: {(job.get('error') or {}).get('message')}"
+            f"Fine-tune {job['id']} {job['status']}: {(job['error'] or {}).get('message')}"
         )
     echo(f"Fine-tuned: {job['fine_tuned_model']}")
-    return job
+    return job, backend
 
 
 @contextmanager
 def _students(
-    options: DistillOptions, job: dict[str, Any]
+    options: DistillOptions, job: FineTuneJobRecord, backend: FineTuneBackend
 ) -> Iterator[tuple[Candidate, Candidate]]:
-    if options.backend == "openai":
+    tuned_model = job["fine_tuned_model"]
+    assert tuned_model is not None  # the job succeeded
+    if not backend.local_models:
         endpoint = options.student_endpoint or Endpoint.from_env("default")
         yield (
-            Candidate(f"base:{options.student_base}", options.student_base, endpoint),
-            Candidate(f"tuned:{job['fine_tuned_model']}", job["fine_tuned_model"], endpoint),
+            Candidate(f"base:{options.student_base}", options.student_base, endpoint, role="base"),
+            Candidate(f"tuned:{tuned_model}", tuned_model, endpoint, role="tuned"),
         )
         return
     with (
         served(options.student_base, "base") as base,
-        served(job["fine_tuned_model"], "tuned") as tuned,
+        served(tuned_model, "tuned") as tuned,
     ):
         # Known by their files, so the base student's answers are cached across runs on
         # whatever port it is served, and a new fine-tune never gets the last one's.
@@ -366,12 +347,17 @@ def _students(
 
         yield (
             Candidate(
-                "base student", "base", base, f"files:{model_hash(Path(options.student_base))}"
+                "base student",
+                "base",
+                base,
+                f"files:{model_hash(Path(options.student_base))}",
+                role="base",
             ),
             Candidate(
                 "fine-tuned student",
                 "tuned",
                 tuned,
-                f"files:{model_hash(Path(job['fine_tuned_model']))}",
+                f"files:{model_hash(Path(tuned_model))}",
+                role="tuned",
             ),
         )

@@ -4,32 +4,33 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 
 from distillery.store.db import EXAMPLES, VERSIONS, Store, as_record
 from distillery.store.locks import named_lock
+from distillery.store.records import DatasetVersionRecord
 
 V = VERSIONS.c
 
 
-def latest(store: Store, name: str) -> dict[str, Any] | None:
+def latest(store: Store, name: str) -> DatasetVersionRecord | None:
     query = sa.select(VERSIONS).where(V.name == name).order_by(V.version.desc()).limit(1)
     with store.engine.connect() as conn:
         row = conn.execute(query).first()
-    return as_record(row) if row else None
+    return _version(row) if row else None
 
 
-def get(store: Store, name: str, version: int | None = None) -> dict[str, Any] | None:
+def get(store: Store, name: str, version: int | None = None) -> DatasetVersionRecord | None:
     if version is None:
         return latest(store, name)
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(VERSIONS).where(V.name == name, V.version == version)).first()
-    return as_record(row) if row else None
+    return _version(row) if row else None
 
 
-def list_latest(store: Store) -> list[dict[str, Any]]:
+def list_latest(store: Store) -> list[DatasetVersionRecord]:
     """The newest version of every dataset, by name."""
     newest = sa.select(V.name, sa.func.max(V.version).label("version")).group_by(V.name).subquery()
     query = (
@@ -38,13 +39,17 @@ def list_latest(store: Store) -> list[dict[str, Any]]:
         .order_by(V.name)
     )
     with store.engine.connect() as conn:
-        return [as_record(row) for row in conn.execute(query)]
+        return [_version(row) for row in conn.execute(query)]
+
+
+def _version(row: sa.Row[Any]) -> DatasetVersionRecord:
+    return cast(DatasetVersionRecord, as_record(row))
 
 
 def record_version(
     store: Store, values: dict[str, Any], examples: Iterable[tuple[str, str]]
-) -> int:
-    """Insert a version and its (completion id, split) rows in one transaction."""
+) -> DatasetVersionRecord:
+    """Insert a version and its (completion id, split) rows in one transaction; returns it."""
     with store.engine.begin() as conn:
         inserted = conn.execute(VERSIONS.insert().values(**values)).inserted_primary_key
         assert inserted is not None
@@ -57,7 +62,7 @@ def record_version(
                 batch = []
         if batch:
             conn.execute(EXAMPLES.insert(), batch)
-    return version_id
+    return cast(DatasetVersionRecord, {**values, "id": version_id})
 
 
 def example_ids(store: Store, version_id: int) -> dict[str, str]:

@@ -372,7 +372,8 @@ def test_json_parsing_and_bootstrap():
 def test_json_grader(output, reference, expected):
     import asyncio
 
-    from distillery.curation.evals.generate import Candidate, Endpoint, Generation
+    from distillery.curation.endpoints import Endpoint
+    from distillery.curation.evals.generate import Candidate, Generation
     from distillery.curation.evals.items import Item
 
     grader = g.load_graders("json")[0]

@@ -41,6 +41,7 @@ from distillery.curation.datasets.scan import Segment, carry_over, scan, scan_st
 from distillery.curation.datasets.validate import MIN_EXAMPLES, Report
 from distillery.errors import DistilleryError
 from distillery.store import Store, datasets, query
+from distillery.store.records import DatasetVersionRecord
 
 __all__ = ["BuildError", "BuildOptions", "BuildResult", "Rules", "build"]
 
@@ -54,7 +55,7 @@ class BuildError(DistilleryError):
 
 @dataclass
 class BuildResult:
-    version: dict[str, Any] | None
+    version: DatasetVersionRecord | None
     message: str
 
 
@@ -127,8 +128,8 @@ def _build_locked(
         "path": str(final),
         "manifest": manifest,
     }
-    version_id = datasets.record_version(store, values, _lineage(final))
-    return BuildResult({**values, "id": version_id}, f"Built {options.name}@{number} in {final}")
+    version = datasets.record_version(store, values, _lineage(final))
+    return BuildResult(version, f"Built {options.name}@{number} in {final}")
 
 
 def _newest_id(store: Store, filters: query.Filters) -> str | None:
@@ -165,7 +166,7 @@ def _scan(
     store: Store,
     options: BuildOptions,
     selection: query.Filters,
-    previous: dict[str, Any] | None,
+    previous: DatasetVersionRecord | None,
     scratch: Path,
     workers: int,
     progress: Callable[[int], None] | None,
@@ -212,7 +213,7 @@ def _assemble(
     segments: list[Segment],
     options: BuildOptions,
     selection: query.Filters,
-    previous: dict[str, Any] | None,
+    previous: DatasetVersionRecord | None,
     scratch: Path,
 ) -> dict[str, Any]:
     facts = [segment.facts() for segment in segments]

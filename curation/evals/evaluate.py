@@ -12,18 +12,25 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import sqlalchemy as sa
 
 from distillery.config import Price
 from distillery.curation.evals.generate import Candidate, Generator
 from distillery.curation.evals.graders import Context, Grader, describe
 from distillery.curation.evals.items import Item
-from distillery.store import Store, query
-from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES, as_record
+from distillery.store import Store, evals, query
+from distillery.store.records import (
+    CandidateSummary,
+    EvalRunRecord,
+    EvalSampleRecord,
+    GraderStats,
+    Grading,
+    Role,
+    Summary,
+)
 
 RESAMPLES = 2000
 
@@ -56,10 +63,10 @@ async def _evaluate(
     generator: Generator,
     context: Context,
     progress: Callable[[int], None] | None,
-) -> list[dict[str, Any]]:
-    async def one(candidate: Candidate, item: Item) -> dict[str, Any]:
+) -> list[EvalSampleRecord]:
+    async def one(candidate: Candidate, item: Item) -> EvalSampleRecord:
         generation = await generator.complete(candidate, item.messages, item.params)
-        grades = {}
+        grades: dict[str, Grading] = {}
         for grader in graders:
             grade = await grader.grade(generation, item, candidate, context)
             grades[grader.name] = {
@@ -79,7 +86,6 @@ async def _evaluate(
             "latency_ms": generation.latency_ms,
             "prompt_tokens": generation.usage.get("prompt_tokens"),
             "completion_tokens": generation.usage.get("completion_tokens"),
-            "cached": generation.cached,
         }
 
     try:
@@ -100,33 +106,21 @@ def run(
     prices: dict[str, Price],
     by_tag: str | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
+) -> EvalRunRecord:
     """Run, store and summarise one eval; returns the stored run."""
     samples = asyncio.run(_evaluate(items, candidates, graders, generator, context, progress))
     summary = summarise(samples, items, candidates, graders, prices, by_tag)
     summary["calls"] = {"made": generator.calls, "cached": generator.cache_hits}
-    run_id = new_run_id()
     config = {
         **config,
         "reference_models": reference_models(store, items),
         "graders": [describe(g) for g in graders],
         "candidates": [
-            {"label": c.label, "model": c.model, "base_url": c.endpoint.base_url}
+            {"label": c.label, "model": c.model, "base_url": c.endpoint.base_url, "role": c.role}
             for c in candidates
         ],
     }
-    with store.engine.begin() as conn:
-        conn.execute(
-            EVAL_RUNS.insert().values(
-                id=run_id, created_at=datetime.now(UTC), config=config, summary=summary
-            )
-        )
-        rows = [
-            {**{k: v for k, v in s.items() if k != "cached"}, "run_id": run_id} for s in samples
-        ]
-        for start in range(0, len(rows), 1000):
-            conn.execute(EVAL_SAMPLES.insert(), rows[start : start + 1000])
-    return {"id": run_id, "config": config, "summary": summary}
+    return evals.save_run(store, new_run_id(), config, summary, samples)
 
 
 def reference_models(store: Store, items: list[Item]) -> dict[str, int]:
@@ -144,15 +138,15 @@ def reference_models(store: Store, items: list[Item]) -> dict[str, int]:
 
 
 def summarise(
-    samples: list[dict[str, Any]],
+    samples: list[EvalSampleRecord],
     items: list[Item],
     candidates: list[Candidate],
     graders: list[Grader],
     prices: dict[str, Price],
     by_tag: str | None,
-) -> dict[str, Any]:
+) -> Summary:
     tags = {item.index: item.tags for item in items}
-    result: dict[str, Any] = {"items": len(items), "candidates": {}}
+    result: Summary = {"items": len(items), "candidates": {}}
     for candidate in candidates:
         mine = [s for s in samples if s["candidate"] == candidate.label]
         latencies = [s["latency_ms"] for s in mine if s["latency_ms"] is not None]
@@ -165,8 +159,9 @@ def summarise(
             else None
         )
         failed = [s for s in mine if s["error"] or _ungraded(s)]
-        entry: dict[str, Any] = {
+        entry: CandidateSummary = {
             "model": candidate.model,
+            "role": candidate.role,
             "errors": sum(1 for s in mine if s["error"]),
             # Items with no call answer or some grader without a score, and why the first did.
             "failed_items": len(failed),
@@ -179,11 +174,13 @@ def summarise(
             "graders": {},
         }
         for grader in graders:
-            graded = [s for s in mine if s["grades"][grader.name]["score"] is not None]
-            scores = [s["grades"][grader.name]["score"] for s in graded]
-            passed = [s["grades"][grader.name]["passed"] for s in graded]
-            stats: dict[str, Any] = {
-                **_mean_ci(scores),
+            graded = [
+                (s, score) for s in mine if (score := s["grades"][grader.name]["score"]) is not None
+            ]
+            scores = [score for _, score in graded]
+            passed = [s["grades"][grader.name]["passed"] for s, _ in graded]
+            stats: GraderStats = {
+                **_mean_ci(scores),  # type: ignore[typeddict-item]
                 "pass_rate": round(sum(passed) / len(passed), 4) if passed else None,
                 "n": len(scores),
                 "errors": len(mine) - len(graded),
@@ -191,9 +188,9 @@ def summarise(
             }
             if by_tag:
                 groups: dict[str, list[float]] = {}
-                for sample in graded:
+                for sample, score in graded:
                     value = tags.get(sample["item"], {}).get(by_tag, "(none)")
-                    groups.setdefault(value, []).append(sample["grades"][grader.name]["score"])
+                    groups.setdefault(value, []).append(score)
                 stats["by_tag"] = {
                     value: _mean_ci(v) | {"n": len(v)} for value, v in sorted(groups.items())
                 }
@@ -210,28 +207,63 @@ def _mean_ci(scores: list[float]) -> dict[str, float | None]:
     return {"mean": round(mean, 4), "ci_low": round(low, 4), "ci_high": round(high, 4)}
 
 
-def _ungraded(sample: dict[str, Any]) -> bool:
+def _ungraded(sample: EvalSampleRecord) -> bool:
     return any(grade["score"] is None for grade in sample["grades"].values())
 
 
-def _why(sample: dict[str, Any]) -> str:
+def _why(sample: EvalSampleRecord) -> str:
     if sample["error"]:
         return str(sample["error"])
     name, grade = next((n, g) for n, g in sample["grades"].items() if g["score"] is None)
     return f"{name}: {grade['detail']}"
 
 
-def failing(summary: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
+# Runs stored before candidates had roles: distill's labels said who was who.
+LEGACY_ROLES: tuple[tuple[str, Role], ...] = (
+    ("teacher:", "teacher"),
+    ("base:", "base"),
+    ("base student", "base"),
+    ("tuned:", "tuned"),
+    ("fine-tuned", "tuned"),
+)
+
+
+def role(label: str, entry: CandidateSummary) -> Role:
+    if "role" in entry:
+        return entry["role"]
+    return next((r for prefix, r in LEGACY_ROLES if label.startswith(prefix)), "candidate")
+
+
+def with_role(summary: Summary, wanted: Role) -> list[str]:
+    """The labels of the candidates that play ``wanted`` in this run."""
+    return [label for label, entry in summary["candidates"].items() if role(label, entry) == wanted]
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A candidate whose mean for a grader is below its ``--fail-under`` bar (or has none)."""
+
+    candidate: str
+    role: Role
+    grader: str
+    mean: float | None
+    bar: float
+
+    def __str__(self) -> str:
+        return f"{self.candidate}/{self.grader}: {self.mean} < {self.bar}"
+
+
+def failing(summary: Summary, thresholds: dict[str, float]) -> list[Miss]:
     """Candidate/grader pairs whose mean is below the grader's threshold (or has none)."""
     return [
-        f"{label}/{name}: {stats['mean']} < {thresholds[name]}"
+        Miss(label, role(label, entry), name, stats["mean"], thresholds[name])
         for label, entry in summary["candidates"].items()
         for name, stats in entry["graders"].items()
         if name in thresholds and (stats["mean"] is None or stats["mean"] < thresholds[name])
     ]
 
 
-def erroring(summary: dict[str, Any], max_error_rate: float) -> list[str]:
+def erroring(summary: Summary, max_error_rate: float) -> list[str]:
     """Candidates that failed on more than ``max_error_rate`` of the items, with the first error."""
     items = summary["items"] or 1
     return [
@@ -242,53 +274,16 @@ def erroring(summary: dict[str, Any], max_error_rate: float) -> list[str]:
     ]
 
 
-def load_run(store: Store, run_id: str) -> dict[str, Any] | None:
-    with store.engine.connect() as conn:
-        row = conn.execute(sa.select(EVAL_RUNS).where(EVAL_RUNS.c.id == run_id)).first()
-    return as_record(row) if row else None
-
-
-def list_runs(store: Store, limit: int | None = 20) -> list[dict[str, Any]]:
-    query = sa.select(EVAL_RUNS).order_by(EVAL_RUNS.c.id.desc())
-    if limit:
-        query = query.limit(limit)
-    with store.engine.connect() as conn:
-        return [as_record(row) for row in conn.execute(query)]
-
-
-def load_samples(store: Store, run_id: str) -> list[dict[str, Any]]:
-    query = (
-        sa.select(EVAL_SAMPLES)
-        .where(EVAL_SAMPLES.c.run_id == run_id)
-        .order_by(EVAL_SAMPLES.c.candidate, EVAL_SAMPLES.c.item)
-    )
-    with store.engine.connect() as conn:
-        return [as_record(row) for row in conn.execute(query)]
-
-
 def compare(
-    a: list[dict[str, Any]],
-    b: list[dict[str, Any]],
+    a: list[EvalSampleRecord],
+    b: list[EvalSampleRecord],
     candidate_a: str,
     candidate_b: str,
     grader: str,
 ) -> dict[str, Any]:
     """Paired comparison over the items both runs graded (matched by prompt)."""
     # An item either side could not score is no evidence for either.
-    left = {
-        s["item_key"]: s["grades"][grader]["score"]
-        for s in a
-        if s["candidate"] == candidate_a
-        and grader in s["grades"]
-        and s["grades"][grader]["score"] is not None
-    }
-    right = {
-        s["item_key"]: s["grades"][grader]["score"]
-        for s in b
-        if s["candidate"] == candidate_b
-        and grader in s["grades"]
-        and s["grades"][grader]["score"] is not None
-    }
+    left, right = _scores(a, candidate_a, grader), _scores(b, candidate_b, grader)
     shared = sorted(left.keys() & right.keys())
     differences = [right[k] - left[k] for k in shared]
     mean, low, high = bootstrap(differences)
@@ -303,4 +298,15 @@ def compare(
         "mean_difference": round(mean, 4),
         "ci_low": round(low, 4),
         "ci_high": round(high, 4),
+    }
+
+
+def _scores(samples: list[EvalSampleRecord], candidate: str, grader: str) -> dict[str, float]:
+    """Item key -> score, for the items ``candidate`` was scored on by ``grader``."""
+    return {
+        s["item_key"]: score
+        for s in samples
+        if s["candidate"] == candidate
+        and grader in s["grades"]
+        and (score := s["grades"][grader]["score"]) is not None
     }

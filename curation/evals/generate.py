@@ -16,69 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import openai
 import orjson
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from distillery.errors import DistilleryError
-from distillery.store import Store
-from distillery.store.db import CACHE
+from distillery.curation.endpoints import Endpoint
+from distillery.store import Store, cache
+from distillery.store.records import Role
 
 EVAL_TAG = ("distillery_eval", "1")
 EVAL_HEADER = {"X-Distillery-Tag-distillery_eval": "1"}
-
-
-# What a keyless endpoint (a local vLLM, `distillery serve`) is sent: the SDK insists on a
-# key, and sending none of the user's keys is the point.
-KEYLESS = "distillery-no-key"
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where a model runs, and the one key that may be sent there.
-
-    A key is only ever the one configured for this endpoint: never the SDK's
-    fallback to ``OPENAI_API_KEY`` when the configured variable is unset.
-    Build endpoints with :meth:`from_env`; ``api_key`` is ``None`` only when
-    the configured variable is missing, and ``missing`` says which.
-    """
-
-    name: str
-    base_url: str | None = None  # None: the SDK's default (OPENAI_BASE_URL or OpenAI)
-    api_key: str | None = None
-    missing: str | None = None  # the unset variable the key should come from
-
-    @classmethod
-    def from_env(
-        cls,
-        name: str,
-        base_url: str | None = None,
-        api_key_env: str | None = None,
-        *,
-        default_env: str | None = "OPENAI_API_KEY",
-    ) -> Endpoint:
-        """The key from ``api_key_env``, else from ``default_env``; ``None`` for both: keyless."""
-        variable = api_key_env or default_env
-        if variable is None:
-            return cls(name, base_url, KEYLESS)
-        key = os.environ.get(variable)
-        return cls(name, base_url, key) if key else cls(name, base_url, None, missing=variable)
-
-    def check(self) -> None:
-        """Raise, naming the variable, when this endpoint has no key to send."""
-        if self.api_key is None:
-            where = f" for endpoint {self.name!r}" if self.name != "default" else ""
-            raise DistilleryError(
-                f"${self.missing or 'OPENAI_API_KEY'} is not set: it holds the API key{where}. "
-                "Export it (no other key is sent in its place)."
-            )
 
 
 @dataclass(frozen=True)
@@ -89,6 +39,8 @@ class Candidate:
     # What the model *is*, when the caller knows (distill: the served directory's content
     # hash); otherwise the endpoint's /v1/models is asked.  The cache keys on this.
     identity: str | None = None
+    # Who it is in the comparison: distill's teacher, base student and fine-tuned student.
+    role: Role = "candidate"
 
 
 @dataclass
@@ -146,24 +98,6 @@ class Generator:
         for client in self._clients.values():
             await client.close()
 
-    def _cached(self, key: str) -> dict[str, Any] | None:
-        with self.store.engine.connect() as conn:
-            row = conn.execute(sa.select(CACHE.c.response).where(CACHE.c.key == key)).first()
-        return row[0] if row else None
-
-    def _remember(self, key: str, model: str, response: dict[str, Any], latency: float) -> None:
-        values = {
-            "key": key,
-            "model": model,
-            "response": response,
-            "latency_ms": latency,
-            "created_at": datetime.now(UTC),
-        }
-        # Two identical requests in flight at once both miss; the second insert is a no-op.
-        dialect = postgresql if self.store.engine.dialect.name == "postgresql" else sqlite
-        with self.store.engine.begin() as conn:
-            conn.execute(dialect.insert(CACHE).values(**values).on_conflict_do_nothing())
-
     async def identity(self, candidate: Candidate) -> str | None:
         """What the cache knows the model as, or ``None`` (then nothing is cached for it).
 
@@ -201,7 +135,7 @@ class Generator:
     ) -> Generation:
         identity = await self.identity(candidate) if self.use_cache else None
         key = cache_key("chat", identity, messages, params) if identity else None
-        hit = await asyncio.to_thread(self._cached, key) if key else None
+        hit = await asyncio.to_thread(cache.get, self.store, key) if key else None
         if hit is not None:
             self.cache_hits += 1
             return Generation(hit["message"], hit["usage"], hit["latency_ms"], cached=True)
@@ -223,12 +157,12 @@ class Generator:
         usage = response.usage.model_dump(exclude_none=True) if response.usage else {}
         stored = {"message": message, "usage": usage, "latency_ms": latency}
         if key:
-            await asyncio.to_thread(self._remember, key, candidate.model, stored, latency)
+            await asyncio.to_thread(cache.put, self.store, key, candidate.model, stored, latency)
         return Generation(message, usage, latency, cached=False)
 
     async def embed(self, endpoint: Endpoint, model: str, texts: list[str]) -> list[list[float]]:
         key = cache_key("embed", model, endpoint.base_url, texts)
-        hit = await asyncio.to_thread(self._cached, key) if self.use_cache else None
+        hit = await asyncio.to_thread(cache.get, self.store, key) if self.use_cache else None
         if hit is not None:
             self.cache_hits += 1
             return list(hit["vectors"])
@@ -236,7 +170,7 @@ class Generator:
             self.calls += 1
             response = await self.client(endpoint).embeddings.create(model=model, input=texts)
         vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
-        await asyncio.to_thread(self._remember, key, model, {"vectors": vectors}, 0.0)
+        await asyncio.to_thread(cache.put, self.store, key, model, {"vectors": vectors}, 0.0)
         return vectors
 
 

@@ -33,7 +33,8 @@ from typing import Any
 import openai
 import orjson
 
-from distillery.curation.evals.generate import Candidate, Endpoint, Generation, Generator
+from distillery.curation.endpoints import Endpoint
+from distillery.curation.evals.generate import Candidate, Generation, Generator
 from distillery.curation.evals.items import Item
 from distillery.errors import DistilleryError
 

@@ -22,6 +22,7 @@ from distillery.curation.datasets.examples import to_example
 from distillery.errors import DistilleryError
 from distillery.shapes import message_text
 from distillery.store import Store, query
+from distillery.store.records import DatasetVersionRecord
 
 REPLAYED = (
     "tools",
@@ -107,7 +108,7 @@ def from_jsonl(path: Path) -> list[Item]:
     return items
 
 
-def from_dataset(store: Store, version: dict[str, Any], split: str = "val") -> list[Item]:
+def from_dataset(store: Store, version: DatasetVersionRecord, split: str = "val") -> list[Item]:
     """A dataset version's split; tags and request parameters come from the source calls."""
     directory = Path(version["path"])
     with (

@@ -6,15 +6,17 @@ import html
 from typing import Any
 
 from distillery.curation.evals.items import Item
+from distillery.store.records import CandidateSummary, EvalRunRecord, EvalSampleRecord, GraderStats
 
 COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
 
 
-def _bars(grader: str, candidates: dict[str, Any]) -> str:
+def _bars(grader: str, candidates: dict[str, CandidateSummary]) -> str:
     """Mean score per candidate with its 95% interval as a whisker."""
     labels = list(candidates)
     stats = [candidates[c]["graders"][grader] for c in labels]
-    top = max([s["ci_high"] for s in stats if s["mean"] is not None] + [_scale_top(stats)])
+    scored = [_scored(s) for s in stats]
+    top = max([v[2] for v in scored if v is not None] + [_scale_top(stats)])
     # Left: room for the longest (shortened) label; right: for "0.123 [0.100, 0.150]".
     left = 16 + CHAR_PX * max([len(_short(label)) for label in labels] + [8])
     right = 190
@@ -24,40 +26,41 @@ def _bars(grader: str, candidates: dict[str, Any]) -> str:
     parts = [
         f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(grader)}">'
     ]
-    for i, (label, s) in enumerate(zip(labels, stats, strict=True)):
+    for i, (label, s, values) in enumerate(zip(labels, stats, scored, strict=True)):
         y = 10 + i * row
         colour = COLOURS[i % len(COLOURS)]
         parts.append(
             f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">'
             f"<title>{html.escape(label)}</title>{html.escape(_short(label))}</text>"
         )
-        if s["mean"] is None:  # nothing was scored: no bar, never a zero
+        if values is None:  # nothing was scored: no bar, never a zero
             parts.append(
                 f'<text x="{left}" y="{y + 17}">no score ({s.get("errors", 0)} errors)</text>'
             )
             continue
+        mean, low, high = values
         parts.append(
-            f'<rect x="{left}" y="{y + 4}" width="{s["mean"] * scale:.1f}" height="18" fill="{colour}"/>'
+            f'<rect x="{left}" y="{y + 4}" width="{mean * scale:.1f}" height="18" fill="{colour}"/>'
         )
-        lo, hi = left + s["ci_low"] * scale, left + s["ci_high"] * scale
+        lo, hi = left + low * scale, left + high * scale
         parts.append(
             f'<line x1="{lo:.1f}" x2="{hi:.1f}" y1="{y + 13}" y2="{y + 13}" stroke="#222" stroke-width="2"/>'
         )
         parts.append(
-            f'<text x="{hi + 6:.1f}" y="{y + 17}">{s["mean"]:.3f} [{s["ci_low"]:.3f}, {s["ci_high"]:.3f}]</text>'
+            f'<text x="{hi + 6:.1f}" y="{y + 17}">{mean:.3f} [{low:.3f}, {high:.3f}]</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _scatter(grader: str, candidates: dict[str, Any]) -> str:
+def _scatter(grader: str, candidates: dict[str, CandidateSummary]) -> str:
     """Score against cost (or p50 latency when no prices are configured)."""
     use_cost = all(c["cost_usd"] is not None for c in candidates.values())
-    key, unit = ("cost_usd", "cost, USD") if use_cost else ("latency_p50_ms", "p50 latency, ms")
+    unit = "cost, USD" if use_cost else "p50 latency, ms"
     points = [
-        (label, c[key] or 0.0, c["graders"][grader]["mean"])
+        (label, (c["cost_usd"] if use_cost else c["latency_p50_ms"]) or 0.0, mean)
         for label, c in candidates.items()
-        if c["graders"][grader]["mean"] is not None
+        if (mean := c["graders"][grader]["mean"]) is not None
     ]
     width, height, pad = 720, 280, 70
     max_x = max([p[1] for p in points] + [1e-9])
@@ -102,16 +105,24 @@ CHAR_PX = 7  # width of a character at the charts' 12px font, roughly
 LABEL_CHARS = 40  # longer labels are shortened in charts (the full one is the tooltip)
 
 
+def _scored(stats: GraderStats) -> tuple[float, float, float] | None:
+    """(mean, low, high), or ``None`` when nothing was scored."""
+    mean, low, high = stats["mean"], stats["ci_low"], stats["ci_high"]
+    if mean is None or low is None or high is None:
+        return None
+    return mean, low, high
+
+
 def _short(label: str) -> str:
     return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
 
 
-def _scale_top(stats: list[dict[str, Any]]) -> float:
+def _scale_top(stats: list[GraderStats]) -> float:
     """The top of the graders' scale (10 for a 0-10 judge), so charts show it whole."""
     return max([float(s["scale"][1]) for s in stats if s.get("scale")] + [1.0])
 
 
-def _answer_cell(sample: dict[str, Any] | None, graders: list[str]) -> str:
+def _answer_cell(sample: EvalSampleRecord | None, graders: list[str]) -> str:
     if sample is None:
         return "<td></td>"
     grades = []
@@ -144,7 +155,7 @@ def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
-def _interval(stats: dict[str, Any]) -> str:
+def _interval(stats: GraderStats) -> str:
     if stats["mean"] is None:
         return "—"
     return f"[{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]"
@@ -162,7 +173,7 @@ def _text(message: dict[str, Any] | None) -> str:
     return (str(content) + ("\n" + call_text if call_text else "")).strip()
 
 
-def render(run: dict[str, Any], samples: list[dict[str, Any]], items: list[Item]) -> str:
+def render(run: EvalRunRecord, samples: list[EvalSampleRecord], items: list[Item]) -> str:
     summary, config = run["summary"], run["config"]
     candidates = summary["candidates"]
     graders = list(next(iter(candidates.values()))["graders"]) if candidates else []
@@ -182,7 +193,7 @@ def render(run: dict[str, Any], samples: list[dict[str, Any]], items: list[Item]
     )
     # One ordered list of candidates makes every column: headers and cells cannot disagree.
     labels = list(candidates)
-    by_item: dict[int, dict[str, dict[str, Any]]] = {}
+    by_item: dict[int, dict[str, EvalSampleRecord]] = {}
     for sample in samples:
         by_item.setdefault(sample["item"], {})[sample["candidate"]] = sample
     lookup = {item.index: item for item in items}

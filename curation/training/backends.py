@@ -1,0 +1,200 @@
+"""The interface every fine-tuning backend implements, and the registry that names them.
+
+A backend turns a :class:`JobSpec` (a dataset version, a base model, the
+hyperparameters) into a running job somewhere, and reports on it later.  It
+never touches the database: :mod:`.jobs` records what it started and what it
+reports, so every backend's jobs look the same to ``finetune list``, ``distill``
+and the dashboard.
+
+Built in: ``openai`` (OpenAI's fine-tuning API or any provider speaking it),
+``local`` (TRL + PEFT on this machine) and ``memory`` (in-process, for tests
+and for trying a pipeline).  A package adds its own through the
+``distillery.backends`` entry point group, or code calls :func:`register`;
+see "Extending Distillery" in the README.
+
+    FineTuneError (DistilleryError)   a job could not be started, read or cancelled
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, TypedDict, runtime_checkable
+
+from distillery.curation.endpoints import Endpoint
+from distillery.errors import DistilleryError
+from distillery.store.records import DatasetVersionRecord, FineTuneJobRecord
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+Method = Literal["auto", "full", "lora"]
+
+
+class FineTuneError(DistilleryError):
+    """A fine-tune could not be started, read or cancelled."""
+
+
+def new_job_id() -> str:
+    return f"ftjob_{time.time_ns():016x}{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """What the user asked for; ``None`` leaves the choice to the backend.
+
+    Each backend sends the ones it understands (OpenAI: epochs, batch size,
+    learning-rate multiplier and seed; local: all but the multiplier).
+    """
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    learning_rate_multiplier: float | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    threads: int | None = None
+    seed: int | None = None
+
+    def given(self, *names: str) -> dict[str, Any]:
+        """The values that were set, among ``names`` (all when none are named)."""
+        return {
+            k: v for k, v in asdict(self).items() if v is not None and (not names or k in names)
+        }
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One fine-tune to start: what to train, on what, how."""
+
+    job_id: str
+    dataset: DatasetVersionRecord
+    base_model: str
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    method: Method = "auto"  # local: force full training or LoRA; auto lets the trainer choose
+    merge: bool = False  # local: also save the base model with a LoRA adapter merged in
+    suffix: str | None = None  # openai: added to the fine-tuned model's name
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset['name']}@{self.dataset['version']}"
+
+    @property
+    def directory(self) -> Path:
+        """Where the version's train.jsonl and val.jsonl are."""
+        return Path(self.dataset["path"])
+
+
+@dataclass(frozen=True)
+class Started:
+    provider_job_id: str
+    status: str
+    base_url: str | None
+    hyperparameters: dict[str, Any]  # what the job record keeps: what was actually sent
+
+
+class JobState(TypedDict, total=False):
+    """A job as its backend sees it now; ``hyperparameters`` only when the backend chose some."""
+
+    status: str
+    fine_tuned_model: str | None
+    metrics: dict[str, Any]
+    error: dict[str, Any] | None
+    hyperparameters: dict[str, Any]
+
+
+class JobEvent(TypedDict):
+    id: str
+    level: str
+    message: str
+    data: dict[str, Any]
+
+
+@runtime_checkable
+class FineTuneBackend(Protocol):
+    """Start fine-tunes somewhere and report on them."""
+
+    # The name jobs are recorded under (the `backend` column) and `--backend` takes.
+    name: ClassVar[str]
+    # True when a fine-tuned model is a directory on this machine (`distill` serves it);
+    # False when it is a model name its provider serves (`distill` calls it there).
+    local_models: ClassVar[bool]
+
+    def start(self, spec: JobSpec) -> Started:
+        """Start the job; raise :class:`FineTuneError` when it cannot start, saying why."""
+        ...
+
+    def state(self, job: FineTuneJobRecord) -> JobState:
+        """Status, fine-tuned model, metrics and error of a job this backend started."""
+        ...
+
+    def events(self, job: FineTuneJobRecord) -> list[JobEvent]:
+        """The job's events, oldest first (ids stable across calls)."""
+        ...
+
+    def cancel(self, job: FineTuneJobRecord) -> str:
+        """Cancel the job; returns its status afterwards."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (an HTTP client); called once, at the end."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """What a backend may need to open: where its API is and with which key, where data lives."""
+
+    data_dir: Path
+    endpoint: Endpoint | None = None  # None: OPENAI_BASE_URL / OPENAI_API_KEY
+
+
+Factory = Callable[[BackendContext], FineTuneBackend]
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register(name: str, factory: Factory) -> None:
+    """Make ``--backend NAME`` open a backend with ``factory(context)``."""
+    _REGISTRY[name] = factory
+
+
+def names() -> list[str]:
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def open_backend(name: str, context: BackendContext) -> FineTuneBackend:
+    """The backend called ``name``, opened for ``context``."""
+    _load_plugins()
+    if name in _BROKEN:
+        raise FineTuneError(_BROKEN[name])
+    if name not in _REGISTRY:
+        raise FineTuneError(
+            f"No fine-tuning backend {name!r}: use one of {', '.join(sorted(_REGISTRY))}, "
+            "or install a package that adds one (entry point group 'distillery.backends')."
+        )
+    return _REGISTRY[name](context)
+
+
+_plugins_loaded = False
+_BROKEN: dict[str, str] = {}  # plugins that failed to load: said when asked for, not before
+
+
+def _load_plugins() -> None:
+    """The built-ins, then every ``distillery.backends`` entry point (once per process)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from distillery.curation.training import local, memory, openai_api
+
+    register("openai", openai_api.OpenAIBackend.open)
+    register("local", local.LocalBackend.open)
+    register("memory", memory.InMemoryBackend.open)
+    for entry in entry_points(group="distillery.backends"):
+        try:
+            register(entry.name, entry.load())
+        except Exception as exc:  # a broken plugin must not break the built-ins
+            _BROKEN[entry.name] = f"The backend plugin {entry.value!r} failed to load: {exc}"

@@ -1,0 +1,58 @@
+"""Eval runs and their samples: written once by `distillery eval run` / `distill`, then read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import sqlalchemy as sa
+
+from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES, Store, as_record
+from distillery.store.records import EvalRunRecord, EvalSampleRecord, Summary
+
+BATCH = 1000
+
+
+def save_run(
+    store: Store,
+    run_id: str,
+    config: dict[str, Any],
+    summary: Summary,
+    samples: Sequence[EvalSampleRecord],
+) -> EvalRunRecord:
+    """The run and every sample in one transaction: a run is never half stored."""
+    created = datetime.now(UTC)
+    rows = [{**sample, "run_id": run_id} for sample in samples]
+    with store.engine.begin() as conn:
+        conn.execute(
+            EVAL_RUNS.insert().values(id=run_id, created_at=created, config=config, summary=summary)
+        )
+        for start in range(0, len(rows), BATCH):
+            conn.execute(EVAL_SAMPLES.insert(), rows[start : start + BATCH])
+    return {"id": run_id, "created_at": created, "config": config, "summary": summary}
+
+
+def get_run(store: Store, run_id: str) -> EvalRunRecord | None:
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(EVAL_RUNS).where(EVAL_RUNS.c.id == run_id)).first()
+    return cast(EvalRunRecord, as_record(row)) if row else None
+
+
+def list_runs(store: Store, limit: int | None = 20) -> list[EvalRunRecord]:
+    """Newest first (ids are time-ordered)."""
+    query = sa.select(EVAL_RUNS).order_by(EVAL_RUNS.c.id.desc())
+    if limit:
+        query = query.limit(limit)
+    with store.engine.connect() as conn:
+        return [cast(EvalRunRecord, as_record(row)) for row in conn.execute(query)]
+
+
+def samples(store: Store, run_id: str) -> list[EvalSampleRecord]:
+    query = (
+        sa.select(EVAL_SAMPLES)
+        .where(EVAL_SAMPLES.c.run_id == run_id)
+        .order_by(EVAL_SAMPLES.c.candidate, EVAL_SAMPLES.c.item)
+    )
+    with store.engine.connect() as conn:
+        return [cast(EvalSampleRecord, as_record(row)) for row in conn.execute(query)]
