@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -54,6 +54,7 @@ import structlog
 from distillery.config import CaptureSettings
 from distillery.redact import Redactor
 from distillery.store import Store
+from distillery.store.records import CaptureRecord
 from distillery.store.repair import RecordRefused, repair
 
 log = structlog.get_logger()
@@ -185,7 +186,7 @@ def _release(fd: int, lock_path: Path) -> None:
     os.close(fd)
 
 
-def read_segment(path: Path) -> Iterator[dict[str, Any]]:
+def read_segment(path: Path) -> Iterator[CaptureRecord]:
     """Records in a spool segment; a torn last line (crash mid-write) is skipped."""
     with path.open("rb") as handle:
         for number, line in enumerate(handle, 1):
@@ -195,7 +196,8 @@ def read_segment(path: Path) -> Iterator[dict[str, Any]]:
                 log.warning("spool line unreadable, skipped", path=str(path), line=number)
                 continue
             if isinstance(record, dict) and "id" in record:
-                yield record
+                # Checked where it is inserted: a record that is not one is dead-lettered.
+                yield cast(CaptureRecord, record)
 
 
 class Capture:
@@ -209,11 +211,11 @@ class Capture:
         self.redactor = redactor
         self.spool = Spool(spool_dir)
         self.dead_letter_dir = spool_dir.parent / "dead-letter"
-        self.queue: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue(settings.queue_size)
+        self.queue: queue.Queue[tuple[int, CaptureRecord]] = queue.Queue(settings.queue_size)
         self.dirty: set[int] = set()
         # Records no spool segment holds (the disk refused the write), by id,
         # with their size; guarded by spool.lock.  Bounded by memory_buffer_mb.
-        self.unspooled: dict[str, tuple[dict[str, Any], int]] = {}
+        self.unspooled: dict[str, tuple[CaptureRecord, int]] = {}
         self.unspooled_bytes = 0
         self.db_ok = True
         self.spool_error: str | None = None
@@ -243,7 +245,7 @@ class Capture:
         self._orphans = self.spool.orphans()
         self._thread.start()
 
-    def submit(self, record: dict[str, Any]) -> str:
+    def submit(self, record: CaptureRecord) -> str:
         """Redact, spool and enqueue one record; never raises.
 
         Returns the outcome: ``queued``; ``spooled`` (queue full, the writer
@@ -251,9 +253,12 @@ class Capture:
         waits in memory); ``dropped`` (that memory buffer is full too).
         """
         redact = self.redactor
-        for key in ("request", "response", "error", "metadata"):
-            if record.get(key) is not None:
-                record[key] = redact(record[key])
+        record["request"] = redact(record["request"])
+        if record["response"] is not None:
+            record["response"] = redact(record["response"])
+        if record["error"] is not None:
+            record["error"] = redact(record["error"])
+        record["metadata"] = redact(record["metadata"])
         try:
             line = orjson.dumps(record) + b"\n"
         except (orjson.JSONEncodeError, TypeError):
@@ -275,7 +280,7 @@ class Capture:
                 return "spooled"
         return "queued"
 
-    def _hold(self, record: dict[str, Any], size: int, exc: OSError) -> str:
+    def _hold(self, record: CaptureRecord, size: int, exc: OSError) -> str:
         """Keep a record the spool refused in memory, if there is room (spool.lock held)."""
         self._count("spool_write_errors")
         if self.spool_error is None:
@@ -362,7 +367,7 @@ class Capture:
             log.exception("capture writer error; retrying")
             self._stopping.wait(0.5)
 
-    def _take_batch(self) -> list[tuple[int, dict[str, Any]]]:
+    def _take_batch(self) -> list[tuple[int, CaptureRecord]]:
         """Up to ``batch_size`` records, after sleeping ``flush_interval`` unless one is full.
 
         Sleeping instead of waking on every record keeps the writer off the GIL
@@ -371,13 +376,13 @@ class Capture:
         """
         if self.queue.qsize() < self.settings.batch_size:
             self._stopping.wait(self.settings.flush_interval)
-        batch: list[tuple[int, dict[str, Any]]] = []
+        batch: list[tuple[int, CaptureRecord]] = []
         with contextlib.suppress(queue.Empty):
             while len(batch) < self.settings.batch_size:
                 batch.append(self.queue.get_nowait())
         return batch
 
-    def _write(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
+    def _write(self, batch: list[tuple[int, CaptureRecord]]) -> None:
         seqs = {seq for seq, _ in batch if seq}
         self._last_seq = max(seqs, default=self._last_seq)
         if (self.db_ok or time.monotonic() >= self._next_try) and self._store(
@@ -389,7 +394,7 @@ class Capture:
             return
         self._mark_dirty(seqs)
 
-    def _store(self, records: list[dict[str, Any]]) -> bool:
+    def _store(self, records: list[CaptureRecord]) -> bool:
         """Insert ``records``; False when the database is unavailable (they stay spooled).
 
         A batch the database refuses is split until each refused record is
@@ -407,7 +412,7 @@ class Capture:
         middle = len(records) // 2
         return self._store(records[:middle]) and self._store(records[middle:])
 
-    def _store_refused(self, record: dict[str, Any], refusal: RecordRefused) -> bool:
+    def _store_refused(self, record: CaptureRecord, refusal: RecordRefused) -> bool:
         """Repair a refused record and store it, or move it to the dead-letter file."""
         try:
             fixed, changes = repair(record)
@@ -426,7 +431,7 @@ class Capture:
         )
         return True
 
-    def _dead_letter(self, record: dict[str, Any], reason: str) -> bool:
+    def _dead_letter(self, record: CaptureRecord, reason: str) -> bool:
         line = orjson.dumps(
             {"id": record.get("id"), "at": time.time(), "reason": reason, "record": record},
             default=str,
@@ -452,7 +457,7 @@ class Capture:
         )
         return True
 
-    def _forget(self, records: list[dict[str, Any]]) -> int:
+    def _forget(self, records: list[CaptureRecord]) -> int:
         """Drop records that are now in the database from the memory buffer; how many were."""
         forgotten = 0
         if not records:
@@ -580,7 +585,7 @@ class Capture:
         """Insert every record of these segments; True when all are in the database."""
         replayed = 0
         for path in paths:
-            batch: list[dict[str, Any]] = []
+            batch: list[CaptureRecord] = []
             try:
                 for record in read_segment(path):
                     batch.append(record)

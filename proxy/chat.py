@@ -34,6 +34,7 @@ from distillery.proxy.forward import (
 from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, after_response, log_fields
 from distillery.proxy.stream import StreamRelay, malformed
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
+from distillery.store.records import CaptureRecord
 
 log = structlog.get_logger()
 
@@ -153,7 +154,7 @@ class Call:
         choices = response.get("choices")
         first = choices[0] if isinstance(choices, list) and choices else None
         first = first if isinstance(first, dict) else {}
-        record = {
+        record: CaptureRecord = {
             "id": self.id,
             "completion_id": _string(response.get("id")),
             "created_at": self.created_at,

@@ -46,8 +46,9 @@ from distillery.store import open_store  # noqa: E402
 
 from fake_openai import FakeOpenAI  # noqa: E402
 from fuzzing import run as fuzz  # noqa: E402
+from helpers import distinct_words, fill  # noqa: E402
 from proxy_process import ProxyProcess  # noqa: E402
-from test_faults import POISON, distinct_words, fill  # noqa: E402
+from test_faults import POISON  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hi"}]
 

@@ -34,6 +34,7 @@ from distillery.store.models import (
     FineTuneJob,
     GenerationCache,
 )
+from distillery.store.records import CaptureRecord, check_capture
 from distillery.store.repair import RecordRefused, refused
 
 COMPLETIONS: sa.Table = Completion.__table__  # type: ignore[attr-defined]
@@ -191,9 +192,10 @@ class _BatchInsert:
         )
 
     def rows(self, rows: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """Every column from every row: a missing key is a KeyError, never a silent NULL."""
         pairs = tuple(zip(self.columns, self.converters, strict=True))
         return [
-            tuple(convert(row.get(name)) if convert else row.get(name) for name, convert in pairs)
+            tuple(convert(row[name]) if convert else row[name] for name, convert in pairs)
             for row in rows
         ]
 
@@ -231,8 +233,8 @@ def _tag(key: Any, value: Any) -> str:
 SEARCH_CHARS = 200_000
 
 
-def _search_text(record: Mapping[str, Any]) -> str:
-    text = search_text(record.get("request"), record.get("response"))
+def _search_text(record: CaptureRecord) -> str:
+    text = search_text(record["request"], record["response"])
     limit = record.get("search_limit")
     limit = limit if isinstance(limit, int) else SEARCH_CHARS
     if len(text) <= limit:
@@ -253,17 +255,23 @@ class Store:
     def url(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
 
-    def insert(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Insert capture records (the dicts the proxy builds); duplicates by id are skipped.
+    def insert(self, records: Iterable[CaptureRecord]) -> int:
+        """Insert capture records (the ones the proxy builds); duplicates by id are skipped.
 
         Records carry ``created_at`` as epoch seconds: cheap to mint on the
         request path and JSON-safe in the spool.
         Raises :class:`RecordRefused` when the database refuses the records
-        themselves (see ``repair.py``); any other exception means it is unavailable.
+        themselves (see ``repair.py``), or when one is not a capture record at all
+        (a key missing or unknown: never stored with a NULL where a value was meant);
+        any other exception means the database is unavailable.
         """
         records = list(records)
         if not records:
             return 0
+        for record in records:
+            problem = check_capture(record)
+            if problem:
+                raise RecordRefused(f"record {record.get('id')!r} is {problem}")
         if not self.migrated:
             # The proxy starts even when the database is down; the schema is
             # created the first time it answers.

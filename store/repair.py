@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import sqlalchemy as sa
 
 from distillery.shapes import MAX_KEY, MAX_VALUE
+from distillery.store.records import CaptureRecord
 
 # What full-text search indexes of a repaired record (its first and last
 # halves): Postgres refuses a tsvector over 1 MB; 100,000 characters of
@@ -88,7 +89,7 @@ def refused(exc: BaseException, dialect: str) -> bool:
     return isinstance(exc, _SQLITE_REFUSALS)
 
 
-def repair(record: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def repair(record: Mapping[str, Any]) -> tuple[CaptureRecord, list[str]]:
     """A copy of ``record`` the database can store, and what had to change."""
     out = dict(record)
     changes: list[str] = []
@@ -116,7 +117,7 @@ def repair(record: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     changes.append("search index bounded")
     metadata[REPAIRED_TAG] = _limit(", ".join(changes), MAX_VALUE)
     out["metadata"] = metadata
-    return out, changes
+    return cast(CaptureRecord, out), changes
 
 
 def _metadata(value: Any) -> tuple[dict[str, str], list[str]]:

@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,15 +9,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiohttp import web
 
-from distillery.config import Settings, load_settings
-from distillery.proxy.app import make_app
-from distillery.proxy.http import ProxyRunner
-from distillery.store import Store
+from distillery.config import Settings
 from distillery.store.db import create_engine
 
 from fake_openai import FakeOpenAI
+from helpers import RunningProxy, ServerThread
 
 POSTGRES_ENV = "DISTILLERY_TEST_POSTGRES_URL"
 # The example's modules (the task, the tiny student) serve the tests too.
@@ -39,46 +33,6 @@ def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if name.startswith("DISTILLERY_") and name not in ("DISTILLERY_DATA_DIR", POSTGRES_ENV):
             monkeypatch.delenv(name)
     return data
-
-
-class ServerThread:
-    """aiohttp apps served from a private event loop, so sync clients can call them."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runners: list[web.AppRunner] = []
-
-    def call(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def serve(
-        self, app: web.Application, runner_class: type[web.AppRunner] = web.AppRunner
-    ) -> tuple[str, web.AppRunner]:
-        async def start() -> tuple[str, web.AppRunner]:
-            runner = runner_class(app, access_log=None, shutdown_timeout=5)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = runner.addresses[0][1]
-            return f"http://127.0.0.1:{port}", runner
-
-        url, runner = self.call(start())
-        self.runners.append(runner)
-        return url, runner
-
-    def stop(self, runner: web.AppRunner) -> None:
-        if runner in self.runners:
-            self.runners.remove(runner)
-            self.call(runner.cleanup())
-
-    def close(self) -> None:
-        for runner in list(self.runners):
-            self.stop(runner)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.fixture(autouse=True)
@@ -102,51 +56,6 @@ def upstream(servers: ServerThread) -> FakeOpenAI:
     fake = FakeOpenAI()
     fake.url, _ = servers.serve(fake.app)  # type: ignore[attr-defined]
     return fake
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class RunningProxy:
-    def __init__(self, servers: ServerThread, settings: Settings, store: Store | None) -> None:
-        self.servers = servers
-        self.settings = settings
-        self.app = make_app(settings, store)
-        self.url, self.runner = servers.serve(self.app, ProxyRunner)
-        self.base_url = self.url + "/v1"
-        self.reader = Store(create_engine(settings.storage.resolved_database_url()))
-
-    def rows(self, where: str = "", **params: Any) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM completions " + where + " ORDER BY id"
-        with self.reader.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(sa.text(sql), params)]
-
-    def tags(self, record_id: str) -> dict[str, str]:
-        with self.reader.engine.connect() as conn:
-            rows = conn.execute(
-                sa.text("SELECT key, value FROM completion_tags WHERE completion_id = :id"),
-                {"id": record_id},
-            )
-            return {key: value for key, value in rows}
-
-    def wait_stored(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        wait_for(lambda: self._count() >= count, timeout, f"{count} stored rows")
-        return self.rows()
-
-    def _count(self) -> int:
-        try:
-            return self.reader.count()
-        except sa.exc.OperationalError:
-            return 0
-
-    def stop(self) -> None:
-        self.servers.stop(self.runner)
 
 
 @pytest.fixture
@@ -199,9 +108,6 @@ def postgres_url() -> Iterator[str]:
     with admin.begin() as conn:
         conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()
-
-
-__all__ = ["RunningProxy", "ServerThread", "load_settings", "wait_for"]
 
 
 @pytest.fixture

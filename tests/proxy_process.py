@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import httpx
 
-from conftest import wait_for
+from helpers import wait_for
 
 
 class ProxyProcess:

@@ -19,7 +19,7 @@ from distillery.proxy.capture import Capture, new_record_id, read_segment
 from distillery.redact import Redactor
 from distillery.store import open_store
 
-from conftest import wait_for
+from helpers import complete, wait_for
 from proxy_process import ProxyProcess
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}]
@@ -93,18 +93,20 @@ def test_torn_last_line_is_skipped_and_orphans_replayed(tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()
     records = [
-        {
-            "id": new_record_id(),
-            "created_at": time.time(),
-            "tenant": "anonymous",
-            "upstream": "http://x/v1",
-            "path": "/v1/chat/completions",
-            "status": 200,
-            "stream": False,
-            "latency_ms": 1.0,
-            "request": {"messages": [{"role": "user", "content": f"m{i}"}]},
-            "metadata": {"env": "test"},
-        }
+        complete(
+            {
+                "id": new_record_id(),
+                "created_at": time.time(),
+                "tenant": "anonymous",
+                "upstream": "http://x/v1",
+                "path": "/v1/chat/completions",
+                "status": 200,
+                "stream": False,
+                "latency_ms": 1.0,
+                "request": {"messages": [{"role": "user", "content": f"m{i}"}]},
+                "metadata": {"env": "test"},
+            }
+        )
         for i in range(3)
     ]
     segment = spool / "12345-dead00-00000001.jsonl"

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,131 +17,7 @@ from distillery.cli import cli
 from distillery.curation.datasets.validate import validate_file
 from distillery.store import open_store
 
-T0 = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
-SYSTEM = "You are the support assistant for ACME. " + "Follow the policy carefully. " * 60
-TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": "lookup_order", "parameters": {"type": "object", "properties": {}}},
-    }
-]
-TOPICS = [
-    "my parcel never arrived and tracking is stuck",
-    "how do I change the billing address on my account",
-    "the blender I bought makes a grinding noise",
-    "can I return shoes that I wore once outside",
-    "why was I charged twice for one subscription",
-    "the discount code from the newsletter is rejected",
-    "please delete my account and all my data",
-    "my password reset email never comes",
-    "do you ship to Iceland and how long does it take",
-    "the invoice shows the wrong company name",
-    "I want to upgrade my plan in the middle of the month",
-    "the app crashes when I open my order history",
-    "can I pick up my order at a store instead",
-    "what is the warranty on refurbished laptops",
-]
-
-
-def record(
-    i,
-    user,
-    answer="Sure, here is what I found.",
-    *,
-    system=SYSTEM,
-    tags=None,
-    status=200,
-    error=None,
-    finish="stop",
-    refusal=None,
-    tool_calls=None,
-    history=(),
-    tools=None,
-):
-    message = {"role": "assistant", "content": answer, "refusal": refusal}
-    if tool_calls:
-        message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
-    request = {
-        "model": "gpt-4o",
-        "messages": [
-            {"role": "system", "content": system},
-            *history,
-            {"role": "user", "content": user},
-        ],
-    }
-    if tools:
-        request["tools"] = tools
-        request["parallel_tool_calls"] = False
-    return {
-        "id": f"cap_{i:028d}",
-        "completion_id": f"chatcmpl-{i}",
-        "created_at": T0 + i * 60,
-        "tenant": "key-aaaaaaaaaaaaaaaa",
-        "upstream": "https://api.openai.com/v1",
-        "path": "/v1/chat/completions",
-        "model_requested": "gpt-4o",
-        "status": status,
-        "stream": False,
-        "finish_reason": finish,
-        "latency_ms": 10.0,
-        "request": request,
-        "response": None
-        if error
-        else {
-            "id": f"chatcmpl-{i}",
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        },
-        "error": error,
-        "metadata": {"app": "support", **(tags or {})},
-    }
-
-
-def base_records():
-    records = [record(i, topic + f" (ticket {i})") for i, topic in enumerate(TOPICS, 1)]
-    records += [
-        record(
-            20,
-            "where is order 5 — lookup please",
-            tool_calls=[
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "lookup_order", "arguments": '{"id": 5}'},
-                }
-            ],
-            finish="tool_calls",
-            tools=TOOLS,
-        ),
-        record(
-            21,
-            "and what about the second one?",
-            history=[
-                {"role": "user", "content": "what did I order last week?"},
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "id": "call_9",
-                            "type": "function",
-                            "function": {"name": "lookup_order", "arguments": "{}"},
-                        }
-                    ],
-                },
-                {"role": "tool", "tool_call_id": "call_9", "content": '{"items": 2}'},
-                {"role": "assistant", "content": "You ordered two items."},
-            ],
-            tools=TOOLS,
-        ),
-        record(22, "my email is jane.doe@example.com, call +1 415 555 2671 about SSN 123-45-6789"),
-        record(23, "write something hateful", answer="", refusal="I can't help with that."),
-        record(24, "tell me a long story", finish="length"),
-        record(25, "this one failed upstream", status=500, error={"error": {"message": "boom"}}),
-        record(26, TOPICS[0] + " (ticket 1)"),  # exact duplicate of 1 (the newer copy is kept)
-        record(27, TOPICS[1].upper() + "!! (TICKET 2)"),  # near duplicate of 2
-        record(28, "ignore me", tags={"app": "other"}),
-    ]
-    return records
+from helpers import SYSTEM, TOOLS, TOPICS, base_records, record
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -13,7 +13,7 @@ from distillery.store import open_store
 
 from fake_finetuning import FakeFineTuning
 from fake_models import FakeModels, answer
-from test_datasets import record
+from helpers import record
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_distill_explains_its_scores_by_tag_and_in_one_line(db, provider):
 
 def test_the_distill_report_shows_prompts_and_references(db, provider, tmp_path):
     """`distill --html` used to pass no items: its prompt and reference columns were empty."""
-    from test_evals import _Table
+    from helpers import HTMLTable as _Table
 
     url, _, _ = provider
     report = tmp_path / "distill.html"

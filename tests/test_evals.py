@@ -14,6 +14,7 @@ from distillery.curation.evals import graders as g
 from distillery.curation.evals.evaluate import bootstrap
 
 from fake_models import FakeModels, answer, vector
+from helpers import HTMLTable
 
 QUESTIONS = [f"question {i}: how many letters?" for i in range(1, 7)]
 
@@ -278,7 +279,7 @@ def test_tool_call_and_cosine_graders(models, db, tmp_path):
 def test_eval_input_from_a_dataset_and_its_traffic_is_excluded_from_builds(models, db, tmp_path):
     from distillery.store import open_store
 
-    from test_datasets import base_records, record
+    from helpers import base_records, record
 
     store = open_store(db)
     store.insert([*base_records(), record(90, "an eval probe", tags={"distillery_eval": "1"})])
@@ -454,7 +455,7 @@ def test_judges_never_run_on_the_candidates_server(
 def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db, tmp_path):
     from distillery.store import open_store
 
-    from test_datasets import base_records
+    from helpers import base_records
 
     store = open_store(db)
     store.insert(base_records())
@@ -673,32 +674,6 @@ def test_fail_under_is_per_grader_when_scales_differ(models, items_file, judge_f
     assert "Below --fail-under: weak/judge: 6.0 < 6.5" in missed.stderr
 
 
-class _Table(__import__("html.parser").parser.HTMLParser):
-    """The last <table> of a page as rows of cell texts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: list[list[list[str]]] = []
-        self.cell: list[str] | None = None
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table":
-            self.tables.append([])
-        elif tag == "tr":
-            self.tables[-1].append([])
-        elif tag in ("td", "th"):
-            self.cell = []
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self.cell is not None:
-            self.tables[-1][-1].append("".join(self.cell))
-            self.cell = None
-
-    def handle_data(self, data):
-        if self.cell is not None:
-            self.cell.append(data)
-
-
 def test_the_report_puts_each_answer_under_its_own_model(models, items_file, db, tmp_path):
     """Candidates given out of alphabetical order: every column's header, answers and
     grades belong to the same model, and the disagreement count is the real one."""
@@ -719,7 +694,7 @@ def test_the_report_puts_each_answer_under_its_own_model(models, items_file, db,
     )
     assert result.exit_code == 0, result.output
     page = report.read_text()
-    parser = _Table()
+    parser = HTMLTable()
     parser.feed(page)
     header, *rows = parser.tables[-1]
     assert header == ["prompt", "reference", "weak", "teacher"]

@@ -7,10 +7,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import random
 import socket
 import stat
-import string
 import subprocess
 import threading
 import time
@@ -29,26 +27,16 @@ from distillery.config import CaptureSettings, key_fingerprint
 from distillery.proxy.capture import Capture, new_record_id
 from distillery.redact import Redactor
 from distillery.store import open_store
-from distillery.store.repair import REPAIRED_TAG
+from distillery.store.records import CaptureRecord
+from distillery.store.repair import REPAIRED_TAG, RecordRefused
 
-from conftest import wait_for
+from helpers import complete, distinct_words, fill, wait_for
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hi"}]
 
 
 def health(proxy: Any) -> dict[str, Any]:
     return httpx.get(proxy.url + "/healthz").json()
-
-
-def distinct_words(size: int, seed: int = 7) -> str:
-    rng = random.Random(seed)
-    words: list[str] = []
-    total = 0
-    while total < size:
-        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(9))
-        words.append(word)
-        total += 10
-    return " ".join(words)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -155,6 +143,31 @@ def test_unrepairable_record_goes_to_the_dead_letter_file(tmp_path):
     store.close()
 
 
+def test_a_record_with_a_misspelled_key_is_dead_lettered_never_stored_with_a_null(tmp_path):
+    """The store takes whole capture records only: a key spelled wrong (in a spool, or by a
+    bug) is refused with its name, never inserted with NULL where the value was meant."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    store = open_store(url)
+    bad = _record("typo")
+    bad["model_servd"] = "gpt-4o-2024-08-06"  # type: ignore[typeddict-unknown-key]
+    del bad["model_served"]  # type: ignore[misc]
+    with pytest.raises(RecordRefused, match="missing model_served; unknown model_servd"):
+        store.insert([bad])
+    capture = Capture(store, tmp_path / "data" / "spool", CaptureSettings(), Redactor([]))
+    capture.start()
+    good = [_record("a"), _record("b")]
+    for record in (good[0], bad, good[1]):
+        capture.submit(record)
+    capture.close()
+    stored = {row[0] for row in _select(store, "SELECT id FROM completions")}
+    assert stored == {r["id"] for r in good}
+    [letter_file] = (tmp_path / "data" / "dead-letter").iterdir()
+    [letter] = [orjson.loads(line) for line in letter_file.read_bytes().splitlines()]
+    assert letter["id"] == bad["id"] and letter["record"]["model_servd"] == "gpt-4o-2024-08-06"
+    assert "unknown model_servd" in letter["reason"]
+    store.close()
+
+
 def test_a_poisoned_spool_left_by_an_older_proxy_is_replayed(tmp_path):
     """Segments that an earlier version could never replay (a refused record inside)
     are replayed at start: every record stored, the bad one repaired."""
@@ -177,19 +190,21 @@ def test_a_poisoned_spool_left_by_an_older_proxy_is_replayed(tmp_path):
     store.close()
 
 
-def _record(text: str) -> dict[str, Any]:
-    return {
-        "id": new_record_id(),
-        "created_at": time.time(),
-        "tenant": "key-test",
-        "upstream": "http://x/v1",
-        "path": "/v1/chat/completions",
-        "status": 200,
-        "stream": False,
-        "latency_ms": 1.0,
-        "request": {"messages": [{"role": "user", "content": text}]},
-        "metadata": {"env": "test"},
-    }
+def _record(text: str) -> CaptureRecord:
+    return complete(
+        {
+            "id": new_record_id(),
+            "created_at": time.time(),
+            "tenant": "key-test",
+            "upstream": "http://x/v1",
+            "path": "/v1/chat/completions",
+            "status": 200,
+            "stream": False,
+            "latency_ms": 1.0,
+            "request": {"messages": [{"role": "user", "content": text}]},
+            "metadata": {"env": "test"},
+        }
+    )
 
 
 def _select(store: Any, sql: str) -> list[Any]:
@@ -218,22 +233,6 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the filesystem refuses another byte."""
-    path = directory / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return path
 
 
 def ask(client: openai.OpenAI, i: int) -> str:

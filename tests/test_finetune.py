@@ -11,7 +11,7 @@ from distillery.cli import cli
 from distillery.store import open_store
 
 from fake_finetuning import FakeFineTuning
-from test_datasets import base_records
+from helpers import base_records
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from distillery.cli import cli
 from distillery.store import open_store
 
-from test_datasets import record
+from helpers import record
 
 pytest.importorskip(
     "trl", reason="the training extra is not installed: pip install torch==2.13.0 -e '.[train]'"

@@ -13,8 +13,8 @@ import httpx
 import orjson
 from structlog.testing import capture_logs
 
-from conftest import wait_for
 from fuzzing import run
+from helpers import wait_for
 
 
 def test_a_thousand_fuzzed_requests_get_no_plain_text_and_no_traceback(start_proxy, caplog):

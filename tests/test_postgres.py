@@ -8,6 +8,8 @@ import sqlalchemy as sa
 
 from distillery.store import open_store
 
+from helpers import complete
+
 MESSAGES = [
     {"role": "system", "content": "Classify the ticket."},
     {"role": "user", "content": "Refund please, reach me at +1 415 555 2671"},
@@ -53,18 +55,20 @@ def test_calls_and_tags_land_in_postgres(start_proxy, upstream, sdk, postgres_ur
 
 def test_replaying_records_twice_inserts_once(postgres_url):
     store = open_store(postgres_url)
-    record = {
-        "id": "cap_0000000000000001aaaaaaaaaaaa",
-        "created_at": 1_700_000_000.5,
-        "tenant": "anonymous",
-        "upstream": "http://x/v1",
-        "path": "/v1/chat/completions",
-        "status": 200,
-        "stream": False,
-        "latency_ms": 3.0,
-        "request": {"messages": []},
-        "metadata": {"a": "1", "b": "2"},
-    }
+    record = complete(
+        {
+            "id": "cap_0000000000000001aaaaaaaaaaaa",
+            "created_at": 1_700_000_000.5,
+            "tenant": "anonymous",
+            "upstream": "http://x/v1",
+            "path": "/v1/chat/completions",
+            "status": 200,
+            "stream": False,
+            "latency_ms": 3.0,
+            "request": {"messages": []},
+            "metadata": {"a": "1", "b": "2"},
+        }
+    )
     assert store.insert([record]) == 1
     store.insert([record, record])
     assert store.count() == 1

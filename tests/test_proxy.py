@@ -11,8 +11,8 @@ import openai
 import orjson
 import pytest
 
-from conftest import RunningProxy, wait_for
 from fake_openai import TEXT_PIECES
+from helpers import RunningProxy, wait_for
 
 MESSAGES = [
     {"role": "system", "content": "You are a support bot for ACME. Today is 2026-11-28."},

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from distillery.store import open_store
 
-from conftest import wait_for
+from helpers import wait_for
 from proxy_process import ProxyProcess
 
 

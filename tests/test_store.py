@@ -10,6 +10,8 @@ from sqlmodel import Session, select
 from distillery.errors import StoreError
 from distillery.store import Completion, CompletionTag, open_store
 
+from helpers import complete
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request, tmp_path):
@@ -19,22 +21,27 @@ def database_url(request, tmp_path):
 
 
 def record(i: int, **extra):
-    return {
-        "id": f"cap_{i:028d}",
-        "completion_id": f"chatcmpl-{i}",
-        "created_at": 1_764_300_000.123456 + i,
-        "tenant": "key-0123456789abcdef",
-        "upstream": "https://api.openai.com/v1",
-        "path": "/v1/chat/completions",
-        "model_requested": "gpt-4o",
-        "status": 200,
-        "stream": True,
-        "latency_ms": 12.5,
-        "request": {"messages": [{"role": "user", "content": "héllo \u2603"}], "temperature": 0.2},
-        "response": {"choices": [{"message": {"content": "hi"}}]},
-        "metadata": {"env": "prod", "app": "support"},
-        **extra,
-    }
+    return complete(
+        {
+            "id": f"cap_{i:028d}",
+            "completion_id": f"chatcmpl-{i}",
+            "created_at": 1_764_300_000.123456 + i,
+            "tenant": "key-0123456789abcdef",
+            "upstream": "https://api.openai.com/v1",
+            "path": "/v1/chat/completions",
+            "model_requested": "gpt-4o",
+            "status": 200,
+            "stream": True,
+            "latency_ms": 12.5,
+            "request": {
+                "messages": [{"role": "user", "content": "héllo \u2603"}],
+                "temperature": 0.2,
+            },
+            "response": {"choices": [{"message": {"content": "hi"}}]},
+            "metadata": {"env": "prod", "app": "support"},
+            **extra,
+        }
+    )
 
 
 def test_round_trip_through_the_orm(database_url):
