@@ -125,7 +125,7 @@ def distill(
     from distillery.curation import distill as loop
     from distillery.curation.endpoints import Endpoint
     from distillery.curation.evals.generate import Candidate
-    from distillery.curation.evals.graders import load_graders
+    from distillery.curation.evals.graders import load_all
     from distillery.curation.training.backends import Hyperparameters
     from distillery.store import evals
 
@@ -134,7 +134,7 @@ def distill(
     if by_tag is not None and not by_tag.startswith("tag:"):
         raise click.UsageError("--by takes tag:KEY, e.g. --by tag:app.")
     settings = load_settings(config, {"storage.database_url": database_url})
-    graders = [g for spec in grader_specs for g in load_graders(spec)]
+    graders = load_all(grader_specs)
     limits = thresholds(fail_under, graders)
     endpoint = Endpoint.from_env("default", base_url, api_key_env)
     hyper = Hyperparameters(

@@ -210,7 +210,7 @@ def run_command(
     from distillery.curation.evals import evaluate
     from distillery.curation.evals import items as eval_items
     from distillery.curation.evals.generate import Candidate, Generator
-    from distillery.curation.evals.graders import Context, load_graders
+    from distillery.curation.evals.graders import Context, load_all
     from distillery.store import evals
 
     sources = [bool(dataset_ref), bool(jsonl), where]
@@ -219,16 +219,8 @@ def run_command(
     if by_tag is not None and not by_tag.startswith("tag:"):
         raise click.UsageError("--by takes tag:KEY, e.g. --by tag:app.")
     settings = load_settings(config, {"storage.database_url": database_url})
-    try:
-        graders = [g for spec in grader_specs for g in load_graders(spec)]
-    except DistilleryError as exc:
-        raise click.ClickException(str(exc)) from None
-    names = [g.name for g in graders]
+    graders = load_all(grader_specs)
     limits = thresholds(fail_under, graders)
-    if len(set(names)) != len(names):
-        raise click.UsageError(
-            f"Two graders share a name ({', '.join(sorted(n for n in names if names.count(n) > 1))}): name them apart."
-        )
     default = Endpoint.from_env("default", base_url, api_key_env)
     # A configured endpoint without api_key_env is keyless: it never gets OPENAI_API_KEY.
     endpoints = {

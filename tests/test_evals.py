@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from distillery.cli import cli
 from distillery.curation.evals import graders as g
+from distillery.curation.evals import metrics
 from distillery.curation.evals.evaluate import bootstrap
 
 from fake_models import FakeModels, answer, vector
@@ -335,22 +336,22 @@ def test_eval_input_from_a_dataset_and_its_traffic_is_excluded_from_builds(model
 
 
 def test_text_metrics_by_hand():
-    assert g.bleu("the cat sat on the mat", "the cat sat on the mat") == 1.0
-    assert g.bleu("", "anything") == 0.0 and g.bleu("", "") == 1.0
-    assert g.rouge_n("a b c", "a b d", 1) == pytest.approx(2 / 3)
-    assert g.rouge_n("a b c", "a b d", 2) == pytest.approx(0.5)
-    assert g.rouge_l("a b c d", "a c d") == pytest.approx(2 * (3 / 4) * 1 / (3 / 4 + 1))
-    assert g.rouge_l("", "x") == 0.0
-    assert g.tokens("Héllo, wörld! 東京") == ["héllo", "wörld", "東京"]
+    assert metrics.bleu("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert metrics.bleu("", "anything") == 0.0 and metrics.bleu("", "") == 1.0
+    assert metrics.rouge_n("a b c", "a b d", 1) == pytest.approx(2 / 3)
+    assert metrics.rouge_n("a b c", "a b d", 2) == pytest.approx(0.5)
+    assert metrics.rouge_l("a b c d", "a c d") == pytest.approx(2 * (3 / 4) * 1 / (3 / 4 + 1))
+    assert metrics.rouge_l("", "x") == 0.0
+    assert metrics.tokens("Héllo, wörld! 東京") == ["héllo", "wörld", "東京"]
     long = "word " * 20_000
-    assert g.rouge_l(long, long) == 1.0  # capped, still exact
-    assert 0 < g.bleu("the cat sat", "the cat sat on the mat") < 1  # brevity penalty
+    assert metrics.rouge_l(long, long) == 1.0  # capped, still exact
+    assert 0 < metrics.bleu("the cat sat", "the cat sat on the mat") < 1  # brevity penalty
 
 
 def test_json_parsing_and_bootstrap():
-    assert g.parse_json('```json\n{"a": 1}\n```') == {"a": 1}
+    assert metrics.parse_json('```json\n{"a": 1}\n```') == {"a": 1}
     with pytest.raises(ValueError):
-        g.parse_json("not json")
+        metrics.parse_json("not json")
     mean, low, high = bootstrap([1, 0, 1, 1, 0, 1, 1, 1])
     assert (
         mean == 0.75
@@ -507,7 +508,7 @@ def test_yaml_grader_file(models, items_file, db, tmp_path):
         "--json",
     )
     stats = json.loads(result.output)["summary"]["candidates"]["weak"]["graders"]["close"]
-    wrong = [g.rouge_n("I don't know.", answer(q), 1) for q in QUESTIONS[::2]]
+    wrong = [metrics.rouge_n("I don't know.", answer(q), 1) for q in QUESTIONS[::2]]
     assert stats["mean"] == round((3 + sum(wrong)) / 6, 4) and stats["pass_rate"] == 0.5
 
 
@@ -762,3 +763,99 @@ def test_model_hash_follows_the_files(tmp_path):
     (tmp_path / "two" / "model.safetensors").write_bytes(b"weightz")
     assert model_hash(tmp_path / "one") != model_hash(tmp_path / "two")
     assert model_hash(tmp_path / "no-such-dir") != model_hash(tmp_path / "other-name")
+
+
+@pytest.fixture
+def grader_registry(monkeypatch):
+    """The grader types a test registers are its own: the registry is put back after."""
+    saved = dict(g.TYPES)
+    yield g.TYPES
+    g.TYPES.clear()
+    g.TYPES.update(saved)
+
+
+KEYWORD_PLUGIN = """
+from distillery.curation.evals.graders import Grade, NoGrade, register
+
+
+@register("keyword")
+async def keyword(grader, sample):
+    words = grader.options.get("words") or ["answer"]
+    text = sample.generation.text.lower()
+    if not text:
+        raise NoGrade("an empty answer")
+    hits = sum(word in text for word in words)
+    return Grade(hits / len(words), hits == len(words), f"{hits} of {len(words)} words")
+"""
+
+
+def test_a_grader_type_of_your_own_from_a_grader_file(
+    models, items_file, db, tmp_path, grader_registry
+):
+    """A module named in a grader file's `plugins` registers a type; its scores are the
+    ones its function returns (teacher: every answer says "answer"; weak: 3 of 6)."""
+    (tmp_path / "keyword_graders.py").write_text(KEYWORD_PLUGIN)
+    spec = tmp_path / "mine.toml"
+    spec.write_text(
+        'plugins = ["keyword_graders.py"]\n\n[[graders]]\nname = "mentions"\ntype = "keyword"\n'
+        'words = ["answer"]\npass_threshold = 1\n'
+    )
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "teacher",
+        "--model",
+        "weak",
+        *on(models),
+        "--grader",
+        str(spec),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    candidates = json.loads(result.output)["summary"]["candidates"]
+    assert candidates["teacher"]["graders"]["mentions"]["mean"] == 1.0
+    assert candidates["weak"]["graders"]["mentions"]["mean"] == 0.5
+    assert candidates["weak"]["graders"]["mentions"]["pass_rate"] == 0.5
+    assert candidates["weak"]["graders"]["mentions"]["scale"] == [0.0, 1.0]
+
+
+def test_a_grader_type_from_an_entry_point_is_a_grader_name(
+    models, items_file, db, tmp_path, grader_registry, monkeypatch
+):
+    """A package's `distillery.graders` entry point registers its types on first use;
+    `--grader TYPE` then names one, like a built-in."""
+    from importlib.metadata import EntryPoint
+
+    (tmp_path / "keyword_entry.py").write_text(KEYWORD_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(
+        g,
+        "entry_points",
+        lambda group: (
+            [EntryPoint("keyword", "keyword_entry", group)] if group == "distillery.graders" else []
+        ),
+    )
+    monkeypatch.setattr(g, "_plugins_loaded", False)
+    result = eval_run(
+        db,
+        "--file",
+        str(items_file),
+        "--model",
+        "weak",
+        *on(models),
+        "--grader",
+        "keyword",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    weak = json.loads(result.output)["summary"]["candidates"]["weak"]["graders"]
+    assert weak["keyword"]["mean"] == 0.5 and weak["keyword"]["n"] == 6
+
+
+def test_two_graders_under_one_name_are_refused(db, tmp_path):
+    result = eval_run(
+        db, "--file", __file__, "--model", "m", "--grader", "exact", "--grader", "exact"
+    )
+    assert result.exit_code == 1 and "Two graders share a name (exact)" in result.output

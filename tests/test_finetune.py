@@ -227,3 +227,137 @@ def test_a_dataset_below_the_providers_minimum_is_refused_before_upload(api, tmp
     assert result.exit_code == 1
     assert "has 5 examples; OpenAI's fine-tuning API needs at least 10" in result.output
     assert api.files == {} and api.created == []
+
+
+@pytest.fixture
+def backend_registry():
+    """Backends a test registers are its own: the registry is put back after."""
+    from distillery.curation.training import backends
+
+    backends.names()  # the built-ins, loaded before the snapshot
+    saved = dict(backends._REGISTRY)
+    yield backends
+    backends._REGISTRY.clear()
+    backends._REGISTRY.update(saved)
+
+
+def test_the_memory_backend_runs_a_job_through_the_cli(db):
+    """`--backend memory` trains nothing and needs no API: the same job row, events and
+    states as any backend, in one process."""
+    created = ft(
+        db,
+        None,
+        "create",
+        "--dataset",
+        "support",
+        "--backend",
+        "memory",
+        "--base-model",
+        "tiny",
+        "--epochs",
+        "2",
+    )
+    assert created.exit_code == 0, created.output
+    job_id = created.output.strip().splitlines()[-1]
+    watched = ft(db, None, "watch", job_id, "--interval", "0.01")
+    assert watched.exit_code == 0, watched.output
+    assert "Training started" in watched.output and "Training finished" in watched.output
+    status = ft(db, None, "status", job_id, "--json")
+    job = json.loads(status.output)
+    assert job["backend"] == "memory" and job["status"] == "succeeded"
+    assert job["fine_tuned_model"] == f"ft:tiny:{job_id}"
+    assert job["hyperparameters"] == {"epochs": 2}
+    assert job["dataset"] == "support" and job["dataset_version"] == 1
+
+
+def test_a_backend_of_your_own(db, backend_registry):
+    """A class with name, local_models, start, state, events, cancel and close is a
+    backend; registered under a name, `--backend NAME` uses it."""
+    from distillery.curation.training.backends import FineTuneBackend, Started
+
+    seen = []
+
+    class Recorder:
+        name = "recorder"
+        local_models = False
+
+        def start(self, spec):
+            seen.append(spec)
+            return Started("rec-1", "running", "http://recorder.test", spec.hyperparameters.given())
+
+        def state(self, job):
+            return {
+                "status": "succeeded",
+                "fine_tuned_model": "rec-model",
+                "metrics": {},
+                "error": None,
+            }
+
+        def events(self, job):
+            return [{"id": "1", "level": "info", "message": "recorded", "data": {}}]
+
+        def cancel(self, job):
+            return "cancelled"
+
+        def close(self):
+            pass
+
+    assert isinstance(Recorder(), FineTuneBackend)
+    backend_registry.register("recorder", lambda context: Recorder())
+    created = ft(
+        db,
+        None,
+        "create",
+        "--dataset",
+        "support",
+        "--backend",
+        "recorder",
+        "--base-model",
+        "b",
+        "--batch-size",
+        "4",
+    )
+    assert created.exit_code == 0, created.output
+    [spec] = seen
+    assert spec.label == "support@1" and spec.dataset["train_examples"] > 0
+    job_id = created.output.strip().splitlines()[-1]
+    job = json.loads(ft(db, None, "status", job_id, "--json").output)
+    assert (job["backend"], job["provider_job_id"], job["base_url"]) == (
+        "recorder",
+        "rec-1",
+        "http://recorder.test",
+    )
+    assert job["status"] == "succeeded" and job["hyperparameters"] == {"batch_size": 4}
+
+
+def test_an_unknown_backend_names_the_ones_there_are(db):
+    result = ft(
+        db, None, "create", "--dataset", "support", "--backend", "nope", "--base-model", "b"
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "No fine-tuning backend 'nope': use one of local, memory, openai" in result.output
+
+
+def test_start_job_and_wait_record_a_failed_job_with_its_reason(db):
+    from distillery.curation.training.backends import JobSpec, new_job_id
+    from distillery.curation.training.jobs import start_job, wait
+    from distillery.curation.training.memory import InMemoryBackend
+    from distillery.store import datasets, finetunes
+
+    store = open_store(db)
+    version = datasets.latest(store, "support")
+    assert version is not None
+    backend = InMemoryBackend()
+    job = start_job(store, backend, JobSpec(new_job_id(), version, "will-fail"))
+    assert finetunes.get(store, job["id"])["status"] == "queued"
+    events = []
+    job = wait(store, job, backend, 0.0, events.append)
+    assert job["status"] == "failed" and job["error"]["code"] == "memory_failure"
+    stored = finetunes.get(store, job["id"])
+    assert stored["status"] == "failed" and stored["error"] == job["error"]
+    assert [e["message"] for e in events] == [
+        "Created job on support@1",
+        "Training started",
+        "Training failed",
+    ]
+    store.close()
