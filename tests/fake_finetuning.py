@@ -16,6 +16,8 @@ T = 1_700_000_000
 
 
 class FakeFineTuning:
+    url: str  # set by the test that serves it
+
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -34,7 +36,8 @@ class FakeFineTuning:
     async def upload(self, request: web.Request) -> web.Response:
         form = await request.post()
         field = form["file"]
-        content = field.file.read()  # type: ignore[union-attr]
+        assert isinstance(field, web.FileField)
+        content = field.file.read()
         file_id = f"file-{next(self.counter)}"
         self.files[file_id] = content
         return web.json_response(
@@ -47,7 +50,7 @@ class FakeFineTuning:
                 "purpose": form["purpose"],
                 "status": "processed",
             }
-        )  # type: ignore[union-attr]
+        )
 
     def _job(self, job: dict[str, Any]) -> dict[str, Any]:
         return {key: value for key, value in job.items() if not key.startswith("_")}

@@ -29,6 +29,8 @@ def vector(text: str) -> list[float]:
 
 
 class FakeModels:
+    url: str  # set by the test that serves it
+
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.seen_429: set[str] = set()
@@ -116,7 +118,7 @@ class FakeModels:
             if number % 2:
                 message["content"] = "I don't know."
         elif model == "tools":
-            number = re.search(r"(\d+)", user).group(1)  # type: ignore[union-attr]
+            found = re.search(r"(\d+)", user).group(1)  # type: ignore[union-attr]
             message = {
                 "role": "assistant",
                 "content": None,
@@ -126,7 +128,7 @@ class FakeModels:
                         "type": "function",
                         "function": {
                             "name": "lookup",
-                            "arguments": f'{{"verbose": false, "id": {number}}}',
+                            "arguments": f'{{"verbose": false, "id": {found}}}',
                         },
                     }
                 ],

@@ -46,7 +46,8 @@ def _usage(prompt: int = 9, completion: int = 12) -> dict[str, Any]:
 async def openai_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Unknown routes and methods answer in OpenAI's error JSON, as OpenAI does."""
     try:
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

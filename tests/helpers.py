@@ -228,7 +228,7 @@ def record(
     message = {"role": "assistant", "content": answer, "refusal": refusal}
     if tool_calls:
         message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
-    request = {
+    request: dict[str, Any] = {
         "model": "gpt-4o",
         "messages": [
             {"role": "system", "content": system},

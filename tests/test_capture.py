@@ -7,12 +7,14 @@ import os
 import signal
 import sqlite3
 import time
+from typing import Any
 
 import httpx
 import openai
 import orjson
 import pytest
 import sqlalchemy as sa
+from openai.types.chat import ChatCompletionMessageParam
 
 from distillery.config import CaptureSettings
 from distillery.proxy.capture import Capture, new_record_id, read_segment
@@ -22,11 +24,14 @@ from distillery.store import open_store
 from helpers import complete, wait_for
 from proxy_process import ProxyProcess
 
-MESSAGES = [{"role": "system", "content": "Answer briefly."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "system", "content": "Answer briefly."}]
 
 
 def ask(client: openai.OpenAI, i: int, stream: bool) -> str:
-    messages = [*MESSAGES, {"role": "user", "content": f"question {i}"}]
+    messages: list[ChatCompletionMessageParam] = [
+        *MESSAGES,
+        {"role": "user", "content": f"question {i}"},
+    ]
     if stream:
         chunks = list(
             client.chat.completions.create(model="fake-model", messages=messages, stream=True)
@@ -58,7 +63,7 @@ def test_database_down_spools_then_replays_exactly_once(start_proxy, upstream, t
     ids = [ask(client, i, stream=bool(i % 2)) for i in range(1, 31)]
     # One snapshot: the writer's read-only probe can see the locked database as back for a
     # moment (WAL lets readers past the lock) before the next write fails again.
-    snapshots: list[dict] = []
+    snapshots: list[dict[str, Any]] = []
 
     def down() -> bool:
         snapshots.append(httpx.get(proxy.url + "/healthz").json())
@@ -138,6 +143,7 @@ def database_url(request, tmp_path):
     return request.getfixturevalue("postgres_url")
 
 
+@pytest.mark.slow
 def test_kill_9_loses_no_delivered_response(upstream, tmp_path, unused_tcp_port, database_url, sdk):
     """Every response a client fully received survives SIGKILL: the next start replays
     the spool.  The database is held locked while the calls run, so the records can only
@@ -169,12 +175,12 @@ def _lock_database(database_url: str):
     """Make the database refuse writes; returns a function that undoes it."""
     if database_url.startswith("sqlite"):
         path = database_url.removeprefix("sqlite:///")
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("BEGIN EXCLUSIVE")
+        lite = sqlite3.connect(path, isolation_level=None)
+        lite.execute("BEGIN EXCLUSIVE")
 
         def release() -> None:
-            conn.execute("ROLLBACK")
-            conn.close()
+            lite.execute("ROLLBACK")
+            lite.close()
 
         return release
     store = open_store(database_url)
@@ -190,6 +196,7 @@ def _lock_database(database_url: str):
     return release_pg
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_loses_nothing(upstream, tmp_path, unused_tcp_port):
     """SIGTERM mid-load: in-flight calls finish, everything answered is stored once."""
     database_url = f"sqlite:///{tmp_path / 'term.db'}"
@@ -203,7 +210,7 @@ def test_sigterm_under_load_loses_nothing(upstream, tmp_path, unused_tcp_port):
         answered: list[str] = []
 
         async def one(i: int) -> None:
-            messages = [{"role": "user", "content": f"load {i}"}]
+            messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"load {i}"}]
             try:
                 if i % 2:
                     stream = await client.chat.completions.create(
@@ -254,6 +261,7 @@ def test_spool_files_are_private(start_proxy, upstream, tmp_path, sdk):
     assert os.environ["DISTILLERY_DATA_DIR"] == str(tmp_path / "data")
 
 
+@pytest.mark.slow
 def test_ready_is_logged_once_bound_and_a_taken_port_never_says_ready(
     upstream, tmp_path, unused_tcp_port
 ):

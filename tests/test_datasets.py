@@ -171,6 +171,7 @@ def test_incremental_builds_add_only_new_calls(db, tmp_path):
     assert [d["version"] for d in json.loads(run(db, "list", "--json").output)] == [2]
 
 
+@pytest.mark.slow
 def test_concurrent_incremental_builds_never_double_count(db, tmp_path):
     command = [
         sys.executable,
@@ -345,6 +346,7 @@ def test_dataset_errors_name_the_fix(db, args, message):
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_parallel_workers_build_the_same_dataset(db, tmp_path, monkeypatch):
     """Slicing the calls across worker processes changes nothing in the result."""
     from distillery.curation.datasets import build as build_module
@@ -359,6 +361,7 @@ def test_parallel_workers_build_the_same_dataset(db, tmp_path, monkeypatch):
     monkeypatch.setattr(build_module, "PARALLEL_FROM", 1)
     parallel = build_module.build(store, options, tmp_path / "parallel", workers=3)
     store.close()
+    assert parallel.version is not None and serial.version is not None
     assert parallel.version["manifest"]["counts"] == serial.version["manifest"]["counts"]
     assert parallel.version["content_hash"] == serial.version["content_hash"]
 
@@ -579,6 +582,7 @@ def test_validate_counts_with_the_encoding_it_is_given(tmp_path):
     assert report["errors"] == {f"example is longer than {real - 1} tokens": 10}
 
 
+@pytest.mark.slow
 def test_tokens_can_be_counted_with_the_students_tokenizer(db, tmp_path):
     """With --tokenizer the build counts with a real tokenizer (the student's chat template
     included), and the manifest says so; a directory without one is a clean error."""

@@ -22,7 +22,7 @@ def provider(servers):
     tuning, models = FakeFineTuning(), FakeModels()
     app = web.Application()
     for route in list(tuning.app.router.routes()) + list(models.app.router.routes()):
-        if route.method != "HEAD":
+        if route.method != "HEAD" and route.resource is not None:
             app.router.add_route(route.method, route.resource.canonical, route.handler)
     url, _ = servers.serve(app)
     return url + "/v1", tuning, models

@@ -21,6 +21,7 @@ import openai
 import orjson
 import pytest
 import sqlalchemy as sa
+from openai.types.chat import ChatCompletionMessageParam
 from structlog.testing import capture_logs
 
 from distillery.config import CaptureSettings, key_fingerprint
@@ -36,7 +37,8 @@ MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "
 
 
 def health(proxy: Any) -> dict[str, Any]:
-    return httpx.get(proxy.url + "/healthz").json()
+    body: dict[str, Any] = httpx.get(proxy.url + "/healthz").json()
+    return body
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -128,7 +130,7 @@ def test_unrepairable_record_goes_to_the_dead_letter_file(tmp_path):
     capture = Capture(store, tmp_path / "data" / "spool", CaptureSettings(), Redactor([]))
     capture.start()
     records = [_record(f"m{i}") for i in range(5)]
-    records[2]["created_at"] = "not a time"  # no repair fixes a timestamp
+    records[2]["created_at"] = "not a time"  # type: ignore[typeddict-item]  # no repair fixes a timestamp
     for record in records:
         capture.submit(record)
     capture.close()
@@ -174,7 +176,7 @@ def test_a_poisoned_spool_left_by_an_older_proxy_is_replayed(tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()
     records = [_record(f"s{i}") for i in range(3)]
-    records[1]["metadata"] = {"note": {"nested": True}}
+    records[1]["metadata"] = {"note": {"nested": True}}  # type: ignore[dict-item]
     (spool / "999-abcdef-00000001.jsonl").write_bytes(
         b"".join(orjson.dumps(r) + b"\n" for r in records)
     )
@@ -236,7 +238,10 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 def ask(client: openai.OpenAI, i: int) -> str:
-    messages = [*MESSAGES[:1], {"role": "user", "content": f"disk {i}"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": f"disk {i}"},
+    ]
     if i % 2:
         chunks = client.chat.completions.create(model="fake-model", messages=messages, stream=True)
         ids = [chunk.id for chunk in chunks]  # read to the end: the call completes
@@ -534,6 +539,7 @@ def test_an_answer_nested_too_deep_to_serialise_is_relayed_and_stored_as_text(
 # -- streams, disconnects, shutdown ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_32000_delta_stream_is_relayed_byte_for_byte_and_reassembled(start_proxy, upstream, sdk):
     proxy = start_proxy()
     body = {"model": "fake-many", "messages": MESSAGES, "stream": True}
@@ -567,12 +573,13 @@ def test_a_client_leaving_before_a_json_answer_is_stored_as_such(start_proxy, up
     assert any(e["event"].startswith("client went away") for e in logs)
 
 
+@pytest.mark.slow
 def test_a_stream_outliving_shutdown_is_still_recorded(servers, upstream, tmp_path):
     """The shutdown timeout cancels a stream that will not end; its row says so."""
     from distillery.config import Settings
     from distillery.proxy.server import open_capture_store
 
-    from conftest import RunningProxy
+    from helpers import RunningProxy
 
     upstream.slow_seconds = 60
     settings = Settings.model_validate(

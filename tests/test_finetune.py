@@ -339,7 +339,7 @@ def test_an_unknown_backend_names_the_ones_there_are(db):
 
 
 def test_start_job_and_wait_record_a_failed_job_with_its_reason(db):
-    from distillery.curation.training.backends import JobSpec, new_job_id
+    from distillery.curation.training.backends import JobEvent, JobSpec, new_job_id
     from distillery.curation.training.jobs import start_job, wait
     from distillery.curation.training.memory import InMemoryBackend
     from distillery.store import datasets, finetunes
@@ -349,11 +349,13 @@ def test_start_job_and_wait_record_a_failed_job_with_its_reason(db):
     assert version is not None
     backend = InMemoryBackend()
     job = start_job(store, backend, JobSpec(new_job_id(), version, "will-fail"))
-    assert finetunes.get(store, job["id"])["status"] == "queued"
-    events = []
+    queued = finetunes.get(store, job["id"])
+    assert queued is not None and queued["status"] == "queued"
+    events: list[JobEvent] = []
     job = wait(store, job, backend, 0.0, events.append)
-    assert job["status"] == "failed" and job["error"]["code"] == "memory_failure"
+    assert job["status"] == "failed" and (job["error"] or {}).get("code") == "memory_failure"
     stored = finetunes.get(store, job["id"])
+    assert stored is not None
     assert stored["status"] == "failed" and stored["error"] == job["error"]
     assert [e["message"] for e in events] == [
         "Created job on support@1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -17,6 +18,10 @@ from helpers import record
 pytest.importorskip(
     "trl", reason="the training extra is not installed: pip install torch==2.13.0 -e '.[train]'"
 )
+
+
+# Real processes (proxy workers, trainers): seconds each, so out of the fast loop.
+pytestmark = pytest.mark.slow
 
 
 def build(directory: Path, texts: list[str]) -> Path:
@@ -199,7 +204,7 @@ def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path):
     from distillery.curation.training.trainer import choose_settings
 
     model = build(tmp_path / "student", ["hello there", "the answer is 42"] * 10)
-    job = {"base_model": str(model), "hyperparameters": {}, "lora": None}
+    job: dict[str, Any] = {"base_model": str(model), "hyperparameters": {}, "lora": None}
     scratch = choose_settings(job, 280, True, False)
     assert scratch["profile"].startswith("randomly initialised") and scratch["method"] == "full"
     assert scratch["batch_size"] == 8 and 10_000 < scratch["parameters"] < 30_000_000

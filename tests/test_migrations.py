@@ -83,6 +83,7 @@ def test_db_status_and_upgrade(url):
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_concurrent_migrators_do_not_collide(url):
     """Several processes starting at once on an empty database: one migrates, none fails."""
     script = (

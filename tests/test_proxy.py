@@ -10,6 +10,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from fake_openai import TEXT_PIECES
 from helpers import RunningProxy, wait_for
@@ -157,7 +158,9 @@ def test_async_client_concurrent_calls_all_stored(start_proxy, upstream):
         async with client:
 
             async def one(i: int) -> str:
-                messages = [{"role": "user", "content": f"question {i}"}]
+                messages: list[ChatCompletionMessageParam] = [
+                    {"role": "user", "content": f"question {i}"}
+                ]
                 if i % 2:
                     stream = await client.chat.completions.create(
                         model="fake-model", messages=messages, stream=True
@@ -303,6 +306,7 @@ def test_unreachable_upstream_is_502_and_timeout_is_504(
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model="fake-model", messages=MESSAGES)
     assert err.value.status_code == 502
+    assert isinstance(err.value.body, dict)
     assert err.value.body["code"] == "upstream_unreachable"
 
     upstream.slow_seconds = 2.0
@@ -311,7 +315,7 @@ def test_unreachable_upstream_is_502_and_timeout_is_504(
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model="fake-slow", messages=MESSAGES)
     assert err.value.status_code == 504
-    assert err.value.body["type"] == "upstream_error"
+    assert isinstance(err.value.body, dict) and err.value.body["type"] == "upstream_error"
     # Both calls were valid requests, so both are stored (the two proxies share a file).
     rows = slow.wait_stored(2)
     assert [row["status"] for row in rows] == [502, 504]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from distillery.redact import Redactor
@@ -51,7 +53,11 @@ def test_identifier_fields_are_not_scanned_but_text_is():
 
 
 def test_structures_keep_keys_numbers_and_shape():
-    value = {"messages": [{"role": "user", "content": "me@x.io"}], "n": 5555555555, "ok": True}
+    value: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "me@x.io"}],
+        "n": 5555555555,
+        "ok": True,
+    }
     assert DEFAULT(value) == {
         "messages": [{"role": "user", "content": "[REDACTED:email]"}],
         "n": 5555555555,

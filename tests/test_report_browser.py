@@ -14,6 +14,11 @@ from pathlib import Path
 import pytest
 
 from distillery.curation.evals.report import render
+from distillery.store.records import CandidateSummary, EvalRunRecord, GraderStats
+
+# Real processes (proxy workers, trainers): seconds each, so out of the fast loop.
+pytestmark = pytest.mark.slow
+
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = [
@@ -41,8 +46,8 @@ document.body.setAttribute("data-clipped", JSON.stringify(clipped));
 </script></body>"""
 
 
-def candidate(mean: float | None, cost: float, errors: int = 0) -> dict:
-    stats = {
+def candidate(mean: float | None, cost: float, errors: int = 0) -> CandidateSummary:
+    stats: GraderStats = {
         "mean": mean,
         "ci_low": None if mean is None else max(0.0, mean - 1.5),
         "ci_high": None if mean is None else min(10.0, mean + 1.5),
@@ -67,19 +72,19 @@ def candidate(mean: float | None, cost: float, errors: int = 0) -> dict:
 
 def browser(*args: str, user_data: Path) -> str:
     done = subprocess.run(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={user_data}", *args],
+        [str(CHROMIUM), *FLAGS, f"--user-data-dir={user_data}", *args],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    return done.stdout
+    return str(done.stdout)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install chromium")
 def test_the_report_draws_nothing_outside_its_charts(tmp_path):
     """Long candidate names, intervals at the top of the scale, a candidate without a score
     and points at the right edge: every label stays inside its chart."""
-    run = {
+    run: EvalRunRecord = {
         "id": "eval_browser",
         "config": {"source": "support@3 (distill)", "reference_models": {"gpt-4o": 6}},
         "summary": {

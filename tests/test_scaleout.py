@@ -8,12 +8,17 @@ import socket
 
 import httpx
 import openai
+import pytest
 import sqlalchemy as sa
+from openai.types.chat import ChatCompletionMessageParam
 
 from distillery.store import open_store
 
 from helpers import wait_for
 from proxy_process import ProxyProcess
+
+# Real processes (proxy workers, trainers): seconds each, so out of the fast loop.
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -37,7 +42,9 @@ async def drive(urls: list[str], start: int, count: int, answered: list[str]) ->
 
     async def one(i: int) -> None:
         client = clients[i % len(clients)]
-        messages = [{"role": "user", "content": f"scale-out call {i}"}]
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": f"scale-out call {i}"}
+        ]
         try:
             if i % 2:
                 stream = await client.chat.completions.create(

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import orjson
 import pytest
 
 from distillery.proxy.stream import StreamAssembler, StreamRelay
 
 
-def event(payload: dict | str, sep: bytes = b"\n\n") -> bytes:
+def event(payload: dict[str, Any] | str, sep: bytes = b"\n\n") -> bytes:
     data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
     return b"data: " + data + sep
 
 
-def chunk(content: str | None = None, finish: str | None = None, **extra) -> dict:
+def chunk(content: str | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
     delta = {} if content is None else {"content": content}
     body = {
         "id": "chatcmpl-1",
@@ -38,7 +40,7 @@ def test_relay_forwards_same_bytes_whatever_the_chunking(size):
     assert b"[DONE]" not in out  # held back until the call is captured
     assert out + relay.finish() == raw
     assert relay.done
-    assert relay.assembler.result()["choices"][0]["message"]["content"] == "Hello"
+    assert (relay.assembler.result() or {})["choices"][0]["message"]["content"] == "Hello"
 
 
 def test_relay_handles_crlf_comments_and_multiline_data():
@@ -50,7 +52,7 @@ def test_relay_handles_crlf_comments_and_multiline_data():
     )
     relay = StreamRelay(strip_usage=False)
     assert relay.feed(raw) + relay.finish() == raw
-    assert relay.assembler.result()["choices"][0]["message"]["content"] == "x"
+    assert (relay.assembler.result() or {})["choices"][0]["message"]["content"] == "x"
 
 
 def test_strip_usage_removes_exactly_what_include_usage_added():
@@ -68,7 +70,7 @@ def test_strip_usage_removes_exactly_what_include_usage_added():
     relay = StreamRelay(strip_usage=True)
     out = relay.feed(b"".join(event(c) for c in with_usage) + event("[DONE]")) + relay.finish()
     assert out == without
-    assert relay.assembler.result()["usage"]["total_tokens"] == 3
+    assert (relay.assembler.result() or {})["usage"]["total_tokens"] == 3
 
 
 def test_strip_usage_falls_back_to_reserialising_odd_formatting():
@@ -142,8 +144,9 @@ def test_assembler_merges_choices_tool_calls_refusals_and_logprobs():
         {"choices": [], "usage": {"total_tokens": 5}},
     ]
     for part in parts:
-        assembler.add(part)
+        assembler.add(cast(dict[str, Any], part))
     result = assembler.result()
+    assert result is not None
     assert result["id"] == "c" and result["object"] == "chat.completion"
     assert result["system_fingerprint"] == "fp"
     first, second = result["choices"]

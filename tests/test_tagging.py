@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from distillery.config import Settings
 from distillery.proxy.tagging import Tagger, merge_metadata, prompt_fingerprint
 
 
-def body(system: str, user: str = "hi", **extra) -> dict:
+def body(system: str, user: str = "hi", **extra: Any) -> dict[str, Any]:
     return {
         "model": "gpt-4o",
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -18,7 +20,7 @@ def test_fingerprint_groups_one_template_and_separates_tasks():
     a = prompt_fingerprint(body("Summarise ticket 1234 dated 2026-01-02.", "first"))
     b = prompt_fingerprint(body("Summarise  ticket 98 dated 2025-12-31.", "second"))
     c = prompt_fingerprint(body("Translate to French."))
-    assert a == b and a != c and len(a) == 12
+    assert a is not None and a == b and a != c and len(a) == 12
     parts = {"role": "developer", "content": [{"type": "text", "text": "Translate to French."}]}
     assert prompt_fingerprint({"messages": [parts]}) == c
 
