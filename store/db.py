@@ -167,6 +167,15 @@ def as_record(row: Any) -> dict[str, Any]:
     return record
 
 
+def newest_first(engine: Engine, table: sa.Table, limit: int | None) -> list[dict[str, Any]]:
+    """Rows of a table whose ids are time-ordered, newest first; ``None``/0: all."""
+    query = sa.select(table).order_by(table.c.id.desc())
+    if limit:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        return [as_record(row) for row in conn.execute(query)]
+
+
 class _BatchInsert:
     """``INSERT ... ON CONFLICT DO NOTHING`` as one driver-level ``executemany``.
 

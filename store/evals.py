@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 
-from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES, Store, as_record
+from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES, Store, as_record, newest_first
 from distillery.store.records import EvalRunRecord, EvalSampleRecord, Summary
 
 BATCH = 1000
@@ -41,11 +41,7 @@ def get_run(store: Store, run_id: str) -> EvalRunRecord | None:
 
 def list_runs(store: Store, limit: int | None = 20) -> list[EvalRunRecord]:
     """Newest first (ids are time-ordered)."""
-    query = sa.select(EVAL_RUNS).order_by(EVAL_RUNS.c.id.desc())
-    if limit:
-        query = query.limit(limit)
-    with store.engine.connect() as conn:
-        return [cast(EvalRunRecord, as_record(row)) for row in conn.execute(query)]
+    return cast(list[EvalRunRecord], newest_first(store.engine, EVAL_RUNS, limit))
 
 
 def samples(store: Store, run_id: str) -> list[EvalSampleRecord]:

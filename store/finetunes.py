@@ -7,7 +7,7 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 
-from distillery.store.db import FINETUNES, Store, as_record
+from distillery.store.db import FINETUNES, Store, as_record, newest_first
 from distillery.store.records import FineTuneJobRecord
 
 
@@ -42,8 +42,4 @@ def get(store: Store, job_id: str) -> FineTuneJobRecord | None:
 
 def list_jobs(store: Store, limit: int | None = 20) -> list[FineTuneJobRecord]:
     """Newest first (ids are time-ordered)."""
-    query = sa.select(FINETUNES).order_by(FINETUNES.c.id.desc())
-    if limit:
-        query = query.limit(limit)
-    with store.engine.connect() as conn:
-        return [cast(FineTuneJobRecord, as_record(row)) for row in conn.execute(query)]
+    return cast(list[FineTuneJobRecord], newest_first(store.engine, FINETUNES, limit))

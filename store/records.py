@@ -19,15 +19,11 @@ from datetime import datetime
 from typing import Any, Literal, NotRequired, TypedDict
 
 
-class CaptureRecord(TypedDict):
-    """One call, as the proxy hands it to capture, the spool keeps it and the store inserts it.
-
-    ``created_at`` is epoch seconds (cheap on the request path, JSON-safe in the spool).
-    """
+class _Call(TypedDict):
+    """The fields a captured call has, captured or stored (all but ``created_at``)."""
 
     id: str
     completion_id: str | None
-    created_at: float
     tenant: str
     upstream: str
     path: str
@@ -47,6 +43,15 @@ class CaptureRecord(TypedDict):
     response: dict[str, Any] | None
     error: Any
     metadata: dict[str, str]
+
+
+class CaptureRecord(_Call):
+    """One call, as the proxy hands it to capture, the spool keeps it and the store inserts it.
+
+    ``created_at`` is epoch seconds (cheap on the request path, JSON-safe in the spool).
+    """
+
+    created_at: float
     # Set by repair: how much of the call full-text search indexes.
     search_limit: NotRequired[int]
 
@@ -70,31 +75,10 @@ def check_capture(record: Mapping[str, Any]) -> str | None:
     return None
 
 
-class StoredCompletion(TypedDict):
+class StoredCompletion(_Call):
     """A captured call as the store gives it back (``created_at`` now a UTC datetime)."""
 
-    id: str
-    completion_id: str | None
     created_at: datetime
-    tenant: str
-    upstream: str
-    path: str
-    model_requested: str | None
-    model_served: str | None
-    status: int
-    stream: bool
-    finish_reason: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    latency_ms: float
-    ttft_ms: float | None
-    upstream_request_id: str | None
-    prompt_fingerprint: str | None
-    request: dict[str, Any]
-    response: dict[str, Any] | None
-    error: Any
-    metadata: dict[str, str]
 
 
 class DatasetVersionRecord(TypedDict):

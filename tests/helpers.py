@@ -9,6 +9,7 @@ import asyncio
 import html.parser
 import os
 import random
+import re
 import string
 import threading
 import time
@@ -364,3 +365,12 @@ def fill(directory: Path) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+def readme_code(section: str, language: str = "python") -> list[str]:
+    """The ```language blocks of one README section, in order: docs that the tests run."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index(f"## {section}\n")
+    end = readme.find("\n## ", start + 1)
+    text = readme[start : end if end != -1 else None]
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)

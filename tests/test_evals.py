@@ -15,7 +15,7 @@ from distillery.curation.evals import metrics
 from distillery.curation.evals.evaluate import bootstrap
 
 from fake_models import FakeModels, answer, vector
-from helpers import HTMLTable
+from helpers import HTMLTable, readme_code
 
 QUESTIONS = [f"question {i}: how many letters?" for i in range(1, 7)]
 
@@ -774,19 +774,8 @@ def grader_registry(monkeypatch):
     g.TYPES.update(saved)
 
 
-KEYWORD_PLUGIN = """
-from distillery.curation.evals.graders import Grade, NoGrade, register
-
-
-@register("keyword")
-async def keyword(grader, sample):
-    words = grader.options.get("words") or ["answer"]
-    text = sample.generation.text.lower()
-    if not text:
-        raise NoGrade("an empty answer")
-    hits = sum(word in text for word in words)
-    return Grade(hits / len(words), hits == len(words), f"{hits} of {len(words)} words")
-"""
+# The README's own example of a grader type: the docs are what the tests run.
+KEYWORD_PLUGIN = readme_code("Extending Distillery")[0]
 
 
 def test_a_grader_type_of_your_own_from_a_grader_file(
@@ -828,7 +817,13 @@ def test_a_grader_type_from_an_entry_point_is_a_grader_name(
     `--grader TYPE` then names one, like a built-in."""
     from importlib.metadata import EntryPoint
 
-    (tmp_path / "keyword_entry.py").write_text(KEYWORD_PLUGIN)
+    (tmp_path / "keyword_entry.py").write_text(
+        "from distillery.curation.evals.graders import Grade, register\n\n"
+        '@register("keyword")\n'
+        "async def keyword(grader, sample):\n"
+        "    said = 'answer' in sample.generation.text\n"
+        "    return Grade(float(said), said)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(
         g,

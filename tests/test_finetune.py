@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from distillery.cli import cli
 from distillery.store import open_store
 
 from fake_finetuning import FakeFineTuning
-from helpers import base_records
+from helpers import base_records, readme_code
 
 
 @pytest.fixture
@@ -363,3 +364,20 @@ def test_start_job_and_wait_record_a_failed_job_with_its_reason(db):
         "Training failed",
     ]
     store.close()
+
+
+def test_the_readme_backend_example_is_a_backend(backend_registry, tmp_path):
+    """The README's backend example implements the interface and registers under its name."""
+    from distillery.curation.endpoints import Endpoint
+    from distillery.curation.training.backends import (
+        BackendContext,
+        FineTuneBackend,
+        open_backend,
+    )
+
+    namespace: dict[str, Any] = {}
+    exec(readme_code("Extending Distillery")[1], namespace)
+    context = BackendContext(tmp_path, Endpoint("mycloud", "http://mycloud.test/v1", "key"))
+    backend = open_backend("mycloud", context)
+    assert isinstance(backend, FineTuneBackend) and backend.name == "mycloud"
+    assert "mycloud" in backend_registry.names()
