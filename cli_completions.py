@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ LIST_COLUMNS = (
 )
 
 
-def summary(record: dict[str, Any]) -> dict[str, Any]:
+def summary(record: Mapping[str, Any]) -> dict[str, Any]:
     """The table view of one record: what a person scans for."""
     from distillery.shapes import message_text
 
@@ -123,7 +123,7 @@ def list_command(
     store = open_cli_store(config, database_url)
     selected = build_filters(**filters)
     if limit:
-        rows: Iterable[dict[str, Any]] = find(store, selected, order=order, limit=limit)  # type: ignore[arg-type]
+        rows: Iterable[Mapping[str, Any]] = find(store, selected, order=order, limit=limit)  # type: ignore[arg-type]
     else:
         rows = iterate(store, selected, order=order)  # type: ignore[arg-type]
     if fmt in ("table", "csv"):
@@ -156,7 +156,7 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
         click.echo(line)
 
 
-def render(record: dict[str, Any]) -> Iterator[str]:
+def render(record: Mapping[str, Any]) -> Iterator[str]:
     from distillery.shapes import message_text, output_messages
 
     fields = [

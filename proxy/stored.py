@@ -27,6 +27,7 @@ from distillery.api_errors import APIError, json_object
 from distillery.proxy.state import ANONYMOUS, PROXY, Caller, log_fields
 from distillery.shapes import check_metadata, message_text
 from distillery.store import Store, query
+from distillery.store.records import StoredCompletion
 
 T = TypeVar("T")
 MAX_LIMIT = 100
@@ -110,7 +111,7 @@ def _order(request: web.Request) -> query.Order:
     return order  # type: ignore[return-value]
 
 
-def as_chat_completion(record: dict[str, Any]) -> dict[str, Any]:
+def as_chat_completion(record: StoredCompletion) -> dict[str, Any]:
     """A stored record in the shape of OpenAI's stored chat.completion."""
     response = record.get("response") or {}
     created = response.get("created") or int(record["created_at"].timestamp())
@@ -146,7 +147,7 @@ def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     }
 
 
-def _completion(store: Store, ref: str, caller: Caller) -> dict[str, Any]:
+def _completion(store: Store, ref: str, caller: Caller) -> StoredCompletion:
     record = query.get(store, ref, caller.tenants)
     if record is None or record.get("response") is None or record.get("error") is not None:
         raise _not_found(ref)
@@ -167,7 +168,7 @@ async def list_completions(request: web.Request) -> web.Response:
     after = request.query.get("after")
     caller = _caller(request)
 
-    def work(store: Store) -> list[dict[str, Any]]:
+    def work(store: Store) -> list[StoredCompletion]:
         cursor = None
         if after:
             record = query.get(store, after, caller.tenants)
@@ -213,7 +214,7 @@ async def update_completion(request: web.Request) -> web.Response:
         )
     caller = _caller(request)
 
-    def work(store: Store) -> dict[str, Any]:
+    def work(store: Store) -> StoredCompletion:
         record = _completion(store, ref, caller)
         query.relabel(store, [record["id"]], set_tags=metadata, replace_all=True)
         return {**record, "metadata": metadata}
@@ -226,7 +227,7 @@ async def delete_completion(request: web.Request) -> web.Response:
     ref = request.match_info["completion_id"]
     caller = _caller(request)
 
-    def work(store: Store) -> dict[str, Any]:
+    def work(store: Store) -> StoredCompletion:
         record = _completion(store, ref, caller)
         query.delete(store, [record["id"]])
         return record

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import sqlalchemy as sa
 
@@ -21,6 +21,7 @@ from distillery.errors import DistilleryError
 from distillery.shapes import check_metadata
 from distillery.store import search
 from distillery.store.db import COMPLETIONS, TAGS, Store, as_record
+from distillery.store.records import StoredCompletion
 
 C = COMPLETIONS.c
 Order = Literal["asc", "desc"]
@@ -157,10 +158,11 @@ def find(
     order: Order = "desc",
     after: str | None = None,
     limit: int | None = 20,
-) -> list[dict[str, Any]]:
+) -> list[StoredCompletion]:
+    """Whole records, newest first unless ``order`` says otherwise."""
     query = select_completions(store, filters, order=order, after=after, limit=limit)
     with store.engine.connect() as conn:
-        return [as_record(row) for row in conn.execute(query)]
+        return [cast(StoredCompletion, as_record(row)) for row in conn.execute(query)]
 
 
 def iterate(
@@ -170,7 +172,7 @@ def iterate(
     order: Order = "asc",
     columns: Sequence[Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Every matching record, streamed from the database in batches."""
+    """Every matching record (or the ``columns`` asked for), streamed in batches."""
     query = select_completions(store, filters, order=order, columns=columns)
     with store.engine.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=500).execute(query)
@@ -184,7 +186,7 @@ def count(store: Store, filters: Filters) -> int:
         return int(conn.execute(query).scalar_one())
 
 
-def get(store: Store, ref: str, tenants: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+def get(store: Store, ref: str, tenants: tuple[str, ...] | None = None) -> StoredCompletion | None:
     """One record by its id or its upstream completion id (the newest if several share it)."""
     rows = find(store, Filters(ids=(ref,), tenants=tenants), limit=1)
     return rows[0] if rows else None

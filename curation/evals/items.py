@@ -126,8 +126,13 @@ def from_dataset(store: Store, version: DatasetVersionRecord, split: str = "val"
             sources[record["id"]] = record
     items: list[Item] = []
     for example, record_id in pairs:
-        record = sources.get(record_id) or {}
-        item = _item(len(items), example, record.get("request"), record.get("metadata"))
+        found = sources.get(record_id)
+        item = _item(
+            len(items),
+            example,
+            found["request"] if found else None,
+            found["metadata"] if found else None,
+        )
         item.source = record_id
         items.append(item)
     return items
