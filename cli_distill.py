@@ -9,6 +9,7 @@ import click
 
 from distillery.cli_shared import (
     build_filters,
+    by_tag_option,
     fail_on_errors,
     fail_under_option,
     filter_options,
@@ -67,7 +68,7 @@ from distillery.output import write_rows
 )
 @local_method_options
 @click.option("--limit", type=int, help="Grade a seeded sample of the validation split.")
-@click.option("--by", "by_tag", metavar="tag:KEY", help="Break scores down by a tag.")
+@by_tag_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--poll-interval",
@@ -131,8 +132,6 @@ def distill(
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
-    if by_tag is not None and not by_tag.startswith("tag:"):
-        raise click.UsageError("--by takes tag:KEY, e.g. --by tag:app.")
     settings = load_settings(config, {"storage.database_url": database_url})
     graders = load_all(grader_specs)
     limits = thresholds(fail_under, graders)

@@ -11,6 +11,7 @@ import click
 
 from distillery.cli_shared import (
     build_filters,
+    by_tag_option,
     count_option,
     fail_on_errors,
     fail_under_option,
@@ -156,7 +157,7 @@ def eval_group() -> None:
     show_default=True,
     help="Retries with backoff on 429/5xx.",
 )
-@click.option("--by", "by_tag", metavar="tag:KEY", help="Break scores down by a tag.")
+@by_tag_option
 @click.option(
     "--html",
     "html_path",
@@ -216,8 +217,6 @@ def run_command(
     sources = [bool(dataset_ref), bool(jsonl), where]
     if sum(sources) > 1:
         raise click.UsageError("Use one input: --dataset, --file or --where with filters.")
-    if by_tag is not None and not by_tag.startswith("tag:"):
-        raise click.UsageError("--by takes tag:KEY, e.g. --by tag:app.")
     settings = load_settings(config, {"storage.database_url": database_url})
     graders = load_all(grader_specs)
     limits = thresholds(fail_under, graders)

@@ -253,3 +253,18 @@ def thresholds(specs: tuple[str, ...], graders: list[Any]) -> dict[str, float]:
             )
         out.update(dict.fromkeys(names, number))
     return out
+
+
+def _tag_key(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.startswith("tag:"):
+        raise click.BadParameter("--by takes tag:KEY, e.g. --by tag:app.")
+    return value
+
+
+by_tag_option = click.option(
+    "--by",
+    "by_tag",
+    metavar="tag:KEY",
+    callback=_tag_key,
+    help="Break scores down by a tag.",
+)
