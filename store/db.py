@@ -264,6 +264,11 @@ class Store:
     def url(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
 
+    @property
+    def connect_url(self) -> str:
+        """The URL with its password: for worker processes that open their own store."""
+        return self.engine.url.render_as_string(hide_password=False)
+
     def insert(self, records: Iterable[CaptureRecord]) -> int:
         """Insert capture records (the ones the proxy builds); duplicates by id are skipped.
 

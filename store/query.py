@@ -192,6 +192,19 @@ def get(store: Store, ref: str, tenants: tuple[str, ...] | None = None) -> Store
     return rows[0] if rows else None
 
 
+def id_quantiles(store: Store, filters: Filters, offsets: Sequence[int]) -> list[str]:
+    """The ids at these positions of the matching records in id order (for cutting a
+    selection into ranges of about equal size); positions past the end give nothing."""
+    ids = select_completions(store, filters, columns=[C.id], order="asc")
+    found: list[str] = []
+    with store.engine.connect() as conn:
+        for offset in offsets:
+            row = conn.execute(ids.limit(1).offset(offset)).first()
+            if row is not None:
+                found.append(row[0])
+    return found
+
+
 def matching_ids(store: Store, filters: Filters) -> list[str]:
     query = select_completions(store, filters, columns=[C.id], order="asc")
     with store.engine.connect() as conn:

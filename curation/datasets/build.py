@@ -146,16 +146,10 @@ def _lineage(directory: Path) -> Iterator[tuple[str, str]]:
 
 def _slices(store: Store, filters: query.Filters, parts: int) -> list[query.Filters]:
     """``filters`` cut into ``parts`` id ranges of about equal size, newest first."""
-    ids = query.select_completions(store, filters, columns=[query.C.id], order="asc")
     count = query.count(store, filters)
     if parts <= 1 or count < PARALLEL_FROM:
         return [filters]
-    bounds: list[str] = []
-    with store.engine.connect() as conn:
-        for part in range(1, parts):
-            row = conn.execute(ids.limit(1).offset(count * part // parts)).first()
-            if row is not None:
-                bounds.append(row[0])
+    bounds = query.id_quantiles(store, filters, [count * part // parts for part in range(1, parts)])
     edges = [filters.after_id, *bounds, filters.upto_id]
     # (low, high]: after_id is exclusive and upto_id inclusive, so ranges never overlap.
     slices = [replace(filters, after_id=low, upto_id=high) for low, high in pairwise(edges)]
@@ -195,7 +189,7 @@ def _scan(
             if progress is not None:
                 progress(segment.considered)
         return segments
-    url = store.engine.url.render_as_string(hide_password=False)
+    url = store.connect_url
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [
