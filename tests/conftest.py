@@ -54,7 +54,7 @@ def servers() -> Iterator[ServerThread]:
 @pytest.fixture
 def upstream(servers: ServerThread) -> FakeOpenAI:
     fake = FakeOpenAI()
-    fake.url, _ = servers.serve(fake.app)  # type: ignore[attr-defined]
+    fake.url, _ = servers.serve(fake.app)
     return fake
 
 
@@ -68,7 +68,7 @@ def start_proxy(
         config: dict[str, Any] | None = None, database_url: str | None = None, **_: Any
     ) -> RunningProxy:
         config = dict(config or {})
-        config.setdefault("upstream", {}).setdefault("url", upstream.url + "/v1")  # type: ignore[attr-defined]
+        config.setdefault("upstream", {}).setdefault("url", upstream.url + "/v1")
         storage = config.setdefault("storage", {})
         storage.setdefault(
             "database_url", database_url or f"sqlite:///{tmp_path / 'distillery.db'}"

@@ -65,6 +65,8 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
 
 
 class FakeOpenAI:
+    url: str  # set by the test that serves it
+
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.slow_seconds = 2.0

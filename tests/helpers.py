@@ -212,20 +212,20 @@ TOPICS = [
 
 
 def record(
-    i,
-    user,
-    answer="Sure, here is what I found.",
+    i: Any,
+    user: Any,
+    answer: Any = "Sure, here is what I found.",
     *,
-    system=SYSTEM,
-    tags=None,
-    status=200,
-    error=None,
-    finish="stop",
-    refusal=None,
-    tool_calls=None,
-    history=(),
-    tools=None,
-):
+    system: Any = SYSTEM,
+    tags: Any = None,
+    status: Any = 200,
+    error: Any = None,
+    finish: Any = "stop",
+    refusal: Any = None,
+    tool_calls: Any = None,
+    history: Any = (),
+    tools: Any = None,
+) -> CaptureRecord:
     message = {"role": "assistant", "content": answer, "refusal": refusal}
     if tool_calls:
         message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
@@ -266,7 +266,7 @@ def record(
     )
 
 
-def base_records():
+def base_records() -> list[CaptureRecord]:
     records = [record(i, topic + f" (ticket {i})") for i, topic in enumerate(TOPICS, 1)]
     records += [
         record(
@@ -322,7 +322,7 @@ class HTMLTable(html.parser.HTMLParser):
         self.tables: list[list[list[str]]] = []
         self.cell: list[str] | None = None
 
-    def handle_starttag(self, tag, attrs):
+    def handle_starttag(self, tag: Any, attrs: Any) -> None:
         if tag == "table":
             self.tables.append([])
         elif tag == "tr":
@@ -330,12 +330,12 @@ class HTMLTable(html.parser.HTMLParser):
         elif tag in ("td", "th"):
             self.cell = []
 
-    def handle_endtag(self, tag):
+    def handle_endtag(self, tag: Any) -> None:
         if tag in ("td", "th") and self.cell is not None:
             self.tables[-1][-1].append("".join(self.cell))
             self.cell = None
 
-    def handle_data(self, data):
+    def handle_data(self, data: Any) -> None:
         if self.cell is not None:
             self.cell.append(data)
 

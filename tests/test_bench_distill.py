@@ -23,7 +23,7 @@ BENCH = Path(__file__).parent.parent / "bench" / "distill_tasks.py"
 
 
 @pytest.mark.example
-def test_the_distillation_benchmark_runs_on_its_smallest_setting(tmp_path):
+def test_the_distillation_benchmark_runs_on_its_smallest_setting(tmp_path: Path) -> None:
     rows = tmp_path / "rows.json"
     result = subprocess.run(
         [

@@ -7,6 +7,8 @@ import os
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +23,8 @@ from distillery.proxy.capture import Capture, new_record_id, read_segment
 from distillery.redact import Redactor
 from distillery.store import open_store
 
-from helpers import complete, wait_for
+from fake_openai import FakeOpenAI
+from helpers import RunningProxy, complete, wait_for
 from proxy_process import ProxyProcess
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "system", "content": "Answer briefly."}]
@@ -49,7 +52,12 @@ def stored_ids(database_url: str, column: str = "completion_id") -> list[str]:
         store.close()
 
 
-def test_database_down_spools_then_replays_exactly_once(start_proxy, upstream, tmp_path, sdk):
+def test_database_down_spools_then_replays_exactly_once(
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    tmp_path: Path,
+    sdk: Callable[..., Any],
+) -> None:
     """A locked database (another writer holding it) is 'down': calls keep succeeding,
     land in the spool, and are replayed once it is free again, with no duplicates."""
     db = tmp_path / "locked.db"
@@ -93,7 +101,7 @@ def test_database_down_spools_then_replays_exactly_once(start_proxy, upstream, t
     )
 
 
-def test_torn_last_line_is_skipped_and_orphans_replayed(tmp_path):
+def test_torn_last_line_is_skipped_and_orphans_replayed(tmp_path: Path) -> None:
     """A crash mid-write leaves half a line: replay keeps every whole record."""
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -137,14 +145,21 @@ def test_torn_last_line_is_skipped_and_orphans_replayed(tmp_path):
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request, tmp_path):
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'proc.db'}"
-    return request.getfixturevalue("postgres_url")
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
 @pytest.mark.slow
-def test_kill_9_loses_no_delivered_response(upstream, tmp_path, unused_tcp_port, database_url, sdk):
+def test_kill_9_loses_no_delivered_response(
+    upstream: FakeOpenAI,
+    tmp_path: Path,
+    unused_tcp_port: int,
+    database_url: str,
+    sdk: Callable[..., Any],
+) -> None:
     """Every response a client fully received survives SIGKILL: the next start replays
     the spool.  The database is held locked while the calls run, so the records can only
     have come back from the spool."""
@@ -171,7 +186,7 @@ def test_kill_9_loses_no_delivered_response(upstream, tmp_path, unused_tcp_port,
     assert sorted(stored) == sorted(ids)
 
 
-def _lock_database(database_url: str):
+def _lock_database(database_url: str) -> Callable[[], None]:
     """Make the database refuse writes; returns a function that undoes it."""
     if database_url.startswith("sqlite"):
         path = database_url.removeprefix("sqlite:///")
@@ -197,7 +212,9 @@ def _lock_database(database_url: str):
 
 
 @pytest.mark.slow
-def test_sigterm_under_load_loses_nothing(upstream, tmp_path, unused_tcp_port):
+def test_sigterm_under_load_loses_nothing(
+    upstream: FakeOpenAI, tmp_path: Path, unused_tcp_port: int
+) -> None:
     """SIGTERM mid-load: in-flight calls finish, everything answered is stored once."""
     database_url = f"sqlite:///{tmp_path / 'term.db'}"
     upstream.slow_seconds = 0.3
@@ -250,7 +267,12 @@ def test_sigterm_under_load_loses_nothing(upstream, tmp_path, unused_tcp_port):
     assert not list((tmp_path / "data" / "spool").glob("*.jsonl"))
 
 
-def test_spool_files_are_private(start_proxy, upstream, tmp_path, sdk):
+def test_spool_files_are_private(
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    tmp_path: Path,
+    sdk: Callable[..., Any],
+) -> None:
     proxy = start_proxy()
     client = sdk(proxy.base_url, api_key="sk-a")
     ask(client, 1, stream=False)
@@ -263,8 +285,8 @@ def test_spool_files_are_private(start_proxy, upstream, tmp_path, sdk):
 
 @pytest.mark.slow
 def test_ready_is_logged_once_bound_and_a_taken_port_never_says_ready(
-    upstream, tmp_path, unused_tcp_port
-):
+    upstream: FakeOpenAI, tmp_path: Path, unused_tcp_port: int
+) -> None:
     """ "proxy ready" comes after the port is bound, with the address; a first start logs no
     alembic chatter; a second proxy on the same port fails without claiming to be ready."""
     import json

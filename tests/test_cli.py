@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -12,22 +14,26 @@ from click.testing import CliRunner
 from distillery.cli import cli
 from distillery.config import key_fingerprint
 
+from fake_openai import FakeOpenAI
+
 README = Path(__file__).parent.parent / "README.md"
 
 
-def run(*args: str, **kwargs) -> tuple[int, str]:
+def run(*args: str, **kwargs: Any) -> tuple[int, str]:
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False, **kwargs)
     return result.exit_code, result.output
 
 
-def test_defaults_are_safe(tmp_path):
+def test_defaults_are_safe(tmp_path: Path) -> None:
     _, out = run("proxy", "--check-config")  # the probes' verdicts depend on the network
     assert "listening on 127.0.0.1:8787" in out
     assert "forwarding to https://api.openai.com/v1" in out
     assert f"sqlite:///{tmp_path / 'data' / 'distillery.db'}" in out
 
 
-def test_flags_beat_env_beat_file_beat_defaults(tmp_path, monkeypatch):
+def test_flags_beat_env_beat_file_beat_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "d.toml"
     config.write_text(
         '[proxy]\nport = 9000\nhost = "127.0.0.2"\n[upstream]\nurl = "http://file:1/v1"\n'
@@ -56,7 +62,7 @@ def test_flags_beat_env_beat_file_beat_defaults(tmp_path, monkeypatch):
         ("[proxy\n", "Cannot read config file"),
     ],
 )
-def test_bad_config_names_the_problem(tmp_path, toml, message):
+def test_bad_config_names_the_problem(tmp_path: Path, toml: Any, message: Any) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(toml)
     result = CliRunner().invoke(cli, ["proxy", "-c", str(config), "--check-config"])
@@ -65,12 +71,12 @@ def test_bad_config_names_the_problem(tmp_path, toml, message):
     assert "Traceback" not in result.output
 
 
-def test_missing_config_file_is_an_error(tmp_path):
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["proxy", "-c", str(tmp_path / "nope.toml"), "--check-config"])
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
-def test_key_fingerprint_reads_stdin():
+def test_key_fingerprint_reads_stdin() -> None:
     code, out = run("key-fingerprint", input="sk-secret\n")
     assert code == 0 and out.strip() == key_fingerprint("sk-secret")
     assert "sk-secret" not in out
@@ -78,21 +84,23 @@ def test_key_fingerprint_reads_stdin():
     assert result.exit_code == 1 and "No API key on stdin" in result.output
 
 
-def _commands(group: click.Group, prefix: str = "distillery"):
+def _commands(
+    group: click.Group, prefix: str = "distillery"
+) -> Iterator[tuple[str, click.Command]]:
     for name, command in group.commands.items():
         yield f"{prefix} {name}", command
         if isinstance(command, click.Group):
             yield from _commands(command, f"{prefix} {name}")
 
 
-def test_every_command_has_help_and_is_documented():
+def test_every_command_has_help_and_is_documented() -> None:
     readme = README.read_text()
     for name, command in _commands(cli):
         assert command.help and command.help.strip(), f"{name} has no help text"
         assert re.search(rf"`{re.escape(name)}\b", readme), f"{name} is not in the README"
 
 
-def test_cli_start_up_stays_light(tmp_path):
+def test_cli_start_up_stays_light(tmp_path: Path) -> None:
     """`distillery --help` and `completions list` import no proxy or model libraries."""
     import subprocess
     import sys
@@ -110,7 +118,7 @@ def test_cli_start_up_stays_light(tmp_path):
     assert out.stdout.splitlines() == ["[]", "[]"]
 
 
-def test_check_config_probes_what_the_proxy_will_meet(tmp_path, upstream):
+def test_check_config_probes_what_the_proxy_will_meet(tmp_path: Path, upstream: FakeOpenAI) -> None:
     """Env var, port, database and upstream are checked for real, each on its own line."""
     config = tmp_path / "good.toml"
     config.write_text(
@@ -144,7 +152,7 @@ def test_check_config_probes_what_the_proxy_will_meet(tmp_path, upstream):
         ('[upstream]\nurl = "http://127.0.0.1:9/v1"\n', "FAIL  upstream: cannot reach"),
     ],
 )
-def test_check_config_fails_on_what_would_fail(tmp_path, toml, failing):
+def test_check_config_fails_on_what_would_fail(tmp_path: Path, toml: Any, failing: Any) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(toml)
     result = CliRunner().invoke(cli, ["proxy", "-c", str(config), "--check-config"])
@@ -152,7 +160,7 @@ def test_check_config_fails_on_what_would_fail(tmp_path, toml, failing):
     assert failing in result.output and "Traceback" not in result.output
 
 
-def test_check_config_sees_a_taken_port(tmp_path):
+def test_check_config_sees_a_taken_port(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as taken:
@@ -165,7 +173,7 @@ def test_check_config_sees_a_taken_port(tmp_path):
     )
 
 
-def test_the_proxy_refuses_to_start_with_an_unset_key_variable(tmp_path):
+def test_the_proxy_refuses_to_start_with_an_unset_key_variable(tmp_path: Path) -> None:
     config = tmp_path / "k.toml"
     config.write_text(
         '[upstream]\napi_key_env = "DISTILLERY_TEST_UNSET"\n[auth]\nkeys = ["sk-a"]\n'

@@ -4,32 +4,35 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from distillery.cli import cli
 from distillery.store import open_store
+from distillery.store.records import CaptureRecord
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC).timestamp()
 
 
 def make(
-    i,
+    i: Any,
     *,
-    model="gpt-4o",
-    tags=None,
-    user="hello",
-    system="You are a support bot.",
-    status=200,
-    error=None,
-    stream=False,
-    finish="stop",
-    answer="Hi there",
-    latency=100.0,
-    tenant="key-aaaaaaaaaaaaaaaa",
-    fp="fp_support",
-):
+    model: Any = "gpt-4o",
+    tags: Any = None,
+    user: Any = "hello",
+    system: Any = "You are a support bot.",
+    status: Any = 200,
+    error: Any = None,
+    stream: Any = False,
+    finish: Any = "stop",
+    answer: Any = "Hi there",
+    latency: Any = 100.0,
+    tenant: Any = "key-aaaaaaaaaaaaaaaa",
+    fp: Any = "fp_support",
+) -> CaptureRecord:
     return {
         "id": f"cap_{i:028d}",
         "completion_id": f"chatcmpl-{i}",
@@ -111,7 +114,7 @@ RECORDS = [
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url = (
         f"sqlite:///{tmp_path / 'cli.db'}"
         if request.param == "sqlite"
@@ -123,7 +126,7 @@ def db(request, tmp_path):
     return url
 
 
-def run(db, *args, input=None):
+def run(db: str, *args: Any, input: Any = None) -> Result:
     result = CliRunner().invoke(
         cli,
         ["completions", *args, "--database-url", db]
@@ -135,17 +138,17 @@ def run(db, *args, input=None):
     return result
 
 
-def ok(db, *args, **kwargs):
+def ok(db: str, *args: Any, **kwargs: Any) -> str:
     result = run(db, *args, **kwargs)
     assert result.exit_code == 0, result.output
     return result.output
 
 
-def ids(output):
+def ids(output: Any) -> list[str]:
     return [json.loads(line)["id"][-1:] for line in output.splitlines()]
 
 
-def test_list_table_is_the_default(db):
+def test_list_table_is_the_default(db: str) -> None:
     output = (
         CliRunner()
         .invoke(cli, ["completions", "--database-url", db, "-n", "3"], catch_exceptions=False)
@@ -181,11 +184,11 @@ def test_list_table_is_the_default(db):
         (["--tag", "app=nothing"], []),
     ],
 )
-def test_list_filters(db, args, expected):
+def test_list_filters(db: str, args: Any, expected: Any) -> None:
     assert ids(ok(db, "list", *args, "--nl")) == expected
 
 
-def test_json_is_one_array_of_whole_records_and_csv_has_a_header(db):
+def test_json_is_one_array_of_whole_records_and_csv_has_a_header(db: str) -> None:
     records = json.loads(ok(db, "list", "--json", "-n", "2"))
     assert [r["id"] for r in records] == [
         "cap_0000000000000000000000000005",
@@ -201,7 +204,7 @@ def test_json_is_one_array_of_whole_records_and_csv_has_a_header(db):
     ]
 
 
-def test_show_reads_a_call_whole(db):
+def test_show_reads_a_call_whole(db: str) -> None:
     output = ok(db, "show", "chatcmpl-2")
     assert output.splitlines() == [
         "id:          cap_0000000000000000000000000002",
@@ -229,7 +232,7 @@ def test_show_reads_a_call_whole(db):
     assert whole["error"] == {"error": {"message": "boom"}}
 
 
-def test_stats_groups_and_finds_the_tasks(db):
+def test_stats_groups_and_finds_the_tasks(db: str) -> None:
     rows = json.loads(ok(db, "stats", "--json"))
     assert rows == [
         {
@@ -266,7 +269,7 @@ def test_stats_groups_and_finds_the_tasks(db):
     assert "fp_sql           2  100%   Write SQL." in table
 
 
-def test_tag_untag_by_id_and_where(db):
+def test_tag_untag_by_id_and_where(db: str) -> None:
     assert "Tagged 1 of 1" in run(db, "tag", "chatcmpl-1", "quality=approved").output
     assert ids(ok(db, "list", "--tag", "quality=approved", "--nl")) == ["1"]
     result = run(db, "tag", "--where", "--tag", "app=sql", "quality=approved", "reviewer=ana")
@@ -286,7 +289,7 @@ def test_tag_untag_by_id_and_where(db):
     assert ids(ok(db, "list", "--tag", "quality=approved", "--nl")) == ["5", "1"]
 
 
-def test_tag_refuses_what_openai_would_refuse(db):
+def test_tag_refuses_what_openai_would_refuse(db: str) -> None:
     many = [f"k{i}=v" for i in range(15)]
     result = run(db, "tag", "chatcmpl-1", *many)
     assert result.exit_code == 1
@@ -297,7 +300,7 @@ def test_tag_refuses_what_openai_would_refuse(db):
     }
 
 
-def test_delete_shows_first_then_deletes_with_yes(db):
+def test_delete_shows_first_then_deletes_with_yes(db: str) -> None:
     result = run(db, "delete", "--older-than", "100y")
     assert result.exit_code == 0 and "Nothing to delete" in result.output
     result = run(db, "delete", "--where", "--tag", "env=prod")
@@ -311,7 +314,7 @@ def test_delete_shows_first_then_deletes_with_yes(db):
     assert "Deleted 1" in run(db, "delete", "chatcmpl-5", "--yes").output
 
 
-def test_export_writes_raw_jsonl(db, tmp_path):
+def test_export_writes_raw_jsonl(db: str, tmp_path: Path) -> None:
     target = tmp_path / "out.jsonl"
     result = run(db, "export", "--where", "--tag", "app=sql", "-o", str(target))
     assert "Exported 2 completions" in result.output
@@ -340,21 +343,21 @@ def test_export_writes_raw_jsonl(db, tmp_path):
         (["stats", "--by", "colour"], "Cannot group by 'colour'"),
     ],
 )
-def test_bad_input_names_the_fix(db, args, message):
+def test_bad_input_names_the_fix(db: str, args: Any, message: Any) -> None:
     result = run(db, *args)
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
 
 
-def test_missing_database_is_a_clear_error(tmp_path):
+def test_missing_database_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         cli, ["completions", "--database-url", f"sqlite:///{tmp_path}/none.db"]
     )
     assert result.exit_code == 1 and "No database at" in result.output
 
 
-def test_tables_fit_the_terminal_unless_wide(db, monkeypatch):
+def test_tables_fit_the_terminal_unless_wide(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a terminal a table fits its width, cutting cells with an ellipsis; --wide shows
     them whole; in a pipe nothing is cut to a terminal."""
     import io
@@ -363,7 +366,7 @@ def test_tables_fit_the_terminal_unless_wide(db, monkeypatch):
     from distillery.output import write_rows
 
     class Terminal(io.StringIO):
-        def isatty(self):
+        def isatty(self) -> bool:
             return True
 
     monkeypatch.setattr("shutil.get_terminal_size", lambda *_: os.terminal_size((60, 24)))
@@ -391,6 +394,6 @@ def test_tables_fit_the_terminal_unless_wide(db, monkeypatch):
     assert wide.exit_code == 0 and "drop table" in wide.output
 
 
-def test_show_never_prints_none(db):
+def test_show_never_prints_none(db: str) -> None:
     output = ok(db, "show", "cap_0000000000000000000000000004")
     assert "None" not in output

@@ -9,9 +9,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from distillery.cli import cli
 from distillery.curation.datasets.validate import validate_file
@@ -21,7 +22,7 @@ from helpers import SYSTEM, TOOLS, TOPICS, base_records, record
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path, monkeypatch):
+def db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     url = (
         f"sqlite:///{tmp_path / 'ds.db'}"
         if request.param == "sqlite"
@@ -33,26 +34,26 @@ def db(request, tmp_path, monkeypatch):
     return url
 
 
-def run(db, *args):
+def run(db: str, *args: Any) -> Result:
     return CliRunner().invoke(cli, ["dataset", *args, "--database-url", db], catch_exceptions=False)
 
 
-def build(db, *args):
+def build(db: str, *args: Any) -> Any:
     result = run(db, "build", "support", "--tag", "app=support", "--json", *args)
     assert result.exit_code == 0, result.output
     return json.loads(result.output) if result.output.strip().startswith("{") else None
 
 
-def lines(path):
+def lines(path: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def files(manifest, tmp_path):
+def files(manifest: Any, tmp_path: Path) -> Path:
     version = manifest["version"]
     return tmp_path / "data" / "datasets" / "support" / f"v{version}"
 
 
-def test_build_is_clean_deduplicated_validated_and_versioned(db, tmp_path):
+def test_build_is_clean_deduplicated_validated_and_versioned(db: str, tmp_path: Path) -> None:
     manifest = build(db, "--redact-pattern", r"ssn=\b\d{3}-\d{2}-\d{4}\b", "--val-fraction", "0.3")
     assert manifest["version"] == 1
     counts = manifest["counts"]
@@ -126,7 +127,7 @@ def test_build_is_clean_deduplicated_validated_and_versioned(db, tmp_path):
     ] == [("support", 1, 17)]
 
 
-def test_same_inputs_give_the_same_content_hash(db):
+def test_same_inputs_give_the_same_content_hash(db: str) -> None:
     first, second = build(db), build(db)
     assert second["version"] == 2
     assert first["content_hash"] == second["content_hash"]
@@ -134,14 +135,14 @@ def test_same_inputs_give_the_same_content_hash(db):
     assert third["content_hash"] != first["content_hash"]
 
 
-def test_shared_long_system_prompt_does_not_make_duplicates(db):
+def test_shared_long_system_prompt_does_not_make_duplicates(db: str) -> None:
     """Every call of one task shares a long system prompt: only what varies is compared."""
     manifest = build(db, "--no-exact-dedupe")
     assert manifest["counts"]["dropped"].get("near duplicate") == 2  # ticket 1 and ticket 2 copies
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == 17
 
 
-def test_incremental_builds_add_only_new_calls(db, tmp_path):
+def test_incremental_builds_add_only_new_calls(db: str, tmp_path: Path) -> None:
     v1 = build(db, "--incremental")
     store = open_store(db)
     store.insert(
@@ -172,7 +173,7 @@ def test_incremental_builds_add_only_new_calls(db, tmp_path):
 
 
 @pytest.mark.slow
-def test_concurrent_incremental_builds_never_double_count(db, tmp_path):
+def test_concurrent_incremental_builds_never_double_count(db: str, tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
@@ -199,7 +200,7 @@ def test_concurrent_incremental_builds_never_double_count(db, tmp_path):
     assert [d["version"] for d in listing] == [1]
 
 
-def test_prefer_keeps_the_rated_copy(db, tmp_path):
+def test_prefer_keeps_the_rated_copy(db: str, tmp_path: Path) -> None:
     store = open_store(db)
     store.insert([record(40, TOPICS[5] + " (ticket 6)", tags={"quality": "approved"})])
     store.close()
@@ -218,7 +219,7 @@ def test_prefer_keeps_the_rated_copy(db, tmp_path):
     assert "cap_0000000000000000000000000026" in kept  # unrated: the newest copy
 
 
-def test_strip_system_prompt_and_history_weight(db, tmp_path):
+def test_strip_system_prompt_and_history_weight(db: str, tmp_path: Path) -> None:
     manifest = build(db, "--strip-system-prompt", "--history-weight", "0", "--val-fraction", "0")
     assert manifest["pruning"]["strip_system_prompt"] is True
     assert manifest["pruning"]["system_prompts"][0]["text"] == SYSTEM
@@ -229,7 +230,7 @@ def test_strip_system_prompt_and_history_weight(db, tmp_path):
     assert weights == [0, 0, None]
 
 
-def test_export_openai_and_parquet(db, tmp_path):
+def test_export_openai_and_parquet(db: str, tmp_path: Path) -> None:
     build(db)
     out = tmp_path / "export"
     result = run(db, "export", "support", "--format", "hf-parquet", "-o", str(out / "hf"))
@@ -296,7 +297,7 @@ def test_export_openai_and_parquet(db, tmp_path):
         ),
     ],
 )
-def test_validator_names_each_broken_rule(tmp_path, line, error):
+def test_validator_names_each_broken_rule(tmp_path: Path, line: Any, error: Any) -> None:
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
     path = tmp_path / "broken.jsonl"
     path.write_text("\n".join([good] * 10 + [line]) + "\n")
@@ -305,7 +306,7 @@ def test_validator_names_each_broken_rule(tmp_path, line, error):
     assert f"error: {error}: 1 (first on line 11)" in result.output
 
 
-def test_validator_accepts_a_good_file_and_wants_ten_examples(tmp_path):
+def test_validator_accepts_a_good_file_and_wants_ten_examples(tmp_path: Path) -> None:
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
     path = tmp_path / "good.jsonl"
     path.write_text("\n".join([good] * 10) + "\n")
@@ -317,7 +318,7 @@ def test_validator_accepts_a_good_file_and_wants_ten_examples(tmp_path):
     assert result.exit_code == 1 and "fewer than 10 examples" in result.output
 
 
-def test_a_small_validation_file_passes_its_own_validation(tmp_path):
+def test_a_small_validation_file_passes_its_own_validation(tmp_path: Path) -> None:
     """The 10-example minimum is a training-file rule: a version's val.jsonl is valid."""
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
     for name in ("val.jsonl", "support_val.jsonl", "validation.jsonl"):
@@ -341,13 +342,15 @@ def test_a_small_validation_file_passes_its_own_validation(tmp_path):
         (["build", "support", "--redact-pattern", "x=("], "bad regular expression"),
     ],
 )
-def test_dataset_errors_name_the_fix(db, args, message):
+def test_dataset_errors_name_the_fix(db: str, args: Any, message: Any) -> None:
     result = run(db, *args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.slow
-def test_parallel_workers_build_the_same_dataset(db, tmp_path, monkeypatch):
+def test_parallel_workers_build_the_same_dataset(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Slicing the calls across worker processes changes nothing in the result."""
     from distillery.curation.datasets import build as build_module
     from distillery.curation.datasets.options import BuildOptions
@@ -366,7 +369,7 @@ def test_parallel_workers_build_the_same_dataset(db, tmp_path, monkeypatch):
     assert parallel.version["content_hash"] == serial.version["content_hash"]
 
 
-def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path):
+def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path: Path) -> None:
     """v1 has two prompts in different groups, one in train and one in val; a new call
     resembling both joins their groups. Carried examples still keep their split."""
     from distillery.curation.datasets.build import _split
@@ -397,7 +400,7 @@ def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path):
     assert [d["change"] for d in diff] == ["added"]
 
 
-def test_parquet_has_only_the_keys_examples_use_and_no_empty_split(tmp_path):
+def test_parquet_has_only_the_keys_examples_use_and_no_empty_split(tmp_path: Path) -> None:
     """A Llama-3-style chat template that tests `'tool_calls' in message` renders every row,
     and `load_dataset` with both splits works: there is no empty validation file."""
     jinja2 = pytest.importorskip("jinja2", reason="the train extra brings jinja2")
@@ -442,7 +445,7 @@ def test_parquet_has_only_the_keys_examples_use_and_no_empty_split(tmp_path):
     assert set(train[0]["messages"][0]) == {"role", "content"}
 
 
-def test_token_estimates_follow_the_script(tmp_path):
+def test_token_estimates_follow_the_script(tmp_path: Path) -> None:
     """Four characters a token counted Chinese at a third of the truth and JSON at half;
     the estimate by script counts them about as a GPT tokenizer does (English ~4.4
     characters a token, JSON ~2.5, CJK ~1.25), and the manifest says it is an estimate."""
@@ -467,7 +470,7 @@ def test_token_estimates_follow_the_script(tmp_path):
     assert result.exit_code == 1 and "longer than 1000 tokens" in result.output
 
 
-def test_the_manifest_says_how_tokens_were_counted(db):
+def test_the_manifest_says_how_tokens_were_counted(db: str) -> None:
     manifest = build(db)
     assert manifest["tokens"]["method"].startswith("estimate by script")
 
@@ -513,7 +516,9 @@ def tiktoken_counts(path: Path, encoding_name: str) -> list[int]:
     return counts
 
 
-def test_a_cached_tiktoken_encoding_counts_the_tokens(db, tmp_path, monkeypatch):
+def test_a_cached_tiktoken_encoding_counts_the_tokens(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With tiktoken's encoding in its cache a build counts real tokens, by default (the
     default encoding, o200k_base, is swapped for cl100k_base here: only that file ships
     offline) or named; the manifest says which encoding counted."""
@@ -533,13 +538,15 @@ def test_a_cached_tiktoken_encoding_counts_the_tokens(db, tmp_path, monkeypatch)
         assert manifest["tokens"]["tokens"] == sum(counts)
 
 
-def test_without_a_cached_encoding_a_build_estimates_and_never_downloads(db, monkeypatch):
+def test_without_a_cached_encoding_a_build_estimates_and_never_downloads(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No encoding in the cache (or a corrupt one, which tiktoken would fetch again):
     the default falls back to the estimate without touching the network; a tiktoken
     encoding asked for by name is a clear error that says how to get it."""
     import tiktoken.load
 
-    def no_network(blobpath):
+    def no_network(blobpath: str) -> bytes:
         assert "://" not in blobpath, f"tried to download {blobpath}"
         return open(blobpath, "rb").read()
 
@@ -557,7 +564,7 @@ def test_without_a_cached_encoding_a_build_estimates_and_never_downloads(db, mon
     )
 
 
-def test_validate_counts_with_the_encoding_it_is_given(tmp_path):
+def test_validate_counts_with_the_encoding_it_is_given(tmp_path: Path) -> None:
     """`dataset validate` holds examples to the limit in real tokens when it can: JSON the
     estimate puts under the limit is over it in cl100k_base tokens (a plugin encoding
     that ships its own file works as well as the cache)."""
@@ -583,7 +590,7 @@ def test_validate_counts_with_the_encoding_it_is_given(tmp_path):
 
 
 @pytest.mark.slow
-def test_tokens_can_be_counted_with_the_students_tokenizer(db, tmp_path):
+def test_tokens_can_be_counted_with_the_students_tokenizer(db: str, tmp_path: Path) -> None:
     """With --tokenizer the build counts with a real tokenizer (the student's chat template
     included), and the manifest says so; a directory without one is a clean error."""
     transformers = pytest.importorskip("transformers", reason="the train extra brings transformers")

@@ -30,24 +30,24 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
-def test_dockerfile_passes_hadolint():
+def test_dockerfile_passes_hadolint() -> None:
     result = run(tool("hadolint"), str(DEPLOY / "docker" / "Dockerfile"))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_kubernetes_manifests_match_their_schemas():
+def test_kubernetes_manifests_match_their_schemas() -> None:
     manifests = sorted(str(p) for p in (DEPLOY / "k8s").glob("*.yaml"))
     result = run(tool("kubernetes-validate"), "--strict", *manifests)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("passed") == len(manifests)
 
 
-def test_yaml_is_clean():
+def test_yaml_is_clean() -> None:
     result = run(tool("yamllint"), "--strict", "-d", YAMLLINT, str(DEPLOY))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_systemd_units_verify(tmp_path):
+def test_systemd_units_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not on this machine")
@@ -68,7 +68,9 @@ def _configs(tmp_path: Path) -> list[Path]:
     return [from_k8s, DEPLOY / "docker" / "distillery.toml"]
 
 
-def test_the_config_the_manifests_mount_is_accepted(tmp_path, monkeypatch):
+def test_the_config_the_manifests_mount_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-secret")
     for config in _configs(tmp_path):
         result = CliRunner().invoke(cli, ["proxy", "-c", str(config), "--check-config"])
@@ -80,7 +82,7 @@ def test_the_config_the_manifests_mount_is_accepted(tmp_path, monkeypatch):
         ), result.output
 
 
-def test_manifests_agree_on_ports_probes_and_workers():
+def test_manifests_agree_on_ports_probes_and_workers() -> None:
     deployment = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]

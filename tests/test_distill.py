@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from distillery.cli import cli
 from distillery.store import open_store
 
 from fake_finetuning import FakeFineTuning
 from fake_models import FakeModels, answer
-from helpers import record
+from helpers import ServerThread, record
 
 
 @pytest.fixture
-def provider(servers):
+def provider(servers: ServerThread) -> tuple[str, FakeFineTuning, FakeModels]:
     """One server that fine-tunes (FakeFineTuning) and answers chat (FakeModels)."""
     tuning, models = FakeFineTuning(), FakeModels()
     app = web.Application()
@@ -29,7 +31,7 @@ def provider(servers):
 
 
 @pytest.fixture
-def db(tmp_path):
+def db(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'distill.db'}"
     questions = [f"question {i}: how many letters?" for i in range(1, 31)]
     store = open_store(url)
@@ -43,7 +45,7 @@ def db(tmp_path):
     return url
 
 
-def distill(db, url, *extra):
+def distill(db: str, url: str, *extra: Any) -> Result:
     return CliRunner().invoke(
         cli,
         [
@@ -74,7 +76,9 @@ def distill(db, url, *extra):
     )
 
 
-def test_distill_closes_the_gap_and_is_idempotent(db, provider):
+def test_distill_closes_the_gap_and_is_idempotent(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels]
+) -> None:
     url, tuning, models = provider
     first = distill(db, url, "--fail-under", "0.9")
     assert first.exit_code == 0, first.output
@@ -95,7 +99,9 @@ def test_distill_closes_the_gap_and_is_idempotent(db, provider):
     )  # nothing re-run, nothing re-called
 
 
-def test_a_rerun_with_changed_settings_redoes_what_they_affect(db, provider, tmp_path):
+def test_a_rerun_with_changed_settings_redoes_what_they_affect(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels], tmp_path: Path
+) -> None:
     """The last result stands only for the same settings: other training settings
     fine-tune again, another grader re-grades the same fine-tune, other filters build a
     new dataset version from scratch; each run says what changed."""
@@ -126,7 +132,9 @@ def test_a_rerun_with_changed_settings_redoes_what_they_affect(db, provider, tmp
     assert len(tuning.created) == 3 and tuning.created[2]["metadata"]["dataset"] == "support@2"
 
 
-def test_an_interrupted_distill_resumes_its_fine_tune(db, provider, tmp_path):
+def test_an_interrupted_distill_resumes_its_fine_tune(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels], tmp_path: Path
+) -> None:
     url, tuning, _ = provider
     assert distill(db, url).exit_code == 0
     state_path = tmp_path / "data" / "distill" / "support" / "state.json"
@@ -140,7 +148,9 @@ def test_an_interrupted_distill_resumes_its_fine_tune(db, provider, tmp_path):
     assert "final_run" in json.loads(state_path.read_text())
 
 
-def test_fail_under_judges_the_fine_tuned_student(db, provider):
+def test_fail_under_judges_the_fine_tuned_student(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels]
+) -> None:
     url, *_ = provider
     # The fake fine-tunes answer perfectly; a bar above 1 cannot be met.
     result = distill(db, url, "--fail-under", "1.5")
@@ -148,7 +158,9 @@ def test_fail_under_judges_the_fine_tuned_student(db, provider):
     assert "it misses the bar of 1.5 by 0.500" in result.output
 
 
-def test_distill_explains_its_scores_by_tag_and_in_one_line(db, provider):
+def test_distill_explains_its_scores_by_tag_and_in_one_line(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels]
+) -> None:
     """`--by tag:KEY` breaks each candidate's score down by the tag's values, and one
     line says what the fine-tuned student reached against the teacher and the bar."""
     url, *_ = provider
@@ -165,7 +177,9 @@ def test_distill_explains_its_scores_by_tag_and_in_one_line(db, provider):
     assert wrong.exit_code == 2 and "--by takes tag:KEY" in wrong.output
 
 
-def test_the_distill_report_shows_prompts_and_references(db, provider, tmp_path):
+def test_the_distill_report_shows_prompts_and_references(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels], tmp_path: Path
+) -> None:
     """`distill --html` used to pass no items: its prompt and reference columns were empty."""
     from helpers import HTMLTable as _Table
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from distillery.cli import cli
 from distillery.curation.evals import graders as g
@@ -15,20 +17,20 @@ from distillery.curation.evals import metrics
 from distillery.curation.evals.evaluate import bootstrap
 
 from fake_models import FakeModels, answer, vector
-from helpers import HTMLTable, readme_code
+from helpers import HTMLTable, ServerThread, readme_code
 
 QUESTIONS = [f"question {i}: how many letters?" for i in range(1, 7)]
 
 
 @pytest.fixture
-def models(servers):
+def models(servers: ServerThread) -> FakeModels:
     fake = FakeModels()
     fake.url, _ = servers.serve(fake.app)
     return fake
 
 
 @pytest.fixture
-def items_file(tmp_path):
+def items_file(tmp_path: Path) -> Path:
     path = tmp_path / "items.jsonl"
     lines = [
         json.dumps(
@@ -47,7 +49,7 @@ def items_file(tmp_path):
 
 
 @pytest.fixture
-def judge_file(tmp_path):
+def judge_file(tmp_path: Path) -> Path:
     path = tmp_path / "judge.toml"
     path.write_text(
         '[[graders]]\nname = "judge"\ntype = "score_model"\nmodel = "judge"\nrange = [0, 10]\npass_threshold = 7\n\n'
@@ -57,18 +59,18 @@ def judge_file(tmp_path):
     return path
 
 
-def on(models):
+def on(models: FakeModels) -> list[str]:
     """Arguments that point candidates (and judges) at the fake models."""
     return ["--base-url", models.url + "/v1", "--api-key-env", "HOME"]
 
 
-def eval_run(db, *args):
+def eval_run(db: str, *args: Any) -> Result:
     return CliRunner().invoke(
         cli, ["eval", "run", "--database-url", db, *args], catch_exceptions=False
     )
 
 
-def eval_with(config, db, *args, **kwargs):
+def eval_with(config: Any, db: str, *args: Any, **kwargs: Any) -> Result:
     """`eval run` with a config file (for [endpoints.*])."""
     return CliRunner().invoke(
         cli, ["eval", "run", "-c", str(config), "--database-url", db, *args], **kwargs
@@ -76,11 +78,13 @@ def eval_with(config, db, *args, **kwargs):
 
 
 @pytest.fixture
-def db(tmp_path):
+def db(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'evals.db'}"
 
 
-def test_baseline_scores_match_hand_computation(models, items_file, judge_file, db, tmp_path):
+def test_baseline_scores_match_hand_computation(
+    models: FakeModels, items_file: Path, judge_file: Path, db: str, tmp_path: Path
+) -> None:
     report = tmp_path / "report.html"
     result = eval_run(
         db,
@@ -136,7 +140,7 @@ def test_baseline_scores_match_hand_computation(models, items_file, judge_file, 
     )
 
 
-def test_cache_means_rerunning_calls_nothing(models, items_file, db):
+def test_cache_means_rerunning_calls_nothing(models: FakeModels, items_file: Path, db: str) -> None:
     args = [
         "--file",
         str(items_file),
@@ -156,7 +160,7 @@ def test_cache_means_rerunning_calls_nothing(models, items_file, db):
     assert second["summary"]["candidates"] == first["summary"]["candidates"]
 
 
-def test_429_is_retried_with_backoff(models, items_file, db):
+def test_429_is_retried_with_backoff(models: FakeModels, items_file: Path, db: str) -> None:
     result = eval_run(
         db,
         "--file",
@@ -176,7 +180,9 @@ def test_429_is_retried_with_backoff(models, items_file, db):
     )  # a 429, then the answer
 
 
-def test_fail_under_gates_and_list_show_compare(models, items_file, db):
+def test_fail_under_gates_and_list_show_compare(
+    models: FakeModels, items_file: Path, db: str
+) -> None:
     base = [
         "--file",
         str(items_file),
@@ -218,7 +224,7 @@ def test_fail_under_gates_and_list_show_compare(models, items_file, db):
     assert 0 < compared[0]["ci_low"] <= 0.5 <= compared[0]["ci_high"]
 
 
-def test_tool_call_and_cosine_graders(models, db, tmp_path):
+def test_tool_call_and_cosine_graders(models: FakeModels, db: str, tmp_path: Path) -> None:
     path = tmp_path / "tools.jsonl"
     reference = {
         "role": "assistant",
@@ -277,7 +283,9 @@ def test_tool_call_and_cosine_graders(models, db, tmp_path):
     ]  # replayed
 
 
-def test_eval_input_from_a_dataset_and_its_traffic_is_excluded_from_builds(models, db, tmp_path):
+def test_eval_input_from_a_dataset_and_its_traffic_is_excluded_from_builds(
+    models: FakeModels, db: str, tmp_path: Path
+) -> None:
     from distillery.store import open_store
 
     from helpers import base_records, record
@@ -335,7 +343,7 @@ def test_eval_input_from_a_dataset_and_its_traffic_is_excluded_from_builds(model
 # -- graders on edge cases ----------------------------------------------------------
 
 
-def test_text_metrics_by_hand():
+def test_text_metrics_by_hand() -> None:
     assert metrics.bleu("the cat sat on the mat", "the cat sat on the mat") == 1.0
     assert metrics.bleu("", "anything") == 0.0 and metrics.bleu("", "") == 1.0
     assert metrics.rouge_n("a b c", "a b d", 1) == pytest.approx(2 / 3)
@@ -348,7 +356,7 @@ def test_text_metrics_by_hand():
     assert 0 < metrics.bleu("the cat sat", "the cat sat on the mat") < 1  # brevity penalty
 
 
-def test_json_parsing_and_bootstrap():
+def test_json_parsing_and_bootstrap() -> None:
     assert metrics.parse_json('```json\n{"a": 1}\n```') == {"a": 1}
     with pytest.raises(ValueError):
         metrics.parse_json("not json")
@@ -371,7 +379,7 @@ def test_json_parsing_and_bootstrap():
         ("", '{"a": 1}', 0.0),
     ],
 )
-def test_json_grader(output, reference, expected):
+def test_json_grader(output: Any, reference: Any, expected: Any) -> None:
     import asyncio
 
     from distillery.curation.endpoints import Endpoint
@@ -385,7 +393,7 @@ def test_json_grader(output, reference, expected):
     assert grade.score == expected
 
 
-def test_bad_grader_specs_name_the_fix(tmp_path, db):
+def test_bad_grader_specs_name_the_fix(tmp_path: Path, db: str) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[graders]]\nname = "x"\ntype = "mystery"\n')
     for spec, message in (
@@ -398,7 +406,9 @@ def test_bad_grader_specs_name_the_fix(tmp_path, db):
         )
 
 
-def test_label_model_and_python_graders(models, items_file, db, tmp_path):
+def test_label_model_and_python_graders(
+    models: FakeModels, items_file: Path, db: str, tmp_path: Path
+) -> None:
     grader = tmp_path / "more.toml"
     (tmp_path / "length.py").write_text(
         "def grade(sample, item):\n    return 1.0 if len(sample['output_text']) >= len(item['reference_text']) else 0.25\n"
@@ -424,8 +434,13 @@ def test_label_model_and_python_graders(models, items_file, db, tmp_path):
 
 
 def test_judges_never_run_on_the_candidates_server(
-    servers, models, items_file, judge_file, db, tmp_path
-):
+    servers: ServerThread,
+    models: FakeModels,
+    items_file: Path,
+    judge_file: Path,
+    db: str,
+    tmp_path: Path,
+) -> None:
     """A local student knows no judge model: judges go to the default endpoint."""
     student = FakeModels()
     student.url, _ = servers.serve(student.app)
@@ -453,7 +468,9 @@ def test_judges_never_run_on_the_candidates_server(
     )
 
 
-def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db, tmp_path):
+def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(
+    models: FakeModels, db: str, tmp_path: Path
+) -> None:
     from distillery.store import open_store
 
     from helpers import base_records
@@ -491,7 +508,7 @@ def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(models, db, tmp
     assert len(tools_sent) == len(sampled_tool_items)
 
 
-def test_yaml_grader_file(models, items_file, db, tmp_path):
+def test_yaml_grader_file(models: FakeModels, items_file: Path, db: str, tmp_path: Path) -> None:
     grader = tmp_path / "graders.yaml"
     grader.write_text(
         "graders:\n  - name: close\n    type: text_similarity\n    metric: rouge_1\n    pass_threshold: 0.9\n"
@@ -513,8 +530,13 @@ def test_yaml_grader_file(models, items_file, db, tmp_path):
 
 
 def test_an_unset_key_variable_is_an_error_never_a_fallback(
-    servers, models, items_file, db, tmp_path, monkeypatch
-):
+    servers: ServerThread,
+    models: FakeModels,
+    items_file: Path,
+    db: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A key goes only where it was configured: an unset variable is named, and the user's
     OPENAI_API_KEY is never sent in its place (the SDK's silent fallback)."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-users-own-openai-key")
@@ -565,7 +587,9 @@ def test_an_unset_key_variable_is_an_error_never_a_fallback(
     assert {r["headers"]["Authorization"] for r in models.requests} == {"Bearer distillery-no-key"}
 
 
-def test_failed_calls_are_errors_not_zero_scores(models, items_file, db):
+def test_failed_calls_are_errors_not_zero_scores(
+    models: FakeModels, items_file: Path, db: str
+) -> None:
     """Half the calls fail: the mean is over the answered half, the errors are counted and
     shown, and the run exits 1 with the first error (unless --max-error-rate allows it)."""
     args = [
@@ -598,7 +622,7 @@ def test_failed_calls_are_errors_not_zero_scores(models, items_file, db):
     assert row.split()[6:8] == ["3", "3"]  # n scored, errors
 
 
-def test_a_dead_endpoint_scores_nothing_and_exits_1(items_file, db):
+def test_a_dead_endpoint_scores_nothing_and_exits_1(items_file: Path, db: str) -> None:
     result = eval_run(
         db,
         "--file",
@@ -623,7 +647,9 @@ def test_a_dead_endpoint_scores_nothing_and_exits_1(items_file, db):
     assert "teacher: 6 of 6 items failed (first: APIConnectionError" in result.stderr
 
 
-def test_a_judge_without_a_verdict_is_an_error_not_a_score(models, items_file, db, tmp_path):
+def test_a_judge_without_a_verdict_is_an_error_not_a_score(
+    models: FakeModels, items_file: Path, db: str, tmp_path: Path
+) -> None:
     judges = tmp_path / "mute.toml"
     judges.write_text(
         '[[graders]]\nname = "score"\ntype = "score_model"\nmodel = "mute-judge"\n\n'
@@ -649,7 +675,9 @@ def test_a_judge_without_a_verdict_is_an_error_not_a_score(models, items_file, d
     assert "the judge's answer is not JSON" in result.stderr
 
 
-def test_fail_under_is_per_grader_when_scales_differ(models, items_file, judge_file, db):
+def test_fail_under_is_per_grader_when_scales_differ(
+    models: FakeModels, items_file: Path, judge_file: Path, db: str
+) -> None:
     base = [
         "--file",
         str(items_file),
@@ -675,7 +703,9 @@ def test_fail_under_is_per_grader_when_scales_differ(models, items_file, judge_f
     assert "Below --fail-under: weak/judge: 6.0 < 6.5" in missed.stderr
 
 
-def test_the_report_puts_each_answer_under_its_own_model(models, items_file, db, tmp_path):
+def test_the_report_puts_each_answer_under_its_own_model(
+    models: FakeModels, items_file: Path, db: str, tmp_path: Path
+) -> None:
     """Candidates given out of alphabetical order: every column's header, answers and
     grades belong to the same model, and the disagreement count is the real one."""
     report = tmp_path / "report.html"
@@ -711,7 +741,9 @@ def test_the_report_puts_each_answer_under_its_own_model(models, items_file, db,
     assert "reference: the final assistant message of each item" in page  # a file names no model
 
 
-def test_the_cache_knows_a_model_by_its_files_not_its_address(servers, items_file, db, tmp_path):
+def test_the_cache_knows_a_model_by_its_files_not_its_address(
+    servers: ServerThread, items_file: Path, db: str, tmp_path: Path
+) -> None:
     """New files served under the same name and port never get the old answers; the same
     files served on another port hit the cache; a server that cannot say what it runs is
     not cached at all; --no-cache calls afresh."""
@@ -724,7 +756,7 @@ def test_the_cache_knows_a_model_by_its_files_not_its_address(servers, items_fil
         f'[endpoints.a]\nbase_url = "{first.url}/v1"\n[endpoints.b]\nbase_url = "{second.url}/v1"\n'
     )
 
-    def calls(endpoint, *extra):
+    def calls(endpoint: Any, *extra: Any) -> tuple[dict[str, int], str]:
         result = eval_with(
             config,
             db,
@@ -752,7 +784,7 @@ def test_the_cache_knows_a_model_by_its_files_not_its_address(servers, items_fil
     assert calls("a")[0] == {"made": 6, "cached": 0}
 
 
-def test_model_hash_follows_the_files(tmp_path):
+def test_model_hash_follows_the_files(tmp_path: Path) -> None:
     from distillery.curation.serve import model_hash
 
     for name in ("one", "two"):
@@ -766,7 +798,7 @@ def test_model_hash_follows_the_files(tmp_path):
 
 
 @pytest.fixture
-def grader_registry(monkeypatch):
+def grader_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """The grader types a test registers are its own: the registry is put back after."""
     saved = dict(g.TYPES)
     yield g.TYPES
@@ -779,8 +811,8 @@ KEYWORD_PLUGIN = readme_code("Extending Distillery")[0]
 
 
 def test_a_grader_type_of_your_own_from_a_grader_file(
-    models, items_file, db, tmp_path, grader_registry
-):
+    models: FakeModels, items_file: Path, db: str, tmp_path: Path, grader_registry: Any
+) -> None:
     """A module named in a grader file's `plugins` registers a type; its scores are the
     ones its function returns (teacher: every answer says "answer"; weak: 3 of 6)."""
     (tmp_path / "keyword_graders.py").write_text(KEYWORD_PLUGIN)
@@ -811,8 +843,13 @@ def test_a_grader_type_of_your_own_from_a_grader_file(
 
 
 def test_a_grader_type_from_an_entry_point_is_a_grader_name(
-    models, items_file, db, tmp_path, grader_registry, monkeypatch
-):
+    models: FakeModels,
+    items_file: Path,
+    db: str,
+    tmp_path: Path,
+    grader_registry: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A package's `distillery.graders` entry point registers its types on first use;
     `--grader TYPE` then names one, like a built-in."""
     from importlib.metadata import EntryPoint
@@ -849,7 +886,7 @@ def test_a_grader_type_from_an_entry_point_is_a_grader_name(
     assert weak["keyword"]["mean"] == 0.5 and weak["keyword"]["n"] == 6
 
 
-def test_two_graders_under_one_name_are_refused(db, tmp_path):
+def test_two_graders_under_one_name_are_refused(db: str, tmp_path: Path) -> None:
     result = eval_run(
         db, "--file", __file__, "--model", "m", "--grader", "exact", "--grader", "exact"
     )

@@ -20,7 +20,7 @@ RUN = Path(__file__).parent.parent / "examples" / "ticket_extraction" / "run.py"
 
 
 @pytest.mark.example
-def test_distilled_student_closes_most_of_the_gap(tmp_path):
+def test_distilled_student_closes_most_of_the_gap(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(RUN), "--workdir", str(tmp_path)],
         capture_output=True,

@@ -12,7 +12,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from distillery.store import open_store
 from distillery.store.records import CaptureRecord
 from distillery.store.repair import REPAIRED_TAG, RecordRefused
 
-from helpers import complete, distinct_words, fill, wait_for
+from fake_openai import FakeOpenAI
+from helpers import RunningProxy, ServerThread, complete, distinct_words, fill, wait_for
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hi"}]
 
@@ -76,7 +77,9 @@ REFUSED = {
 }
 
 
-def test_refused_records_are_repaired_and_never_block_later_calls(start_proxy, sdk, db_url):
+def test_refused_records_are_repaired_and_never_block_later_calls(
+    start_proxy: Callable[..., RunningProxy], sdk: Callable[..., Any], db_url: str
+) -> None:
     """Each record the database refuses is repaired and stored; the calls after it are
     stored too (before the fix, one such record stopped most later captures for good)."""
     proxy = start_proxy(database_url=db_url)
@@ -122,7 +125,7 @@ def test_refused_records_are_repaired_and_never_block_later_calls(start_proxy, s
     assert request["metadata"]["note"] is None
 
 
-def test_unrepairable_record_goes_to_the_dead_letter_file(tmp_path):
+def test_unrepairable_record_goes_to_the_dead_letter_file(tmp_path: Path) -> None:
     """A record even repair cannot make storable is written aside with the reason; the
     records around it are stored."""
     url = f"sqlite:///{tmp_path / 'dead.db'}"
@@ -145,7 +148,9 @@ def test_unrepairable_record_goes_to_the_dead_letter_file(tmp_path):
     store.close()
 
 
-def test_a_record_with_a_misspelled_key_is_dead_lettered_never_stored_with_a_null(tmp_path):
+def test_a_record_with_a_misspelled_key_is_dead_lettered_never_stored_with_a_null(
+    tmp_path: Path,
+) -> None:
     """The store takes whole capture records only: a key spelled wrong (in a spool, or by a
     bug) is refused with its name, never inserted with NULL where the value was meant."""
     url = f"sqlite:///{tmp_path / 'keys.db'}"
@@ -170,7 +175,7 @@ def test_a_record_with_a_misspelled_key_is_dead_lettered_never_stored_with_a_nul
     store.close()
 
 
-def test_a_poisoned_spool_left_by_an_older_proxy_is_replayed(tmp_path):
+def test_a_poisoned_spool_left_by_an_older_proxy_is_replayed(tmp_path: Path) -> None:
     """Segments that an earlier version could never replay (a refused record inside)
     are replayed at start: every record stored, the bad one repaired."""
     spool = tmp_path / "spool"
@@ -249,7 +254,9 @@ def ask(client: openai.OpenAI, i: int) -> str:
     return client.chat.completions.create(model="fake-model", messages=messages).id
 
 
-def test_full_disk_loses_nothing_once_space_returns(small_fs, start_proxy, sdk):
+def test_full_disk_loses_nothing_once_space_returns(
+    small_fs: Path, start_proxy: Callable[..., RunningProxy], sdk: Callable[..., Any]
+) -> None:
     """Database and spool on a filesystem that fills up: every call is still answered,
     health says why it is degraded, and once space returns every call is stored once."""
     proxy = start_proxy(
@@ -277,7 +284,9 @@ def test_full_disk_loses_nothing_once_space_returns(small_fs, start_proxy, sdk):
     assert health(proxy)["capture"]["dropped"] == 0
 
 
-def test_a_full_memory_buffer_drops_with_an_error_but_answers(small_fs, start_proxy, sdk):
+def test_a_full_memory_buffer_drops_with_an_error_but_answers(
+    small_fs: Path, start_proxy: Callable[..., RunningProxy], sdk: Callable[..., Any]
+) -> None:
     """Past the memory buffer a record is dropped -- logged with its id, counted -- and
     the client's call is still answered."""
     proxy = start_proxy(
@@ -303,7 +312,11 @@ def test_a_full_memory_buffer_drops_with_an_error_but_answers(small_fs, start_pr
 # -- credentials ------------------------------------------------------------------
 
 
-def test_a_fingerprint_presented_as_a_key_is_refused(start_proxy, sdk, monkeypatch):
+def test_a_fingerprint_presented_as_a_key_is_refused(
+    start_proxy: Callable[..., RunningProxy],
+    sdk: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Fingerprints are in logs, the database and the config file: presenting one is
     presenting an unknown key, for clients and for admins alike."""
     monkeypatch.setenv("UPSTREAM_KEY", "sk-upstream")
@@ -328,7 +341,9 @@ def test_a_fingerprint_presented_as_a_key_is_refused(start_proxy, sdk, monkeypat
     assert sdk(proxy.base_url, api_key="sk-admin").chat.completions.list() is not None
 
 
-def test_keyless_mode_fingerprint_is_not_admin(start_proxy, sdk):
+def test_keyless_mode_fingerprint_is_not_admin(
+    start_proxy: Callable[..., RunningProxy], sdk: Callable[..., Any]
+) -> None:
     """Forwarding the caller's own key: a fingerprint as the key is a new tenant, never
     the admin whose fingerprint it is."""
     proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint("sk-admin")]}})
@@ -341,7 +356,9 @@ def test_keyless_mode_fingerprint_is_not_admin(start_proxy, sdk):
     assert len(sdk(proxy.base_url, api_key="sk-admin").chat.completions.list().data) == 1
 
 
-def test_keyless_callers_cannot_list_stored_completions(start_proxy, upstream):
+def test_keyless_callers_cannot_list_stored_completions(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     proxy = start_proxy()
     httpx.post(
         proxy.base_url + "/chat/completions", json={"model": "fake-model", "messages": MESSAGES}
@@ -442,7 +459,12 @@ BAD_HTTP = {
 
 
 @pytest.mark.parametrize("case", list(BAD_HTTP))
-def test_bad_requests_get_openai_error_json(start_proxy, upstream, caplog, case):
+def test_bad_requests_get_openai_error_json(
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+    case: Any,
+) -> None:
     """What aiohttp's parser refuses and what the proxy refuses look the same to a
     client: OpenAI's error JSON with a request id; nothing reaches the upstream."""
     proxy = start_proxy()
@@ -455,7 +477,9 @@ def test_bad_requests_get_openai_error_json(start_proxy, upstream, caplog, case)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
-def test_a_body_shorter_than_its_content_length_times_out(start_proxy):
+def test_a_body_shorter_than_its_content_length_times_out(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
     proxy = start_proxy({"proxy": {"body_timeout": 0.5}})
     data = chat_request(b'{"model": "fake-model"')[:-5].replace(
         b"Content-Length: 22", b"Content-Length: 1000"
@@ -464,7 +488,9 @@ def test_a_body_shorter_than_its_content_length_times_out(start_proxy):
     assert assert_openai_error(status, headers, body, 408)["code"] == "request_timeout"
 
 
-def test_odd_but_valid_requests_are_forwarded_and_captured(start_proxy, upstream):
+def test_odd_but_valid_requests_are_forwarded_and_captured(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     """Input the proxy used to fail on with a plain 500 is forwarded like any other."""
     proxy = start_proxy()
     tools_string = orjson.dumps(
@@ -507,8 +533,8 @@ MALFORMED = {
 
 @pytest.mark.parametrize("model", [*MALFORMED, "fake-malformed-delta"])
 def test_malformed_upstream_answers_are_relayed_as_sent_and_stored_as_errors(
-    start_proxy, upstream, model
-):
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, model: Any
+) -> None:
     proxy = start_proxy()
     body = {"model": model, "messages": MESSAGES, "stream": model.endswith("delta")}
     direct = httpx.post(upstream.url + "/v1/chat/completions", json=body)
@@ -522,8 +548,8 @@ def test_malformed_upstream_answers_are_relayed_as_sent_and_stored_as_errors(
 
 
 def test_an_answer_nested_too_deep_to_serialise_is_relayed_and_stored_as_text(
-    start_proxy, upstream
-):
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     proxy = start_proxy()
     body = {"model": "fake-deep", "messages": MESSAGES}
     direct = httpx.post(upstream.url + "/v1/chat/completions", json=body)
@@ -540,7 +566,9 @@ def test_an_answer_nested_too_deep_to_serialise_is_relayed_and_stored_as_text(
 
 
 @pytest.mark.slow
-def test_a_32000_delta_stream_is_relayed_byte_for_byte_and_reassembled(start_proxy, upstream, sdk):
+def test_a_32000_delta_stream_is_relayed_byte_for_byte_and_reassembled(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, sdk: Callable[..., Any]
+) -> None:
     proxy = start_proxy()
     body = {"model": "fake-many", "messages": MESSAGES, "stream": True}
     direct = httpx.post(upstream.url + "/v1/chat/completions", json=body).content
@@ -558,7 +586,9 @@ def test_a_32000_delta_stream_is_relayed_byte_for_byte_and_reassembled(start_pro
     assert response["choices"][0]["message"]["content"] == expected
 
 
-def test_a_client_leaving_before_a_json_answer_is_stored_as_such(start_proxy, upstream):
+def test_a_client_leaving_before_a_json_answer_is_stored_as_such(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     upstream.slow_seconds = 1.0
     proxy = start_proxy()
     data = chat_request(orjson.dumps({"model": "fake-slow", "messages": MESSAGES}))
@@ -574,12 +604,12 @@ def test_a_client_leaving_before_a_json_answer_is_stored_as_such(start_proxy, up
 
 
 @pytest.mark.slow
-def test_a_stream_outliving_shutdown_is_still_recorded(servers, upstream, tmp_path):
+def test_a_stream_outliving_shutdown_is_still_recorded(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
     """The shutdown timeout cancels a stream that will not end; its row says so."""
     from distillery.config import Settings
     from distillery.proxy.server import open_capture_store
-
-    from helpers import RunningProxy
 
     upstream.slow_seconds = 60
     settings = Settings.model_validate(
@@ -618,7 +648,9 @@ def test_a_stream_outliving_shutdown_is_still_recorded(servers, upstream, tmp_pa
 # -- what is stored -------------------------------------------------------------------
 
 
-def test_model_names_and_card_numbers_are_redacted(start_proxy, sdk):
+def test_model_names_and_card_numbers_are_redacted(
+    start_proxy: Callable[..., RunningProxy], sdk: Callable[..., Any]
+) -> None:
     proxy = start_proxy()
     client = sdk(proxy.base_url)
     messages = [{"role": "user", "content": "pay with 4111 1111 1111 1111 or 4111111111111111"}]
@@ -632,7 +664,9 @@ def test_model_names_and_card_numbers_are_redacted(start_proxy, sdk):
     assert "bob@example.com" not in repr(logs)
 
 
-def test_the_sqlite_file_is_private(start_proxy, sdk, tmp_path):
+def test_the_sqlite_file_is_private(
+    start_proxy: Callable[..., RunningProxy], sdk: Callable[..., Any], tmp_path: Path
+) -> None:
     proxy = start_proxy(database_url=f"sqlite:///{tmp_path / 'new' / 'private.db'}")
     sdk(proxy.base_url).chat.completions.create(model="fake-model", messages=MESSAGES)
     proxy.wait_stored(1)
@@ -641,7 +675,9 @@ def test_the_sqlite_file_is_private(start_proxy, sdk, tmp_path):
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
 
 
-def test_absolute_form_request_lines_stay_on_the_configured_upstream(start_proxy, upstream):
+def test_absolute_form_request_lines_stay_on_the_configured_upstream(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     proxy = start_proxy()
     status, _, _ = raw_request(
         proxy.url,

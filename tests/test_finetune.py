@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from distillery.cli import cli
+from distillery.curation.training.backends import JobEvent, JobState
 from distillery.store import open_store
 
 from fake_finetuning import FakeFineTuning
-from helpers import base_records, readme_code
+from helpers import ServerThread, base_records, readme_code
 
 
 @pytest.fixture
-def api(servers):
+def api(servers: ServerThread) -> FakeFineTuning:
     fake = FakeFineTuning()
     fake.url, _ = servers.serve(fake.app)
     return fake
 
 
 @pytest.fixture
-def db(tmp_path):
+def db(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'ft.db'}"
     store = open_store(url)
     store.insert(base_records())
@@ -47,13 +51,13 @@ def db(tmp_path):
     return url
 
 
-def ft(db, api, *args):
+def ft(db: str, api: FakeFineTuning | None, *args: Any) -> Result:
     return CliRunner().invoke(
         cli, ["finetune", *args, "--database-url", db], catch_exceptions=False
     )
 
 
-def create(db, api, model="gpt-4.1-mini", *extra):
+def create(db: str, api: FakeFineTuning, model: Any = "gpt-4.1-mini", *extra: Any) -> Result:
     return ft(
         db,
         api,
@@ -70,7 +74,9 @@ def create(db, api, model="gpt-4.1-mini", *extra):
     )
 
 
-def test_create_uploads_the_version_and_records_the_job(db, api, tmp_path):
+def test_create_uploads_the_version_and_records_the_job(
+    db: str, api: FakeFineTuning, tmp_path: Path
+) -> None:
     result = create(db, api, "gpt-4.1-mini", "--suffix", "support", "--epochs", "3", "--seed", "7")
     assert result.exit_code == 0, result.output
     job_id = result.output.strip().splitlines()[-1]
@@ -94,7 +100,7 @@ def test_create_uploads_the_version_and_records_the_job(db, api, tmp_path):
     ]
 
 
-def test_watch_follows_events_to_the_fine_tuned_model(db, api):
+def test_watch_follows_events_to_the_fine_tuned_model(db: str, api: FakeFineTuning) -> None:
     job_id = create(db, api, "gpt-4.1-mini", "--suffix", "support").output.strip().splitlines()[-1]
     result = ft(db, api, "watch", job_id, "--api-key-env", "HOME", "--interval", "0.01")
     assert result.exit_code == 0, result.output
@@ -110,7 +116,7 @@ def test_watch_follows_events_to_the_fine_tuned_model(db, api):
     assert len(shown["metrics"]["checkpoints"]) == 2
 
 
-def test_a_failed_job_says_why_and_exits_1(db, api):
+def test_a_failed_job_says_why_and_exits_1(db: str, api: FakeFineTuning) -> None:
     job_id = create(db, api, "fail-model").output.strip().splitlines()[-1]
     result = ft(db, api, "watch", job_id, "--api-key-env", "HOME", "--interval", "0.01")
     assert result.exit_code == 1 and "failed" in result.output
@@ -118,14 +124,14 @@ def test_a_failed_job_says_why_and_exits_1(db, api):
     assert "error: The file has 3 examples" in status
 
 
-def test_cancel(db, api):
+def test_cancel(db: str, api: FakeFineTuning) -> None:
     job_id = create(db, api).output.strip().splitlines()[-1]
     result = ft(db, api, "cancel", job_id, "--api-key-env", "HOME")
     assert result.exit_code == 0 and "cancelled" in result.output
     assert json.loads(ft(db, api, "list", "--json").output)[0]["status"] == "cancelled"
 
 
-def test_refusal_is_plain_and_points_elsewhere(db, api):
+def test_refusal_is_plain_and_points_elsewhere(db: str, api: FakeFineTuning) -> None:
     result = create(db, api, "refused-model")
     assert result.exit_code == 1
     assert (
@@ -136,7 +142,7 @@ def test_refusal_is_plain_and_points_elsewhere(db, api):
     assert json.loads(ft(db, api, "list", "--json").output) == []
 
 
-def test_unknown_job_and_dataset_name_the_fix(db, api):
+def test_unknown_job_and_dataset_name_the_fix(db: str, api: FakeFineTuning) -> None:
     assert "No fine-tune job 'nope'" in ft(db, api, "status", "nope").output
     result = ft(
         db,
@@ -152,7 +158,9 @@ def test_unknown_job_and_dataset_name_the_fix(db, api):
     assert "No dataset 'missing'" in result.output
 
 
-def test_create_without_a_key_is_one_line_naming_the_variable(db, api, monkeypatch):
+def test_create_without_a_key_is_one_line_naming_the_variable(
+    db: str, api: FakeFineTuning, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No traceback, and no other key sent in its place."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     result = CliRunner().invoke(
@@ -178,7 +186,9 @@ def test_create_without_a_key_is_one_line_naming_the_variable(db, api, monkeypat
     assert api.created == []
 
 
-def test_a_provider_without_events_or_checkpoints_still_records_the_model(db, api):
+def test_a_provider_without_events_or_checkpoints_still_records_the_model(
+    db: str, api: FakeFineTuning
+) -> None:
     """Events and checkpoints are optional detail: their 404 never turns a job that
     succeeded into a failure."""
     api.detail_endpoints = False
@@ -190,7 +200,9 @@ def test_a_provider_without_events_or_checkpoints_still_records_the_model(db, ap
     assert shown["fine_tuned_model"] == "ft:gpt-4.1-mini:acme:support:abc123"
 
 
-def test_a_dataset_below_the_providers_minimum_is_refused_before_upload(api, tmp_path):
+def test_a_dataset_below_the_providers_minimum_is_refused_before_upload(
+    api: FakeFineTuning, tmp_path: Path
+) -> None:
     """OpenAI needs 10 training examples: fewer is refused here, not by a failed job."""
     url = f"sqlite:///{tmp_path / 'small.db'}"
     store = open_store(url)
@@ -231,7 +243,7 @@ def test_a_dataset_below_the_providers_minimum_is_refused_before_upload(api, tmp
 
 
 @pytest.fixture
-def backend_registry():
+def backend_registry() -> Iterator[ModuleType]:
     """Backends a test registers are its own: the registry is put back after."""
     from distillery.curation.training import backends
 
@@ -242,7 +254,7 @@ def backend_registry():
     backends._REGISTRY.update(saved)
 
 
-def test_the_memory_backend_runs_a_job_through_the_cli(db):
+def test_the_memory_backend_runs_a_job_through_the_cli(db: str) -> None:
     """`--backend memory` trains nothing and needs no API: the same job row, events and
     states as any backend, in one process."""
     created = ft(
@@ -271,7 +283,7 @@ def test_the_memory_backend_runs_a_job_through_the_cli(db):
     assert job["dataset"] == "support" and job["dataset_version"] == 1
 
 
-def test_a_backend_of_your_own(db, backend_registry):
+def test_a_backend_of_your_own(db: str, backend_registry: Any) -> None:
     """A class with name, local_models, start, state, events, cancel and close is a
     backend; registered under a name, `--backend NAME` uses it."""
     from distillery.curation.training.backends import FineTuneBackend, Started
@@ -282,11 +294,11 @@ def test_a_backend_of_your_own(db, backend_registry):
         name = "recorder"
         local_models = False
 
-        def start(self, spec):
+        def start(self, spec: Any) -> Started:
             seen.append(spec)
             return Started("rec-1", "running", "http://recorder.test", spec.hyperparameters.given())
 
-        def state(self, job):
+        def state(self, job: Any) -> JobState:
             return {
                 "status": "succeeded",
                 "fine_tuned_model": "rec-model",
@@ -294,13 +306,13 @@ def test_a_backend_of_your_own(db, backend_registry):
                 "error": None,
             }
 
-        def events(self, job):
+        def events(self, job: Any) -> list[JobEvent]:
             return [{"id": "1", "level": "info", "message": "recorded", "data": {}}]
 
-        def cancel(self, job):
+        def cancel(self, job: Any) -> str:
             return "cancelled"
 
-        def close(self):
+        def close(self) -> None:
             pass
 
     assert isinstance(Recorder(), FineTuneBackend)
@@ -331,7 +343,7 @@ def test_a_backend_of_your_own(db, backend_registry):
     assert job["status"] == "succeeded" and job["hyperparameters"] == {"batch_size": 4}
 
 
-def test_an_unknown_backend_names_the_ones_there_are(db):
+def test_an_unknown_backend_names_the_ones_there_are(db: str) -> None:
     result = ft(
         db, None, "create", "--dataset", "support", "--backend", "nope", "--base-model", "b"
     )
@@ -339,8 +351,8 @@ def test_an_unknown_backend_names_the_ones_there_are(db):
     assert "No fine-tuning backend 'nope': use one of local, memory, openai" in result.output
 
 
-def test_start_job_and_wait_record_a_failed_job_with_its_reason(db):
-    from distillery.curation.training.backends import JobEvent, JobSpec, new_job_id
+def test_start_job_and_wait_record_a_failed_job_with_its_reason(db: str) -> None:
+    from distillery.curation.training.backends import JobSpec, new_job_id
     from distillery.curation.training.jobs import start_job, wait
     from distillery.curation.training.memory import InMemoryBackend
     from distillery.store import datasets, finetunes
@@ -366,7 +378,7 @@ def test_start_job_and_wait_record_a_failed_job_with_its_reason(db):
     store.close()
 
 
-def test_the_readme_backend_example_is_a_backend(backend_registry, tmp_path):
+def test_the_readme_backend_example_is_a_backend(backend_registry: Any, tmp_path: Path) -> None:
     """The README's backend example implements the interface and registers under its name."""
     from distillery.curation.endpoints import Endpoint
     from distillery.curation.training.backends import (

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from distillery.cli import cli
 from distillery.store import open_store
 
-from helpers import record
+from helpers import ServerThread, record
 
 pytest.importorskip(
     "trl", reason="the training extra is not installed: pip install torch==2.13.0 -e '.[train]'"
@@ -44,7 +45,7 @@ def task(rng: random.Random, i: int) -> tuple[str, str]:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path: Path) -> tuple[str, Path]:
     rng = random.Random(0)
     pairs = [task(rng, i) for i in range(60)]
     db = f"sqlite:///{tmp_path / 'train.db'}"
@@ -76,7 +77,7 @@ def setup(tmp_path):
     return db, model
 
 
-def create_local(db, model, *args):
+def create_local(db: str, model: Any, *args: Any) -> str:
     """`finetune create --backend local` on the tickets dataset; returns the job id."""
     result = ft(
         db,
@@ -93,13 +94,13 @@ def create_local(db, model, *args):
     return result.output.strip().splitlines()[-1]
 
 
-def ft(db, *args):
+def ft(db: str, *args: Any) -> Result:
     return CliRunner().invoke(
         cli, ["finetune", *args, "--database-url", db], catch_exceptions=False
     )
 
 
-def test_local_lora_trains_merges_and_answers(setup):
+def test_local_lora_trains_merges_and_answers(setup: Any) -> None:
     db, model = setup
     job_id = create_local(
         db,
@@ -144,7 +145,7 @@ def test_local_lora_trains_merges_and_answers(setup):
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
-def test_settings_fit_the_student():
+def test_settings_fit_the_student() -> None:
     """From scratch: full, 1e-3, warm-up and a cosine decay to a floor, early stopping.
     Pretrained: LoRA with the usual settings.  What the user gives wins; without a
     validation split (nothing to stop on) or with --epochs, the count is fixed."""
@@ -196,7 +197,7 @@ def test_settings_fit_the_student():
     )
 
 
-def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path):
+def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path: Path) -> None:
     """The marker `student create` writes is what makes a model "from scratch"; the same
     weights without it are a small pretrained model (its parameters counted from the
     config), and an explicit --lora is honoured."""
@@ -215,7 +216,9 @@ def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path):
     assert lora["method"] == "lora" and lora["lora_r"] == 16
 
 
-def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(setup, tmp_path):
+def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(
+    setup: Any, tmp_path: Path
+) -> None:
     """`student create` makes a randomly initialised student; the trainer sees it, trains
     every weight, stops once the validation loss has not improved for `patience`
     epochs and keeps the best epoch's weights.  The settings it used, defaults
@@ -254,7 +257,7 @@ def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(setup, tmp
     assert manifest["valid_loss"] == pytest.approx(best_loss, rel=1e-4)  # the best epoch's weights
 
 
-def test_cancel_stops_a_local_job(setup):
+def test_cancel_stops_a_local_job(setup: Any) -> None:
     db, model = setup
     job_id = create_local(db, model, "--epochs", "50", "--batch-size", "2")
     result = ft(db, "cancel", job_id)
@@ -262,7 +265,9 @@ def test_cancel_stops_a_local_job(setup):
     assert json.loads(ft(db, "status", job_id, "--json").output)["status"] == "cancelled"
 
 
-def test_serve_answers_like_openai_streaming_too(tmp_path, servers, sdk):
+def test_serve_answers_like_openai_streaming_too(
+    tmp_path: Path, servers: ServerThread, sdk: Callable[..., Any]
+) -> None:
     import httpx
 
     from distillery.curation.serve import make_app
@@ -293,13 +298,15 @@ def test_serve_answers_like_openai_streaming_too(tmp_path, servers, sdk):
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_serve_refuses_an_adapter_directory(tmp_path):
+def test_serve_refuses_an_adapter_directory(tmp_path: Path) -> None:
     (tmp_path / "adapter").mkdir()
     result = CliRunner().invoke(cli, ["serve", str(tmp_path / "adapter")])
     assert result.exit_code == 1 and "serve its merged/ directory" in result.output
 
 
-def test_templates_without_generation_markers_train_on_the_completion(setup, tmp_path):
+def test_templates_without_generation_markers_train_on_the_completion(
+    setup: Any, tmp_path: Path
+) -> None:
     """Most hub models' templates lack {% generation %}: the trainer falls back to
     prompt/completion pairs, still counting only the answer."""
     db, model = setup

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 
 import httpx
 import orjson
+import pytest
 from structlog.testing import capture_logs
 
 from fuzzing import run
-from helpers import wait_for
+from helpers import RunningProxy, wait_for
 
 
-def test_a_thousand_fuzzed_requests_get_no_plain_text_and_no_traceback(start_proxy, caplog):
+def test_a_thousand_fuzzed_requests_get_no_plain_text_and_no_traceback(
+    start_proxy: Callable[..., RunningProxy], caplog: pytest.LogCaptureFixture
+) -> None:
     proxy = start_proxy({"proxy": {"body_timeout": 5}})
     host, port = proxy.url.removeprefix("http://").split(":")
     with capture_logs() as logs:

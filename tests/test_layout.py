@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ def imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("part", PARTS)
-def test_each_part_imports_only_what_is_below_it(part):
+def test_each_part_imports_only_what_is_below_it(part: Any) -> None:
     wrong = []
     for path in modules(part):
         for name in imports(path):
@@ -42,7 +43,7 @@ def test_each_part_imports_only_what_is_below_it(part):
     assert wrong == []
 
 
-def test_the_readme_layout_names_every_module():
+def test_the_readme_layout_names_every_module() -> None:
     """The Development section's tree is the real one: every module is named in it."""
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Development") :]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +16,7 @@ from distillery.store.db import create_engine, migrate, schema_revision
 from distillery.store.migrations import HEAD, LOCATION
 
 
-def test_head_constant_matches_the_revision_files():
+def test_head_constant_matches_the_revision_files() -> None:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
@@ -24,7 +26,7 @@ def test_head_constant_matches_the_revision_files():
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def url(request, tmp_path):
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return (
         f"sqlite:///{tmp_path / 'm.db'}"
         if request.param == "sqlite"
@@ -38,7 +40,7 @@ SEARCH_TABLES = {"completion_search"}
 SEARCH_PREFIX = "completions_fts"
 
 
-def test_the_models_match_the_migrated_schema(url):
+def test_the_models_match_the_migrated_schema(url: str) -> None:
     """Every SQLModel table, column, type, index and key is what the migrations create."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -46,7 +48,7 @@ def test_the_models_match_the_migrated_schema(url):
 
     import distillery.store.models  # noqa: F401  (registers the tables)
 
-    def ours(obj, name, type_, reflected, compare_to):
+    def ours(obj: Any, name: Any, type_: Any, reflected: Any, compare_to: Any) -> bool:
         table = name if type_ == "table" else getattr(getattr(obj, "table", None), "name", "")
         return not (table in SEARCH_TABLES or str(table).startswith(SEARCH_PREFIX))
 
@@ -63,7 +65,7 @@ def test_the_models_match_the_migrated_schema(url):
     assert differences == []
 
 
-def test_db_status_and_upgrade(url):
+def test_db_status_and_upgrade(url: str) -> None:
     status = CliRunner().invoke(cli, ["db", "status", "--database-url", url])
     assert "revision: empty" in status.output and "run `distillery db upgrade`" in status.output
     upgraded = CliRunner().invoke(cli, ["db", "upgrade", "--database-url", url])
@@ -84,7 +86,7 @@ def test_db_status_and_upgrade(url):
 
 
 @pytest.mark.slow
-def test_concurrent_migrators_do_not_collide(url):
+def test_concurrent_migrators_do_not_collide(url: str) -> None:
     """Several processes starting at once on an empty database: one migrates, none fails."""
     script = (
         f"from distillery.store.db import create_engine, migrate; migrate(create_engine({url!r}))"
@@ -99,7 +101,7 @@ def test_concurrent_migrators_do_not_collide(url):
     engine.dispose()
 
 
-def test_a_database_from_before_migrations_is_adopted(tmp_path):
+def test_a_database_from_before_migrations_is_adopted(tmp_path: Path) -> None:
     """Release one created its schema without alembic: it is stamped as 0001, not re-created."""
     from sqlmodel import SQLModel
 

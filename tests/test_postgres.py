@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 
 from distillery.store import open_store
 
-from helpers import complete
+from fake_openai import FakeOpenAI
+from helpers import RunningProxy, complete
 
 MESSAGES = [
     {"role": "system", "content": "Classify the ticket."},
@@ -16,7 +19,12 @@ MESSAGES = [
 ]
 
 
-def test_calls_and_tags_land_in_postgres(start_proxy, upstream, sdk, postgres_url):
+def test_calls_and_tags_land_in_postgres(
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    sdk: Callable[..., Any],
+    postgres_url: str,
+) -> None:
     proxy = start_proxy({"tags": {"env": "prod"}}, database_url=postgres_url)
     client = sdk(proxy.base_url)
     client.chat.completions.create(model="fake-model", messages=MESSAGES)
@@ -53,7 +61,7 @@ def test_calls_and_tags_land_in_postgres(start_proxy, upstream, sdk, postgres_ur
     assert "ix_completion_tags_key_value" in indexes
 
 
-def test_replaying_records_twice_inserts_once(postgres_url):
+def test_replaying_records_twice_inserts_once(postgres_url: str) -> None:
     store = open_store(postgres_url)
     record = complete(
         {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import openai
@@ -12,7 +14,7 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from fake_openai import TEXT_PIECES
+from fake_openai import TEXT_PIECES, FakeOpenAI
 from helpers import RunningProxy, wait_for
 
 MESSAGES = [
@@ -28,7 +30,9 @@ TOOLS = [
 
 
 @pytest.fixture
-def clients(sdk, upstream):
+def clients(
+    sdk: Callable[..., Any], upstream: FakeOpenAI
+) -> Callable[[RunningProxy], tuple[openai.OpenAI, openai.OpenAI]]:
     """(direct, proxied) sync clients that differ only in base_url."""
 
     def make(proxy: RunningProxy) -> tuple[openai.OpenAI, openai.OpenAI]:
@@ -37,7 +41,9 @@ def clients(sdk, upstream):
     return make
 
 
-def test_non_streaming_answer_is_byte_identical_and_stored(start_proxy, upstream, clients):
+def test_non_streaming_answer_is_byte_identical_and_stored(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     """Only base_url changes: same bytes back, one stored row with tags and usage."""
     proxy = start_proxy({"tags": {"env": "prod"}})
     direct, proxied = clients(proxy)
@@ -80,7 +86,9 @@ def test_non_streaming_answer_is_byte_identical_and_stored(start_proxy, upstream
     assert sent["messages"] == MESSAGES
 
 
-def test_streaming_is_byte_identical_and_reassembled(start_proxy, upstream, clients):
+def test_streaming_is_byte_identical_and_reassembled(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     """SSE bytes pass unchanged (the usage the proxy asked for is stripped) and one
     chat.completion with the usage is stored."""
     proxy = start_proxy()
@@ -109,7 +117,9 @@ def test_streaming_is_byte_identical_and_reassembled(start_proxy, upstream, clie
     assert "stream_options" not in json.loads(row["request"])
 
 
-def test_streaming_with_client_usage_passes_usage_chunk(start_proxy, upstream, clients):
+def test_streaming_with_client_usage_passes_usage_chunk(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     """A client that asked for usage gets the usage chunk, exactly as direct."""
     proxy = start_proxy()
     direct, proxied = clients(proxy)
@@ -126,7 +136,9 @@ def test_streaming_with_client_usage_passes_usage_chunk(start_proxy, upstream, c
     ]
 
 
-def test_streamed_tool_calls_and_n_choices_are_merged(start_proxy, upstream, clients):
+def test_streamed_tool_calls_and_n_choices_are_merged(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     proxy = start_proxy()
     _, proxied = clients(proxy)
     list(
@@ -150,7 +162,9 @@ def test_streamed_tool_calls_and_n_choices_are_merged(start_proxy, upstream, cli
     }
 
 
-def test_async_client_concurrent_calls_all_stored(start_proxy, upstream):
+def test_async_client_concurrent_calls_all_stored(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     proxy = start_proxy()
 
     async def run() -> list[str]:
@@ -178,7 +192,9 @@ def test_async_client_concurrent_calls_all_stored(start_proxy, upstream):
     assert len({row["completion_id"] for row in rows}) == 40
 
 
-def test_tags_from_headers_path_prefix_and_rules(start_proxy, upstream, sdk):
+def test_tags_from_headers_path_prefix_and_rules(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, sdk: Callable[..., Any]
+) -> None:
     """Header tags are stored and stripped; /a/<app>/ names the app; rules match text."""
     proxy = start_proxy(
         {
@@ -213,7 +229,9 @@ def test_tags_from_headers_path_prefix_and_rules(start_proxy, upstream, sdk):
     assert seen["path"] == "/v1/chat/completions"
 
 
-def test_app_from_key_fingerprint_map(start_proxy, upstream, clients):
+def test_app_from_key_fingerprint_map(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     from distillery.config import key_fingerprint
 
     proxy = start_proxy({"apps": {key_fingerprint("sk-app-key"): "checkout"}})
@@ -223,7 +241,12 @@ def test_app_from_key_fingerprint_map(start_proxy, upstream, clients):
     assert proxy.tags(row["id"])["app"] == "checkout"
 
 
-def test_metadata_never_exceeds_openai_limits(start_proxy, upstream, caplog, clients):
+def test_metadata_never_exceeds_openai_limits(
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+    clients: Any,
+) -> None:
     """16 pairs at most: client metadata wins, extra proxy tags are dropped and logged."""
     from structlog.testing import capture_logs
 
@@ -244,7 +267,9 @@ def test_metadata_never_exceeds_openai_limits(start_proxy, upstream, caplog, cli
     assert reasons["prompt_fp"] == "metadata already holds 16 pairs"
 
 
-def test_store_and_metadata_switch_off_for_strict_upstreams(start_proxy, upstream, clients):
+def test_store_and_metadata_switch_off_for_strict_upstreams(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     proxy = start_proxy(
         {"upstream": {"store": False, "metadata": False, "stream_usage": False}, "tags": {"a": "b"}}
     )
@@ -256,7 +281,9 @@ def test_store_and_metadata_switch_off_for_strict_upstreams(start_proxy, upstrea
     assert proxy.tags(rows[0]["id"])["a"] == "b"  # still tagged locally
 
 
-def test_upstream_errors_pass_through_unchanged_and_are_stored(start_proxy, upstream, clients):
+def test_upstream_errors_pass_through_unchanged_and_are_stored(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     proxy = start_proxy()
     direct, proxied = clients(proxy)
     for model, status in (("fake-error-400", 400), ("fake-error-500", 500)):
@@ -272,7 +299,9 @@ def test_upstream_errors_pass_through_unchanged_and_are_stored(start_proxy, upst
     assert rows[0]["response"] in (None, "null")
 
 
-def test_bad_input_gets_openai_errors_and_stores_nothing(start_proxy, upstream):
+def test_bad_input_gets_openai_errors_and_stores_nothing(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     proxy = start_proxy({"proxy": {"max_body_mb": 0.01}})
     url = proxy.base_url + "/chat/completions"
     cases = [
@@ -299,8 +328,11 @@ def test_bad_input_gets_openai_errors_and_stores_nothing(start_proxy, upstream):
 
 
 def test_unreachable_upstream_is_502_and_timeout_is_504(
-    start_proxy, upstream, unused_tcp_port, sdk
-):
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    unused_tcp_port: int,
+    sdk: Callable[..., Any],
+) -> None:
     dead = start_proxy({"upstream": {"url": f"http://127.0.0.1:{unused_tcp_port}/v1"}})
     client = sdk(dead.base_url, api_key="sk-x")
     with pytest.raises(openai.APIStatusError) as err:
@@ -322,8 +354,8 @@ def test_unreachable_upstream_is_502_and_timeout_is_504(
 
 
 def test_stream_cut_off_midway_reaches_client_as_error_and_is_stored(
-    start_proxy, upstream, clients
-):
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     proxy = start_proxy()
     _, proxied = clients(proxy)
     received = []
@@ -338,7 +370,9 @@ def test_stream_cut_off_midway_reaches_client_as_error_and_is_stored(
     assert json.loads(row["response"])["choices"][0]["message"]["content"] == "Hello from the"
 
 
-def test_midstream_error_event_is_relayed_and_stored(start_proxy, upstream, clients):
+def test_midstream_error_event_is_relayed_and_stored(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     proxy = start_proxy()
     _, proxied = clients(proxy)
     with pytest.raises(openai.APIError, match="overloaded"):
@@ -351,7 +385,9 @@ def test_midstream_error_event_is_relayed_and_stored(start_proxy, upstream, clie
     assert json.loads(row["error"])["error"]["message"] == "The model overloaded."
 
 
-def test_passthrough_routes_are_untouched(start_proxy, upstream, clients):
+def test_passthrough_routes_are_untouched(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     """Models (gzip stays gzip), embeddings and multipart uploads pass unchanged."""
     proxy = start_proxy()
     raw = httpx.get(
@@ -372,7 +408,9 @@ def test_passthrough_routes_are_untouched(start_proxy, upstream, clients):
     assert proxy._count() == 0
 
 
-def test_gzip_request_body_is_accepted(start_proxy, upstream):
+def test_gzip_request_body_is_accepted(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     proxy = start_proxy()
     body = gzip.compress(orjson.dumps({"model": "fake-model", "messages": MESSAGES}))
     response = httpx.post(
@@ -384,7 +422,12 @@ def test_gzip_request_body_is_accepted(start_proxy, upstream):
     assert proxy.wait_stored(1)[0]["status"] == 200
 
 
-def test_upstream_key_requires_proxy_keys(start_proxy, upstream, monkeypatch, sdk):
+def test_upstream_key_requires_proxy_keys(
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    sdk: Callable[..., Any],
+) -> None:
     """With the key held by the proxy, callers need a proxy key; the upstream sees only
     the real key, and each proxy key is its own tenant."""
     from distillery.config import key_fingerprint
@@ -412,7 +455,12 @@ def test_upstream_key_requires_proxy_keys(start_proxy, upstream, monkeypatch, sd
     }
 
 
-def test_sampling_forwards_everything_but_stores_a_share(start_proxy, upstream, clients, sdk):
+def test_sampling_forwards_everything_but_stores_a_share(
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    clients: Any,
+    sdk: Callable[..., Any],
+) -> None:
     proxy = start_proxy(
         {"capture": {"sample_rate": 0.0, "sample": [{"tag": "app=keep", "rate": 1.0}]}}
     )
@@ -427,7 +475,9 @@ def test_sampling_forwards_everything_but_stores_a_share(start_proxy, upstream, 
     assert proxy.tags(row["id"])["app"] == "keep"
 
 
-def test_explicit_store_false_is_respected(start_proxy, upstream, clients):
+def test_explicit_store_false_is_respected(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     proxy = start_proxy()
     _, proxied = clients(proxy)
     proxied.chat.completions.create(model="fake-model", messages=MESSAGES, store=False)
@@ -435,7 +485,9 @@ def test_explicit_store_false_is_respected(start_proxy, upstream, clients):
     assert proxy.wait_stored(1)
 
 
-def test_healthz_and_metrics(start_proxy, upstream, clients):
+def test_healthz_and_metrics(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     proxy = start_proxy()
     _, proxied = clients(proxy)
     proxied.chat.completions.create(model="fake-model", messages=MESSAGES)
@@ -472,7 +524,9 @@ def test_healthz_and_metrics(start_proxy, upstream, clients):
     assert "process_cpu_seconds_total" in text
 
 
-def test_client_leaving_mid_stream_is_logged_and_stored(start_proxy, upstream):
+def test_client_leaving_mid_stream_is_logged_and_stored(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     """A client that hangs up mid-stream costs nothing but a stored partial call."""
     import socket
 
@@ -494,7 +548,9 @@ def test_client_leaving_mid_stream_is_logged_and_stored(start_proxy, upstream):
     assert httpx.get(proxy.url + "/healthz").json()["status"] == "ok"
 
 
-def test_hop_by_hop_headers_are_not_forwarded(start_proxy, upstream):
+def test_hop_by_hop_headers_are_not_forwarded(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
     proxy = start_proxy()
     httpx.get(
         proxy.base_url + "/models",
@@ -504,7 +560,9 @@ def test_hop_by_hop_headers_are_not_forwarded(start_proxy, upstream):
     assert "x-kept" in seen and "x-secret-hop" not in seen
 
 
-def test_one_canonical_log_line_per_request(start_proxy, upstream, clients):
+def test_one_canonical_log_line_per_request(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
+) -> None:
     from structlog.testing import capture_logs
 
     proxy = start_proxy({"tags": {"env": "prod"}})
@@ -540,7 +598,9 @@ def test_one_canonical_log_line_per_request(start_proxy, upstream, clients):
         {},
     ],
 )
-def test_odd_json_objects_are_forwarded_not_crashed_on(start_proxy, upstream, body):
+def test_odd_json_objects_are_forwarded_not_crashed_on(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, body: Any
+) -> None:
     """Validation is the upstream's job: whatever it answers reaches the client."""
     proxy = start_proxy({"rules": [{"text": "x", "set": {"a": "b"}}]})
     response = httpx.post(proxy.base_url + "/chat/completions", json=body)
@@ -551,7 +611,9 @@ def test_odd_json_objects_are_forwarded_not_crashed_on(start_proxy, upstream, bo
     assert httpx.get(proxy.url + "/healthz").status_code == 200
 
 
-def test_upstream_stalling_mid_stream_times_out_and_is_stored(start_proxy, upstream, sdk):
+def test_upstream_stalling_mid_stream_times_out_and_is_stored(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, sdk: Callable[..., Any]
+) -> None:
     upstream.slow_seconds = 5.0  # one second between chunks
     proxy = start_proxy({"upstream": {"timeout": 0.3}})
     client = sdk(proxy.base_url)

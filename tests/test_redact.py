@@ -29,7 +29,7 @@ DEFAULT = Redactor.from_settings(True)
         ("gh ghp_abcdefghijklmnopqrstuvwxyz0123456789", "gh [REDACTED:api_key]"),
     ],
 )
-def test_default_patterns(text, expected):
+def test_default_patterns(text: Any, expected: Any) -> None:
     assert DEFAULT.text(text) == expected
 
 
@@ -43,16 +43,16 @@ def test_default_patterns(text, expected):
         "took 1234567890 ns",
     ],
 )
-def test_ordinary_text_is_left_alone(text):
+def test_ordinary_text_is_left_alone(text: Any) -> None:
     assert DEFAULT.text(text) == text
 
 
-def test_identifier_fields_are_not_scanned_but_text_is():
+def test_identifier_fields_are_not_scanned_but_text_is() -> None:
     value = {"id": "call me 415-555-2671", "content": "call me 415-555-2671"}
     assert DEFAULT(value) == {"id": "call me 415-555-2671", "content": "call me [REDACTED:phone]"}
 
 
-def test_structures_keep_keys_numbers_and_shape():
+def test_structures_keep_keys_numbers_and_shape() -> None:
     value: dict[str, Any] = {
         "messages": [{"role": "user", "content": "me@x.io"}],
         "n": 5555555555,
@@ -66,7 +66,7 @@ def test_structures_keep_keys_numbers_and_shape():
     assert value["messages"][0]["content"] == "me@x.io"  # the original is not mutated
 
 
-def test_extra_patterns_and_defaults_off():
+def test_extra_patterns_and_defaults_off() -> None:
     custom = Redactor.from_settings(False, [("ssn", r"\b\d{3}-\d{2}-\d{4}\b")])
     assert custom.text("ssn 123-45-6789, mail a@b.co") == "ssn [REDACTED:ssn], mail a@b.co"
     assert Redactor([]).text("a@b.co") == "a@b.co"

@@ -81,7 +81,7 @@ def browser(*args: str, user_data: Path) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install chromium")
-def test_the_report_draws_nothing_outside_its_charts(tmp_path):
+def test_the_report_draws_nothing_outside_its_charts(tmp_path: Path) -> None:
     """Long candidate names, intervals at the top of the scale, a candidate without a score
     and points at the right edge: every label stays inside its chart."""
     run: EvalRunRecord = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+from pathlib import Path
 
 import httpx
 import openai
@@ -14,6 +15,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from distillery.store import open_store
 
+from fake_openai import FakeOpenAI
 from helpers import wait_for
 from proxy_process import ProxyProcess
 
@@ -66,7 +68,9 @@ async def drive(urls: list[str], start: int, count: int, answered: list[str]) ->
             await client.close()
 
 
-def test_two_proxies_on_one_postgres_sigterm_and_restart(upstream, tmp_path, postgres_url):
+def test_two_proxies_on_one_postgres_sigterm_and_restart(
+    upstream: FakeOpenAI, tmp_path: Path, postgres_url: str
+) -> None:
     upstream.slow_seconds = 0.3
     data = tmp_path / "data"  # shared on purpose: each process owns its own spool segments
     ports = [free_port(), free_port()]
@@ -98,7 +102,7 @@ def test_two_proxies_on_one_postgres_sigterm_and_restart(upstream, tmp_path, pos
     assert set(answered) <= set(rows), "a call that reached its client was lost"
 
 
-def test_workers_share_one_port(upstream, tmp_path):
+def test_workers_share_one_port(upstream: FakeOpenAI, tmp_path: Path) -> None:
     database_url = f"sqlite:///{tmp_path / 'workers.db'}"
     proxy = ProxyProcess(
         free_port(), upstream.url + "/v1", tmp_path / "data", database_url, "--workers", "2"
@@ -120,7 +124,7 @@ def sample(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_metrics_are_the_sum_over_workers(upstream, tmp_path):
+def test_metrics_are_the_sum_over_workers(upstream: FakeOpenAI, tmp_path: Path) -> None:
     """Every scrape lands on one worker; each must report all workers' counts, not its own."""
     database_url = f"sqlite:///{tmp_path / 'metrics.db'}"
     proxy = ProxyProcess(

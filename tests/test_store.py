@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import Session, select
 
 from distillery.errors import StoreError
 from distillery.store import Completion, CompletionTag, open_store
+from distillery.store.records import CaptureRecord
 
 from helpers import complete
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request, tmp_path):
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
-    return request.getfixturevalue("postgres_url")
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
-def record(i: int, **extra):
+def record(i: int, **extra: Any) -> CaptureRecord:
     return complete(
         {
             "id": f"cap_{i:028d}",
@@ -44,7 +48,7 @@ def record(i: int, **extra):
     )
 
 
-def test_round_trip_through_the_orm(database_url):
+def test_round_trip_through_the_orm(database_url: str) -> None:
     store = open_store(database_url)
     store.insert([record(1), record(2, response=None, error={"error": {"message": "x"}})])
     with Session(store.engine) as session:
@@ -60,7 +64,7 @@ def test_round_trip_through_the_orm(database_url):
     store.close()
 
 
-def test_unreachable_database_names_the_fix():
+def test_unreachable_database_names_the_fix() -> None:
     with pytest.raises(StoreError, match="Cannot open database"):
         open_store("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(StoreError, match="use sqlite:///path"):

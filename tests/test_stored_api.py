@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import openai
 import pytest
 
 from distillery.config import key_fingerprint
 
+from fake_openai import FakeOpenAI
+from helpers import RunningProxy
 
-def create(client, text, **kwargs):
+
+def create(client: Any, text: Any, **kwargs: Any) -> Any:
     messages = [
         {"role": "system", "content": "You answer billing questions."},
         {"role": "user", "content": text},
@@ -17,7 +23,12 @@ def create(client, text, **kwargs):
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def setup(request, start_proxy, upstream, sdk):
+def setup(
+    request: pytest.FixtureRequest,
+    start_proxy: Callable[..., RunningProxy],
+    upstream: FakeOpenAI,
+    sdk: Callable[..., Any],
+) -> tuple[RunningProxy, Any, Any, list[str]]:
     database_url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
     proxy = start_proxy(
         {"auth": {"admin_keys": [key_fingerprint("sk-admin")]}}, database_url=database_url
@@ -33,7 +44,7 @@ def setup(request, start_proxy, upstream, sdk):
     return proxy, alice, bob, [c.id for c in made]
 
 
-def test_list_filter_and_paginate_like_openai(setup):
+def test_list_filter_and_paginate_like_openai(setup: Any) -> None:
     _proxy, alice, _, ids = setup
     page = alice.chat.completions.list()
     assert [c.id for c in page.data] == ids[:3]  # oldest first, only alice's
@@ -61,7 +72,7 @@ def test_list_filter_and_paginate_like_openai(setup):
     assert [c.id for c in alice.chat.completions.list(after=ids[0]).data] == ids[1:3]
 
 
-def test_retrieve_update_messages_delete(setup):
+def test_retrieve_update_messages_delete(setup: Any) -> None:
     _, alice, _, ids = setup
     got = alice.chat.completions.retrieve(ids[1])
     assert got.id == ids[1] and got.metadata["topic"] == "refunds"
@@ -95,15 +106,16 @@ def test_retrieve_update_messages_delete(setup):
     assert [c.id for c in alice.chat.completions.list().data] == [ids[0], ids[2]]
 
 
-def test_tenants_never_see_each_other(setup, sdk):
+def test_tenants_never_see_each_other(setup: Any, sdk: Callable[..., Any]) -> None:
     proxy, alice, bob, ids = setup
     assert [c.id for c in bob.chat.completions.list().data] == [ids[3]]
-    for call in (
+    calls: list[Callable[[], object]] = [
         lambda: bob.chat.completions.retrieve(ids[0]),
         lambda: bob.chat.completions.update(ids[0], metadata={"x": "y"}),
         lambda: bob.chat.completions.delete(ids[0]),
         lambda: bob.chat.completions.messages.list(ids[0]),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(openai.NotFoundError) as err:  # 404, never 403
             call()
         assert isinstance(err.value.body, dict) and err.value.body["code"] == "not_found"
@@ -114,7 +126,7 @@ def test_tenants_never_see_each_other(setup, sdk):
     assert [c.id for c in admin.chat.completions.list().data] == ids
 
 
-def test_bad_parameters_get_openai_errors(setup):
+def test_bad_parameters_get_openai_errors(setup: Any) -> None:
     _, alice, _, ids = setup
     for kwargs, param in (
         ({"limit": -1}, "limit"),
@@ -130,7 +142,9 @@ def test_bad_parameters_get_openai_errors(setup):
         alice.chat.completions.retrieve("chatcmpl-missing")
 
 
-def test_upstream_mode_passes_the_routes_through(start_proxy, upstream, sdk):
+def test_upstream_mode_passes_the_routes_through(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, sdk: Callable[..., Any]
+) -> None:
     proxy = start_proxy({"proxy": {"stored_completions": "upstream"}})
     client = sdk(proxy.base_url)
     assert client.chat.completions.list().data == []  # the fake upstream's answer
@@ -138,7 +152,7 @@ def test_upstream_mode_passes_the_routes_through(start_proxy, upstream, sdk):
     assert upstream.requests[-1]["path"] == "/v1/chat/completions"
 
 
-def test_limit_takes_what_the_spec_allows(setup):
+def test_limit_takes_what_the_spec_allows(setup: Any) -> None:
     """The published spec puts no bounds on ``limit``: 0 is an empty page that still says
     whether there is more, and a large limit is a page of at most 100."""
     _, alice, _, ids = setup

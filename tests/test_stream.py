@@ -32,7 +32,7 @@ STREAM = [chunk("Hel"), chunk("lo"), chunk(finish="stop")]
 
 
 @pytest.mark.parametrize("size", [1, 3, 7, 64, 10_000])
-def test_relay_forwards_same_bytes_whatever_the_chunking(size):
+def test_relay_forwards_same_bytes_whatever_the_chunking(size: Any) -> None:
     """Events split at any byte boundary come out whole and unchanged, [DONE] last."""
     raw = b"".join(event(c) for c in STREAM) + event("[DONE]")
     relay = StreamRelay(strip_usage=False)
@@ -43,7 +43,7 @@ def test_relay_forwards_same_bytes_whatever_the_chunking(size):
     assert (relay.assembler.result() or {})["choices"][0]["message"]["content"] == "Hello"
 
 
-def test_relay_handles_crlf_comments_and_multiline_data():
+def test_relay_handles_crlf_comments_and_multiline_data() -> None:
     raw = (
         b": keep-alive\r\n\r\n"
         + b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",\r\n'
@@ -55,7 +55,7 @@ def test_relay_handles_crlf_comments_and_multiline_data():
     assert (relay.assembler.result() or {})["choices"][0]["message"]["content"] == "x"
 
 
-def test_strip_usage_removes_exactly_what_include_usage_added():
+def test_strip_usage_removes_exactly_what_include_usage_added() -> None:
     with_usage = [
         chunk("Hel", usage=None),
         chunk("lo", usage=None),
@@ -73,7 +73,7 @@ def test_strip_usage_removes_exactly_what_include_usage_added():
     assert (relay.assembler.result() or {})["usage"]["total_tokens"] == 3
 
 
-def test_strip_usage_falls_back_to_reserialising_odd_formatting():
+def test_strip_usage_falls_back_to_reserialising_odd_formatting() -> None:
     spaced = b'data: {"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}}], "usage": null}\n\n'
     relay = StreamRelay(strip_usage=True)
     out = relay.feed(spaced)
@@ -84,7 +84,7 @@ def test_strip_usage_falls_back_to_reserialising_odd_formatting():
     }
 
 
-def test_assembler_merges_choices_tool_calls_refusals_and_logprobs():
+def test_assembler_merges_choices_tool_calls_refusals_and_logprobs() -> None:
     assembler = StreamAssembler()
     token = {"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": []}
     parts = [
@@ -161,5 +161,5 @@ def test_assembler_merges_choices_tool_calls_refusals_and_logprobs():
     assert result["usage"] == {"total_tokens": 5}
 
 
-def test_assembler_with_no_chunks_has_no_result():
+def test_assembler_with_no_chunks_has_no_result() -> None:
     assert StreamAssembler().result() is None

@@ -16,7 +16,7 @@ def body(system: str, user: str = "hi", **extra: Any) -> dict[str, Any]:
     }
 
 
-def test_fingerprint_groups_one_template_and_separates_tasks():
+def test_fingerprint_groups_one_template_and_separates_tasks() -> None:
     a = prompt_fingerprint(body("Summarise ticket 1234 dated 2026-01-02.", "first"))
     b = prompt_fingerprint(body("Summarise  ticket 98 dated 2025-12-31.", "second"))
     c = prompt_fingerprint(body("Translate to French."))
@@ -25,7 +25,7 @@ def test_fingerprint_groups_one_template_and_separates_tasks():
     assert prompt_fingerprint({"messages": [parts]}) == c
 
 
-def test_fingerprint_uses_tools_and_is_absent_without_a_template():
+def test_fingerprint_uses_tools_and_is_absent_without_a_template() -> None:
     tool = {"type": "function", "function": {"name": "lookup"}}
     assert prompt_fingerprint({"messages": [{"role": "user", "content": "x"}]}) is None
     with_tool = prompt_fingerprint({"messages": [], "tools": [tool]})
@@ -35,7 +35,7 @@ def test_fingerprint_uses_tools_and_is_absent_without_a_template():
     )
 
 
-def test_sources_apply_in_documented_order():
+def test_sources_apply_in_documented_order() -> None:
     """static < header < app < fingerprint < rules: a later source wins the same key."""
     settings = Settings.model_validate(
         {
@@ -51,7 +51,7 @@ def test_sources_apply_in_documented_order():
     assert tagger.tags(body("s"), {}, "key-abc", "from-path", None)["app"] == "from-path"
 
 
-def test_text_rules_see_every_message():
+def test_text_rules_see_every_message() -> None:
     settings = Settings.model_validate(
         {"rules": [{"text": "(?i)\\bSELECT\\b", "set": {"task": "sql"}}]}
     )
@@ -62,7 +62,7 @@ def test_text_rules_see_every_message():
     assert tagger.tags(body("You write SQL", "hello"), {}, "t", None, None) == {}
 
 
-def test_merge_keeps_client_metadata_and_respects_limits():
+def test_merge_keeps_client_metadata_and_respects_limits() -> None:
     merged, dropped = merge_metadata({"user": "u1", "env": "mine"}, {"env": "prod", "a": "1"})
     assert merged == {"user": "u1", "env": "mine", "a": "1"}
     assert dropped == [("env", "the client set this key itself")]
