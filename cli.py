@@ -144,10 +144,11 @@ def proxy(
         raise click.ClickException(problem)
     from distillery import logs
     from distillery.proxy.server import serve
+    from distillery.ui.app import mount as dashboard
 
     logs.configure(log_level, json=log_json)
     try:
-        serve(settings, workers, {"level": log_level, "json": log_json})
+        serve(settings, workers, {"level": log_level, "json": log_json}, [dashboard])
     except DistilleryError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -177,6 +178,7 @@ from distillery.cli_evals import eval_group  # noqa: E402
 from distillery.cli_finetune import finetune  # noqa: E402
 from distillery.cli_serve import serve  # noqa: E402
 from distillery.cli_student import student  # noqa: E402
+from distillery.cli_ui import ui  # noqa: E402
 
 cli.add_command(completions)
 cli.add_command(dataset)
@@ -186,6 +188,7 @@ cli.add_command(finetune)
 cli.add_command(serve)
 cli.add_command(distill)
 cli.add_command(student)
+cli.add_command(ui)
 
 
 def main() -> None:

@@ -107,19 +107,10 @@ def build_filters(
     tenants: tuple[str, ...] = (),
     ids: tuple[str, ...] = (),
 ) -> Any:
-    from distillery.store.query import Filters, parse_tag, parse_when
+    from distillery.store.query import parse_filters
 
-    return Filters(
-        tags=tuple(parse_tag(tag) for tag in tags),
-        model=model,
-        since=parse_when(since) if since else None,
-        until=parse_when(until) if until else None,
-        status=status,  # type: ignore[arg-type]
-        finish_reason=finish_reason,
-        stream=stream,
-        text=text,
-        tenants=tenants or None,
-        ids=ids,
+    return parse_filters(
+        tags, model, since, until, status, finish_reason, stream, text, tenants or None, ids
     )
 
 

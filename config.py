@@ -120,6 +120,15 @@ class AuthSettings(_Section):
         return key_fingerprint(api_key) in _fingerprints(tuple(self.admin_keys))
 
 
+class UISettings(_Section):
+    """The dashboard at /ui/ (``distillery ui`` serves it alone)."""
+
+    enabled: bool = True
+    # No sign-in: one user, whoever can reach 127.0.0.1.  Refused on any other address.
+    open: bool = False
+    session_hours: float = Field(12, gt=0)
+
+
 class StorageSettings(_Section):
     database_url: str | None = None
     data_dir: str | None = None
@@ -218,6 +227,7 @@ class Settings(_Section):
     proxy: ProxySettings = ProxySettings()
     upstream: UpstreamSettings = UpstreamSettings()
     auth: AuthSettings = AuthSettings()
+    ui: UISettings = UISettings()
     storage: StorageSettings = StorageSettings()
     capture: CaptureSettings = CaptureSettings()
     tagging: TaggingSettings = TaggingSettings()
@@ -228,6 +238,29 @@ class Settings(_Section):
     redact: RedactSettings = RedactSettings()
     endpoints: dict[str, EndpointSettings] = {}
     prices: dict[str, Price] = {}
+
+    def identify(self, api_key: str) -> tuple[str, bool] | None:
+        """(tenant, admin) for a presented key; ``None`` when this deployment refuses it.
+
+        With an upstream key configured, callers must present one of the proxy's keys;
+        without one, any key is its own tenant.  Either way the tenant is the key's
+        fingerprint, and admin keys see every tenant.
+        """
+        if not api_key:
+            return None
+        admin = self.auth.is_admin(api_key)
+        if self.upstream.resolved_api_key() and not (admin or self.auth.accepts(api_key)):
+            return None
+        return key_fingerprint(api_key), admin
+
+    @model_validator(mode="after")
+    def _open_ui_only_on_loopback(self) -> Settings:
+        if self.ui.open and self.proxy.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(
+                f"ui.open serves the dashboard without sign-in, so only on 127.0.0.1, not on "
+                f"{self.proxy.host}. Remove ui.open, or bind the proxy to 127.0.0.1."
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_open_relay(self) -> Settings:

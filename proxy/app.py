@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -130,7 +130,14 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-def make_app(settings: Settings, store: Store | None) -> web.Application:
+# Something the proxy's entry point mounts beside the API (the dashboard at /ui/), given
+# the app, the settings and the store.  Passed in, so this package imports none of them.
+Extension = Callable[[web.Application, Settings, Store | None], None]
+
+
+def make_app(
+    settings: Settings, store: Store | None, extensions: Sequence[Extension] = ()
+) -> web.Application:
     """Build the proxy; ``store=None`` (or capture disabled) forwards without recording."""
     capture = None
     redactor = Redactor.from_settings(
@@ -168,6 +175,8 @@ def make_app(settings: Settings, store: Store | None) -> web.Application:
         app.router.add_route(
             "*", prefix + "/v1/{tail:.*}", passthrough, name="passthrough" + suffix
         )
+    for extend in extensions:
+        extend(app, settings, store)
     return app
 
 

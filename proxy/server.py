@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -29,7 +30,7 @@ import structlog
 from distillery.config import Settings
 from distillery.errors import DistilleryError
 from distillery.proxy import http
-from distillery.proxy.app import make_app
+from distillery.proxy.app import Extension, make_app
 from distillery.proxy.metrics import MULTIPROC_ENV
 from distillery.store import Store
 from distillery.store.db import create_engine, migrate
@@ -48,16 +49,23 @@ def open_capture_store(settings: Settings) -> Store:
     return Store(engine, migrated=True)
 
 
-def serve(settings: Settings, workers: int = 1, logging: dict[str, Any] | None = None) -> None:
+def serve(
+    settings: Settings,
+    workers: int = 1,
+    logging: dict[str, Any] | None = None,
+    extensions: Sequence[Extension] = (),
+) -> None:
+    """Serve the proxy; ``extensions`` (module-level functions: workers are spawned) mount
+    what the entry point adds beside the API, such as the dashboard."""
     if workers <= 1:
-        _serve_one(settings, reuse_port=False)
+        _serve_one(settings, reuse_port=False, extensions=extensions)
         return
     if settings.proxy.port == 0:
         raise DistilleryError("--workers needs a fixed --port: the workers share it.")
-    _supervise(settings, workers, logging or {})
+    _supervise(settings, workers, logging or {}, extensions)
 
 
-def _serve_one(settings: Settings, reuse_port: bool) -> None:
+def _serve_one(settings: Settings, reuse_port: bool, extensions: Sequence[Extension] = ()) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
@@ -68,9 +76,13 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
     # short switch interval (default 5 ms) bounds how long the event loop can
     # wait for it, which is what p99 latency feels.
     sys.setswitchinterval(0.0005)
-    needs_store = settings.capture.enabled or settings.proxy.stored_completions == "local"
+    needs_store = (
+        settings.capture.enabled
+        or settings.proxy.stored_completions == "local"
+        or (settings.ui.enabled and bool(extensions))
+    )
     store = open_capture_store(settings) if needs_store else None
-    app = make_app(settings, store)
+    app = make_app(settings, store, extensions)
     try:
         http.run(
             http.serve_forever(
@@ -92,37 +104,45 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
             store.close()
 
 
-def _worker(settings: Settings, logging: dict[str, Any]) -> None:
+def _worker(settings: Settings, logging: dict[str, Any], extensions: Sequence[Extension]) -> None:
     from distillery import logs
 
     logs.configure(**logging)
     try:
-        _serve_one(settings, reuse_port=True)
+        _serve_one(settings, reuse_port=True, extensions=extensions)
     except DistilleryError as exc:
         log.error("worker cannot serve", error=str(exc))
         sys.exit(3)
 
 
-def _supervise(settings: Settings, workers: int, logging: dict[str, Any]) -> None:
+def _supervise(
+    settings: Settings, workers: int, logging: dict[str, Any], extensions: Sequence[Extension]
+) -> None:
     if settings.capture.enabled:
         migrate(create_engine(settings.storage.resolved_database_url()))
     # Workers write their metrics to files here; whichever answers /metrics serves the sum.
     shared_metrics = tempfile.mkdtemp(prefix="distillery-metrics-")
     os.environ[MULTIPROC_ENV] = shared_metrics  # spawned workers inherit it
     try:
-        _run_workers(settings, workers, logging, shared_metrics)
+        _run_workers(settings, workers, logging, shared_metrics, extensions)
     finally:
         shutil.rmtree(shared_metrics, ignore_errors=True)
 
 
 def _run_workers(
-    settings: Settings, workers: int, logging: dict[str, Any], shared_metrics: str
+    settings: Settings,
+    workers: int,
+    logging: dict[str, Any],
+    shared_metrics: str,
+    extensions: Sequence[Extension],
 ) -> None:
     context = multiprocessing.get_context("spawn")
     stopping = False
 
     def start() -> Any:
-        process = context.Process(target=_worker, args=(settings, logging), daemon=False)
+        process = context.Process(
+            target=_worker, args=(settings, logging, extensions), daemon=False
+        )
         process.start()
         return process
 

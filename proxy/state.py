@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from distillery.api_errors import APIError
-from distillery.config import Settings, key_fingerprint
+from distillery.config import Settings
 from distillery.proxy.capture import Capture
 from distillery.proxy.metrics import Metrics
 from distillery.proxy.tagging import Tagger
@@ -69,18 +69,18 @@ class Proxy:
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         key = key.strip() if scheme.lower() == "bearer" else ""
-        auth = self.settings.auth
-        admin = bool(key) and auth.is_admin(key)
+        identity = self.settings.identify(key)
         if self.upstream_key is None:
-            tenant = key_fingerprint(key) if key else ANONYMOUS
+            tenant, admin = identity or (ANONYMOUS, False)
             return Caller(tenant, header or None, admin)
-        if not key or not (auth.accepts(key) or admin):
+        if identity is None:
             raise APIError(
                 401,
                 "Incorrect API key provided. Use a key listed in the proxy's [auth] keys.",
                 code="invalid_api_key",
             )
-        return Caller(key_fingerprint(key), f"Bearer {self.upstream_key}", admin)
+        tenant, admin = identity
+        return Caller(tenant, f"Bearer {self.upstream_key}", admin)
 
     def sample_rate(self, tags: dict[str, str]) -> float:
         for key, value, rate in self._samples:

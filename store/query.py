@@ -57,6 +57,35 @@ def parse_tag(text: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_filters(
+    tags: Sequence[str] = (),
+    model: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    status: str | None = None,
+    finish_reason: str | None = None,
+    stream: bool | None = None,
+    text: str | None = None,
+    tenants: Sequence[str] | None = None,
+    ids: Sequence[str] = (),
+) -> Filters:
+    """Filters from what a person types (the CLI's options, the dashboard's form)."""
+    if status not in (None, "ok", "error"):
+        raise QueryError(f"Status {status!r} must be ok or error.")
+    return Filters(
+        tags=tuple(parse_tag(tag) for tag in tags),
+        model=model or None,
+        since=parse_when(since) if since else None,
+        until=parse_when(until) if until else None,
+        status=status,  # type: ignore[arg-type]
+        finish_reason=finish_reason or None,
+        stream=stream,
+        text=text or None,
+        tenants=tuple(tenants) if tenants is not None else None,
+        ids=tuple(ids),
+    )
+
+
 @dataclass(frozen=True)
 class Filters:
     """Which captured calls a command or API request is about; empty means all."""

@@ -65,7 +65,10 @@ def start_proxy(
     started: list[RunningProxy] = []
 
     def start(
-        config: dict[str, Any] | None = None, database_url: str | None = None, **_: Any
+        config: dict[str, Any] | None = None,
+        database_url: str | None = None,
+        dashboard: bool = False,
+        **_: Any,
     ) -> RunningProxy:
         config = dict(config or {})
         config.setdefault("upstream", {}).setdefault("url", upstream.url + "/v1")
@@ -77,7 +80,9 @@ def start_proxy(
         from distillery.proxy.server import open_capture_store
 
         store = open_capture_store(settings) if settings.capture.enabled else None
-        running = RunningProxy(servers, settings, store)
+        from distillery.ui.app import mount
+
+        running = RunningProxy(servers, settings, store, [mount] if dashboard else [])
         started.append(running)
         return running
 

@@ -13,7 +13,7 @@ import re
 import string
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from distillery.config import Settings
-from distillery.proxy.app import make_app
+from distillery.proxy.app import Extension, make_app
 from distillery.proxy.http import ProxyRunner
 from distillery.store import Store
 from distillery.store.db import create_engine
@@ -144,10 +144,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
 
 
 class RunningProxy:
-    def __init__(self, servers: ServerThread, settings: Settings, store: Store | None) -> None:
+    def __init__(
+        self,
+        servers: ServerThread,
+        settings: Settings,
+        store: Store | None,
+        extensions: Sequence[Extension] = (),
+    ) -> None:
         self.servers = servers
         self.settings = settings
-        self.app = make_app(settings, store)
+        self.app = make_app(settings, store, extensions)
         self.url, self.runner = servers.serve(self.app, ProxyRunner)
         self.base_url = self.url + "/v1"
         self.reader = Store(create_engine(settings.storage.resolved_database_url()))

@@ -10,10 +10,16 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).parent.parent
-PARTS = ("store", "proxy", "curation")
+PARTS = ("store", "proxy", "curation", "ui")
 # What each part may import from the others: store/ from none, proxy/ and curation/
-# from store/ only; never each other, never the CLI.
-ALLOWED = {"store": set(), "proxy": {"store"}, "curation": {"store"}}
+# from store/ only, the dashboard from store/ and curation/ (the proxy mounts it without
+# importing it); never the CLI.
+ALLOWED = {
+    "store": set(),
+    "proxy": {"store"},
+    "curation": {"store"},
+    "ui": {"store", "curation"},
+}
 CLI = re.compile(r"^distillery\.cli(_\w+)?$")
 
 

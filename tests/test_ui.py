@@ -1,0 +1,225 @@
+"""The dashboard over HTTP: sessions, CSRF, tenants, filters, escaping (the browser test
+is test_ui_browser.py)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from distillery.config import key_fingerprint, load_settings
+from distillery.errors import ConfigError
+from distillery.store import open_store, query
+from distillery.store.records import CaptureRecord
+from distillery.ui import sessions
+
+from helpers import RunningProxy, capture_record
+
+ALICE, BOB, ADMIN = "sk-alice", "sk-bob", "sk-admin"
+XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 1">'
+
+
+def call(
+    n: int,
+    key: str,
+    text: str,
+    tags: dict[str, str],
+    model: str = "gpt-4o",
+    **fields: Any,
+) -> CaptureRecord:
+    return capture_record(
+        f"cap_{n:028d}",
+        created_at=1_764_300_000.0 + n,
+        tenant=key_fingerprint(key),
+        model_requested=model,
+        request={"model": model, "messages": [{"role": "user", "content": text}]},
+        response={
+            "id": f"chatcmpl-{n}",
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {n}"}}],
+        },
+        metadata=tags,
+        **fields,
+    )
+
+
+@pytest.fixture
+def dashboard(start_proxy: Callable[..., RunningProxy]) -> Iterator[RunningProxy]:
+    """A proxy with the dashboard, and a store holding alice's and bob's calls."""
+    proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}, dashboard=True)
+    store = open_store(proxy.settings.storage.resolved_database_url())
+    store.insert(
+        [call(n, ALICE, f"support question {n}", {"app": "support"}) for n in range(1, 56)]
+        + [call(n, ALICE, f"sales question {n}", {"app": "sales"}) for n in range(56, 61)]
+        + [call(61, BOB, "bob's own question", {"app": "support"})]
+        + [call(62, ALICE, XSS, {"app": "support", "note": XSS}, model=XSS)]
+    )
+    store.close()
+    yield proxy
+
+
+OPEN: list[httpx.Client] = []
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
+def browser(proxy: RunningProxy) -> httpx.Client:
+    """A cookie-keeping client (closed when the test ends)."""
+    client = httpx.Client(base_url=proxy.url, follow_redirects=False, timeout=10)
+    OPEN.append(client)
+    return client
+
+
+def sign_in(proxy: RunningProxy, key: str) -> httpx.Client:
+    client = browser(proxy)
+    page = client.get("/ui/sign-in")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token is not None
+    done = client.post("/ui/sign-in", data={"csrf": token.group(1), "key": key})
+    assert done.status_code == 303 and done.headers["location"] == "/ui/completions"
+    return client
+
+
+def ids_on(page: str) -> list[str]:
+    return re.findall(r'<tr class="call" data-id="([^"]+)"', page)
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
+def test_every_page_needs_a_session_and_carries_a_strict_policy(dashboard: RunningProxy) -> None:
+    client = browser(dashboard)
+    for path in ("/ui/", "/ui/completions", f"/ui/completions/cap_{1:028d}"):
+        answer = client.get(path)
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/sign-in"
+    page = client.get("/ui/sign-in")
+    assert page.status_code == 200
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "'unsafe-inline'" not in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert client.post("/ui/completions/x/tags", data={"tags": "a=b"}).status_code == 401
+    assert client.get("/ui/static/htmx.min.js").status_code == 200
+    assert client.get("/ui").headers["location"] == "/ui/sign-in"
+
+
+def test_signing_in_keeps_only_the_keys_fingerprint(dashboard: RunningProxy) -> None:
+    client = sign_in(dashboard, ALICE)
+    cookie = client.cookies[sessions.COOKIE]
+    assert ALICE not in cookie
+    secret = sessions.load_secret(Path(dashboard.settings.storage.resolved_data_dir()))
+    session = sessions.decode(cookie, secret)
+    assert session is not None and session.tenant == key_fingerprint(ALICE)
+    assert not session.admin
+    # A cookie whose payload was changed (to claim admin) is no session at all.
+    payload, signature = cookie.split(".")
+    forged = sessions._b64(sessions._unb64(payload).replace(b"false", b"true")) + "." + signature
+    other = browser(dashboard)
+    other.cookies.set(sessions.COOKIE, forged)
+    assert other.get("/ui/completions").status_code == 303
+
+
+def test_a_key_the_proxy_does_not_accept_cannot_sign_in(
+    start_proxy: Callable[..., RunningProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-upstream")
+    proxy = start_proxy(
+        {"upstream": {"api_key_env": "UPSTREAM_KEY"}, "auth": {"keys": [ALICE]}}, dashboard=True
+    )
+    client = browser(proxy)
+    token = csrf_of(client.get("/ui/sign-in").text)
+    refused = client.post("/ui/sign-in", data={"csrf": token, "key": "sk-stranger"})
+    assert refused.status_code == 401 and "not accepted here" in refused.text
+    assert sessions.COOKIE not in client.cookies
+    assert client.post("/ui/sign-in", data={"key": ALICE}).status_code == 403  # no token
+    sign_in(proxy, ALICE)
+
+
+def test_a_tag_filter_shows_exactly_the_matching_calls_page_by_page(
+    dashboard: RunningProxy,
+) -> None:
+    client = sign_in(dashboard, ALICE)
+    first = client.get("/ui/completions", params={"tag": "app=support"})
+    assert first.status_code == 200
+    shown = ids_on(first.text)
+    assert len(shown) == 50
+    older = re.search(r'<a href="([^"]+)" hx-get', first.text)
+    assert older is not None
+    second = client.get("/ui/completions" + older.group(1).replace("&amp;", "&"))
+    shown += ids_on(second.text)
+    assert "Older calls" not in second.text
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    expected = query.find(
+        store,
+        query.parse_filters(tags=["app=support"], tenants=[key_fingerprint(ALICE)]),
+        limit=None,
+    )
+    store.close()
+    assert shown == [r["id"] for r in expected]  # newest first, no gap, no repeat
+    assert len(shown) == 56  # 55 support calls and the one with a payload; no sales, no bob
+    sales = ids_on(client.get("/ui/completions", params={"tag": "app=sales"}).text)
+    assert sales == [f"cap_{n:028d}" for n in range(60, 55, -1)]
+    bad = client.get("/ui/completions", params={"since": "last tuesday"})
+    assert bad.status_code == 200 and "Cannot read &#39;last tuesday&#39; as a time" in bad.text
+
+
+def test_tenants_never_see_or_change_each_others_calls(dashboard: RunningProxy) -> None:
+    bob = sign_in(dashboard, BOB)
+    listed = ids_on(bob.get("/ui/completions").text)
+    assert listed == [f"cap_{61:028d}"]
+    alices = f"cap_{1:028d}"
+    assert bob.get(f"/ui/completions/{alices}").status_code == 404
+    token = csrf_of(bob.get(f"/ui/completions/cap_{61:028d}").text)
+    changed = bob.post(f"/ui/completions/{alices}/tags", data={"csrf": token, "tags": "app=stolen"})
+    assert changed.status_code == 404
+    admin = sign_in(dashboard, ADMIN)
+    assert len(ids_on(admin.get("/ui/completions", params={"tag": "app=support"}).text)) == 50
+    assert "app=support" in admin.get(f"/ui/completions/{alices}").text
+
+
+def test_tags_change_only_with_the_sessions_csrf_token(dashboard: RunningProxy) -> None:
+    client = sign_in(dashboard, ALICE)
+    target = f"/ui/completions/cap_{3:028d}"
+    page = client.get(target).text
+    assert client.post(target + "/tags", data={"tags": "app=nope"}).status_code == 403
+    wrong = client.post(target + "/tags", data={"tags": "app=nope", "csrf": "guess"})
+    assert wrong.status_code == 403
+    saved = client.post(
+        target + "/tags", data={"tags": "app=support\nreviewed=yes", "csrf": csrf_of(page)}
+    )
+    assert saved.status_code == 303
+    assert ids_on(client.get("/ui/completions", params={"tag": "reviewed=yes"}).text) == [
+        f"cap_{3:028d}"
+    ]
+    bad = client.post(target + "/tags", data={"tags": "not a tag", "csrf": csrf_of(page)})
+    assert bad.status_code == 400 and "must look like key=value" in bad.text
+    assert dashboard.tags(f"cap_{3:028d}") == {"app": "support", "reviewed": "yes"}
+
+
+def test_captured_text_renders_as_text(dashboard: RunningProxy) -> None:
+    """A prompt, a tag value and a model name that carry markup come out escaped."""
+    client = sign_in(dashboard, ALICE)
+    for page in (
+        client.get("/ui/completions").text,
+        client.get(f"/ui/completions/cap_{62:028d}").text,
+    ):
+        assert "<script>window" not in page and "<img src=x" not in page
+        assert "&lt;script&gt;window.__xss = 1&lt;/script&gt;" in page
+    assert len(re.findall(r"<script", client.get("/ui/completions").text)) == 1  # htmx only
+
+
+def test_the_open_dashboard_is_refused_off_loopback() -> None:
+    with pytest.raises(ConfigError, match=r"only on 127\.0\.0\.1"):
+        load_settings(overrides={"ui.open": True, "proxy.host": "0.0.0.0"})
+    assert load_settings(overrides={"ui.open": True}).ui.open

@@ -1,0 +1,165 @@
+"""The dashboard's aiohttp application: security, sessions, and the routes.
+
+Every response carries a strict Content-Security-Policy (scripts and styles from
+``ui/static`` only: no inline script, no eval), ``X-Frame-Options: DENY`` and no
+referrer.  Every page but sign-in needs a session; every state-changing request
+carries the session's CSRF token (a form field, or htmx's ``X-CSRF-Token``
+header).  Templates autoescape, so captured text -- prompts, tags, model names
+-- always renders as text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jinja2
+import structlog
+from aiohttp import web
+
+from distillery.config import Settings
+from distillery.store import Store
+from distillery.ui import sessions
+from distillery.ui.sessions import Session
+
+log = structlog.get_logger()
+
+HERE = Path(__file__).parent
+SESSION = web.RequestKey("ui_session", Session)
+STORE = web.AppKey("ui_store", Store)
+SETTINGS = web.AppKey("ui_settings", Settings)
+SECRET = web.AppKey("ui_secret", bytes)
+TEMPLATES = web.AppKey("ui_templates", jinja2.Environment)
+PREFIX = web.AppKey("ui_prefix", str)
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+PUBLIC = {"sign_in", "sign_in_post", "static"}  # what needs no session
+SIGN_IN_CSRF = "distillery_sign_in"  # double-submit token for the sign-in form itself
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+
+@web.middleware
+async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Security headers on every answer; errors as plain text, never the proxy's JSON."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:  # a redirect
+            _secure(request, exc.headers)
+            raise
+        response = web.Response(status=exc.status, text=exc.text or exc.reason)
+    except Exception:
+        log.exception("dashboard error", path=request.path)
+        response = web.Response(status=500, text="The dashboard failed; see the proxy's log.")
+    _secure(request, response.headers)
+    return response
+
+
+def _secure(request: web.Request, headers: Any) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        if name == "Cache-Control" and request.match_info.route.name == "static":
+            continue
+        headers.setdefault(name, value)
+
+
+@web.middleware
+async def signed_in(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A session for every route but sign-in and static files; CSRF on every write."""
+    if request.match_info.route.name in PUBLIC:
+        return await handler(request)
+    settings = request.app[SETTINGS]
+    session = sessions.decode(request.cookies.get(sessions.COOKIE), request.app[SECRET])
+    if session is None and settings.ui.open:
+        session = Session("local", True, "", float("inf"))
+    if session is None:
+        if request.method in UNSAFE or request.headers.get("HX-Request"):
+            raise web.HTTPUnauthorized(text="Sign in first.")
+        raise web.HTTPSeeOther(url(request, "sign-in"))
+    if request.method in UNSAFE and session.csrf:
+        form = await request.post() if request.content_type.endswith("form-urlencoded") else {}
+        token = request.headers.get("X-CSRF-Token") or form.get("csrf")
+        if not isinstance(token, str) or not secrets.compare_digest(token, session.csrf):
+            raise web.HTTPForbidden(text="Missing or wrong CSRF token: reload the page.")
+    request[SESSION] = session
+    return await handler(request)
+
+
+def url(request: web.Request, path: str = "") -> str:
+    return f"{request.app[PREFIX]}/{path}"
+
+
+def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+    session = request.get(SESSION)
+    page = (
+        request.app[TEMPLATES]
+        .get_template(template)
+        .render(
+            prefix=request.app[PREFIX],
+            session=session,
+            csrf=session.csrf if session else "",
+            path=request.path,
+            **context,
+        )
+    )
+    return web.Response(text=page, status=status, content_type="text/html")
+
+
+async def in_thread(request: web.Request, work: Callable[[Store], T]) -> T:
+    """Store work off the event loop: the proxy's requests never wait on a page."""
+    return await asyncio.to_thread(work, request.app[STORE])
+
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,  # captured text is whatever users typed: always escaped
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    from distillery.ui import filters
+
+    env.filters.update(filters.FILTERS)
+    return env
+
+
+def make_app(settings: Settings, store: Store, prefix: str = "/ui") -> web.Application:
+    """The dashboard as an app to mount at ``prefix`` (or to serve alone with prefix "")."""
+    from distillery.ui import pages
+
+    app = web.Application(middlewares=[security, signed_in])
+    app[SETTINGS] = settings
+    app[STORE] = store
+    app[SECRET] = sessions.load_secret(Path(settings.storage.resolved_data_dir()))
+    app[TEMPLATES] = environment()
+    app[PREFIX] = prefix
+    pages.add_routes(app)
+    app.router.add_static("/static/", HERE / "static", name="static")
+    return app
+
+
+def mount(parent: web.Application, settings: Settings, store: Store | None) -> None:
+    """Add the dashboard to the proxy at /ui/ (when enabled and there is a store).
+
+    The proxy's entry point passes this in (``proxy.app.make_app(extensions=...)``):
+    the proxy package itself never imports the dashboard.
+    """
+    if store is None or not settings.ui.enabled:
+        return
+    parent.add_subapp("/ui", make_app(settings, store))

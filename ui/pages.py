@@ -1,0 +1,196 @@
+"""The dashboard's pages: sign-in, the completions list with its filters, one call.
+
+Filters are the CLI's (``store.query.parse_filters``) and live in the URL, so a
+view can be shared and bookmarked.  Pages are cursor-paginated by record id,
+which is time order: the next page is ``after=<last id>``, one indexed query.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from distillery.errors import DistilleryError
+from distillery.shapes import check_metadata
+from distillery.store import Store, query
+from distillery.store.records import StoredCompletion
+from distillery.ui import sessions
+from distillery.ui.app import (
+    SECRET,
+    SESSION,
+    SETTINGS,
+    SIGN_IN_CSRF,
+    in_thread,
+    render,
+    url,
+)
+
+PAGE = 50
+FILTER_FIELDS = ("tag", "model", "since", "until", "status", "finish_reason", "stream", "q")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/sign-in", sign_in_page, name="sign_in")
+    app.router.add_post("/sign-in", sign_in, name="sign_in_post")
+    app.router.add_post("/sign-out", sign_out, name="sign_out")
+    app.router.add_get("/", home, name="home")
+    app.router.add_get("/completions", completions, name="completions")
+    app.router.add_get("/completions/{id}", completion, name="completion")
+    app.router.add_post("/completions/{id}/tags", edit_tags, name="edit_tags")
+
+
+# -- signing in ---------------------------------------------------------------------
+
+
+async def sign_in_page(request: web.Request, error: str | None = None) -> web.Response:
+    token = secrets.token_urlsafe(16)
+    response = render(
+        request, "sign_in.html", status=401 if error else 200, error=error, token=token
+    )
+    response.set_cookie(
+        SIGN_IN_CSRF, token, httponly=True, samesite="Strict", path=url(request), max_age=3600
+    )
+    return response
+
+
+async def sign_in(request: web.Request) -> web.Response:
+    """A key in, a session cookie out: only the key's fingerprint is kept."""
+    form = await request.post()
+    token, expected = form.get("csrf"), request.cookies.get(SIGN_IN_CSRF)
+    if not (isinstance(token, str) and expected and secrets.compare_digest(token, expected)):
+        raise web.HTTPForbidden(text="Missing or wrong CSRF token: reload the sign-in page.")
+    key = form.get("key")
+    settings = request.app[SETTINGS]
+    identity = settings.identify(key.strip()) if isinstance(key, str) else None
+    if identity is None:
+        return await sign_in_page(request, "That key is not accepted here.")
+    tenant, admin = identity
+    session = sessions.Session.start(tenant, admin, settings.ui.session_hours)
+    response = web.HTTPSeeOther(url(request, "completions"))
+    response.set_cookie(
+        sessions.COOKIE,
+        sessions.encode(session, request.app[SECRET]),
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        path=url(request),
+        max_age=int(settings.ui.session_hours * 3600),
+    )
+    response.del_cookie(SIGN_IN_CSRF, path=url(request))
+    raise response
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    response = web.HTTPSeeOther(url(request, "sign-in"))
+    response.del_cookie(sessions.COOKIE, path=url(request))
+    raise response
+
+
+async def home(request: web.Request) -> web.Response:
+    raise web.HTTPSeeOther(url(request, "completions"))
+
+
+# -- completions ----------------------------------------------------------------------
+
+
+@dataclass
+class Listing:
+    rows: list[StoredCompletion]
+    next_cursor: str | None
+
+
+def _filters(request: web.Request) -> query.Filters:
+    """The page's filters from its URL, scoped to what the session may see."""
+    q = request.query
+    stream = {"yes": True, "no": False}.get(q.get("stream", ""))
+    return query.parse_filters(
+        tags=[t for t in q.getall("tag", []) if t.strip()],
+        model=q.get("model"),
+        since=q.get("since"),
+        until=q.get("until"),
+        status=q.get("status") or None,
+        finish_reason=q.get("finish_reason"),
+        stream=stream,
+        text=q.get("q"),
+        tenants=request[SESSION].tenants,
+    )
+
+
+async def completions(request: web.Request) -> web.Response:
+    error = None
+    listing = Listing([], None)
+    try:
+        filters = _filters(request)
+    except DistilleryError as exc:
+        error = str(exc)
+    else:
+        after = request.query.get("after") or None
+
+        def work(store: Store) -> Listing:
+            rows = query.find(store, filters, after=after, limit=PAGE + 1)
+            more = len(rows) > PAGE
+            return Listing(rows[:PAGE], rows[PAGE - 1]["id"] if more else None)
+
+        listing = await in_thread(request, work)
+    kept = [(k, v) for k, v in request.query.items() if k in FILTER_FIELDS and v]
+    next_url = (
+        "?" + urlencode([*kept, ("after", listing.next_cursor)]) if listing.next_cursor else None
+    )
+    template = "_rows.html" if request.headers.get("HX-Request") else "completions.html"
+    return render(
+        request,
+        template,
+        rows=listing.rows,
+        next_url=next_url,
+        error=error,
+        form=_form(request),
+    )
+
+
+def _form(request: web.Request) -> dict[str, Any]:
+    q = request.query
+    return {
+        "tags": [t for t in q.getall("tag", []) if t],
+        **{name: q.get(name, "") for name in FILTER_FIELDS if name != "tag"},
+    }
+
+
+async def _one(request: web.Request) -> StoredCompletion:
+    ref = request.match_info["id"]
+    tenants = request[SESSION].tenants
+    record = await in_thread(request, lambda store: query.get(store, ref, tenants))
+    if record is None:
+        # Another tenant's call is "not found", exactly like one that does not exist.
+        raise web.HTTPNotFound(text=f"No call {ref!r} here.")
+    return record
+
+
+async def completion(request: web.Request, error: str | None = None) -> web.Response:
+    record = await _one(request)
+    return render(
+        request, "completion.html", status=400 if error else 200, record=record, error=error
+    )
+
+
+async def edit_tags(request: web.Request) -> web.Response:
+    """Replace a call's tags with the form's ``key=value`` lines."""
+    record = await _one(request)
+    form = await request.post()
+    text = form.get("tags")
+    lines = [line.strip() for line in (text if isinstance(text, str) else "").splitlines()]
+    try:
+        tags = dict(query.parse_tag(line) for line in lines if line)
+    except DistilleryError as exc:
+        return await completion(request, str(exc))
+    problem = check_metadata(tags)
+    if problem:
+        return await completion(request, f"Tags not saved: {problem}.")
+    await in_thread(
+        request,
+        lambda store: query.relabel(store, [record["id"]], set_tags=tags, replace_all=True),
+    )
+    raise web.HTTPSeeOther(url(request, f"completions/{record['id']}"))
