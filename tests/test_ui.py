@@ -4,6 +4,7 @@ is test_ui_browser.py)."""
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,148 @@ def test_the_open_dashboard_is_refused_off_loopback() -> None:
     with pytest.raises(ConfigError, match=r"only on 127\.0\.0\.1"):
         load_settings(overrides={"ui.open": True, "proxy.host": "0.0.0.0"})
     assert load_settings(overrides={"ui.open": True}).ui.open
+
+
+# -- in a real browser ---------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium")
+DRIVER = shutil.which("chromedriver")
+TOOLS_CALL = capture_record(
+    f"cap_{63:028d}",
+    created_at=1_764_300_063.0,
+    tenant=key_fingerprint(ALICE),
+    model_requested="gpt-4o",
+    request={
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "You look orders up."},
+            {"role": "user", "content": "Where is order 5?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "lookup_order", "arguments": '{"id": 5}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped"}'},
+        ],
+    },
+    response={
+        "id": "chatcmpl-63",
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Order 5 has shipped."}}
+        ],
+    },
+    metadata={"app": "tools"},
+)
+
+
+@pytest.fixture
+def chrome(tmp_path: Path) -> Iterator[Any]:
+    """Debian's chromium through chromium-driver, headless; quit even when the test fails."""
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip("no chromium/chromedriver: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_until(driver: Any, predicate: Callable[[Any], Any], what: str) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, 20).until(predicate, message=f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_the_dashboard_in_a_real_browser(
+    dashboard: RunningProxy, chrome: Any, tmp_path: Path
+) -> None:
+    """Sign in, filter by a tag, page with htmx, open a call with tool calls, tag it; a
+    payload in a prompt stays text; screenshots of each page are kept to look at."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    store.insert([TOOLS_CALL])
+    store.close()
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    chrome.get(dashboard.url + "/ui/completions")
+    wait_until(chrome, lambda d: d.current_url.endswith("/ui/sign-in"), "the sign-in page")
+    chrome.save_screenshot(str(shots / "sign-in.png"))
+    chrome.find_element(By.ID, "key").send_keys(ALICE)
+    chrome.find_element(By.ID, "sign-in").click()
+    wait_until(chrome, lambda d: d.current_url.endswith("/ui/completions"), "the list")
+
+    tag = chrome.find_element(By.CSS_SELECTOR, "#filters input[name=tag]")
+    tag.send_keys("app=sales")
+    chrome.find_element(By.ID, "apply").click()
+    wait_until(chrome, lambda d: "tag=app%3Dsales" in d.current_url, "the filtered URL")
+    rows = chrome.find_elements(By.CSS_SELECTOR, "#rows tr.call")
+    assert [r.get_attribute("data-id") for r in rows] == [
+        f"cap_{n:028d}" for n in range(60, 55, -1)
+    ]
+    chrome.save_screenshot(str(shots / "completions.png"))
+
+    # htmx under the strict CSP: "Older calls" appends the next page in place.
+    chrome.get(dashboard.url + "/ui/completions?tag=app%3Dsupport")
+    assert len(chrome.find_elements(By.CSS_SELECTOR, "#rows tr.call")) == 50
+    chrome.find_element(By.CSS_SELECTOR, "#more a").click()
+    wait_until(
+        chrome,
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows tr.call")) == 56,
+        "the second page",
+    )
+    assert chrome.find_elements(By.ID, "more") == []
+
+    chrome.get(dashboard.url + "/ui/completions?tag=app%3Dtools")
+    chrome.find_element(By.CSS_SELECTOR, "#rows tr.call a").click()
+    wait_until(chrome, lambda d: d.find_elements(By.ID, "chat"), "the call")
+    roles = [e.text for e in chrome.find_elements(By.CSS_SELECTOR, "#chat .msg > header")]
+    assert roles == [
+        "SYSTEM",
+        "USER",
+        "ASSISTANT",
+        "TOOL · RESULT OF CALL_1",
+        "ASSISTANT · OUTPUT",
+    ]
+    assert chrome.find_element(By.CSS_SELECTOR, ".tool-call .fn").text == "lookup_order"
+    assert "Order 5 has shipped." in chrome.find_element(By.CSS_SELECTOR, ".output").text
+    chrome.save_screenshot(str(shots / "call.png"))
+    tags = chrome.find_element(By.ID, "tags")
+    tags.clear()
+    tags.send_keys("app=tools\nreviewed=yes")
+    chrome.find_element(By.ID, "save-tags").click()
+    wait_until(chrome, staleness_of(tags), "the page after saving")  # a new page came
+    saved = chrome.find_element(By.ID, "tags").get_attribute("value")
+    assert saved.splitlines() == ["app=tools", "reviewed=yes"]
+    assert dashboard.tags(TOOLS_CALL["id"]) == {"app": "tools", "reviewed": "yes"}
+
+    chrome.get(dashboard.url + f"/ui/completions/cap_{62:028d}")
+    wait_until(chrome, lambda d: d.find_elements(By.ID, "chat"), "the call with a payload")
+    assert chrome.execute_script("return window.__xss === undefined") is True
+    assert XSS in chrome.find_element(By.CSS_SELECTOR, "#chat .role-user").text
+    chrome.save_screenshot(str(shots / "payload.png"))
+    print(f"screenshots in {shots}")
