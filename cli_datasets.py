@@ -257,31 +257,10 @@ def build(
         click.echo(dumps(manifest, indent=True))
         return
     click.echo(result.message, err=True)
+    from distillery.curation.datasets.manifest import describe
+
     for line in describe(manifest):
         click.echo(line)
-
-
-def describe(manifest: dict[str, Any]) -> list[str]:
-    counts = manifest["counts"]
-    tokens = manifest["tokens"]
-    lines = [
-        f"{manifest['name']}@{manifest['version']}  content {manifest['content_hash'][:16]}  "
-        f"watermark {manifest.get('watermark')}",
-        f"considered {counts['considered']}, carried over {counts['carried_over']}, "
-        f"train {counts['train']}, validation {counts['val']}",
-    ]
-    dropped = counts.get("dropped") or {}
-    if dropped:
-        lines.append("dropped: " + ", ".join(f"{reason} {n}" for reason, n in dropped.items()))
-    lines.append(
-        f"train tokens: {tokens['tokens']} total, min {tokens['min_tokens']}, "
-        f"mean {tokens['mean_tokens']}, max {tokens['max_tokens']}; "
-        f"x {tokens['epochs']} epochs = {tokens['training_tokens']} training tokens "
-        f"({tokens.get('method', 'estimated')})"
-    )
-    for warning in manifest.get("warnings") or ():
-        lines.append(f"warning: {warning}")
-    return lines
 
 
 @dataset.command(name="list")
@@ -316,6 +295,8 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
     if as_json:
         click.echo(dumps(version["manifest"], indent=True))
         return
+    from distillery.curation.datasets.manifest import describe
+
     for line in describe(version["manifest"]):
         click.echo(line)
     click.echo(f"files: {version['path']}/train.jsonl, {version['path']}/val.jsonl")

@@ -120,11 +120,12 @@ def distill(
         distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
             --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under rouge_l=0.6
     """
-    from distillery.cli_evals import RESULT_COLUMNS, gate, print_breakdown, result_rows
+    from distillery.cli_evals import gate, print_breakdown
     from distillery.cli_shared import thresholds
     from distillery.config import load_settings
     from distillery.curation import distill as loop
     from distillery.curation.endpoints import Endpoint
+    from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
     from distillery.curation.evals.generate import Candidate
     from distillery.curation.evals.graders import load_all
     from distillery.curation.training.backends import Hyperparameters

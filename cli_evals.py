@@ -27,50 +27,6 @@ from distillery.output import dumps, output_options, write_rows
 if TYPE_CHECKING:
     from distillery.store.records import EvalRunRecord, Role, Summary
 
-RESULT_COLUMNS = (
-    "candidate",
-    "grader",
-    "mean",
-    "ci_95",
-    "pass_rate",
-    "n",
-    "errors",
-    "p50_ms",
-    "p95_ms",
-    "tokens_in",
-    "tokens_out",
-    "cost_usd",
-)
-
-
-def result_rows(summary: Summary) -> list[dict[str, Any]]:
-    rows = []
-    for label, entry in summary["candidates"].items():
-        for name, stats in entry["graders"].items():
-            rows.append(
-                {
-                    "candidate": label,
-                    "grader": name,
-                    "mean": stats["mean"],
-                    "ci_95": (
-                        f"[{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
-                        if stats["mean"] is not None
-                        else None
-                    ),
-                    "pass_rate": stats["pass_rate"],
-                    "n": stats["n"],
-                    # Items without a score (a failed call, a judge without a verdict):
-                    # the mean is over the n that have one.
-                    "errors": stats.get("errors", 0),
-                    "p50_ms": entry["latency_p50_ms"],
-                    "p95_ms": entry["latency_p95_ms"],
-                    "tokens_in": entry["prompt_tokens"],
-                    "tokens_out": entry["completion_tokens"],
-                    "cost_usd": entry["cost_usd"],
-                }
-            )
-    return rows
-
 
 def gate(
     summary: Summary,
@@ -301,6 +257,8 @@ def run_command(
             f"{result['summary']['calls']['made']} calls, {result['summary']['calls']['cached']} from cache.",
             err=True,
         )
+        from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
+
         write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
         if by_tag:
             print_breakdown(result["summary"])
@@ -380,6 +338,8 @@ def show(config: Path | None, database_url: str | None, run_id: str, as_json: bo
     click.echo(
         f"Run {found['id']}: {found['summary']['items']} items from {found['config'].get('source')}"
     )
+    from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
+
     write_rows(result_rows(found["summary"]), "table", RESULT_COLUMNS)
 
 

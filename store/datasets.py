@@ -30,6 +30,13 @@ def get(store: Store, name: str, version: int | None = None) -> DatasetVersionRe
     return _version(row) if row else None
 
 
+def versions(store: Store, name: str) -> list[DatasetVersionRecord]:
+    """Every version of one dataset, newest first."""
+    query = sa.select(VERSIONS).where(V.name == name).order_by(V.version.desc())
+    with store.engine.connect() as conn:
+        return [_version(row) for row in conn.execute(query)]
+
+
 def list_latest(store: Store) -> list[DatasetVersionRecord]:
     """The newest version of every dataset, by name."""
     newest = sa.select(V.name, sa.func.max(V.version).label("version")).group_by(V.name).subquery()

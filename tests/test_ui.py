@@ -41,8 +41,15 @@ def call(
         response={
             "id": f"chatcmpl-{n}",
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {n}"}}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"answer {n}"},
+                    "finish_reason": "stop",
+                }
+            ],
         },
+        finish_reason="stop",
         metadata=tags,
         **fields,
     )
@@ -369,3 +376,147 @@ def test_the_dashboard_in_a_real_browser(
     assert XSS in chrome.find_element(By.CSS_SELECTOR, "#chat .role-user").text
     chrome.save_screenshot(str(shots / "payload.png"))
     print(f"screenshots in {shots}")
+
+
+# -- datasets, fine-tunes, evals ------------------------------------------------------
+
+
+def build_dataset(proxy: RunningProxy) -> None:
+    from click.testing import CliRunner
+
+    from distillery.cli import cli
+
+    url = proxy.settings.storage.resolved_database_url()
+    args = ["support", "--tag", "app=support", "--val-fraction", "0.2", "--incremental"]
+    done = CliRunner().invoke(
+        cli, ["dataset", "build", *args, "--database-url", url], catch_exceptions=False
+    )
+    assert done.exit_code == 0, done.output
+
+
+def test_datasets_jobs_and_evals_are_for_admins(dashboard: RunningProxy) -> None:
+    alice = sign_in(dashboard, ALICE)
+    for path in ("/ui/datasets", "/ui/jobs", "/ui/evals", "/ui/datasets/support/1"):
+        refused = alice.get(path)
+        assert refused.status_code == 403 and "admin key" in refused.text
+    assert "/ui/datasets" not in alice.get("/ui/completions").text  # not in the menu either
+
+
+def test_dataset_versions_their_counts_diff_and_files(dashboard: RunningProxy) -> None:
+    build_dataset(dashboard)
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    store.insert(
+        [
+            call(
+                70, ALICE, "How do I move my invoices to a new billing address?", {"app": "support"}
+            ),
+            call(71, ALICE, "Can two people share one seat on the team plan?", {"app": "support"}),
+        ]
+    )
+    store.close()
+    build_dataset(dashboard)
+    admin = sign_in(dashboard, ADMIN)
+    listing = admin.get("/ui/datasets").text
+    assert 'data-name="support"' in listing and ">v2<" in listing
+    page = admin.get("/ui/datasets/support/2")
+    assert page.status_code == 200
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    from distillery.store import datasets
+
+    v2 = datasets.get(store, "support", 2)
+    store.close()
+    assert v2 is not None
+    counts = v2["manifest"]["counts"]
+    assert f"train {counts['train']}, validation {counts['val']}" in page.text
+    found = re.search(r'<p id="diff">(.*?)</p>', page.text)
+    assert found is not None, page.text[page.text.index("<main>") :][:1500]
+    assert found.group(1) == "Since v1: 2 examples added, 0 removed."
+    train = admin.get("/ui/datasets/support/2/train.jsonl")
+    assert train.status_code == 200
+    assert train.content == (Path(v2["path"]) / "train.jsonl").read_bytes()
+    assert 'filename="support-v2-train.jsonl"' in train.headers["content-disposition"]
+    assert admin.get("/ui/datasets/support/2/manifest.json").status_code == 404
+    assert admin.get("/ui/datasets/support/9").status_code == 404
+
+
+def test_a_job_page_follows_its_backend_until_it_ends(dashboard: RunningProxy) -> None:
+    from distillery.curation.training.backends import JobSpec, new_job_id
+    from distillery.curation.training.jobs import start_job
+    from distillery.curation.training.memory import InMemoryBackend
+    from distillery.store import datasets
+
+    build_dataset(dashboard)
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    version = datasets.latest(store, "support")
+    assert version is not None
+    job = start_job(store, InMemoryBackend(), JobSpec(new_job_id(), version, "tiny"))
+    store.close()
+    admin = sign_in(dashboard, ADMIN)
+    assert f'data-id="{job["id"]}"' in admin.get("/ui/jobs").text
+    page = admin.get(f"/ui/jobs/{job['id']}").text
+    assert 'id="job-status">queued<' in page and "every 2s" in page
+    refresh = f"/ui/jobs/{job['id']}/refresh"
+    assert admin.post(refresh).status_code == 403  # no CSRF token
+    headers = {"X-CSRF-Token": csrf_of(page), "HX-Request": "true"}
+    seen = [admin.post(refresh, headers=headers).text for _ in range(3)]
+    assert 'id="job-status">running<' in seen[0]
+    assert 'id="job-status">succeeded<' in seen[1] and "every 2s" not in seen[1]
+    assert f"ft:tiny:{job['id']}" in seen[1] and "Training finished" in seen[1]
+    assert "train_loss" in seen[1]  # the loss table
+
+
+def test_an_eval_run_shows_every_candidates_scores(dashboard: RunningProxy) -> None:
+    from distillery.store import evals
+
+    def entry(mean: float | None, role: str) -> dict[str, Any]:
+        stats = {
+            "mean": mean,
+            "ci_low": None if mean is None else mean - 0.05,
+            "ci_high": None if mean is None else mean + 0.05,
+            "pass_rate": None if mean is None else mean,
+            "n": 0 if mean is None else 20,
+            "errors": 20 if mean is None else 0,
+            "scale": [0.0, 1.0],
+        }
+        return {
+            "model": "m",
+            "role": role,
+            "errors": stats["errors"],
+            "failed_items": stats["errors"],
+            "first_error": None,
+            "latency_p50_ms": 12.0,
+            "latency_p95_ms": 20.0,
+            "prompt_tokens": 100,
+            "completion_tokens": 50,
+            "cost_usd": None,
+            "graders": {"exact": stats},
+        }
+
+    summary: Any = {
+        "items": 20,
+        "candidates": {
+            "teacher:gpt-4o": entry(0.95, "teacher"),
+            "base student": entry(None, "base"),
+            f"tuned:{XSS}": entry(0.9, "tuned"),
+        },
+    }
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    run = evals.save_run(store, "eval_ui_test", {"source": "support@1 (distill)"}, summary, [])
+    store.close()
+    admin = sign_in(dashboard, ADMIN)
+    assert 'data-id="eval_ui_test"' in admin.get("/ui/evals").text
+    page = admin.get(f"/ui/evals/{run['id']}").text
+    rows = re.findall(
+        r'<tr class="score( tuned)?">\s*<td>(.*?)</td><td>exact</td>\s*<td class="num">(.*?)</td>',
+        page,
+    )
+    assert [(label, mean) for _, label, mean in rows] == [
+        ("teacher:gpt-4o", "0.950"),
+        ("base student", "—"),  # no score is never a 0
+        (
+            "tuned:&lt;script&gt;window.__xss = 1&lt;/script&gt;&lt;img src=x onerror=&#34;window.__xss = 1&#34;&gt;",
+            "0.900",
+        ),
+    ]
+    assert [tuned for tuned, _, _ in rows] == ["", "", " tuned"]
+    assert "<svg" in page and "<script>window" not in page and "<img src=x" not in page

@@ -310,3 +310,49 @@ def _scores(samples: list[EvalSampleRecord], candidate: str, grader: str) -> dic
         and grader in s["grades"]
         and (score := s["grades"][grader]["score"]) is not None
     }
+
+
+RESULT_COLUMNS = (
+    "candidate",
+    "grader",
+    "mean",
+    "ci_95",
+    "pass_rate",
+    "n",
+    "errors",
+    "p50_ms",
+    "p95_ms",
+    "tokens_in",
+    "tokens_out",
+    "cost_usd",
+)
+
+
+def result_rows(summary: Summary) -> list[dict[str, Any]]:
+    """One row per candidate and grader: what `eval run`, `distill` and the dashboard show."""
+    rows = []
+    for label, entry in summary["candidates"].items():
+        for name, stats in entry["graders"].items():
+            rows.append(
+                {
+                    "candidate": label,
+                    "grader": name,
+                    "mean": stats["mean"],
+                    "ci_95": (
+                        f"[{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
+                        if stats["mean"] is not None
+                        else None
+                    ),
+                    "pass_rate": stats["pass_rate"],
+                    "n": stats["n"],
+                    # Items without a score (a failed call, a judge without a verdict):
+                    # the mean is over the n that have one.
+                    "errors": stats.get("errors", 0),
+                    "p50_ms": entry["latency_p50_ms"],
+                    "p95_ms": entry["latency_p95_ms"],
+                    "tokens_in": entry["prompt_tokens"],
+                    "tokens_out": entry["completion_tokens"],
+                    "cost_usd": entry["cost_usd"],
+                }
+            )
+    return rows

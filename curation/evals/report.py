@@ -11,7 +11,7 @@ from distillery.store.records import CandidateSummary, EvalRunRecord, EvalSample
 COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
 
 
-def _bars(grader: str, candidates: dict[str, CandidateSummary]) -> str:
+def bars(grader: str, candidates: dict[str, CandidateSummary]) -> str:
     """Mean score per candidate with its 95% interval as a whisker."""
     labels = list(candidates)
     stats = [candidates[c]["graders"][grader] for c in labels]
@@ -189,7 +189,7 @@ def render(run: EvalRunRecord, samples: list[EvalSampleRecord], items: list[Item
                 f"<td>{cost}</td></tr>"
             )
     charts = "".join(
-        f"<h3>{html.escape(g)}</h3>{_bars(g, candidates)}{_scatter(g, candidates)}" for g in graders
+        f"<h3>{html.escape(g)}</h3>{bars(g, candidates)}{_scatter(g, candidates)}" for g in graders
     )
     # One ordered list of candidates makes every column: headers and cells cannot disagree.
     labels = list(candidates)

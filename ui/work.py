@@ -1,0 +1,211 @@
+"""The dashboard's pages for datasets, fine-tune jobs and eval runs (admins only).
+
+Datasets, jobs and runs are built from every tenant's traffic and belong to no
+tenant, so only an admin key (or the open single-user dashboard) sees them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from distillery.curation.datasets.manifest import describe
+from distillery.curation.endpoints import Endpoint
+from distillery.curation.evals.evaluate import result_rows, with_role
+from distillery.curation.evals.report import bars
+from distillery.curation.training import jobs
+from distillery.curation.training.backends import TERMINAL, BackendContext, JobEvent, open_backend
+from distillery.errors import DistilleryError
+from distillery.store import Store, datasets, evals, finetunes
+from distillery.store.records import DatasetVersionRecord, FineTuneJobRecord
+from distillery.ui.app import SESSION, SETTINGS, in_thread, render
+
+SPLITS = {"train.jsonl", "val.jsonl"}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/datasets", dataset_list, name="datasets")
+    app.router.add_get("/datasets/{name}", dataset_versions, name="dataset")
+    app.router.add_get("/datasets/{name}/{version:\\d+}", dataset_version, name="version")
+    app.router.add_get("/datasets/{name}/{version:\\d+}/{file}", dataset_file, name="dataset_file")
+    app.router.add_get("/jobs", job_list, name="jobs")
+    app.router.add_get("/jobs/{id}", job_page, name="job")
+    app.router.add_post("/jobs/{id}/refresh", job_refresh, name="job_refresh")
+    app.router.add_get("/evals", eval_list, name="evals")
+    app.router.add_get("/evals/{id}", eval_page, name="eval")
+
+
+def _admin(request: web.Request) -> None:
+    if not request[SESSION].admin:
+        raise web.HTTPForbidden(
+            text="Datasets, fine-tunes and evals are built from every key's traffic: "
+            "sign in with an admin key ([auth] admin_keys) to see them."
+        )
+
+
+# -- datasets -------------------------------------------------------------------------
+
+
+async def dataset_list(request: web.Request) -> web.Response:
+    _admin(request)
+    rows = await in_thread(request, datasets.list_latest)
+    return render(request, "datasets.html", rows=rows)
+
+
+async def dataset_versions(request: web.Request) -> web.Response:
+    _admin(request)
+    name = request.match_info["name"]
+    rows = await in_thread(request, lambda store: datasets.versions(store, name))
+    if not rows:
+        raise web.HTTPNotFound(text=f"No dataset {name!r}.")
+    return render(request, "dataset.html", name=name, rows=rows)
+
+
+async def _version(request: web.Request) -> DatasetVersionRecord:
+    name, number = request.match_info["name"], int(request.match_info["version"])
+    found = await in_thread(request, lambda store: datasets.get(store, name, number))
+    if found is None:
+        raise web.HTTPNotFound(text=f"No version {number} of dataset {name!r}.")
+    return found
+
+
+async def dataset_version(request: web.Request) -> web.Response:
+    _admin(request)
+    version = await _version(request)
+
+    def diff(store: Store) -> dict[str, int] | None:
+        """Examples added and removed since the version before, if there is one."""
+        before = datasets.get(store, version["name"], version["version"] - 1)
+        if before is None:
+            return None
+        old = datasets.example_ids(store, before["id"])
+        new = datasets.example_ids(store, version["id"])
+        return {"added": len(new.keys() - old.keys()), "removed": len(old.keys() - new.keys())}
+
+    changes = await in_thread(request, diff)
+    return render(
+        request,
+        "version.html",
+        version=version,
+        lines=describe(version["manifest"]),
+        changes=changes,
+    )
+
+
+async def dataset_file(request: web.Request) -> web.StreamResponse:
+    _admin(request)
+    version = await _version(request)
+    name = request.match_info["file"]
+    if name not in SPLITS:
+        raise web.HTTPNotFound(text="Only train.jsonl and val.jsonl can be downloaded.")
+    path = Path(version["path"]) / name
+    if not path.exists():
+        raise web.HTTPNotFound(text=f"{path} is gone (was the data dir moved?).")
+    download = f"{version['name']}-v{version['version']}-{name}"
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Disposition": f'attachment; filename="{download}"',
+            "Content-Type": "application/x-ndjson",
+        },
+    )
+
+
+# -- fine-tune jobs -------------------------------------------------------------------
+
+
+async def job_list(request: web.Request) -> web.Response:
+    _admin(request)
+    rows = await in_thread(request, lambda store: finetunes.list_jobs(store, 100))
+    return render(request, "jobs.html", rows=rows)
+
+
+async def _job(request: web.Request) -> FineTuneJobRecord:
+    ref = request.match_info["id"]
+    found = await in_thread(request, lambda store: finetunes.get(store, ref))
+    if found is None:
+        raise web.HTTPNotFound(text=f"No fine-tune job {ref!r}.")
+    return found
+
+
+async def job_page(request: web.Request) -> web.Response:
+    _admin(request)
+    return _show_job(request, await _job(request), [], None)
+
+
+def _show_job(
+    request: web.Request, job: FineTuneJobRecord, events: list[JobEvent], error: str | None
+) -> web.Response:
+    return render(
+        request,
+        "_job.html" if request.headers.get("HX-Request") else "job.html",
+        job=job,
+        events=events,
+        error=error,
+        losses=_losses(events),
+        active=job["status"] not in TERMINAL,
+    )
+
+
+async def job_refresh(request: web.Request) -> web.Response:
+    """Ask the job's backend where it stands (the page polls this while it runs)."""
+    _admin(request)
+    job = await _job(request)
+    settings = request.app[SETTINGS]
+
+    def work(store: Store) -> tuple[FineTuneJobRecord, list[JobEvent]]:
+        context = BackendContext(
+            Path(settings.storage.resolved_data_dir()),
+            Endpoint.from_env("fine-tuning", job["base_url"]),
+        )
+        backend = open_backend(job["backend"], context)
+        try:
+            fresh = jobs.refresh(store, job, backend)
+            return fresh, backend.events(fresh)
+        finally:
+            backend.close()
+
+    try:
+        fresh, events = await in_thread(request, work)
+    except DistilleryError as exc:
+        return _show_job(request, job, [], f"Could not refresh: {exc}")
+    return _show_job(request, fresh, events, None)
+
+
+def _losses(events: list[JobEvent]) -> list[dict[str, Any]]:
+    """Steps with a loss, for the table of training and validation loss."""
+    rows = []
+    for event in events:
+        data = event["data"] or {}
+        if any("loss" in key for key in data):
+            rows.append({k: v for k, v in data.items() if "loss" in k or k in ("step", "epoch")})
+    return rows
+
+
+# -- eval runs ------------------------------------------------------------------------
+
+
+async def eval_list(request: web.Request) -> web.Response:
+    _admin(request)
+    rows = await in_thread(request, lambda store: evals.list_runs(store, 100))
+    return render(request, "evals.html", rows=rows)
+
+
+async def eval_page(request: web.Request) -> web.Response:
+    _admin(request)
+    ref = request.match_info["id"]
+    run = await in_thread(request, lambda store: evals.get_run(store, ref))
+    if run is None:
+        raise web.HTTPNotFound(text=f"No eval run {ref!r}.")
+    summary = run["summary"]
+    graders = sorted({g for c in summary["candidates"].values() for g in c["graders"]})
+    return render(
+        request,
+        "eval.html",
+        run=run,
+        rows=result_rows(summary),
+        charts=[(g, bars(g, summary["candidates"])) for g in graders],
+        tuned=with_role(summary, "tuned"),
+    )
