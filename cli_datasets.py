@@ -177,11 +177,11 @@ def build(
     import re
 
     from distillery.config import load_settings
-    from distillery.curation.datasets.build import BuildOptions, Rules
+    from distillery.curation.datasets.build import NAME, BuildOptions, Rules
     from distillery.curation.datasets.build import build as run_build
     from distillery.store.query import parse_tag
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", name):
+    if not NAME.fullmatch(name):
         raise click.UsageError("NAME may use letters, digits, '.', '_' and '-' (e.g. support-bot).")
     patterns = []
     for item in redact_patterns:

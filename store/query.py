@@ -209,6 +209,15 @@ def iterate(
             yield as_record(row)
 
 
+def totals(store: Store, filters: Filters) -> tuple[int, int]:
+    """(calls, tokens) of the matching records, tokens as the upstream counted them."""
+    columns = [sa.func.count(), sa.func.coalesce(sa.func.sum(C.total_tokens), 0)]
+    query = select_completions(store, filters, columns=columns).order_by(None)
+    with store.engine.connect() as conn:
+        calls, tokens = conn.execute(query).one()
+    return int(calls), int(tokens)
+
+
 def count(store: Store, filters: Filters) -> int:
     query = select_completions(store, filters, columns=[sa.func.count()]).order_by(None)
     with store.engine.connect() as conn:

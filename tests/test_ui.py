@@ -18,7 +18,8 @@ from distillery.store import open_store, query
 from distillery.store.records import CaptureRecord
 from distillery.ui import sessions
 
-from helpers import RunningProxy, capture_record
+from fake_finetuning import FakeFineTuning
+from helpers import RunningProxy, ServerThread, capture_record, wait_for
 
 ALICE, BOB, ADMIN = "sk-alice", "sk-bob", "sk-admin"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 1">'
@@ -520,3 +521,81 @@ def test_an_eval_run_shows_every_candidates_scores(dashboard: RunningProxy) -> N
     ]
     assert [tuned for tuned, _, _ in rows] == ["", "", " tuned"]
     assert "<svg" in page and "<script>window" not in page and "<img src=x" not in page
+
+
+# -- Distill --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fine_tuning_api(servers: ServerThread, monkeypatch: pytest.MonkeyPatch) -> FakeFineTuning:
+    """The fake fine-tuning API, where the openai backend finds it (OPENAI_BASE_URL)."""
+    fake = FakeFineTuning()
+    fake.url, _ = servers.serve(fake.app)
+    monkeypatch.setenv("OPENAI_BASE_URL", fake.url + "/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-fine-tuning")
+    return fake
+
+
+def distill_form(client: httpx.Client, query: str, **fields: str) -> httpx.Response:
+    page = client.get(f"/ui/distill?{query}")
+    assert page.status_code == 200, page.text
+    form = {"csrf": csrf_of(page.text), "val_fraction": "0.2", "backend": "openai"} | fields
+    return client.post(f"/ui/distill?{query}", data=form)
+
+
+def test_distill_refuses_what_the_backend_would_before_anything_starts(
+    dashboard: RunningProxy, fine_tuning_api: FakeFineTuning
+) -> None:
+    admin = sign_in(dashboard, ADMIN)
+    page = admin.get("/ui/distill?tag=app%3Dsupport").text
+    assert "57 calls match" in page  # alice's 55 and payload, bob's 1: an admin's view
+    few = distill_form(admin, "tag=app%3Dsales", name="sales", base_model="gpt-4.1-mini")
+    assert few.status_code == 400
+    assert "selects 5 calls; OpenAI&#39;s fine-tuning API needs at least 10" in few.text
+    for fields, reason in (
+        ({"name": "no spaces", "base_model": "m"}, "use letters, digits"),
+        ({"name": "ok", "base_model": ""}, "Name the base model"),
+        ({"name": "ok", "base_model": "m", "epochs": "many"}, "epochs must be a number"),
+        ({"name": "ok", "base_model": "m", "backend": "nope"}, "No fine-tuning backend"),
+    ):
+        refused = distill_form(admin, "tag=app%3Dsupport", **fields)
+        assert refused.status_code == 400 and reason in refused.text
+    assert fine_tuning_api.created == []
+    assert "support" not in admin.get("/ui/datasets").text
+    alice = sign_in(dashboard, ALICE)
+    assert alice.get("/ui/distill?tag=app%3Dsupport").status_code == 403
+
+
+def test_distill_builds_the_version_and_starts_the_job(
+    dashboard: RunningProxy, fine_tuning_api: FakeFineTuning
+) -> None:
+    admin = sign_in(dashboard, ADMIN)
+    started = distill_form(
+        admin, "tag=app%3Dsupport", name="support", base_model="gpt-4.1-mini", epochs="2"
+    )
+    assert started.status_code == 303, started.text
+    task = started.headers["location"]
+    job_page = ""
+
+    def job_started() -> bool:
+        nonlocal job_page
+        answer = admin.get(task)
+        assert "task-error" not in answer.text, answer.text
+        job_page = answer.headers.get("location", "")
+        return answer.status_code == 303
+
+    wait_for(job_started, 60, "the build and the job start")
+    assert job_page.startswith("/ui/jobs/ftjob_")
+    [request] = fine_tuning_api.created
+    assert request["model"] == "gpt-4.1-mini" and request["metadata"]["dataset"] == "support@1"
+    assert request["method"]["supervised"]["hyperparameters"] == {"n_epochs": 2}
+    page = admin.get(job_page).text
+    headers = {"X-CSRF-Token": csrf_of(page), "HX-Request": "true"}
+
+    def succeeded() -> bool:
+        return (
+            'id="job-status">succeeded<' in admin.post(job_page + "/refresh", headers=headers).text
+        )
+
+    wait_for(succeeded, 30, "the fine-tune to succeed")
+    assert "ft:gpt-4.1-mini" in admin.get(job_page).text

@@ -148,6 +148,7 @@ async def completions(request: web.Request) -> web.Response:
         next_url=next_url,
         error=error,
         form=_form(request),
+        query=urlencode(kept),
     )
 
 

@@ -21,6 +21,7 @@ import concurrent.futures
 import hashlib
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -57,6 +58,28 @@ class BuildError(DistilleryError):
 class BuildResult:
     version: DatasetVersionRecord | None
     message: str
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def check_name(name: str) -> None:
+    """Dataset names become directory names and URL parts: keep them plain."""
+    if not NAME.fullmatch(name):
+        raise BuildError(
+            f"Dataset name {name!r}: use letters, digits, '.', '_' and '-' (e.g. support-bot)."
+        )
+
+
+def build_in_process(url: str, options: BuildOptions, data_dir: Path) -> BuildResult:
+    """``build`` with a store of its own: what a separate process (the dashboard's) runs."""
+    from distillery.store import open_store
+
+    store = open_store(url)
+    try:
+        return build(store, options, data_dir, workers=1)
+    finally:
+        store.close()
 
 
 def build(

@@ -1,0 +1,267 @@
+"""Distill from the dashboard: the calls a filter selects -> a dataset version -> a fine-tune.
+
+The dialog is the completions filter plus the `dataset build` rules that matter and
+the fine-tune settings.  What the backend would refuse is refused before anything
+starts.  Run builds the version in a separate process (a build is CPU work: in the
+proxy's process it would hold the GIL the proxy's requests need), then starts the
+job with ``start_job``, the same call as `finetune create`; the task page follows it
+and hands over to the job's page.  Tasks are kept by the process that runs them;
+the dataset version and the job they make are in the store like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import secrets
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from distillery.curation.datasets.build import (
+    BuildOptions,
+    BuildResult,
+    Rules,
+    build_in_process,
+    check_name,
+)
+from distillery.curation.endpoints import Endpoint
+from distillery.curation.training.backends import (
+    BackendContext,
+    Hyperparameters,
+    JobSpec,
+    names,
+    new_job_id,
+    open_backend,
+)
+from distillery.curation.training.jobs import start_job
+from distillery.curation.training.openai_api import MIN_EXAMPLES
+from distillery.errors import DistilleryError
+from distillery.store import query
+from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
+from distillery.ui.pages import FILTER_FIELDS, _filters
+
+TASKS = web.AppKey("distill_tasks", dict[str, "Task"])
+POOL = web.AppKey("distill_pool", concurrent.futures.ProcessPoolExecutor)
+
+
+@dataclass
+class Task:
+    id: str
+    name: str
+    state: str = "building the dataset"  # -> "starting the fine-tune" -> "started" | "failed"
+    error: str | None = None
+    job_id: str | None = None
+    started: float = 0.0
+
+
+def setup(app: web.Application) -> None:
+    app[TASKS] = {}
+    app.router.add_get("/distill", dialog, name="distill")
+    app.router.add_post("/distill", run, name="distill_run")
+    app.router.add_get("/distill/tasks/{id}", task_page, name="distill_task")
+    app.cleanup_ctx.append(_pool)
+
+
+async def _pool(app: web.Application) -> Any:
+    # One build at a time, in a process of its own (spawned: no copy of the proxy's state).
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn")
+    )
+    app[POOL] = pool
+    yield
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _admin(request: web.Request) -> None:
+    if not request[SESSION].admin:
+        raise web.HTTPForbidden(
+            text="A dataset is built from every key's traffic: sign in with an admin key."
+        )
+
+
+@dataclass
+class Estimate:
+    calls: int
+    tokens: int
+
+
+async def _estimate(request: web.Request, filters: query.Filters) -> Estimate:
+    calls, tokens = await in_thread(request, lambda store: query.totals(store, filters))
+    return Estimate(calls, tokens)
+
+
+def _values(source: Any) -> dict[str, str]:
+    keys = (
+        "name",
+        "val_fraction",
+        "min_tokens",
+        "max_tokens",
+        "backend",
+        "base_model",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "learning_rate_multiplier",
+        "lora_r",
+    )
+    flags = ("no_exact_dedupe", "no_near_dedupe", "include_refusals", "strip_system_prompt")
+    values = {k: str(source.get(k) or "") for k in keys}
+    values.update({k: "on" if source.get(k) else "" for k in flags})
+    return values
+
+
+async def dialog(request: web.Request, error: str | None = None, form: Any = None) -> web.Response:
+    _admin(request)
+    try:
+        filters = _filters(request)
+    except DistilleryError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    estimate = await _estimate(request, filters)
+    kept = [(k, v) for k, v in request.query.items() if k in FILTER_FIELDS and v]
+    values = _values(form or {"val_fraction": "0.1", "max_tokens": "", "backend": "openai"})
+    return render(
+        request,
+        "distill.html",
+        status=400 if error else 200,
+        error=error,
+        estimate=estimate,
+        kept=kept,
+        query=urlencode(kept),
+        values=values,
+        backends=names(),
+        min_examples=MIN_EXAMPLES,
+    )
+
+
+def _number(form: Any, name: str, kind: type, low: float | None = None) -> Any:
+    raw = form.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise DistilleryError(f"{name.replace('_', ' ')} must be a number, not {raw!r}.") from None
+    if low is not None and value < low:
+        raise DistilleryError(f"{name.replace('_', ' ')} must be at least {low}.")
+    return value
+
+
+async def run(request: web.Request) -> web.StreamResponse:
+    """Check everything the backend would refuse, then build and start in the background."""
+    _admin(request)
+    form = await request.post()
+    filters = _filters(request)
+    settings = request.app[SETTINGS]
+    try:
+        name = str(form.get("name") or "").strip()
+        check_name(name)
+        backend_name = str(form.get("backend") or "")
+        base_model = str(form.get("base_model") or "").strip()
+        if not base_model:
+            raise DistilleryError("Name the base model to fine-tune.")
+        val_fraction = _number(form, "val_fraction", float, 0) or 0.0
+        if val_fraction >= 1:
+            raise DistilleryError("validation fraction must be below 1.")
+        hyper = Hyperparameters(
+            epochs=_number(form, "epochs", int, 1),
+            batch_size=_number(form, "batch_size", int, 1),
+            learning_rate=_number(form, "learning_rate", float, 0),
+            learning_rate_multiplier=_number(form, "learning_rate_multiplier", float, 0),
+            lora_r=_number(form, "lora_r", int, 1),
+        )
+        rules = Rules(
+            no_refusals=not form.get("include_refusals"),
+            min_tokens=_number(form, "min_tokens", int, 0) or 1,
+            max_tokens=_number(form, "max_tokens", int, 1) or Rules().max_tokens,
+        )
+        context = BackendContext(
+            settings.storage.resolved_data_dir(), Endpoint.from_env("fine-tuning")
+        )
+        backend = await in_thread(request, lambda _: open_backend(backend_name, context))
+        estimate = await _estimate(request, filters)
+        if backend_name == "openai" and estimate.calls < MIN_EXAMPLES:
+            raise DistilleryError(
+                f"The filter selects {estimate.calls} calls; OpenAI's fine-tuning API needs at "
+                f"least {MIN_EXAMPLES} examples. Widen the filter or capture more calls."
+            )
+    except DistilleryError as exc:
+        return await dialog(request, str(exc), form)
+    options = BuildOptions(
+        name=name,
+        filters=replace(filters, tenants=None, exclude_tags=(("distillery_eval", "1"),)),
+        rules=rules,
+        exact_dedupe=not form.get("no_exact_dedupe"),
+        near_dedupe=not form.get("no_near_dedupe"),
+        strip_system_prompt=bool(form.get("strip_system_prompt")),
+        val_fraction=val_fraction,
+        incremental=True,
+        redact_defaults=settings.redact.defaults,
+        redact_patterns=tuple((p.name, p.pattern) for p in settings.redact.patterns),
+        epochs=hyper.epochs or 3,
+    )
+    task = Task(secrets.token_hex(8), name, started=time.time())
+    request.app[TASKS][task.id] = task
+    asyncio.get_running_loop().create_task(
+        _work(request.app, task, options, backend, base_model, hyper)
+    )
+    raise web.HTTPSeeOther(url(request, f"distill/tasks/{task.id}"))
+
+
+async def _work(
+    app: web.Application,
+    task: Task,
+    options: BuildOptions,
+    backend: Any,
+    base_model: str,
+    hyper: Hyperparameters,
+) -> None:
+    settings, store = app[SETTINGS], app[STORE]
+    loop = asyncio.get_running_loop()
+    try:
+        built: BuildResult = await loop.run_in_executor(
+            app[POOL],
+            build_in_process,
+            store.connect_url,
+            options,
+            Path(settings.storage.resolved_data_dir()),
+        )
+        if built.version is None:
+            raise DistilleryError(built.message)
+        task.state = "starting the fine-tune"
+        spec = JobSpec(new_job_id(), built.version, base_model, hyper, suffix=task.name[:40])
+        job = await asyncio.to_thread(start_job, store, backend, spec)
+        task.job_id, task.state = job["id"], "started"
+    except DistilleryError as exc:
+        task.state, task.error = "failed", str(exc)
+    except Exception as exc:  # a bug: said on the page and in the log, never lost
+        task.state, task.error = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        backend.close()
+
+
+async def task_page(request: web.Request) -> web.StreamResponse:
+    _admin(request)
+    task = request.app[TASKS].get(request.match_info["id"])
+    if task is None:
+        raise web.HTTPNotFound(
+            text="No such task here (tasks live in the process that ran them); "
+            "its dataset and job, if it made them, are under Datasets and Fine-tunes."
+        )
+    if task.job_id is not None:
+        target = url(request, f"jobs/{task.job_id}")
+        if request.headers.get("HX-Request"):
+            return web.Response(headers={"HX-Redirect": target})
+        raise web.HTTPSeeOther(target)
+    partial = bool(request.headers.get("HX-Request"))
+    return render(
+        request,
+        "_task.html" if partial else "task.html",
+        task=task,
+        elapsed=round(time.time() - task.started),
+    )
