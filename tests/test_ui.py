@@ -466,41 +466,47 @@ def test_a_job_page_follows_its_backend_until_it_ends(dashboard: RunningProxy) -
     assert "train_loss" in seen[1]  # the loss table
 
 
+def _entry(mean: float | None, role: str) -> dict[str, Any]:
+    stats = {
+        "mean": mean,
+        "ci_low": None if mean is None else mean - 0.05,
+        "ci_high": None if mean is None else mean + 0.05,
+        "pass_rate": None if mean is None else mean,
+        "n": 0 if mean is None else 20,
+        "errors": 20 if mean is None else 0,
+        "scale": [0.0, 1.0],
+    }
+    return {
+        "model": "m",
+        "role": role,
+        "errors": stats["errors"],
+        "failed_items": stats["errors"],
+        "first_error": None,
+        "latency_p50_ms": 12.0,
+        "latency_p95_ms": 20.0,
+        "prompt_tokens": 100,
+        "completion_tokens": 50,
+        "cost_usd": None,
+        "graders": {"exact": stats},
+    }
+
+
+def eval_summary() -> Any:
+    """A run's summary: teacher, a base student without a score, a tuned one named badly."""
+    return {
+        "items": 20,
+        "candidates": {
+            "teacher:gpt-4o": _entry(0.95, "teacher"),
+            "base student": _entry(None, "base"),
+            f"tuned:{XSS}": _entry(0.9, "tuned"),
+        },
+    }
+
+
 def test_an_eval_run_shows_every_candidates_scores(dashboard: RunningProxy) -> None:
     from distillery.store import evals
 
-    def entry(mean: float | None, role: str) -> dict[str, Any]:
-        stats = {
-            "mean": mean,
-            "ci_low": None if mean is None else mean - 0.05,
-            "ci_high": None if mean is None else mean + 0.05,
-            "pass_rate": None if mean is None else mean,
-            "n": 0 if mean is None else 20,
-            "errors": 20 if mean is None else 0,
-            "scale": [0.0, 1.0],
-        }
-        return {
-            "model": "m",
-            "role": role,
-            "errors": stats["errors"],
-            "failed_items": stats["errors"],
-            "first_error": None,
-            "latency_p50_ms": 12.0,
-            "latency_p95_ms": 20.0,
-            "prompt_tokens": 100,
-            "completion_tokens": 50,
-            "cost_usd": None,
-            "graders": {"exact": stats},
-        }
-
-    summary: Any = {
-        "items": 20,
-        "candidates": {
-            "teacher:gpt-4o": entry(0.95, "teacher"),
-            "base student": entry(None, "base"),
-            f"tuned:{XSS}": entry(0.9, "tuned"),
-        },
-    }
+    summary = eval_summary()
     store = open_store(dashboard.settings.storage.resolved_database_url())
     run = evals.save_run(store, "eval_ui_test", {"source": "support@1 (distill)"}, summary, [])
     store.close()
@@ -599,3 +605,55 @@ def test_distill_builds_the_version_and_starts_the_job(
 
     wait_for(succeeded, 30, "the fine-tune to succeed")
     assert "ft:gpt-4.1-mini" in admin.get(job_page).text
+
+
+@pytest.mark.slow
+def test_distill_from_a_filter_in_a_real_browser(
+    dashboard: RunningProxy, fine_tuning_api: FakeFineTuning, chrome: Any, tmp_path: Path
+) -> None:
+    """Filter, Distill, Run: the job page follows the fake fine-tuning API to succeeded."""
+    from selenium.webdriver.common.by import By
+
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    chrome.get(dashboard.url + "/ui/sign-in")
+    chrome.find_element(By.ID, "key").send_keys(ADMIN)
+    chrome.find_element(By.ID, "sign-in").click()
+    wait_until(chrome, lambda d: d.current_url.endswith("/ui/completions"), "the list")
+    chrome.get(dashboard.url + "/ui/completions?tag=app%3Dsupport")
+    chrome.find_element(By.ID, "distill-link").click()
+    wait_until(chrome, lambda d: d.find_elements(By.ID, "distill"), "the Distill dialog")
+    assert "57 calls match" in chrome.find_element(By.ID, "selection").text
+    chrome.find_element(By.ID, "name").send_keys("support")
+    chrome.find_element(By.ID, "base-model").send_keys("gpt-4.1-mini")
+    chrome.save_screenshot(str(shots / "distill.png"))
+    chrome.find_element(By.ID, "run").click()
+    wait_until(chrome, lambda d: "/ui/jobs/ftjob_" in d.current_url, "the job page")
+    wait_until(
+        chrome,
+        lambda d: d.find_element(By.ID, "job-status").text == "succeeded",
+        "the job to succeed",
+    )
+    assert chrome.find_element(By.ID, "tuned-model").text.startswith("ft:gpt-4.1-mini")
+    chrome.save_screenshot(str(shots / "job.png"))
+
+    from distillery.store import evals
+
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    evals.save_run(store, "eval_in_browser", {"source": "support@1 (distill)"}, eval_summary(), [])
+    store.close()
+    chrome.get(dashboard.url + "/ui/evals")
+    chrome.find_element(By.CSS_SELECTOR, "tr.run a").click()
+    wait_until(chrome, lambda d: d.find_elements(By.ID, "scores"), "the eval run")
+    cells = [
+        [td.text for td in row.find_elements(By.TAG_NAME, "td")[:3]]
+        for row in chrome.find_elements(By.CSS_SELECTOR, "#scores tbody tr")
+    ]
+    assert cells == [
+        ["teacher:gpt-4o", "exact", "0.950"],
+        ["base student", "exact", "—"],
+        [f"tuned:{XSS}", "exact", "0.900"],
+    ]
+    assert chrome.execute_script("return window.__xss === undefined") is True
+    chrome.save_screenshot(str(shots / "eval.png"))
+    print(f"screenshots in {shots}")
