@@ -3,6 +3,7 @@ is test_ui_browser.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -225,7 +226,10 @@ def test_captured_text_renders_as_text(dashboard: RunningProxy) -> None:
     ):
         assert "<script>window" not in page and "<img src=x" not in page
         assert "&lt;script&gt;window.__xss = 1&lt;/script&gt;" in page
-    assert len(re.findall(r"<script", client.get("/ui/completions").text)) == 1  # htmx only
+    page = client.get("/ui/completions").text
+    scripts = re.findall(r'<script src="([^"]+)" defer></script>', page)
+    assert scripts == ["/ui/static/htmx.min.js", "/ui/static/app.js"]
+    assert page.count("<script") == 2  # ours only
 
 
 def test_the_open_dashboard_is_refused_off_loopback() -> None:
@@ -301,9 +305,15 @@ def chrome(tmp_path: Path) -> Iterator[Any]:
 
 
 def wait_until(driver: Any, predicate: Callable[[Any], Any], what: str) -> Any:
+    """Poll ``predicate`` until it holds; an element that went away with the page it was
+    on (a navigation under way) is a "not yet", not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, 20).until(predicate, message=f"timed out waiting for {what}")
+    wait = WebDriverWait(
+        driver, 20, ignored_exceptions=(StaleElementReferenceException, WebDriverException)
+    )
+    return wait.until(predicate, message=f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
@@ -657,3 +667,63 @@ def test_distill_from_a_filter_in_a_real_browser(
     assert chrome.execute_script("return window.__xss === undefined") is True
     chrome.save_screenshot(str(shots / "eval.png"))
     print(f"screenshots in {shots}")
+
+
+# -- bulk actions, copy as curl -------------------------------------------------------
+
+
+def bulk(client: httpx.Client, query: str, confirm: bool, **fields: Any) -> httpx.Response:
+    page = client.get(f"/ui/completions?{query}").text
+    data = {"csrf": csrf_of(page), **fields} | ({"confirm": "yes"} if confirm else {})
+    return client.post(f"/ui/completions/bulk?{query}", data=data)
+
+
+def test_bulk_actions_say_how_many_calls_they_touch_first(dashboard: RunningProxy) -> None:
+    alice = sign_in(dashboard, ALICE)
+    chosen = {"id": [f"cap_{1:028d}", f"cap_{2:028d}"], "action": "tag", "tags": "batch=one"}
+    asked = bulk(alice, "", False, **chosen)
+    assert asked.status_code == 200 and "Tag 2 calls?" in asked.text
+    assert dashboard.tags(f"cap_{1:028d}") == {"app": "support"}  # nothing changed yet
+    done = bulk(alice, "", True, **chosen)
+    assert done.status_code == 303 and "2+calls+tagged" in done.headers["location"]
+    assert dashboard.tags(f"cap_{2:028d}") == {"app": "support", "batch": "one"}
+
+    whole = {"action": "untag", "keys": "app", "scope": "filter"}
+    assert "Untag 5 calls?" in bulk(alice, "tag=app%3Dsales", False, **whole).text
+    bulk(alice, "tag=app%3Dsales", True, **whole)
+    assert dashboard.tags(f"cap_{56:028d}") == {}
+
+    # Bob's call among the selected ids is not alice's to delete: it is not counted.
+    mixed = {"id": [f"cap_{3:028d}", f"cap_{61:028d}"], "action": "delete"}
+    assert "Delete 1 call?" in bulk(alice, "", False, **mixed).text
+    bulk(alice, "", True, **mixed)
+    ids = [row["id"] for row in dashboard.rows()]
+    assert f"cap_{3:028d}" not in ids and f"cap_{61:028d}" in ids
+    assert bulk(alice, "", True, action="tag", tags="x=y").status_code == 400  # no selection
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
+def test_copy_as_curl_replays_the_call(
+    start_proxy: Callable[..., RunningProxy], sdk: Callable[..., Any]
+) -> None:
+    import html
+    import os
+    import subprocess
+
+    proxy = start_proxy(dashboard=True)
+    sdk(proxy.base_url, ALICE).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "it's a quote: '"}]
+    )
+    [row] = proxy.wait_stored(1)
+    page = sign_in(proxy, ALICE).get(f"/ui/completions/{row['id']}").text
+    found = re.search(r'<pre class="json" id="as-curl">(.*?)</pre>', page, flags=re.DOTALL)
+    assert found is not None
+    command = html.unescape(found.group(1))
+    env = {**os.environ, "OPENAI_BASE_URL": proxy.base_url, "OPENAI_API_KEY": ALICE}
+    ran = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, env=env, timeout=30
+    )
+    answer = json.loads(ran.stdout)
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
+    replayed = proxy.wait_stored(2)[-1]
+    assert json.loads(replayed["request"])["messages"] == json.loads(row["request"])["messages"]

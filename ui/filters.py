@@ -51,6 +51,17 @@ def arguments(call: Mapping[str, Any]) -> str:
         return str(raw)
 
 
+def curl(request: Mapping[str, Any]) -> str:
+    """The call again, as a shell command (through the proxy at $OPENAI_BASE_URL)."""
+    body = json.dumps(request, indent=2, ensure_ascii=False)
+    return (
+        'curl "$OPENAI_BASE_URL/chat/completions" \\\n'
+        '  -H "Authorization: Bearer $OPENAI_API_KEY" \\\n'
+        "  -H 'Content-Type: application/json' \\\n"
+        f"  --data-binary @- <<'JSON'\n{body}\nJSON"
+    )
+
+
 def tag_lines(metadata: Mapping[str, str] | None) -> str:
     return "\n".join(f"{k}={v}" for k, v in (metadata or {}).items())
 
@@ -64,4 +75,5 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "text": text,
     "arguments": arguments,
     "tag_lines": tag_lines,
+    "curl": curl,
 }

@@ -41,6 +41,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/completions", completions, name="completions")
     app.router.add_get("/completions/{id}", completion, name="completion")
     app.router.add_post("/completions/{id}/tags", edit_tags, name="edit_tags")
+    app.router.add_post("/completions/bulk", bulk, name="bulk")
 
 
 # -- signing in ---------------------------------------------------------------------
@@ -149,6 +150,7 @@ async def completions(request: web.Request) -> web.Response:
         error=error,
         form=_form(request),
         query=urlencode(kept),
+        done=request.query.get("done"),
     )
 
 
@@ -195,3 +197,69 @@ async def edit_tags(request: web.Request) -> web.Response:
         lambda store: query.relabel(store, [record["id"]], set_tags=tags, replace_all=True),
     )
     raise web.HTTPSeeOther(url(request, f"completions/{record['id']}"))
+
+
+# -- bulk actions ---------------------------------------------------------------------
+
+ACTIONS = {"tag": "Tag", "untag": "Untag", "delete": "Delete"}
+
+
+async def bulk(request: web.Request) -> web.StreamResponse:
+    """Tag, untag or delete the selected calls, or every call the filter matches.
+
+    The first POST answers with a confirmation that says how many calls it touches;
+    only the second (``confirm=yes``) changes anything.  Selected ids are narrowed to
+    the calls this session may see, like every other query.
+    """
+    form = await request.post()
+    action = str(form.get("action") or "")
+    if action not in ACTIONS:
+        raise web.HTTPBadRequest(text="Choose tag, untag or delete.")
+    tenants = request[SESSION].tenants
+    selected = [str(v) for v in form.getall("id", [])]
+    scope = "selected" if form.get("scope") != "filter" else "filter"
+    try:
+        filters = (
+            query.Filters(ids=tuple(selected), tenants=tenants)
+            if scope == "selected"
+            else _filters(request)
+        )
+        tags = dict(query.parse_tag(t) for t in str(form.get("tags") or "").split() if t)
+        keys = [k for k in str(form.get("keys") or "").split() if k]
+    except DistilleryError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    if scope == "selected" and not selected:
+        raise web.HTTPBadRequest(text="Select some calls first, or act on the whole filter.")
+    if action == "tag" and not tags:
+        raise web.HTTPBadRequest(text="Give the tags to set, as key=value.")
+    if action == "untag" and not keys:
+        raise web.HTTPBadRequest(text="Give the tag keys to remove.")
+    ids = await in_thread(request, lambda store: query.matching_ids(store, filters))
+    if form.get("confirm") != "yes":
+        return render(
+            request,
+            "confirm.html",
+            action=action,
+            label=ACTIONS[action],
+            count=len(ids),
+            fields=[(k, str(v)) for k, v in form.items() if k not in ("csrf", "confirm")],
+            query=request.query_string,
+            tags=tags,
+            keys=keys,
+        )
+
+    def work(store: Store) -> int:
+        if action == "delete":
+            return query.delete(store, ids)
+        if action == "tag":
+            return query.relabel(store, ids, set_tags=tags)
+        return query.relabel(store, ids, remove=keys)
+
+    try:
+        changed = await in_thread(request, work)
+    except DistilleryError as exc:
+        raise web.HTTPBadRequest(text=f"Nothing changed: {exc}") from None
+    done = "deleted" if action == "delete" else ("tagged" if action == "tag" else "untagged")
+    kept = [(k, v) for k, v in request.query.items() if k in FILTER_FIELDS and v]
+    notice = f"{changed} calls {done}."
+    raise web.HTTPSeeOther(url(request, "completions") + "?" + urlencode([*kept, ("done", notice)]))
