@@ -727,3 +727,24 @@ def test_copy_as_curl_replays_the_call(
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
     replayed = proxy.wait_stored(2)[-1]
     assert json.loads(replayed["request"])["messages"] == json.loads(row["request"])["messages"]
+
+
+@pytest.mark.slow
+def test_the_screenshot_script_shows_every_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/screenshots.py (the README's pictures) runs end to end on a demo store."""
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip("no chromium/chromedriver: apt-get install chromium chromium-driver")
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "scripts" / "screenshots.py"
+    spec = importlib.util.spec_from_file_location("screenshots", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("DISTILLERY_DATA_DIR", str(tmp_path / "data"))
+    module.main(tmp_path / "shots")
+    written = sorted(p.name for p in (tmp_path / "shots").glob("*.png"))
+    assert written == sorted(f"dashboard-{name}.png" for name, _ in module.PAGES)
+    assert all(p.stat().st_size > 10_000 for p in (tmp_path / "shots").glob("*.png"))
