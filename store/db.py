@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 
 from distillery.errors import StoreError
 from distillery.shapes import search_text
-from distillery.store import search
+from distillery.store import rollups, search
 from distillery.store.locks import named_lock
 from distillery.store.models import (
     Completion,
@@ -251,6 +251,17 @@ def _search_text(record: CaptureRecord) -> str:
     return text[: limit // 2] + "\n" + text[-(limit // 2) :]
 
 
+def _stored_ids(conn: Any, ids: list[str]) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        found.update(
+            row[0]
+            for row in conn.execute(sa.select(COMPLETIONS.c.id).where(COMPLETIONS.c.id.in_(chunk)))
+        )
+    return found
+
+
 class Store:
     """A database the capture path writes to and the curation commands read."""
 
@@ -301,10 +312,14 @@ class Store:
             )
             texts = [(record["id"], _search_text(record)) for record in records]
             with self.engine.begin() as conn:
+                # A replayed spool holds records already stored: they count once.
+                stored = _stored_ids(conn, [record["id"] for record in records])
                 conn.exec_driver_sql(self._completions.sql, completions)
                 if tags:
                     conn.exec_driver_sql(self._tags.sql, tags)
                 search.insert(conn, texts)
+                fresh = {r["id"]: r for r in records if r["id"] not in stored}  # once per id
+                rollups.apply(conn, rollups.group(rollups.Call.of(r) for r in fresh.values()))
         except Exception as exc:
             if refused(exc, dialect):
                 raise RecordRefused(f"{type(exc).__name__}: {exc}") from exc

@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -160,3 +160,35 @@ class FineTuneJob(SQLModel, table=True):
     hyperparameters: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
     metrics: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
     error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONColumn))
+
+
+class CompletionRollup(SQLModel, table=True):
+    """Calls per hour, tenant, model, app tag and prompt fingerprint (see ``rollups.py``)."""
+
+    __tablename__ = "completion_rollups"
+
+    bucket: datetime = Field(
+        sa_column=Column(DateTime(timezone=True), primary_key=True), description="the hour, UTC"
+    )
+    tenant: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    app: str = Field(primary_key=True)
+    fingerprint: str = Field(primary_key=True)
+    calls: int
+    errors: int
+    prompt_tokens: int = Field(sa_column=Column(BigInteger, nullable=False))
+    completion_tokens: int = Field(sa_column=Column(BigInteger, nullable=False))
+    latency_ms_sum: float
+    lat_00: int
+    lat_01: int
+    lat_02: int
+    lat_03: int
+    lat_04: int
+    lat_05: int
+    lat_06: int
+    lat_07: int
+    lat_08: int
+    lat_09: int
+    lat_10: int
+    lat_11: int
+    lat_12: int

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from distillery.errors import DistilleryError
 from distillery.shapes import check_metadata
-from distillery.store import search
+from distillery.store import rollups, search
 from distillery.store.db import COMPLETIONS, TAGS, Store, as_record
 from distillery.store.records import StoredCompletion
 
@@ -272,6 +272,7 @@ def relabel(
     for chunk in _chunks(list(ids)):
         with store.engine.begin() as conn:
             rows = conn.execute(sa.select(C.id, C.metadata).where(C.id.in_(chunk))).all()
+            moved = _app_moves(conn, rows, set_tags or {}, remove, replace_all)
             for record_id, metadata in rows:
                 updated = {} if replace_all else dict(metadata or {})
                 for key in remove:
@@ -293,7 +294,40 @@ def relabel(
                         ],
                     )
                 changed += 1
+            rollups.apply(conn, rollups.group(moved[0], -1))
+            rollups.apply(conn, rollups.group(moved[1]))
     return changed
+
+
+def _app_moves(
+    conn: Any,
+    rows: Sequence[Any],
+    set_tags: Mapping[str, str],
+    remove: Sequence[str],
+    replace_all: bool,
+) -> tuple[list[rollups.Call], list[rollups.Call]]:
+    """(before, after) for the calls whose app tag a relabel changes: the aggregates move."""
+    app = rollups.APP_TAG
+    changing = []
+    for record_id, metadata in rows:
+        old = (metadata or {}).get(app, "")
+        new = "" if replace_all or app in remove else old
+        new = set_tags.get(app, new)
+        if old != new:
+            changing.append((record_id, new))
+    if not changing:
+        return [], []
+    calls = {
+        row.id: rollups.Call.of(row._mapping)
+        for row in conn.execute(
+            sa.select(C.id, *(C[name] for name in rollups.COLUMNS)).where(
+                C.id.in_([record_id for record_id, _ in changing])
+            )
+        )
+    }
+    before = [calls[record_id] for record_id, _ in changing]
+    after = [calls[record_id].moved_to(new) for record_id, new in changing]
+    return before, after
 
 
 def delete(store: Store, ids: Sequence[str]) -> int:
@@ -301,6 +335,8 @@ def delete(store: Store, ids: Sequence[str]) -> int:
     deleted = 0
     for chunk in _chunks(list(ids)):
         with store.engine.begin() as conn:
+            gone = rollups.stored_calls(conn, COMPLETIONS, list(chunk))
+            rollups.apply(conn, rollups.group(gone, -1))
             search.delete(conn, list(chunk))
             conn.execute(TAGS.delete().where(TAGS.c.completion_id.in_(chunk)))
             deleted += conn.execute(COMPLETIONS.delete().where(C.id.in_(chunk))).rowcount

@@ -7,5 +7,5 @@ it against the revision files.
 
 from pathlib import Path
 
-HEAD = "0002"
+HEAD = "0003"
 LOCATION = Path(__file__).parent

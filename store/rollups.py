@@ -1,0 +1,152 @@
+"""Hourly aggregates of captured calls, kept as calls are written: the overview's source.
+
+A page that sums a million calls on every view cannot answer in 300 ms, so the
+store keeps one row per (hour, tenant, model, app tag, prompt fingerprint) with
+the calls, errors, tokens and a latency histogram, and changes it in the same
+transaction as the calls themselves: an insert adds (a replayed record that is
+already stored adds nothing), a delete subtracts, a relabel that changes the
+``app`` tag moves the call between rows.  Percentiles from the histogram are
+upper bounds at its bucket edges, and are shown as such ("<= 800 ms").
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from distillery.store.models import CompletionRollup
+
+ROLLUPS: sa.Table = CompletionRollup.__table__  # type: ignore[attr-defined]
+APP_TAG = "app"  # the tag the overview breaks costs down by
+# Latency histogram edges, ms: bucket i holds latencies below EDGES[i]; the last, the rest.
+EDGES = (25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200)
+HISTOGRAM = tuple(f"lat_{i:02d}" for i in range(len(EDGES) + 1))
+KEY = ("bucket", "tenant", "model", "app", "fingerprint")
+COUNTS = ("calls", "errors", "prompt_tokens", "completion_tokens", "latency_ms_sum", *HISTOGRAM)
+# What a stored completion row needs to be counted (for deletes and relabels).
+COLUMNS = (
+    "created_at",
+    "tenant",
+    "model_served",
+    "model_requested",
+    "metadata",
+    "prompt_fingerprint",
+    "status",
+    "error",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the aggregates need to know about one call."""
+
+    hour: datetime
+    tenant: str
+    model: str
+    app: str
+    fingerprint: str
+    error: bool
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+
+    @classmethod
+    def of(cls, record: Mapping[Any, Any]) -> Call:
+        """From a capture record (``created_at`` in epoch seconds) or a stored row."""
+        created = record["created_at"]
+        if not isinstance(created, datetime):
+            created = datetime.fromtimestamp(float(created), UTC)
+        elif created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        metadata = record.get("metadata") or {}
+        return cls(
+            hour=created.replace(minute=0, second=0, microsecond=0),
+            tenant=str(record["tenant"]),
+            model=str(record.get("model_served") or record.get("model_requested") or ""),
+            app=str(metadata.get(APP_TAG, "")) if isinstance(metadata, Mapping) else "",
+            fingerprint=str(record.get("prompt_fingerprint") or ""),
+            error=int(record["status"]) >= 400 or record.get("error") is not None,
+            prompt_tokens=int(record.get("prompt_tokens") or 0),
+            completion_tokens=int(record.get("completion_tokens") or 0),
+            latency_ms=float(record.get("latency_ms") or 0.0),
+        )
+
+    def moved_to(self, app: str) -> Call:
+        return Call(
+            self.hour,
+            self.tenant,
+            self.model,
+            app,
+            self.fingerprint,
+            self.error,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.latency_ms,
+        )
+
+
+def group(calls: Iterable[Call], sign: int = 1) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Calls summed by key, each count times ``sign`` (-1: taking them away)."""
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for call in calls:
+        key = (call.hour, call.tenant, call.model, call.app, call.fingerprint)
+        row = rows.get(key)
+        if row is None:
+            row = {**dict(zip(KEY, key, strict=True)), **dict.fromkeys(COUNTS, 0)}
+            row["latency_ms_sum"] = 0.0
+            rows[key] = row
+        row["calls"] += sign
+        row["errors"] += sign * call.error
+        row["prompt_tokens"] += sign * call.prompt_tokens
+        row["completion_tokens"] += sign * call.completion_tokens
+        row["latency_ms_sum"] += sign * call.latency_ms
+        row[HISTOGRAM[bisect.bisect_right(EDGES, call.latency_ms)]] += sign
+    return rows
+
+
+def apply(conn: Connection, rows: Mapping[tuple[Any, ...], dict[str, Any]]) -> None:
+    """Add ``rows`` to the aggregates (negative counts subtract); empty rows go."""
+    if not rows:
+        return
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(ROLLUPS)
+    upsert = insert.on_conflict_do_update(
+        index_elements=list(KEY),
+        set_={name: ROLLUPS.c[name] + insert.excluded[name] for name in COUNTS},
+    )
+    conn.execute(upsert, list(rows.values()))
+    if any(row["calls"] < 0 for row in rows.values()):
+        conn.execute(ROLLUPS.delete().where(ROLLUPS.c.calls <= 0))
+
+
+def stored_calls(conn: Connection, completions: sa.Table, ids: Sequence[str]) -> list[Call]:
+    """The calls among ``ids`` that are stored (read before they change or go)."""
+    if not ids:
+        return []
+    query = sa.select(*(completions.c[name] for name in COLUMNS)).where(
+        completions.c.id.in_(list(ids))
+    )
+    return [Call.of(row._mapping) for row in conn.execute(query)]
+
+
+def percentile(histogram: Sequence[int], q: float) -> float | None:
+    """The edge the ``q`` quantile lies below (``None``: no calls, or past the last edge)."""
+    total = sum(histogram)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for index, count in enumerate(histogram):
+        seen += count
+        if seen >= rank:
+            return float(EDGES[index]) if index < len(EDGES) else None
+    return None
