@@ -25,6 +25,7 @@ from fake_openai import FakeOpenAI  # noqa: E402
 from helpers import ServerThread  # noqa: E402
 
 PAGES = (
+    ("overview", "/ui/"),
     ("completions", "/ui/completions?tag=app%3Dsupport"),
     ("call", None),  # the first support call, found on the list
     ("distill", "/ui/distill?tag=app%3Dsupport"),
@@ -152,6 +153,8 @@ def main(out: Path) -> None:
                     "upstream": {"url": upstream.url + "/v1"},  # type: ignore[attr-defined]
                     "storage": {"data_dir": tmp},
                     "auth": {"admin_keys": [key_fingerprint("sk-admin-demo")]},
+                    # The fake upstream's model, priced like gpt-4o for the demo's costs.
+                    "prices": {"fake-model": {"input": 2.5, "output": 10.0}},
                 }
             )
             store = open_capture_store(settings)

@@ -748,3 +748,59 @@ def test_the_screenshot_script_shows_every_page(
     written = sorted(p.name for p in (tmp_path / "shots").glob("*.png"))
     assert written == sorted(f"dashboard-{name}.png" for name, _ in module.PAGES)
     assert all(p.stat().st_size > 10_000 for p in (tmp_path / "shots").glob("*.png"))
+
+
+# -- the overview ---------------------------------------------------------------------
+
+
+def test_the_overview_counts_costs_and_top_tasks_from_the_aggregates(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    """Known calls in, exact numbers out: a priced model's cost, an unpriced one's "—",
+    a tenant sees only its own, and the templates that cost the most come first."""
+    import time
+
+    proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}, dashboard=True)
+    now = time.time()
+
+    def one(n: int, key: str, model: str, fp: str, app: str, status: int = 200) -> CaptureRecord:
+        return capture_record(
+            f"cap_{n:028d}",
+            created_at=now - 3600 + n,
+            tenant=key_fingerprint(key),
+            status=status,
+            latency_ms=300.0,
+            model_requested=model,
+            prompt_fingerprint=fp,
+            prompt_tokens=1_000_000,
+            completion_tokens=100_000,
+            request={"messages": [{"role": "system", "content": f"You handle {fp}."}]},
+            metadata={"app": app},
+        )
+
+    store = open_store(proxy.settings.storage.resolved_database_url())
+    store.insert(
+        [one(n, ALICE, "gpt-4o-2024-08-06", "fp_refunds", "support") for n in range(3)]
+        + [one(3, ALICE, "gpt-4o-mini", "fp_triage", XSS, status=500)]
+        + [one(4, BOB, "ft:gpt-4o-mini:acme::x", "fp_bob", "sales")]
+    )
+    store.close()
+    alice = sign_in(proxy, ALICE)
+    page = alice.get("/ui/").text
+    totals = dict(re.findall(r"<span>([^<]+)</span><strong[^>]*>([^<]+)</strong>", page))
+    # gpt-4o: 3 x (1M in x $2.50 + 100k out x $10) = $10.50; gpt-4o-mini: $0.15 + $0.06
+    assert totals["Calls"] == "4" and totals["Errors"] == "1"
+    assert totals["Cost"] == "$10.71"
+    assert totals["Latency p50 / p95"] == "≤ 400 ms / ≤ 400 ms"
+    tasks = re.findall(r"<tr><td><code>(\w+)</code></td><td class=\"prompt\">([^<]*)</td>", page)
+    assert tasks == [
+        ("fp_refunds", "You handle fp_refunds."),
+        ("fp_triage", "You handle fp_triage."),
+    ]
+    assert "fp_bob" not in page and "<script>window" not in page
+    assert "&lt;script&gt;window.__xss = 1&lt;/script&gt;" in page  # the app tag, as text
+    admin = sign_in(proxy, ADMIN)
+    whole = admin.get("/ui/").text
+    totals = dict(re.findall(r"<span>([^<]+)</span><strong[^>]*>([^<]+)</strong>", whole))
+    assert totals["Calls"] == "5" and totals["Cost"] == "—"  # bob's fine-tune has no price
+    assert admin.get("/ui/?since=yesterday-ish").status_code == 400

@@ -8,6 +8,7 @@ which is time order: the next page is ``after=<last id>``, one indexed query.
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -15,6 +16,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from distillery.errors import DistilleryError
+from distillery.prices import AS_OF as PRICES_AS_OF
 from distillery.shapes import check_metadata
 from distillery.store import Store, query
 from distillery.store.records import StoredCompletion
@@ -92,7 +94,60 @@ async def sign_out(request: web.Request) -> web.Response:
 
 
 async def home(request: web.Request) -> web.Response:
-    raise web.HTTPSeeOther(url(request, "completions"))
+    """The overview: calls, errors, tokens, latency and cost over a window, from the
+    hourly aggregates; by model, by app, and the prompt templates that cost the most."""
+    from distillery.store import overview
+    from distillery.ui import charts
+
+    since_text = request.query.get("since") or "7d"
+    try:
+        since = query.parse_when(since_text)
+    except DistilleryError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    tenants = request[SESSION].tenants
+    prices = request.app[SETTINGS].prices
+    day = (time.time() - since.timestamp()) > 2 * 86400
+
+    def work(store: Store) -> dict[str, Any]:
+        def of(by: overview.By) -> list[overview.Group]:
+            return overview.groups(store, by, tenants=tenants, since=since, prices=prices, day=day)
+
+        tasks = [g for g in of("fingerprint") if g.name][:10]
+        return {
+            "series": of("bucket"),
+            "models": of("model"),
+            "apps": of("app"),
+            "tasks": tasks,
+            "systems": overview.system_prompts(store, [g.name for g in tasks]),
+        }
+
+    found = await in_thread(request, work)
+    models = found["models"]
+    total = overview.Group("all")
+    for group in models:
+        total.calls += group.calls
+        total.errors += group.errors
+        total.prompt_tokens += group.prompt_tokens
+        total.completion_tokens += group.completion_tokens
+        total.histogram = [a + b for a, b in zip(total.histogram, group.histogram, strict=True)]
+        if group.cost_usd is None or total.cost_usd is None:
+            total.cost_usd = None
+        else:
+            total.cost_usd += group.cost_usd
+    label = "%m-%d" if day else "%m-%d %H:00"
+    chart = charts.columns(
+        [(g.name.strftime(label), g.calls, g.errors) for g in found["series"]], "calls"
+    )
+    return render(
+        request,
+        "overview.html",
+        since=since_text,
+        total=total,
+        chart=chart,
+        step="day" if day else "hour",
+        prices_as_of=PRICES_AS_OF,
+        **found,
+    )
 
 
 # -- completions ----------------------------------------------------------------------

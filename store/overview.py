@@ -1,0 +1,126 @@
+"""The overview's numbers, from the hourly aggregates (``rollups.py``), never a scan.
+
+Groups come out with calls, errors, tokens, latency percentiles (histogram edges:
+upper bounds) and cost.  A group's cost is the sum over its models; if any of them
+has no price, the group's cost is unknown (``None``), not a partial sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from distillery.config import Price
+from distillery.prices import cost
+from distillery.store.db import COMPLETIONS, Store
+from distillery.store.rollups import HISTOGRAM, ROLLUPS, percentile
+
+R = ROLLUPS.c
+By = Literal["model", "app", "fingerprint", "bucket"]
+
+
+@dataclass
+class Group:
+    name: Any
+    calls: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    histogram: list[int] = field(default_factory=lambda: [0] * len(HISTOGRAM))
+    cost_usd: float | None = 0.0
+
+    @property
+    def p50_ms(self) -> float | None:
+        return percentile(self.histogram, 0.5)
+
+    @property
+    def p95_ms(self) -> float | None:
+        return percentile(self.histogram, 0.95)
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.calls if self.calls else None
+
+
+def groups(
+    store: Store,
+    by: By,
+    *,
+    tenants: tuple[str, ...] | None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    prices: Mapping[str, Price] | None = None,
+    day: bool = False,
+) -> list[Group]:
+    """Totals per ``by`` value over the window, largest first (``bucket``: in time order;
+    ``day`` folds hours into days)."""
+    column = R[by]
+    query = sa.select(
+        column.label("name"),
+        R.model,
+        sa.func.sum(R.calls),
+        sa.func.sum(R.errors),
+        sa.func.sum(R.prompt_tokens),
+        sa.func.sum(R.completion_tokens),
+        *(sa.func.sum(R[name]) for name in HISTOGRAM),
+    ).group_by(column, R.model)
+    if tenants is not None:
+        query = query.where(R.tenant.in_(tenants))
+    if since is not None:
+        query = query.where(R.bucket >= since.replace(minute=0, second=0, microsecond=0))
+    if until is not None:
+        query = query.where(R.bucket < until)
+    found: dict[Any, Group] = {}
+    with store.engine.connect() as conn:
+        for row in conn.execute(query):
+            name, model, calls, errors, prompt, completion, *histogram = row
+            if by == "bucket":
+                name = _utc(name)
+                if day:
+                    name = name.replace(hour=0)
+            group = found.setdefault(name, Group(name))
+            group.calls += int(calls)
+            group.errors += int(errors)
+            group.prompt_tokens += int(prompt)
+            group.completion_tokens += int(completion)
+            group.histogram = [a + int(b) for a, b in zip(group.histogram, histogram, strict=True)]
+            spent = cost(model, int(prompt), int(completion), prices or {})
+            group.cost_usd = (
+                None if spent is None or group.cost_usd is None else group.cost_usd + spent
+            )
+    if by == "bucket":
+        return sorted(found.values(), key=lambda g: g.name)
+    return sorted(found.values(), key=lambda g: (-g.calls, str(g.name)))
+
+
+def system_prompts(store: Store, fingerprints: list[str]) -> dict[str, str]:
+    """One call's system prompt per prompt fingerprint (the newest call of each)."""
+    from distillery.shapes import message_text
+
+    found: dict[str, str] = {}
+    with store.engine.connect() as conn:
+        for fingerprint in fingerprints:
+            row = conn.execute(
+                sa.select(COMPLETIONS.c.request)
+                .where(COMPLETIONS.c.prompt_fingerprint == fingerprint)
+                .order_by(COMPLETIONS.c.id.desc())
+                .limit(1)
+            ).first()
+            messages = (row[0] or {}).get("messages") if row else None
+            system = [
+                message_text(m)
+                for m in messages or []
+                if isinstance(m, dict) and m.get("role") in ("system", "developer")
+            ]
+            found[fingerprint] = " ".join(" ".join(system).split())
+    return found
+
+
+def _utc(value: Any) -> datetime:
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(moment, datetime)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
