@@ -162,22 +162,13 @@ class FineTuneJob(SQLModel, table=True):
     error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONColumn))
 
 
-class CompletionRollup(SQLModel, table=True):
-    """Calls per hour, tenant, model, app tag and prompt fingerprint (see ``rollups.py``)."""
+class _Counts(SQLModel):
+    """What an aggregate row sums (see ``rollups.py``)."""
 
-    __tablename__ = "completion_rollups"
-
-    bucket: datetime = Field(
-        sa_column=Column(DateTime(timezone=True), primary_key=True), description="the hour, UTC"
-    )
-    tenant: str = Field(primary_key=True)
-    model: str = Field(primary_key=True)
-    app: str = Field(primary_key=True)
-    fingerprint: str = Field(primary_key=True)
     calls: int
     errors: int
-    prompt_tokens: int = Field(sa_column=Column(BigInteger, nullable=False))
-    completion_tokens: int = Field(sa_column=Column(BigInteger, nullable=False))
+    prompt_tokens: int = Field(sa_type=BigInteger)
+    completion_tokens: int = Field(sa_type=BigInteger)
     latency_ms_sum: float
     lat_00: int
     lat_01: int
@@ -192,3 +183,25 @@ class CompletionRollup(SQLModel, table=True):
     lat_10: int
     lat_11: int
     lat_12: int
+
+
+class AppRollup(_Counts, table=True):
+    """Calls per day, tenant, model and ``app`` tag: the overview's series and breakdowns."""
+
+    __tablename__ = "rollup_apps"
+
+    day: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    tenant: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    app: str = Field(primary_key=True)
+
+
+class TaskRollup(_Counts, table=True):
+    """Calls per day, tenant, model and prompt fingerprint: the overview's top tasks."""
+
+    __tablename__ = "rollup_tasks"
+
+    day: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    tenant: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    fingerprint: str = Field(primary_key=True)

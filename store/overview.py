@@ -1,4 +1,4 @@
-"""The overview's numbers, from the hourly aggregates (``rollups.py``), never a scan.
+"""The overview's numbers, from the daily aggregates (``rollups.py``), never a scan.
 
 Groups come out with calls, errors, tokens, latency percentiles (histogram edges:
 upper bounds) and cost.  A group's cost is the sum over its models; if any of them
@@ -17,10 +17,9 @@ import sqlalchemy as sa
 from distillery.config import Price
 from distillery.prices import cost
 from distillery.store.db import COMPLETIONS, Store
-from distillery.store.rollups import HISTOGRAM, ROLLUPS, percentile
+from distillery.store.rollups import APPS, HISTOGRAM, TASKS, percentile
 
-R = ROLLUPS.c
-By = Literal["model", "app", "fingerprint", "bucket"]
+By = Literal["model", "app", "fingerprint", "day"]
 
 
 @dataclass
@@ -54,10 +53,10 @@ def groups(
     since: datetime | None = None,
     until: datetime | None = None,
     prices: Mapping[str, Price] | None = None,
-    day: bool = False,
 ) -> list[Group]:
-    """Totals per ``by`` value over the window, largest first (``bucket``: in time order;
-    ``day`` folds hours into days)."""
+    """Totals per ``by`` value over the whole days from ``since``, largest first (``day``:
+    in time order)."""
+    R = (TASKS if by == "fingerprint" else APPS).c
     column = R[by]
     query = sa.select(
         column.label("name"),
@@ -71,17 +70,15 @@ def groups(
     if tenants is not None:
         query = query.where(R.tenant.in_(tenants))
     if since is not None:
-        query = query.where(R.bucket >= since.replace(minute=0, second=0, microsecond=0))
+        query = query.where(R.day >= day_of(since))
     if until is not None:
-        query = query.where(R.bucket < until)
+        query = query.where(R.day < until)
     found: dict[Any, Group] = {}
     with store.engine.connect() as conn:
         for row in conn.execute(query):
             name, model, calls, errors, prompt, completion, *histogram = row
-            if by == "bucket":
+            if by == "day":
                 name = _utc(name)
-                if day:
-                    name = name.replace(hour=0)
             group = found.setdefault(name, Group(name))
             group.calls += int(calls)
             group.errors += int(errors)
@@ -92,13 +89,21 @@ def groups(
             group.cost_usd = (
                 None if spent is None or group.cost_usd is None else group.cost_usd + spent
             )
-    if by == "bucket":
+    if by == "day":
         return sorted(found.values(), key=lambda g: g.name)
     return sorted(found.values(), key=lambda g: (-g.calls, str(g.name)))
 
 
+def day_of(moment: datetime) -> datetime:
+    """The start of the UTC day ``moment`` is in: the aggregates' resolution."""
+    return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def system_prompts(store: Store, fingerprints: list[str]) -> dict[str, str]:
-    """One call's system prompt per prompt fingerprint (the newest call of each)."""
+    """One call's system prompt per prompt fingerprint (any call: they share a template).
+
+    No ORDER BY: "the newest" would sort every call of the template (20,000 of them
+    for a busy one); the fingerprint index hands back one at once."""
     from distillery.shapes import message_text
 
     found: dict[str, str] = {}
@@ -107,7 +112,6 @@ def system_prompts(store: Store, fingerprints: list[str]) -> dict[str, str]:
             row = conn.execute(
                 sa.select(COMPLETIONS.c.request)
                 .where(COMPLETIONS.c.prompt_fingerprint == fingerprint)
-                .order_by(COMPLETIONS.c.id.desc())
                 .limit(1)
             ).first()
             messages = (row[0] or {}).get("messages") if row else None

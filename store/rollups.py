@@ -1,12 +1,17 @@
-"""Hourly aggregates of captured calls, kept as calls are written: the overview's source.
+"""Daily aggregates of captured calls, kept as calls are written: the overview's source.
 
 A page that sums a million calls on every view cannot answer in 300 ms, so the
-store keeps one row per (hour, tenant, model, app tag, prompt fingerprint) with
-the calls, errors, tokens and a latency histogram, and changes it in the same
-transaction as the calls themselves: an insert adds (a replayed record that is
-already stored adds nothing), a delete subtracts, a relabel that changes the
-``app`` tag moves the call between rows.  Percentiles from the histogram are
-upper bounds at its bucket edges, and are shown as such ("<= 800 ms").
+store keeps the calls, errors, tokens and a latency histogram in two tables, one
+row per (day, tenant, model, app tag) and one per (day, tenant, model, prompt
+fingerprint), and changes them in the same transaction as the calls themselves: an
+insert adds (a replayed record that is already stored adds nothing), a delete
+subtracts, a relabel that changes the ``app`` tag moves the call between rows.
+
+Why days and two tables: the rows must be far fewer than the calls whatever the
+traffic looks like.  With hours, or with the app and the fingerprint in one key,
+traffic spread over many apps, templates and models makes nearly one row per call
+(a million calls over 90 days, 20 apps, 50 templates, 5 models, 5 keys did).
+Percentiles from the histogram are upper bounds at its edges, shown as such.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from distillery.store.models import CompletionRollup
+from distillery.store.models import AppRollup, TaskRollup
 
-ROLLUPS: sa.Table = CompletionRollup.__table__  # type: ignore[attr-defined]
+APPS: sa.Table = AppRollup.__table__  # type: ignore[attr-defined]
+TASKS: sa.Table = TaskRollup.__table__  # type: ignore[attr-defined]
 APP_TAG = "app"  # the tag the overview breaks costs down by
 # Latency histogram edges, ms: bucket i holds latencies below EDGES[i]; the last, the rest.
 EDGES = (25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200)
 HISTOGRAM = tuple(f"lat_{i:02d}" for i in range(len(EDGES) + 1))
-KEY = ("bucket", "tenant", "model", "app", "fingerprint")
+KEYS = {
+    "rollup_apps": ("day", "tenant", "model", "app"),
+    "rollup_tasks": ("day", "tenant", "model", "fingerprint"),
+}
 COUNTS = ("calls", "errors", "prompt_tokens", "completion_tokens", "latency_ms_sum", *HISTOGRAM)
 # What a stored completion row needs to be counted (for deletes and relabels).
 COLUMNS = (
@@ -50,7 +59,7 @@ COLUMNS = (
 class Call:
     """What the aggregates need to know about one call."""
 
-    hour: datetime
+    day: datetime
     tenant: str
     model: str
     app: str
@@ -70,7 +79,7 @@ class Call:
             created = created.replace(tzinfo=UTC)
         metadata = record.get("metadata") or {}
         return cls(
-            hour=created.replace(minute=0, second=0, microsecond=0),
+            day=created.replace(hour=0, minute=0, second=0, microsecond=0),
             tenant=str(record["tenant"]),
             model=str(record.get("model_served") or record.get("model_requested") or ""),
             app=str(metadata.get(APP_TAG, "")) if isinstance(metadata, Mapping) else "",
@@ -83,7 +92,7 @@ class Call:
 
     def moved_to(self, app: str) -> Call:
         return Call(
-            self.hour,
+            self.day,
             self.tenant,
             self.model,
             app,
@@ -95,38 +104,44 @@ class Call:
         )
 
 
-def group(calls: Iterable[Call], sign: int = 1) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """Calls summed by key, each count times ``sign`` (-1: taking them away)."""
-    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+Rows = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
+
+
+def group(calls: Iterable[Call], sign: int = 1) -> Rows:
+    """Calls summed per table and key, each count times ``sign`` (-1: taking them away)."""
+    rows: Rows = {table: {} for table in KEYS}
     for call in calls:
-        key = (call.hour, call.tenant, call.model, call.app, call.fingerprint)
-        row = rows.get(key)
-        if row is None:
-            row = {**dict(zip(KEY, key, strict=True)), **dict.fromkeys(COUNTS, 0)}
-            row["latency_ms_sum"] = 0.0
-            rows[key] = row
-        row["calls"] += sign
-        row["errors"] += sign * call.error
-        row["prompt_tokens"] += sign * call.prompt_tokens
-        row["completion_tokens"] += sign * call.completion_tokens
-        row["latency_ms_sum"] += sign * call.latency_ms
-        row[HISTOGRAM[bisect.bisect_right(EDGES, call.latency_ms)]] += sign
+        for table, names in KEYS.items():
+            key = tuple(getattr(call, name) for name in names)
+            row = rows[table].get(key)
+            if row is None:
+                row = {**dict(zip(names, key, strict=True)), **dict.fromkeys(COUNTS, 0)}
+                row["latency_ms_sum"] = 0.0
+                rows[table][key] = row
+            row["calls"] += sign
+            row["errors"] += sign * call.error
+            row["prompt_tokens"] += sign * call.prompt_tokens
+            row["completion_tokens"] += sign * call.completion_tokens
+            row["latency_ms_sum"] += sign * call.latency_ms
+            row[HISTOGRAM[bisect.bisect_right(EDGES, call.latency_ms)]] += sign
     return rows
 
 
-def apply(conn: Connection, rows: Mapping[tuple[Any, ...], dict[str, Any]]) -> None:
-    """Add ``rows`` to the aggregates (negative counts subtract); empty rows go."""
-    if not rows:
-        return
+def apply(conn: Connection, rows: Rows) -> None:
+    """Add ``rows`` to the aggregates (negative counts subtract); emptied rows go."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    insert = dialect.insert(ROLLUPS)
-    upsert = insert.on_conflict_do_update(
-        index_elements=list(KEY),
-        set_={name: ROLLUPS.c[name] + insert.excluded[name] for name in COUNTS},
-    )
-    conn.execute(upsert, list(rows.values()))
-    if any(row["calls"] < 0 for row in rows.values()):
-        conn.execute(ROLLUPS.delete().where(ROLLUPS.c.calls <= 0))
+    for table in (APPS, TASKS):
+        changes = rows.get(table.name) or {}
+        if not changes:
+            continue
+        insert = dialect.insert(table)
+        upsert = insert.on_conflict_do_update(
+            index_elements=list(KEYS[table.name]),
+            set_={name: table.c[name] + insert.excluded[name] for name in COUNTS},
+        )
+        conn.execute(upsert, list(changes.values()))
+        if any(row["calls"] < 0 for row in changes.values()):
+            conn.execute(table.delete().where(table.c.calls <= 0))
 
 
 def stored_calls(conn: Connection, completions: sa.Table, ids: Sequence[str]) -> list[Call]:

@@ -52,28 +52,39 @@ def calls(count: int, seed: int = 0) -> list[CaptureRecord]:
     return made
 
 
-def kept(store: Store) -> dict[tuple[Any, ...], dict[str, Any]]:
+Tables = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
+
+
+def kept(store: Store) -> Tables:
+    """What the aggregate tables hold, keyed like ``rollups.group``'s answer."""
+    out: Tables = {}
     with store.engine.connect() as conn:
-        rows = conn.execute(sa.select(rollups.ROLLUPS)).all()
-    out = {}
-    for row in rows:
-        values = dict(row._mapping)
-        bucket = values["bucket"]
-        values["bucket"] = bucket if bucket.tzinfo else bucket.replace(tzinfo=UTC)
-        values["latency_ms_sum"] = round(values["latency_ms_sum"], 6)
-        out[tuple(values[k] for k in rollups.KEY)] = values
+        for table in (rollups.APPS, rollups.TASKS):
+            out[table.name] = {}
+            for row in conn.execute(sa.select(table)):
+                values = dict(row._mapping)
+                day = values["day"]
+                values["day"] = day if day.tzinfo else day.replace(tzinfo=UTC)
+                values["latency_ms_sum"] = round(values["latency_ms_sum"], 6)
+                key = tuple(values[name] for name in rollups.KEYS[table.name])
+                out[table.name][key] = values
     return out
 
 
-def recomputed(store: Store) -> dict[tuple[Any, ...], dict[str, Any]]:
+def recomputed(store: Store) -> Tables:
     """The aggregates from scratch, from the calls as stored now."""
     with store.engine.connect() as conn:
         query_ = sa.select(*(COMPLETIONS.c[name] for name in rollups.COLUMNS))
         everything = [rollups.Call.of(row._mapping) for row in conn.execute(query_)]
-    rows = rollups.group(everything)
-    for row in rows.values():
-        row["latency_ms_sum"] = round(row["latency_ms_sum"], 6)
-    return rows
+    tables = rollups.group(everything)
+    for rows in tables.values():
+        for row in rows.values():
+            row["latency_ms_sum"] = round(row["latency_ms_sum"], 6)
+    return tables
+
+
+def total(tables: Tables, table: str = "rollup_apps") -> int:
+    return sum(row["calls"] for row in tables[table].values())
 
 
 def test_inserts_replays_deletes_and_relabels_keep_the_aggregates_exact(url: str) -> None:
@@ -84,7 +95,7 @@ def test_inserts_replays_deletes_and_relabels_keep_the_aggregates_exact(url: str
     store.insert(batch[:10])
     assert store.count() == 300
     assert kept(store) == recomputed(store)
-    assert sum(row["calls"] for row in kept(store).values()) == 300
+    assert total(kept(store)) == total(kept(store), "rollup_tasks") == 300
 
     ids = [record["id"] for record in batch]
     assert query.delete(store, [*ids[:40], "cap_missing"]) == 40
@@ -95,11 +106,11 @@ def test_inserts_replays_deletes_and_relabels_keep_the_aggregates_exact(url: str
     query.relabel(store, ids[120:130], set_tags={"team": "x"}, replace_all=True)
     query.relabel(store, ids[130:140], set_tags={"env": "dev"})  # not the app tag: no move
     assert kept(store) == recomputed(store)
-    moved = [row for row in kept(store).values() if row["app"] == "moved"]
+    moved = [row for row in kept(store)["rollup_apps"].values() if row["app"] == "moved"]
     assert sum(row["calls"] for row in moved) == 50
 
     query.delete(store, ids)
-    assert kept(store) == {}
+    assert kept(store) == {"rollup_apps": {}, "rollup_tasks": {}}
     store.close()
 
 
@@ -118,7 +129,7 @@ def test_the_migration_fills_the_aggregates_from_the_calls_already_stored(url: s
     migrate(engine)
     store = Store(engine, migrated=True)
     assert kept(store) == recomputed(store)
-    assert sum(row["calls"] for row in kept(store).values()) == 120
+    assert total(kept(store)) == 120
     store.close()
 
 

@@ -8,7 +8,6 @@ which is time order: the next page is ``after=<last id>``, one indexed query.
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -106,15 +105,14 @@ async def home(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=str(exc)) from None
     tenants = request[SESSION].tenants
     prices = request.app[SETTINGS].prices
-    day = (time.time() - since.timestamp()) > 2 * 86400
 
     def work(store: Store) -> dict[str, Any]:
         def of(by: overview.By) -> list[overview.Group]:
-            return overview.groups(store, by, tenants=tenants, since=since, prices=prices, day=day)
+            return overview.groups(store, by, tenants=tenants, since=since, prices=prices)
 
         tasks = [g for g in of("fingerprint") if g.name][:10]
         return {
-            "series": of("bucket"),
+            "series": of("day"),
             "models": of("model"),
             "apps": of("app"),
             "tasks": tasks,
@@ -134,17 +132,16 @@ async def home(request: web.Request) -> web.Response:
             total.cost_usd = None
         else:
             total.cost_usd += group.cost_usd
-    label = "%m-%d" if day else "%m-%d %H:00"
     chart = charts.columns(
-        [(g.name.strftime(label), g.calls, g.errors) for g in found["series"]], "calls"
+        [(g.name.strftime("%m-%d"), g.calls, g.errors) for g in found["series"]], "calls"
     )
     return render(
         request,
         "overview.html",
         since=since_text,
+        start=overview.day_of(since),
         total=total,
         chart=chart,
-        step="day" if day else "hour",
         prices_as_of=PRICES_AS_OF,
         **found,
     )

@@ -1,10 +1,10 @@
-"""Hourly aggregates of the calls, for the dashboard's overview, filled from what is stored.
+"""Daily aggregates of the calls, for the dashboard's overview, filled from what is stored.
 
 Why: the overview sums calls, tokens, errors and latency over days; scanning every
 call per page view takes seconds on a million rows.  Aggregates kept as calls are
-written (store/rollups.py) answer from a few thousand rows.  This revision creates
-the table and fills it from the calls already stored, through the same code that
-keeps it (so the two cannot disagree), in batches.
+written (store/rollups.py, which says why days and two tables) answer from far
+fewer rows.  This revision creates the tables and fills them from the calls already
+stored, through the same code that keeps them (so the two cannot disagree).
 
 Revision ID: 0003
 Revises: 0002
@@ -21,21 +21,27 @@ depends_on = None
 HISTOGRAM = [f"lat_{i:02d}" for i in range(13)]
 
 
-def upgrade() -> None:
-    op.create_table(
-        "completion_rollups",
-        sa.Column("bucket", sa.DateTime(timezone=True), primary_key=True),
-        sa.Column("tenant", sa.String(), primary_key=True),
-        sa.Column("model", sa.String(), primary_key=True),
-        sa.Column("app", sa.String(), primary_key=True),
-        sa.Column("fingerprint", sa.String(), primary_key=True),
+def _counts() -> list[sa.Column]:  # type: ignore[type-arg]
+    return [
         sa.Column("calls", sa.Integer(), nullable=False),
         sa.Column("errors", sa.Integer(), nullable=False),
         sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
         sa.Column("completion_tokens", sa.BigInteger(), nullable=False),
         sa.Column("latency_ms_sum", sa.Float(), nullable=False),
         *(sa.Column(name, sa.Integer(), nullable=False) for name in HISTOGRAM),
-    )
+    ]
+
+
+def upgrade() -> None:
+    for table, last in (("rollup_apps", "app"), ("rollup_tasks", "fingerprint")):
+        op.create_table(
+            table,
+            sa.Column("day", sa.DateTime(timezone=True), primary_key=True),
+            sa.Column("tenant", sa.String(), primary_key=True),
+            sa.Column("model", sa.String(), primary_key=True),
+            sa.Column(last, sa.String(), primary_key=True),
+            *_counts(),
+        )
     from distillery.store import rollups
     from distillery.store.db import COMPLETIONS
 
@@ -56,4 +62,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("completion_rollups")
+    op.drop_table("rollup_tasks")
+    op.drop_table("rollup_apps")
