@@ -95,23 +95,11 @@ def filter_options(
     return command
 
 
-def build_filters(
-    tags: tuple[str, ...] = (),
-    model: str | None = None,
-    since: str | None = None,
-    until: str | None = None,
-    status: str | None = None,
-    finish_reason: str | None = None,
-    stream: bool | None = None,
-    text: str | None = None,
-    tenants: tuple[str, ...] = (),
-    ids: tuple[str, ...] = (),
-) -> Any:
+def build_filters(**options: Any) -> Any:
+    """The filter options as the store's Filters (no --tenant: every tenant)."""
     from distillery.store.query import parse_filters
 
-    return parse_filters(
-        tags, model, since, until, status, finish_reason, stream, text, tenants or None, ids
-    )
+    return parse_filters(**{**options, "tenants": options.get("tenants") or None})
 
 
 def open_cli_store(config: Path | None, database_url: str | None, must_exist: bool = True) -> Any:
