@@ -521,7 +521,28 @@ def test_an_eval_run_shows_every_candidates_scores(dashboard: RunningProxy) -> N
 
     summary = eval_summary()
     store = open_store(dashboard.settings.storage.resolved_database_url())
-    run = evals.save_run(store, "eval_ui_test", {"source": "support@1 (distill)"}, summary, [])
+
+    def sample(item: int, label: str, text: str, score: float | None) -> Any:
+        passed = score is not None and score >= 0.5
+        return {
+            "item": item,
+            "candidate": label,
+            "item_key": f"k{item}",
+            "output": {"role": "assistant", "content": text},
+            "error": None,
+            "grades": {"exact": {"score": score, "passed": passed, "detail": ""}},
+            "latency_ms": 10.0,
+            "prompt_tokens": 5,
+            "completion_tokens": 5,
+        }
+
+    labels = list(summary["candidates"])
+    samples = [sample(0, label, "same answer", 1.0) for label in labels] + [
+        sample(1, labels[0], "the teacher's answer", 1.0),
+        sample(1, labels[1], "", None),
+        sample(1, labels[2], XSS, 0.0),
+    ]
+    run = evals.save_run(store, "eval_ui_test", {"source": "support@1 (distill)"}, summary, samples)
     store.close()
     admin = sign_in(dashboard, ADMIN)
     assert 'data-id="eval_ui_test"' in admin.get("/ui/evals").text
@@ -540,6 +561,12 @@ def test_an_eval_run_shows_every_candidates_scores(dashboard: RunningProxy) -> N
     ]
     assert [tuned for tuned, _, _ in rows] == ["", "", " tuned"]
     assert "<svg" in page and "<script>window" not in page and "<img src=x" not in page
+    assert "(1 items)" in page  # item 0: every candidate passed; item 1: they disagree
+    split = re.findall(r'<tr class="disagreement">\s*<td class="num">(\d+)</td>', page)
+    assert split == ["1"]
+    assert '<pre class="answer">&lt;script&gt;window.__xss = 1' in page
+    assert re.search(r'class="verdict fail">exact: 0<', page)
+    assert re.search(r'class="verdict none">exact: no score<', page)
 
 
 # -- Distill --------------------------------------------------------------------------

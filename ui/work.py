@@ -14,7 +14,7 @@ from aiohttp import web
 from distillery.curation.datasets.manifest import describe
 from distillery.curation.endpoints import Endpoint
 from distillery.curation.evals.evaluate import result_rows, with_role
-from distillery.curation.evals.report import bars
+from distillery.curation.evals.report import bars, disagreements
 from distillery.curation.training import jobs
 from distillery.curation.training.backends import TERMINAL, BackendContext, JobEvent, open_backend
 from distillery.errors import DistilleryError
@@ -23,6 +23,7 @@ from distillery.store.records import DatasetVersionRecord, FineTuneJobRecord
 from distillery.ui.app import SESSION, SETTINGS, in_thread, render
 
 SPLITS = {"train.jsonl", "val.jsonl"}
+DISAGREEMENTS = 50  # items shown where the candidates disagree
 
 
 def add_routes(app: web.Application) -> None:
@@ -199,8 +200,10 @@ async def eval_page(request: web.Request) -> web.Response:
     run = await in_thread(request, lambda store: evals.get_run(store, ref))
     if run is None:
         raise web.HTTPNotFound(text=f"No eval run {ref!r}.")
+    samples = await in_thread(request, lambda store: evals.samples(store, ref))
     summary = run["summary"]
     graders = sorted({g for c in summary["candidates"].values() for g in c["graders"]})
+    split = disagreements(samples, graders)
     return render(
         request,
         "eval.html",
@@ -208,4 +211,8 @@ async def eval_page(request: web.Request) -> web.Response:
         rows=result_rows(summary),
         charts=[(g, bars(g, summary["candidates"])) for g in graders],
         tuned=with_role(summary, "tuned"),
+        labels=list(summary["candidates"]),
+        graders=graders,
+        disagreements=split[:DISAGREEMENTS],
+        disagreeing=len(split),
     )

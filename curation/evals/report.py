@@ -142,6 +142,21 @@ def _answer_cell(sample: EvalSampleRecord | None, graders: list[str]) -> str:
     )
 
 
+def disagreements(
+    samples: list[EvalSampleRecord], graders: list[str]
+) -> list[tuple[int, dict[str, EvalSampleRecord]]]:
+    """The items where some grader passed one candidate and failed another, in item order,
+    with every candidate's sample (what the report and the dashboard show side by side)."""
+    by_item: dict[int, dict[str, EvalSampleRecord]] = {}
+    for sample in samples:
+        by_item.setdefault(sample["item"], {})[sample["candidate"]] = sample
+    return [
+        (index, answers)
+        for index, answers in sorted(by_item.items())
+        if any(len({a["grades"][g]["passed"] for a in answers.values()}) > 1 for g in graders)
+    ]
+
+
 def _reference(config: dict[str, Any]) -> str:
     """Who wrote the answers the candidates are graded against."""
     models = config.get("reference_models") or {}
@@ -193,22 +208,14 @@ def render(run: EvalRunRecord, samples: list[EvalSampleRecord], items: list[Item
     )
     # One ordered list of candidates makes every column: headers and cells cannot disagree.
     labels = list(candidates)
-    by_item: dict[int, dict[str, EvalSampleRecord]] = {}
-    for sample in samples:
-        by_item.setdefault(sample["item"], {})[sample["candidate"]] = sample
     lookup = {item.index: item for item in items}
-    disagreements: list[str] = []
-    disagreeing = 0
-    for index, answers in sorted(by_item.items()):
-        verdicts = {g: {a["grades"][g]["passed"] for a in answers.values()} for g in graders}
-        if not any(len(v) > 1 for v in verdicts.values()):
-            continue
-        disagreeing += 1
-        if len(disagreements) >= SHOWN:
-            continue
+    split = disagreements(samples, graders)
+    disagreeing = len(split)
+    rows_html: list[str] = []
+    for index, answers in split[:SHOWN]:
         item = lookup.get(index)
         cells = "".join(_answer_cell(answers.get(label), graders) for label in labels)
-        disagreements.append(
+        rows_html.append(
             f"<tr><td><pre>{html.escape(item.input_text if item else '')}</pre></td>"
             f"<td><pre>{html.escape(item.reference_text if item else '')}</pre></td>{cells}</tr>"
         )
@@ -229,6 +236,6 @@ Means with 95% bootstrap confidence intervals.</p>
 <th>latency p50/p95 ms</th><th>tokens in/out</th><th>cost USD</th></tr>{"".join(rows)}</table>
 <h2>Scores</h2>{charts}
 <h2>Where the candidates disagree ({disagreeing} items{shown})</h2>
-<table><tr><th>prompt</th><th>reference</th>{heads}</tr>{"".join(disagreements)}</table>
+<table><tr><th>prompt</th><th>reference</th>{heads}</tr>{"".join(rows_html)}</table>
 </body></html>
 """
