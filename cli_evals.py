@@ -163,10 +163,10 @@ def run_command(
     """
     from distillery.cli_shared import resolve
     from distillery.config import load_settings
-    from distillery.curation.endpoints import Endpoint
+    from distillery.curation.endpoints import Endpoint, configured
     from distillery.curation.evals import evaluate
     from distillery.curation.evals import items as eval_items
-    from distillery.curation.evals.generate import Candidate, Generator
+    from distillery.curation.evals.generate import Generator, parse_candidates
     from distillery.curation.evals.graders import Context, load_all
     from distillery.store import evals
 
@@ -177,23 +177,8 @@ def run_command(
     graders = load_all(grader_specs)
     limits = thresholds(fail_under, graders)
     default = Endpoint.from_env("default", base_url, api_key_env)
-    # A configured endpoint without api_key_env is keyless: it never gets OPENAI_API_KEY.
-    endpoints = {
-        name: Endpoint.from_env(name, e.base_url, e.api_key_env, default_env=None)
-        for name, e in settings.endpoints.items()
-    }
-    candidates = []
-    for spec in models:
-        model, _, endpoint_name = spec.partition("@")
-        if endpoint_name and endpoint_name not in endpoints:
-            raise DistilleryError(
-                f'No endpoint {endpoint_name!r} in the config: add [endpoints.{endpoint_name}] base_url = "...".'
-            )
-        candidates.append(
-            Candidate(spec, model, endpoints[endpoint_name] if endpoint_name else default)
-        )
-    for candidate in candidates:
-        candidate.endpoint.check()  # before any work: name the unset variable
+    endpoints = configured(settings)
+    candidates = parse_candidates(models, endpoints, default)
     # A JSONL file needs no captured calls; the database still keeps the run and the cache.
     store = open_cli_store(config, database_url, must_exist=jsonl is None)
     if jsonl:

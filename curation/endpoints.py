@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from distillery.errors import DistilleryError
 
@@ -51,3 +52,12 @@ class Endpoint:
                 f"${self.missing or 'OPENAI_API_KEY'} is not set: it holds the API key{where}. "
                 "Export it (no other key is sent in its place)."
             )
+
+
+def configured(settings: Any) -> dict[str, Endpoint]:
+    """The config's ``[endpoints.NAME]``; one without ``api_key_env`` is keyless: it never
+    gets ``OPENAI_API_KEY``."""
+    return {
+        name: Endpoint.from_env(name, e.base_url, e.api_key_env, default_env=None)
+        for name, e in settings.endpoints.items()
+    }

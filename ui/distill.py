@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
-import secrets
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,28 +41,17 @@ from distillery.curation.training.jobs import start_job
 from distillery.curation.training.openai_api import MIN_EXAMPLES
 from distillery.errors import DistilleryError
 from distillery.store import query
+from distillery.ui import tasks
 from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
 from distillery.ui.pages import FILTER_FIELDS, _filters
+from distillery.ui.tasks import Task
 
-TASKS = web.AppKey("distill_tasks", dict[str, "Task"])
 POOL = web.AppKey("distill_pool", concurrent.futures.ProcessPoolExecutor)
 
 
-@dataclass
-class Task:
-    id: str
-    name: str
-    state: str = "building the dataset"  # -> "starting the fine-tune" -> "started" | "failed"
-    error: str | None = None
-    job_id: str | None = None
-    started: float = 0.0
-
-
 def setup(app: web.Application) -> None:
-    app[TASKS] = {}
     app.router.add_get("/distill", dialog, name="distill")
     app.router.add_post("/distill", run, name="distill_run")
-    app.router.add_get("/distill/tasks/{id}", task_page, name="distill_task")
     app.cleanup_ctx.append(_pool)
 
 
@@ -205,63 +192,39 @@ async def run(request: web.Request) -> web.StreamResponse:
         redact_patterns=tuple((p.name, p.pattern) for p in settings.redact.patterns),
         epochs=hyper.epochs or 3,
     )
-    task = Task(secrets.token_hex(8), name, started=time.time())
-    request.app[TASKS][task.id] = task
-    asyncio.get_running_loop().create_task(
-        _work(request.app, task, options, backend, base_model, hyper)
-    )
-    raise web.HTTPSeeOther(url(request, f"distill/tasks/{task.id}"))
+    app, prefix = request.app, url(request)
+
+    async def work(task: Task) -> None:
+        try:
+            job_id = await _work(app, task, name, options, backend, base_model, hyper)
+        finally:
+            backend.close()
+        task.done_url = f"{prefix}jobs/{job_id}"
+
+    raise tasks.start(request, f"Distilling {name}", "building the dataset", work)
 
 
 async def _work(
     app: web.Application,
     task: Task,
+    name: str,
     options: BuildOptions,
     backend: Any,
     base_model: str,
     hyper: Hyperparameters,
-) -> None:
+) -> str:
+    """Build in the pool's process, then start the job; returns the job's id."""
     settings, store = app[SETTINGS], app[STORE]
-    loop = asyncio.get_running_loop()
-    try:
-        built: BuildResult = await loop.run_in_executor(
-            app[POOL],
-            build_in_process,
-            store.connect_url,
-            options,
-            Path(settings.storage.resolved_data_dir()),
-        )
-        if built.version is None:
-            raise DistilleryError(built.message)
-        task.state = "starting the fine-tune"
-        spec = JobSpec(new_job_id(), built.version, base_model, hyper, suffix=task.name[:40])
-        job = await asyncio.to_thread(start_job, store, backend, spec)
-        task.job_id, task.state = job["id"], "started"
-    except DistilleryError as exc:
-        task.state, task.error = "failed", str(exc)
-    except Exception as exc:  # a bug: said on the page and in the log, never lost
-        task.state, task.error = "failed", f"{type(exc).__name__}: {exc}"
-    finally:
-        backend.close()
-
-
-async def task_page(request: web.Request) -> web.StreamResponse:
-    _admin(request)
-    task = request.app[TASKS].get(request.match_info["id"])
-    if task is None:
-        raise web.HTTPNotFound(
-            text="No such task here (tasks live in the process that ran them); "
-            "its dataset and job, if it made them, are under Datasets and Fine-tunes."
-        )
-    if task.job_id is not None:
-        target = url(request, f"jobs/{task.job_id}")
-        if request.headers.get("HX-Request"):
-            return web.Response(headers={"HX-Redirect": target})
-        raise web.HTTPSeeOther(target)
-    partial = bool(request.headers.get("HX-Request"))
-    return render(
-        request,
-        "_task.html" if partial else "task.html",
-        task=task,
-        elapsed=round(time.time() - task.started),
+    built: BuildResult = await asyncio.get_running_loop().run_in_executor(
+        app[POOL],
+        build_in_process,
+        store.connect_url,
+        options,
+        Path(settings.storage.resolved_data_dir()),
     )
+    if built.version is None:
+        raise DistilleryError(built.message)
+    task.state = "starting the fine-tune"
+    spec = JobSpec(new_job_id(), built.version, base_model, hyper, suffix=name[:40])
+    job = await asyncio.to_thread(start_job, store, backend, spec)
+    return job["id"]

@@ -24,6 +24,7 @@ import openai
 import orjson
 
 from distillery.curation.endpoints import Endpoint
+from distillery.errors import DistilleryError
 from distillery.store import Store, cache
 from distillery.store.records import Role
 
@@ -55,6 +56,23 @@ class Generation:
     def text(self) -> str:
         content = (self.message or {}).get("content")
         return content if isinstance(content, str) else ""
+
+
+def parse_candidates(
+    specs: list[str] | tuple[str, ...], endpoints: dict[str, Endpoint], default: Endpoint
+) -> list[Candidate]:
+    """``MODEL[@ENDPOINT]`` specs as candidates, each endpoint's key checked before any work."""
+    candidates = []
+    for spec in specs:
+        model, _, name = spec.partition("@")
+        if name and name not in endpoints:
+            raise DistilleryError(
+                f'No endpoint {name!r} in the config: add [endpoints.{name}] base_url = "...".'
+            )
+        candidates.append(Candidate(spec, model, endpoints[name] if name else default))
+    for candidate in candidates:
+        candidate.endpoint.check()  # name the unset variable, never fall back to another key
+    return candidates
 
 
 def cache_key(*parts: Any) -> str:
