@@ -834,3 +834,50 @@ def test_the_overview_counts_costs_and_top_tasks_from_the_aggregates(
     totals = dict(re.findall(r"<span>([^<]+)</span><strong[^>]*>([^<]+)</strong>", whole))
     assert totals["Calls"] == "5" and totals["Cost"] == "—"  # bob's fine-tune has no price
     assert admin.get("/ui/?since=yesterday-ish").status_code == 400
+
+
+def test_an_eval_started_from_the_dashboard_is_stored_and_shown(
+    dashboard: RunningProxy, servers: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fake_models import FakeModels
+
+    models = FakeModels()
+    models.url, _ = servers.serve(models.app)
+    monkeypatch.setenv("OPENAI_BASE_URL", models.url + "/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-models")
+    build_dataset(dashboard)
+    admin = sign_in(dashboard, ADMIN)
+    form = admin.get("/ui/evals/new").text
+    assert 'value="support@1"' in form
+    fields = {"csrf": csrf_of(form), "dataset": "support@1", "split": "train", "limit": "5"}
+    for extra, reason in (
+        ({"candidates": "", "grader": "exact"}, "at least one candidate"),
+        ({"candidates": "teacher@nowhere", "grader": "exact"}, "No endpoint &#39;nowhere&#39;"),
+        ({"candidates": "teacher"}, "at least one grader"),
+    ):
+        refused = admin.post("/ui/evals/new", data=fields | extra)
+        assert refused.status_code == 400 and reason in refused.text
+    started = admin.post(
+        "/ui/evals/new",
+        data=fields | {"candidates": "teacher\nweak", "grader": ["exact", "fuzzy_match"]},
+    )
+    assert started.status_code == 303
+    task, run_page = started.headers["location"], ""
+
+    def finished() -> bool:
+        nonlocal run_page
+        answer = admin.get(task)
+        assert "task-error" not in answer.text, answer.text
+        run_page = answer.headers.get("location", "")
+        return answer.status_code == 303
+
+    wait_for(finished, 60, "the eval run")
+    page = admin.get(run_page).text
+    rows = re.findall(r"<td>(teacher|weak)</td><td>(exact|fuzzy_match)</td>", page)
+    assert sorted(rows) == [
+        ("teacher", "exact"),
+        ("teacher", "fuzzy_match"),
+        ("weak", "exact"),
+        ("weak", "fuzzy_match"),
+    ]
+    assert "5 items from support@1 (train)" in page

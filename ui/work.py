@@ -6,21 +6,28 @@ tenant, so only an admin key (or the open single-user dashboard) sees them.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from distillery.curation.datasets.manifest import describe
-from distillery.curation.endpoints import Endpoint
+from distillery.curation.endpoints import Endpoint, configured
+from distillery.curation.evals import evaluate
+from distillery.curation.evals import items as eval_items
 from distillery.curation.evals.evaluate import result_rows, with_role
+from distillery.curation.evals.generate import Generator, parse_candidates
+from distillery.curation.evals.graders import BUILTIN, Context, load_all
 from distillery.curation.evals.report import bars, disagreements
 from distillery.curation.training import jobs
 from distillery.curation.training.backends import TERMINAL, BackendContext, JobEvent, open_backend
 from distillery.errors import DistilleryError
 from distillery.store import Store, datasets, evals, finetunes
-from distillery.store.records import DatasetVersionRecord, FineTuneJobRecord
-from distillery.ui.app import SESSION, SETTINGS, in_thread, render
+from distillery.store.records import DatasetVersionRecord, EvalRunRecord, FineTuneJobRecord
+from distillery.ui import tasks
+from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
+from distillery.ui.tasks import Task
 
 SPLITS = {"train.jsonl", "val.jsonl"}
 DISAGREEMENTS = 50  # items shown where the candidates disagree
@@ -35,6 +42,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/jobs/{id}", job_page, name="job")
     app.router.add_post("/jobs/{id}/refresh", job_refresh, name="job_refresh")
     app.router.add_get("/evals", eval_list, name="evals")
+    app.router.add_get("/evals/new", eval_form, name="eval_form")
+    app.router.add_post("/evals/new", eval_start, name="eval_start")
     app.router.add_get("/evals/{id}", eval_page, name="eval")
 
 
@@ -216,3 +225,84 @@ async def eval_page(request: web.Request) -> web.Response:
         disagreements=split[:DISAGREEMENTS],
         disagreeing=len(split),
     )
+
+
+# -- a new eval run -------------------------------------------------------------------
+
+
+async def eval_form(
+    request: web.Request, error: str | None = None, values: dict[str, str] | None = None
+) -> web.Response:
+    """Choose what to grade (a dataset version), the candidates (fine-tuned ones too: any
+    model at any configured endpoint) and the graders."""
+    _admin(request)
+    versions = await in_thread(request, datasets.list_latest)
+    jobs_ = await in_thread(request, lambda store: finetunes.list_jobs(store, 20))
+    tuned = [j["fine_tuned_model"] for j in jobs_ if j["fine_tuned_model"]]
+    return render(
+        request,
+        "eval_form.html",
+        status=400 if error else 200,
+        error=error,
+        versions=versions,
+        endpoints=sorted(request.app[SETTINGS].endpoints),
+        tuned=tuned,
+        graders=list(BUILTIN),
+        values=values or {"split": "val", "limit": "50", "graders": "exact"},
+    )
+
+
+async def eval_start(request: web.Request) -> web.StreamResponse:
+    """Everything checked first (source, candidates and their keys, graders), then the run
+    goes to the background; the task page opens the run when it is stored."""
+    _admin(request)
+    form = await request.post()
+    values = {k: str(v) for k, v in form.items() if k != "csrf"}
+    values["graders"] = " ".join(str(g) for g in form.getall("grader", []))
+    settings = request.app[SETTINGS]
+    try:
+        ref = values.get("dataset", "")
+        name, _, number = ref.partition("@")
+        version = await in_thread(
+            request, lambda store: datasets.get(store, name, int(number) if number else None)
+        )
+        if version is None:
+            raise DistilleryError(f"No dataset version {ref!r}.")
+        split = "train" if values.get("split") == "train" else "val"
+        specs = [line.strip() for line in values.get("candidates", "").splitlines() if line.strip()]
+        if not specs:
+            raise DistilleryError("Name at least one candidate, one MODEL[@ENDPOINT] per line.")
+        candidates = parse_candidates(specs, configured(settings), Endpoint.from_env("default"))
+        graders = load_all(values["graders"].split())
+        if not graders:
+            raise DistilleryError("Choose at least one grader.")
+        limit = int(values.get("limit") or 0) or None
+    except (DistilleryError, ValueError) as exc:
+        return await eval_form(request, str(exc), values)
+    store, prefix = request.app[STORE], url(request)
+
+    async def work(task: Task) -> None:
+        def run() -> EvalRunRecord:
+            items = eval_items.sample(eval_items.from_dataset(store, version, split), limit, 0)
+            if not items:
+                raise DistilleryError(f"Nothing to grade in {ref} ({split}).")
+            generator = Generator(store)
+            context = Context(generator, configured(settings), Endpoint.from_env("default"))
+            return evaluate.run(
+                store,
+                items,
+                candidates,
+                graders,
+                generator,
+                context,
+                config={
+                    "source": f"{version['name']}@{version['version']} ({split})",
+                    "limit": limit,
+                },
+                prices=dict(settings.prices),
+            )
+
+        result = await asyncio.to_thread(run)
+        task.done_url = f"{prefix}evals/{result['id']}"
+
+    raise tasks.start(request, f"Evaluating on {ref}", "grading", work)
