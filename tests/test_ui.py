@@ -645,6 +645,11 @@ def test_distill_builds_the_version_and_starts_the_job(
 
     wait_for(succeeded, 30, "the fine-tune to succeed")
     assert "ft:gpt-4.1-mini" in admin.get(job_page).text
+    done = admin.post(job_page + "/refresh", headers=headers).text
+    # The fake API's losses (steps 1 and 2: train 1.2 then 0.4, validation 1.3 then 0.5),
+    # drawn as two lines, and its checkpoints listed.
+    assert done.count("<polyline") == 2 and ">train_loss</text>" in done
+    assert ">valid_loss</text>" in done and 'id="checkpoints"' in done
 
 
 @pytest.mark.slow

@@ -41,3 +41,42 @@ def columns(points: Sequence[tuple[str, float, float]], unit: str, height: int =
             )
     parts.append("</svg>")
     return "".join(parts)
+
+
+PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+
+
+def lines(series: dict[str, list[tuple[float, float]]], width: int = 560, height: int = 220) -> str:
+    """One line per series (say train and validation loss over steps), with a legend."""
+    points = [p for values in series.values() for p in values]
+    if len(points) < 2:
+        return ""
+    left, right, top, bottom = 52, 130, 12, 28
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x0, x1 = min(xs), max(xs) or 1.0
+    y0, y1 = 0.0, max(ys) or 1.0
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def at(x: float, y: float) -> str:
+        px = left + (x - x0) / ((x1 - x0) or 1.0) * plot_w
+        py = top + plot_h - (y - y0) / ((y1 - y0) or 1.0) * plot_h
+        return f"{px:.1f},{py:.1f}"
+
+    parts = [
+        f'<svg width="{width}" height="{height}" role="img" aria-label="loss" class="lines">',
+        f'<text x="4" y="{top + 10}">{y1:.3g}</text><text x="4" y="{top + plot_h}">0</text>',
+        f'<text x="{left}" y="{height - 8}">{x0:g}</text>'
+        f'<text x="{left + plot_w - 20}" y="{height - 8}">{x1:g}</text>',
+    ]
+    for i, (name, values) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        path = " ".join(at(x, y) for x, y in sorted(values))
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        legend_y = top + 14 + 18 * i
+        parts.append(
+            f'<rect x="{width - right + 10}" y="{legend_y - 9}" width="10" height="10" '
+            f'fill="{colour}"/><text x="{width - right + 26}" y="{legend_y}">'
+            f"{html.escape(name)}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)

@@ -155,6 +155,8 @@ def _show_job(
         events=events,
         error=error,
         losses=_losses(events),
+        loss_chart=_loss_chart(events),
+        checkpoints=(job["metrics"] or {}).get("checkpoints") or [],
         active=job["status"] not in TERMINAL,
     )
 
@@ -182,6 +184,22 @@ async def job_refresh(request: web.Request) -> web.Response:
     except DistilleryError as exc:
         return _show_job(request, job, [], f"Could not refresh: {exc}")
     return _show_job(request, fresh, events, None)
+
+
+def _loss_chart(events: list[JobEvent]) -> str:
+    """Each loss the events report, over steps (or epochs when there are no steps)."""
+    from distillery.ui.charts import lines
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for event in events:
+        data = event["data"] or {}
+        x = data.get("step", data.get("epoch"))
+        if not isinstance(x, (int, float)):
+            continue
+        for key, value in data.items():
+            if "loss" in key and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((float(x), float(value)))
+    return lines(series)
 
 
 def _losses(events: list[JobEvent]) -> list[dict[str, Any]]:
