@@ -3,6 +3,7 @@ is test_ui_browser.py)."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -665,6 +666,12 @@ def test_distill_from_a_filter_in_a_real_browser(
     chrome.find_element(By.ID, "key").send_keys(ADMIN)
     chrome.find_element(By.ID, "sign-in").click()
     wait_until(chrome, lambda d: d.current_url.endswith("/ui/completions"), "the list")
+    chrome.get(dashboard.url + "/ui/?tag_key=app&since=400d")  # the by-tag panel loads itself
+    wait_until(chrome, lambda d: d.find_elements(By.ID, "by-tag-table"), "the by-tag panel")
+    values = [
+        td.text for td in chrome.find_elements(By.CSS_SELECTOR, "#by-tag-table td:first-child")
+    ]
+    assert sorted(values) == ["sales", "support"]
     chrome.get(dashboard.url + "/ui/completions?tag=app%3Dsupport")
     chrome.find_element(By.ID, "distill-link").click()
     wait_until(chrome, lambda d: d.find_elements(By.ID, "distill"), "the Distill dialog")
@@ -839,6 +846,14 @@ def test_the_overview_counts_costs_and_top_tasks_from_the_aggregates(
     totals = dict(re.findall(r"<span>([^<]+)</span><strong[^>]*>([^<]+)</strong>", whole))
     assert totals["Calls"] == "5" and totals["Cost"] == "—"  # bob's fine-tune has no price
     assert admin.get("/ui/?since=yesterday-ish").status_code == 400
+    # Any tag, on demand: exact counts from the calls, scoped like everything else.
+    assert 'hx-get="/ui/by-tag?tag_key=app&amp;since=7d"' in admin.get("/ui/?tag_key=app").text
+    fragment = alice.get("/ui/by-tag", params={"tag_key": "app"}).text
+    counted = re.findall(r"<tr><td>([^<]+)</td><td class=\"num\">(\d+)</td>", fragment)
+    assert sorted((html.unescape(k), n) for k, n in counted) == sorted(
+        [("support", "3"), (XSS, "1")]
+    )
+    assert "<script>window" not in fragment
 
 
 def test_an_eval_started_from_the_dashboard_is_stored_and_shown(

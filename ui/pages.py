@@ -39,6 +39,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/sign-in", sign_in, name="sign_in_post")
     app.router.add_post("/sign-out", sign_out, name="sign_out")
     app.router.add_get("/", home, name="home")
+    app.router.add_get("/by-tag", by_tag, name="by_tag")
     app.router.add_get("/completions", completions, name="completions")
     app.router.add_get("/completions/{id}", completion, name="completion")
     app.router.add_post("/completions/{id}/tags", edit_tags, name="edit_tags")
@@ -138,6 +139,7 @@ async def home(request: web.Request) -> web.Response:
     return render(
         request,
         "overview.html",
+        tag_key=request.query.get("tag_key", ""),
         since=since_text,
         start=overview.day_of(since),
         total=total,
@@ -145,6 +147,24 @@ async def home(request: web.Request) -> web.Response:
         prices_as_of=PRICES_AS_OF,
         **found,
     )
+
+
+async def by_tag(request: web.Request) -> web.Response:
+    """Calls per value of any tag over the window: exact, from the calls themselves (the
+    aggregates know only the app tag), so the overview loads it apart, on demand."""
+    from distillery.store.stats import group_stats
+
+    key = request.query.get("tag_key", "").strip()
+    if not key:
+        raise web.HTTPBadRequest(text="Name a tag key, e.g. env.")
+    try:
+        filters = query.parse_filters(
+            since=request.query.get("since") or "7d", tenants=request[SESSION].tenants
+        )
+    except DistilleryError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    rows = await in_thread(request, lambda store: group_stats(store, filters, f"tag:{key}"))
+    return render(request, "_by_tag.html", key=key, rows=rows)
 
 
 # -- completions ----------------------------------------------------------------------
