@@ -217,10 +217,11 @@ class EndpointSettings(_Section):
 
 
 class Price(_Section):
-    """USD per million tokens."""
+    """USD per million tokens: answered (input, output) and, for fine-tuning, trained."""
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
+    training: float | None = Field(None, ge=0)
 
 
 class Settings(_Section):

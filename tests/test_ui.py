@@ -678,6 +678,8 @@ def test_distill_from_a_filter_in_a_real_browser(
     assert "57 calls match" in chrome.find_element(By.ID, "selection").text
     chrome.find_element(By.ID, "name").send_keys("support")
     chrome.find_element(By.ID, "base-model").send_keys("gpt-4.1-mini")
+    chrome.find_element(By.ID, "estimate-button").click()  # htmx, under the CSP
+    wait_until(chrome, lambda d: d.find_elements(By.ID, "price"), "the estimate")
     chrome.save_screenshot(str(shots / "distill.png"))
     chrome.find_element(By.ID, "run").click()
     wait_until(chrome, lambda d: "/ui/jobs/ftjob_" in d.current_url, "the job page")
@@ -901,3 +903,32 @@ def test_an_eval_started_from_the_dashboard_is_stored_and_shown(
         ("weak", "fuzzy_match"),
     ]
     assert "5 items from support@1 (train)" in page
+
+
+def test_the_distill_estimate_prices_the_training_tokens(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}, dashboard=True)
+    store = open_store(proxy.settings.storage.resolved_database_url())
+    store.insert(
+        [
+            capture_record(f"cap_{n:028d}", total_tokens=1000, metadata={"app": "x"})
+            for n in range(12)
+        ]
+    )
+    store.close()
+    admin = sign_in(proxy, ADMIN)
+    headers = {"X-CSRF-Token": csrf_of(admin.get("/ui/distill?tag=app%3Dx").text)}
+
+    def estimate(**fields: str) -> str:
+        answer = admin.post("/ui/distill/estimate?tag=app%3Dx", data=fields, headers=headers)
+        assert answer.status_code == 200, answer.text
+        return " ".join(answer.text.split())
+
+    priced = estimate(backend="openai", base_model="gpt-4o-mini", epochs="2")
+    # 12 calls x 1,000 tokens x 2 epochs at gpt-4o-mini's $3.00 per million trained tokens.
+    assert "About <strong>24,000</strong> training tokens" in priced
+    assert '<strong id="price">$0.07</strong>' in priced
+    unpriced = estimate(backend="openai", base_model="my-model")
+    assert '<strong id="price">—</strong>' in unpriced and "36,000" in unpriced  # 3 epochs
+    assert "no API price" in estimate(backend="local", base_model="./student")

@@ -40,6 +40,8 @@ from distillery.curation.training.backends import (
 from distillery.curation.training.jobs import start_job
 from distillery.curation.training.openai_api import MIN_EXAMPLES
 from distillery.errors import DistilleryError
+from distillery.prices import AS_OF as PRICES_AS_OF
+from distillery.prices import training_cost
 from distillery.store import query
 from distillery.ui import tasks
 from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
@@ -52,6 +54,7 @@ POOL = web.AppKey("distill_pool", concurrent.futures.ProcessPoolExecutor)
 def setup(app: web.Application) -> None:
     app.router.add_get("/distill", dialog, name="distill")
     app.router.add_post("/distill", run, name="distill_run")
+    app.router.add_post("/distill/estimate", estimate, name="distill_estimate")
     app.cleanup_ctx.append(_pool)
 
 
@@ -123,6 +126,36 @@ async def dialog(request: web.Request, error: str | None = None, form: Any = Non
         values=values,
         backends=names(),
         min_examples=MIN_EXAMPLES,
+    )
+
+
+async def estimate(request: web.Request) -> web.Response:
+    """What the dialog's settings would cost: the selection's tokens as the upstream counted
+    them, times the epochs, at the base model's training price (when it has one)."""
+    _admin(request)
+    form = await request.post()
+    found = await _estimate(request, _filters(request))
+    try:
+        epochs = _number(form, "epochs", int, 1)
+    except DistilleryError:
+        epochs = None
+    base_model = str(form.get("base_model") or "").strip()
+    trained = found.tokens * (epochs or 3)
+    price = (
+        training_cost(base_model, trained, request.app[SETTINGS].prices)
+        if base_model and form.get("backend") == "openai"
+        else None
+    )
+    return render(
+        request,
+        "_estimate.html",
+        estimate=found,
+        epochs=epochs,
+        trained=trained,
+        price=price,
+        base_model=base_model,
+        backend=str(form.get("backend") or ""),
+        prices_as_of=PRICES_AS_OF,
     )
 
 
