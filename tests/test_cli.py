@@ -181,3 +181,17 @@ def test_the_proxy_refuses_to_start_with_an_unset_key_variable(tmp_path: Path) -
     result = CliRunner().invoke(cli, ["proxy", "-c", str(config)])
     assert result.exit_code == 1
     assert "$DISTILLERY_TEST_UNSET, which is not set" in result.output
+
+
+def test_the_readmes_configuration_example_is_valid() -> None:
+    """Every setting the README shows loads: the example cannot drift from the code."""
+    import tomllib
+
+    from distillery.config import Settings
+
+    from helpers import readme_code
+
+    [example] = readme_code("Configuration", "toml")
+    settings = Settings.model_validate(tomllib.loads(example))
+    assert settings.ui.enabled and not settings.ui.open
+    assert settings.prices["my-model"].training == 3.0
