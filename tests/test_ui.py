@@ -932,3 +932,31 @@ def test_the_distill_estimate_prices_the_training_tokens(
     unpriced = estimate(backend="openai", base_model="my-model")
     assert '<strong id="price">—</strong>' in unpriced and "36,000" in unpriced  # 3 epochs
     assert "no API price" in estimate(backend="local", base_model="./student")
+
+
+def test_a_task_is_followed_from_another_worker(
+    dashboard: RunningProxy,
+    start_proxy: Callable[..., RunningProxy],
+    fine_tuning_api: FakeFineTuning,
+) -> None:
+    """Two workers of one proxy share the data dir: the task one starts, the other follows
+    (a reload can land on either)."""
+    other = start_proxy(
+        {"auth": {"admin_keys": [key_fingerprint(ADMIN)]}},
+        database_url=dashboard.settings.storage.resolved_database_url(),
+        dashboard=True,
+    )
+    admin = sign_in(dashboard, ADMIN)
+    started = distill_form(admin, "tag=app%3Dsupport", name="support", base_model="gpt-4.1-mini")
+    assert started.status_code == 303
+    follower = browser(other)
+    follower.cookies.update(admin.cookies)  # the same signed session: one secret, one data dir
+
+    def handed_over() -> bool:
+        answer = follower.get(started.headers["location"])
+        assert answer.status_code in (200, 303), answer.text
+        return answer.status_code == 303 and "/ui/jobs/ftjob_" in answer.headers["location"]
+
+    wait_for(handed_over, 60, "the other worker to see the job")
+    assert follower.get("/ui/tasks/0123456789abcdef").status_code == 404
+    assert follower.get("/ui/tasks/..%2F..%2Fsecret").status_code == 404
