@@ -148,7 +148,11 @@ def run(directory: Path) -> int:
         )
         callbacks: list[Any] = [Report()]
         if settings["early_stopping"]:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings["patience"]))
+            callbacks.append(
+                _not_before(EarlyStoppingCallback, settings.get("min_epochs") or 0)(
+                    early_stopping_patience=settings["patience"]
+                )
+            )
         peft_config = None
         if settings["method"] == "lora":
             from peft import LoraConfig
@@ -213,6 +217,18 @@ def run(directory: Path) -> int:
         return 1
     finally:
         events.close()
+
+
+def _not_before(early_stopping: Any, min_epochs: float) -> Any:
+    """The early-stopping callback, kept from stopping a run before ``min_epochs``."""
+
+    class NotBefore(early_stopping):  # type: ignore[misc,valid-type]
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            super().on_evaluate(args, state, control, **kwargs)
+            if (state.epoch or 0) < min_epochs - 1e-6:
+                control.should_training_stop = False
+
+    return NotBefore
 
 
 def choose_settings(
