@@ -20,6 +20,17 @@ def message_text(message: Mapping[str, Any]) -> str:
     return ""
 
 
+def system_prompt(request: Mapping[str, Any] | None) -> str:
+    """The text of a request's system (or developer) messages, whitespace collapsed."""
+    messages = (request or {}).get("messages")
+    texts = [
+        message_text(m)
+        for m in (messages if isinstance(messages, list) else [])
+        if isinstance(m, dict) and m.get("role") in ("system", "developer")
+    ]
+    return " ".join(" ".join(texts).split())
+
+
 def output_messages(response: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The assistant message of every choice in a (reassembled) chat.completion."""
     if not isinstance(response, Mapping):

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from distillery.config import Price
 from distillery.prices import cost
+from distillery.shapes import system_prompt
 from distillery.store.db import COMPLETIONS, Store
 from distillery.store.rollups import APPS, HISTOGRAM, TASKS, percentile
 
@@ -31,6 +32,18 @@ class Group:
     completion_tokens: int = 0
     histogram: list[int] = field(default_factory=lambda: [0] * len(HISTOGRAM))
     cost_usd: float | None = 0.0
+
+    def add(self, other: Group) -> None:
+        """Count ``other`` in; an unknown cost on either side makes the sum unknown."""
+        self.calls += other.calls
+        self.errors += other.errors
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
+        if self.cost_usd is None or other.cost_usd is None:
+            self.cost_usd = None
+        else:
+            self.cost_usd += other.cost_usd
 
     @property
     def p50_ms(self) -> float | None:
@@ -79,15 +92,16 @@ def groups(
             name, model, calls, errors, prompt, completion, *histogram = row
             if by == "day":
                 name = _utc(name)
-            group = found.setdefault(name, Group(name))
-            group.calls += int(calls)
-            group.errors += int(errors)
-            group.prompt_tokens += int(prompt)
-            group.completion_tokens += int(completion)
-            group.histogram = [a + int(b) for a, b in zip(group.histogram, histogram, strict=True)]
-            spent = cost(model, int(prompt), int(completion), prices or {})
-            group.cost_usd = (
-                None if spent is None or group.cost_usd is None else group.cost_usd + spent
+            found.setdefault(name, Group(name)).add(
+                Group(
+                    name,
+                    int(calls),
+                    int(errors),
+                    int(prompt),
+                    int(completion),
+                    [int(count) for count in histogram],
+                    cost(model, int(prompt), int(completion), prices or {}),
+                )
             )
     if by == "day":
         return sorted(found.values(), key=lambda g: g.name)
@@ -104,8 +118,6 @@ def system_prompts(store: Store, fingerprints: list[str]) -> dict[str, str]:
 
     No ORDER BY: "the newest" would sort every call of the template (20,000 of them
     for a busy one); the fingerprint index hands back one at once."""
-    from distillery.shapes import message_text
-
     found: dict[str, str] = {}
     with store.engine.connect() as conn:
         for fingerprint in fingerprints:
@@ -114,13 +126,7 @@ def system_prompts(store: Store, fingerprints: list[str]) -> dict[str, str]:
                 .where(COMPLETIONS.c.prompt_fingerprint == fingerprint)
                 .limit(1)
             ).first()
-            messages = (row[0] or {}).get("messages") if row else None
-            system = [
-                message_text(m)
-                for m in messages or []
-                if isinstance(m, dict) and m.get("role") in ("system", "developer")
-            ]
-            found[fingerprint] = " ".join(" ".join(system).split())
+            found[fingerprint] = system_prompt(row[0] if row else None)
     return found
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from distillery.shapes import message_text
+from distillery.shapes import system_prompt
 from distillery.store.db import COMPLETIONS, TAGS, Store
 from distillery.store.query import Filters, QueryError, select_completions
 
@@ -128,21 +128,12 @@ def top_fingerprints(store: Store, filters: Filters, limit: int = 10) -> list[di
         )
     result = []
     for fingerprint, calls, latest in rows:
-        messages = (examples.get(latest) or {}).get("messages") or []
-        system = next(
-            (
-                message_text(m)
-                for m in messages
-                if isinstance(m, dict) and m.get("role") in ("system", "developer")
-            ),
-            "",
-        )
         result.append(
             {
                 "fingerprint": fingerprint,
                 "calls": calls,
                 "share": f"{calls / total:.0%}" if total else "",
-                "example": " ".join(system.split()),
+                "example": system_prompt(examples.get(latest)),
             }
         )
     return result

@@ -45,7 +45,7 @@ from distillery.prices import training_cost
 from distillery.store import query
 from distillery.ui import tasks
 from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
-from distillery.ui.pages import FILTER_FIELDS, _filters
+from distillery.ui.pages import FILTER_FIELDS, page_filters
 from distillery.ui.tasks import Task
 
 POOL = web.AppKey("distill_pool", concurrent.futures.ProcessPoolExecutor)
@@ -109,7 +109,7 @@ def _values(source: Any) -> dict[str, str]:
 async def dialog(request: web.Request, error: str | None = None, form: Any = None) -> web.Response:
     _admin(request)
     try:
-        filters = _filters(request)
+        filters = page_filters(request)
     except DistilleryError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     estimate = await _estimate(request, filters)
@@ -134,7 +134,7 @@ async def estimate(request: web.Request) -> web.Response:
     them, times the epochs, at the base model's training price (when it has one)."""
     _admin(request)
     form = await request.post()
-    found = await _estimate(request, _filters(request))
+    found = await _estimate(request, page_filters(request))
     try:
         epochs = _number(form, "epochs", int, 1)
     except DistilleryError:
@@ -176,7 +176,7 @@ async def run(request: web.Request) -> web.StreamResponse:
     """Check everything the backend would refuse, then build and start in the background."""
     _admin(request)
     form = await request.post()
-    filters = _filters(request)
+    filters = page_filters(request)
     settings = request.app[SETTINGS]
     try:
         name = str(form.get("name") or "").strip()

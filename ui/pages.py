@@ -124,15 +124,7 @@ async def home(request: web.Request) -> web.Response:
     models = found["models"]
     total = overview.Group("all")
     for group in models:
-        total.calls += group.calls
-        total.errors += group.errors
-        total.prompt_tokens += group.prompt_tokens
-        total.completion_tokens += group.completion_tokens
-        total.histogram = [a + b for a, b in zip(total.histogram, group.histogram, strict=True)]
-        if group.cost_usd is None or total.cost_usd is None:
-            total.cost_usd = None
-        else:
-            total.cost_usd += group.cost_usd
+        total.add(group)
     chart = charts.columns(
         [(g.name.strftime("%m-%d"), g.calls, g.errors) for g in found["series"]], "calls"
     )
@@ -176,7 +168,7 @@ class Listing:
     next_cursor: str | None
 
 
-def _filters(request: web.Request) -> query.Filters:
+def page_filters(request: web.Request) -> query.Filters:
     """The page's filters from its URL, scoped to what the session may see."""
     q = request.query
     stream = {"yes": True, "no": False}.get(q.get("stream", ""))
@@ -197,7 +189,7 @@ async def completions(request: web.Request) -> web.Response:
     error = None
     listing = Listing([], None)
     try:
-        filters = _filters(request)
+        filters = page_filters(request)
     except DistilleryError as exc:
         error = str(exc)
     else:
@@ -294,7 +286,7 @@ async def bulk(request: web.Request) -> web.StreamResponse:
         filters = (
             query.Filters(ids=tuple(selected), tenants=tenants)
             if scope == "selected"
-            else _filters(request)
+            else page_filters(request)
         )
         tags = dict(query.parse_tag(t) for t in str(form.get("tags") or "").split() if t)
         keys = [k for k in str(form.get("keys") or "").split() if k]
