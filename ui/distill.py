@@ -203,13 +203,14 @@ async def run(request: web.Request) -> web.StreamResponse:
         context = BackendContext(
             settings.storage.resolved_data_dir(), Endpoint.from_env("fine-tuning")
         )
-        backend = await in_thread(request, lambda _: open_backend(backend_name, context))
         estimate = await _estimate(request, filters)
         if backend_name == "openai" and estimate.calls < MIN_EXAMPLES:
             raise DistilleryError(
                 f"The filter selects {estimate.calls} calls; OpenAI's fine-tuning API needs at "
                 f"least {MIN_EXAMPLES} examples. Widen the filter or capture more calls."
             )
+        # Last: once open, the backend is the task's to close.
+        backend = await in_thread(request, lambda _: open_backend(backend_name, context))
     except DistilleryError as exc:
         return await dialog(request, str(exc), form)
     options = BuildOptions(
