@@ -237,30 +237,58 @@ def _message(message: dict[str, Any], text: str) -> Iterator[str]:
     metavar="model|day|fingerprint|tag:KEY",
     help="What to group by.",
 )
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Scan the calls for exact latency percentiles instead of reading the aggregates.",
+)
 @output_options
 @fail_on_errors
 def stats(
-    config: Path | None, database_url: str | None, group_by: str, fmt: str, **filters: Any
+    config: Path | None,
+    database_url: str | None,
+    group_by: str,
+    exact: bool,
+    fmt: str,
+    **filters: Any,
 ) -> None:
     """Counts, tokens, latency percentiles and error rate, grouped.
 
     The table also lists the most frequent prompt fingerprints: the tasks in
     your traffic, found without anyone tagging them.
 
+    Filtered by time, --tenant and --tag app=..., and grouped by model, day,
+    fingerprint or tag:app, the numbers come from the daily aggregates the
+    store keeps (fast on millions of calls): the latency percentiles are then
+    the bucket edge each lies under (p50_under_ms). --exact, or any other
+    filter, scans the calls and gives exact percentiles (p50_ms).
+
     \b
     Example:
         distillery completions stats --by tag:app --since 30d
     """
-    from distillery.store.stats import STAT_COLUMNS, group_stats, top_fingerprints
+    from distillery.store import stats as compute
 
     store = open_cli_store(config, database_url)
     selected = build_filters(**filters)
-    rows = group_stats(store, selected, group_by)
-    write_rows(rows, fmt, STAT_COLUMNS, empty="No completions match.")
+    if not exact and compute.aggregated(selected, group_by):
+        rows = compute.aggregate_stats(store, selected, group_by)
+        columns = compute.AGGREGATE_COLUMNS
+    else:
+        rows, columns = compute.group_stats(store, selected, group_by), compute.STAT_COLUMNS
+    write_rows(rows, fmt, columns, empty="No completions match.")
     if fmt == "table" and group_by != "fingerprint" and rows:
         click.echo("\nTop prompt fingerprints (calls sharing a system prompt or tool set):")
         write_rows(
-            top_fingerprints(store, selected), fmt, ("fingerprint", "calls", "share", "example")
+            compute.top_fingerprints(store, selected, exact=exact),
+            fmt,
+            ("fingerprint", "calls", "share", "example"),
+        )
+    if fmt == "table" and columns is compute.AGGREGATE_COLUMNS and rows:
+        click.echo(
+            "\nLatency: the edge of the histogram bucket each percentile lies under; "
+            "--exact scans the calls for exact values.",
+            err=True,
         )
 
 

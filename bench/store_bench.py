@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from distillery.store import open_store
-from distillery.store.query import Filters, count, find
-from distillery.store.stats import group_stats
+from distillery.store.query import Filters, count, find, parse_filters
+from distillery.store.stats import aggregate_stats, group_stats
 
 WORDS = tuple(
     "refund order invoice shipping delay account password reset billing card charge "
@@ -146,6 +146,7 @@ def main() -> None:
     common = Filters(tags=(("app", "app-1"),))
     rare = Filters(tags=(("quality", "approved"),))
     api = Filters(tags=(("app", "app-1"),), tenants=(TENANTS[2],), completions_only=True)
+    week = parse_filters(since="7d")  # starts within a day: whole days plus a scanned part
     rows = [
         ("list --tag app=app-1 -n 20 (query)", *timed(lambda: find(store, common, limit=20))),
         (
@@ -177,8 +178,16 @@ def main() -> None:
             *timed(lambda: count(store, Filters(tags=(("env", "staging"),))), runs=3),
         ),
         (
-            "stats --by model (query)",
+            "stats --by model --exact (scan)",
             *timed(lambda: group_stats(store, Filters(), "model"), runs=3),
+        ),
+        (
+            "stats --by model (aggregates)",
+            *timed(lambda: aggregate_stats(store, Filters(), "model"), runs=3),
+        ),
+        (
+            "stats --by tag:app --since 7d (aggregates)",
+            *timed(lambda: aggregate_stats(store, week, "tag:app"), runs=3),
         ),
         (
             "CLI: distillery --help",
@@ -193,6 +202,7 @@ def main() -> None:
             "CLI: completions --tag app=app-1 -n 20",
             *timed(cli(url, "--tag", "app=app-1", "-n", "20"), runs=3),
         ),
+        ("CLI: completions stats --exact", *timed(cli(url, "stats", "--exact"), runs=3)),
         ("CLI: completions stats", *timed(cli(url, "stats"), runs=3)),
     ]
     total = store.count()

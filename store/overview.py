@@ -17,7 +17,9 @@ import sqlalchemy as sa
 from distillery.config import Price
 from distillery.prices import cost
 from distillery.shapes import system_prompt
+from distillery.store import rollups
 from distillery.store.db import COMPLETIONS, Store
+from distillery.store.query import Filters, select_completions
 from distillery.store.rollups import APPS, HISTOGRAM, TASKS, percentile
 
 By = Literal["model", "app", "fingerprint", "day"]
@@ -66,9 +68,12 @@ def groups(
     since: datetime | None = None,
     until: datetime | None = None,
     prices: Mapping[str, Price] | None = None,
+    app: str | None = None,
 ) -> list[Group]:
-    """Totals per ``by`` value over the whole days from ``since``, largest first (``day``:
-    in time order)."""
+    """Totals per ``by`` value over the whole days from ``since`` (of the calls tagged
+    ``app=APP``, when given), largest first (``day``: in time order)."""
+    if app is not None and by == "fingerprint":
+        raise ValueError("the prompt fingerprints' aggregates do not know the app tag")
     R = (TASKS if by == "fingerprint" else APPS).c
     column = R[by]
     query = sa.select(
@@ -86,6 +91,8 @@ def groups(
         query = query.where(R.day >= day_of(since))
     if until is not None:
         query = query.where(R.day < until)
+    if app is not None:
+        query = query.where(R.app == app)
     found: dict[Any, Group] = {}
     with store.engine.connect() as conn:
         for row in conn.execute(query):
@@ -103,6 +110,38 @@ def groups(
                     cost(model, int(prompt), int(completion), prices or {}),
                 )
             )
+    return ordered(found, by)
+
+
+def scanned(
+    store: Store, by: By, filters: Filters, prices: Mapping[str, Price] | None = None
+) -> list[Group]:
+    """The same groups, counted from the calls themselves: for the part of a day that the
+    daily aggregates cannot cut out (a range starting or ending within a day)."""
+    columns = [COMPLETIONS.c[name] for name in rollups.COLUMNS]
+    query = select_completions(store, filters, columns=columns).order_by(None)
+    found: dict[Any, Group] = {}
+    with store.engine.connect() as conn:
+        rows = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+        for row in rows:
+            call = rollups.Call.of(row._mapping)
+            name = getattr(call, by)
+            one = Group(
+                name,
+                1,
+                int(call.error),
+                call.prompt_tokens,
+                call.completion_tokens,
+                [0] * len(HISTOGRAM),
+                cost(call.model, call.prompt_tokens, call.completion_tokens, prices or {}),
+            )
+            one.histogram[rollups.bucket(call.latency_ms)] = 1
+            found.setdefault(name, Group(name)).add(one)
+    return ordered(found, by)
+
+
+def ordered(found: Mapping[Any, Group], by: By) -> list[Group]:
+    """Largest first (``day``: in time order)."""
     if by == "day":
         return sorted(found.values(), key=lambda g: g.name)
     return sorted(found.values(), key=lambda g: (-g.calls, str(g.name)))

@@ -123,8 +123,13 @@ def group(calls: Iterable[Call], sign: int = 1) -> Rows:
             row["prompt_tokens"] += sign * call.prompt_tokens
             row["completion_tokens"] += sign * call.completion_tokens
             row["latency_ms_sum"] += sign * call.latency_ms
-            row[HISTOGRAM[bisect.bisect_right(EDGES, call.latency_ms)]] += sign
+            row[HISTOGRAM[bucket(call.latency_ms)]] += sign
     return rows
+
+
+def bucket(latency_ms: float) -> int:
+    """The histogram bucket a latency falls in."""
+    return bisect.bisect_right(EDGES, latency_ms)
 
 
 def apply(conn: Connection, rows: Rows) -> None:
@@ -155,13 +160,16 @@ def stored_calls(conn: Connection, completions: sa.Table, ids: Sequence[str]) ->
 
 
 def percentile(histogram: Sequence[int], q: float) -> float | None:
-    """The edge the ``q`` quantile lies below (``None``: no calls, or past the last edge)."""
+    """The edge the ``q`` quantile lies below (``None``: no calls, or past the last edge).
+
+    The quantile is the call at rank ``round(q * (calls - 1))``, as ``completions stats
+    --exact`` takes it, so the exact value always lies in the bucket this bounds."""
     total = sum(histogram)
     if not total:
         return None
-    rank, seen = q * total, 0
+    rank, seen = round(q * (total - 1)), 0
     for index, count in enumerate(histogram):
         seen += count
-        if seen >= rank:
+        if seen > rank:
             return float(EDGES[index]) if index < len(EDGES) else None
     return None

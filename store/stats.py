@@ -1,21 +1,30 @@
-"""Aggregates over captured calls: counts, tokens, latency percentiles, error rate.
+"""``completions stats``: counts, tokens, latency percentiles and error rate, grouped.
 
-Counts and sums are computed by the database.  Percentiles come from the
-latencies themselves, sorted per group in Python: Postgres could do it with
-``percentile_cont`` but SQLite cannot, and one code path keeps the numbers
-identical on both (a million latencies sort in well under a second).
+Two ways to the same counts.  Where the filters are ones the daily aggregates
+keep (a time range, tenants, an ``app`` tag; grouped by model, day, prompt
+fingerprint or ``tag:app``), they answer: whole days from the aggregates
+(``rollups.py``), and the part of a day a range starts or ends within from the
+calls themselves, so counts are exact for any range.  Their latency percentiles
+are bounds, the histogram edge each lies under (``p50_under_ms``).  Any other
+filter, or ``exact=True``, scans the calls: exact percentiles (``p50_ms``), sorted
+per group in Python (Postgres has ``percentile_cont``, SQLite nothing; one path
+keeps the numbers identical on both), at the cost of reading every matching call.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from distillery.shapes import system_prompt
+from distillery.store import overview
 from distillery.store.db import COMPLETIONS, TAGS, Store
 from distillery.store.query import Filters, QueryError, select_completions
+from distillery.store.rollups import APP_TAG, percentile
 
 C = COMPLETIONS.c
 STAT_COLUMNS = (
@@ -31,10 +40,97 @@ STAT_COLUMNS = (
 )
 
 
+AGGREGATE_COLUMNS = (
+    "group",
+    "calls",
+    "errors",
+    "error_rate",
+    "prompt_tokens",
+    "completion_tokens",
+    "p50_under_ms",
+    "p95_under_ms",
+    "p99_under_ms",
+)
+# --by as the aggregates' key
+AGGREGATED: dict[str, overview.By] = {
+    "model": "model",
+    "day": "day",
+    "fingerprint": "fingerprint",
+    f"tag:{APP_TAG}": "app",
+}
+
+
+def aggregated(filters: Filters, by: str) -> bool:
+    """Whether the daily aggregates answer ``filters`` grouped ``by``."""
+    narrowed = replace(filters, since=None, until=None, tenants=None, tags=())
+    if narrowed != Filters() or by not in AGGREGATED:
+        return False
+    if not filters.tags:
+        return True
+    (key, _), *more = filters.tags
+    # The fingerprints' aggregates have no app: calls of one app per fingerprint need a scan.
+    return not more and key == APP_TAG and by != "fingerprint"
+
+
+def aggregate_stats(store: Store, filters: Filters, by: str) -> list[dict[str, Any]]:
+    """The stats from the aggregates, for filters that ``aggregated`` accepts."""
+    if not aggregated(filters, by):
+        raise ValueError(f"the aggregates cannot answer {filters} by {by}")
+    key = AGGREGATED[by]
+    found: dict[Any, overview.Group] = {}
+    for part in _parts(store, filters, key):
+        for group in part:
+            found.setdefault(group.name, overview.Group(group.name)).add(group)
+    rows = []
+    for group in overview.ordered(found, key):
+        name = group.name.strftime("%Y-%m-%d") if key == "day" else group.name
+        rows.append(
+            {
+                "group": name or "(none)",
+                "calls": group.calls,
+                "errors": group.errors,
+                "error_rate": round(group.errors / group.calls, 4),
+                "prompt_tokens": group.prompt_tokens,
+                "completion_tokens": group.completion_tokens,
+                "p50_under_ms": group.p50_ms,
+                "p95_under_ms": group.p95_ms,
+                "p99_under_ms": percentile(group.histogram, 0.99),
+            }
+        )
+    return rows
+
+
+def _parts(store: Store, filters: Filters, key: overview.By) -> list[list[overview.Group]]:
+    """The range cut into whole days (aggregates) and the part of a day at either end (scans)."""
+    since, until = filters.since, filters.until
+    first = _next_midnight(since) if since is not None else None
+    last = overview.day_of(until) if until is not None else None
+    app = filters.tags[0][1] if filters.tags else None
+    parts = []
+    if first is not None and last is not None and last < first:
+        # within one day
+        return [overview.scanned(store, key, filters)]
+    if first is None or last is None or first < last:
+        parts.append(
+            overview.groups(store, key, tenants=filters.tenants, since=first, until=last, app=app)
+        )
+    if since is not None and first is not None and since < first:
+        parts.append(overview.scanned(store, key, replace(filters, until=first)))
+    if until is not None and last is not None and last < until:
+        parts.append(overview.scanned(store, key, replace(filters, since=last)))
+    return parts
+
+
+def _next_midnight(moment: datetime) -> datetime:
+    """``moment`` itself if it is a UTC midnight, else the next one."""
+    day = overview.day_of(moment)
+    return day if day == moment else day + timedelta(days=1)
+
+
 def _group_expression(store: Store, by: str) -> tuple[Any, Any]:
     """(expression, extra join) for ``--by``."""
-    if by == "model":
-        return C.model_requested, None
+    if by == "model":  # the model that answered, as the aggregates count it
+        return sa.func.coalesce(C.model_served, C.model_requested), None
     if by == "fingerprint":
         return C.prompt_fingerprint, None
     if by == "day":
@@ -97,11 +193,31 @@ def group_stats(store: Store, filters: Filters, by: str) -> list[dict[str, Any]]
         row["p99_ms"] = _percentile(ordered, 0.99)
         if row["group"] is None:
             row["group"] = "(none)"
+    # As the aggregates order them: days in time order, else the most calls first.
+    rows.sort(key=lambda r: r["group"] if by == "day" else (-r["calls"], str(r["group"])))
     return [{column: row[column] for column in STAT_COLUMNS} for row in rows]
 
 
-def top_fingerprints(store: Store, filters: Filters, limit: int = 10) -> list[dict[str, Any]]:
+def top_fingerprints(
+    store: Store, filters: Filters, limit: int = 10, exact: bool = False
+) -> list[dict[str, Any]]:
     """The most frequent prompt fingerprints, each with its system prompt as an example."""
+    if not exact and aggregated(filters, "fingerprint"):
+        groups = [
+            g for g in aggregate_stats(store, filters, "fingerprint") if g["group"] != "(none)"
+        ]
+        total = sum(g["calls"] for g in aggregate_stats(store, filters, "day"))
+        top = groups[:limit]
+        prompts = overview.system_prompts(store, [g["group"] for g in top])
+        return [
+            {
+                "fingerprint": g["group"],
+                "calls": g["calls"],
+                "share": f"{g['calls'] / total:.0%}",
+                "example": prompts[g["group"]],
+            }
+            for g in top
+        ]
     inner = (
         select_completions(store, filters, columns=[C.id, C.prompt_fingerprint])
         .order_by(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -233,10 +234,10 @@ def test_show_reads_a_call_whole(db: str) -> None:
 
 
 def test_stats_groups_and_finds_the_tasks(db: str) -> None:
-    rows = json.loads(ok(db, "stats", "--json"))
+    rows = json.loads(ok(db, "stats", "--exact", "--json"))
     assert rows == [
         {
-            "group": "gpt-4o",
+            "group": "gpt-4o-2024-08-06",
             "calls": 3,
             "errors": 1,
             "error_rate": 0.3333,
@@ -247,7 +248,7 @@ def test_stats_groups_and_finds_the_tasks(db: str) -> None:
             "p99_ms": 300.0,
         },
         {
-            "group": "gpt-4o-mini",
+            "group": "gpt-4o-mini-2024-08-06",
             "calls": 2,
             "errors": 0,
             "error_rate": 0.0,
@@ -258,15 +259,96 @@ def test_stats_groups_and_finds_the_tasks(db: str) -> None:
             "p99_ms": 75.0,
         },
     ]
+    # Without --exact the aggregates answer: the same counts, each percentile as the edge of
+    # the latency bucket it lies in (100, 200, 300 ms: the median lies in [200, 400)).
+    assert json.loads(ok(db, "stats", "--json")) == [
+        {
+            **{k: v for k, v in rows[0].items() if not k.endswith("_ms")},
+            "p50_under_ms": 400.0,
+            "p95_under_ms": 400.0,
+            "p99_under_ms": 400.0,
+        },
+        {
+            **{k: v for k, v in rows[1].items() if not k.endswith("_ms")},
+            "p50_under_ms": 100.0,
+            "p95_under_ms": 100.0,
+            "p99_under_ms": 100.0,
+        },
+    ]
     by_env = {
         r["group"]: r["calls"] for r in json.loads(ok(db, "stats", "--by", "tag:env", "--json"))
     }
     assert by_env == {"prod": 3, "staging": 1, "(none)": 1}
     by_day = json.loads(ok(db, "stats", "--by", "day", "--json"))
     assert [(r["group"], r["calls"]) for r in by_day] == [("2026-11-20", 5)]
-    table = ok(db, "stats", "--tag", "app=sql")
+    table = ok(db, "stats")  # the tasks from the aggregates
+    assert "fp_support       3  60%    You are a support bot." in table
+    assert "fp_sql           2  40%    Write SQL." in table
+    assert "--exact scans the calls" in table
+    table = ok(db, "stats", "--tag", "app=sql")  # ... and from a scan (they know no app)
     assert "Top prompt fingerprints" in table
     assert "fp_sql           2  100%   Write SQL." in table
+
+
+def test_stats_from_the_aggregates_count_what_a_scan_counts(db: str) -> None:
+    """Over ranges that start and end within days, after deletes and relabels, the
+    aggregates' counts equal the scan's, and each percentile bound is the edge of the bucket
+    the exact percentile lies in."""
+    from distillery.store.rollups import EDGES
+
+    rng = random.Random(7)
+    store = open_store(db)
+    store.insert(
+        [
+            make(
+                100 + i,
+                tags={"app": rng.choice(["support", "sql", "billing"])} if i % 7 else {},
+                model=rng.choice(["gpt-4o", "gpt-4o-mini"]),
+                fp=rng.choice(["fp_a", "fp_b", "fp_c"]),
+                latency=rng.lognormvariate(5, 1),
+                status=500 if i % 11 == 0 else 200,
+                error={"error": {"message": "boom"}} if i % 11 == 0 else None,
+                tenant=rng.choice(["key-aaaaaaaaaaaaaaaa", "key-bbbbbbbbbbbbbbbb"]),
+            )
+            for i in range(0, 120)  # an hour apart: five days from 2026-11-24 13:00
+        ]
+    )
+    store.close()
+    ok(db, "delete", "--where", "--tag", "app=billing", "--model", "gpt-4o-mini", "--yes")
+    ok(db, "tag", "--where", "--tag", "app=sql", "--since", "2026-11-26", "app=support")
+    ranges = [
+        (),
+        ("--since", "2026-11-25"),
+        ("--since", "2026-11-25T07:30:00Z", "--until", "2026-11-27T18:00:00Z"),
+        ("--since", "2026-11-26T01:00:00Z", "--until", "2026-11-26T23:00:00Z"),
+        ("--until", "2026-11-26T12:00:00Z"),
+        ("--since", "2026-11-25", "--until", "2026-11-26"),
+    ]
+    narrowing = [(), ("--tag", "app=support"), ("--tenant", "key-bbbbbbbbbbbbbbbb")]
+    for window in ranges:
+        for narrow in narrowing:
+            for by in ("model", "day", "fingerprint", "tag:app"):
+                if by == "fingerprint" and narrow[:1] == ("--tag",):
+                    continue  # a scan answers it (the fingerprints' aggregates know no app)
+                args = ("stats", "--by", by, *window, *narrow, "--json")
+                fast = json.loads(ok(db, *args))
+                exact = json.loads(ok(db, *args, "--exact"))
+                assert fast and "p50_under_ms" in fast[0], (args, fast)
+                counts = ("group", "calls", "errors", "error_rate", "prompt_tokens")
+                assert [[r[k] for k in counts] for r in fast] == [
+                    [r[k] for k in counts] for r in exact
+                ], args
+                for bound, value in (
+                    (b[f"p{q}_under_ms"], e[f"p{q}_ms"])
+                    for b, e in zip(fast, exact, strict=True)
+                    for q in (50, 95, 99)
+                ):
+                    below = max([0, *(edge for edge in EDGES if edge < (bound or 1e9))])
+                    assert bound is None or below <= value <= bound, (
+                        args,
+                        bound,
+                        value,
+                    )  # value: to 0.1 ms
 
 
 def test_tag_untag_by_id_and_where(db: str) -> None:

@@ -372,7 +372,6 @@ def test_parallel_workers_build_the_same_dataset(
 def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path: Path) -> None:
     """v1 has two prompts in different groups, one in train and one in val; a new call
     resembling both joins their groups. Carried examples still keep their split."""
-    from distillery.curation.datasets.build import _split
 
     # Overlapping word windows, chosen so that MinHash puts the first two in separate
     # groups and the bridge in a group with both, without being anyone's near duplicate.
@@ -380,10 +379,10 @@ def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path: Path) 
     first, second, bridge = (" ".join(words[a : a + 30]) for a in (0, 15, 8))
     url = f"sqlite:///{tmp_path / 'bridge.db'}"
     one, two = record(1, first), record(2, second)
-    seed = next(s for s in range(100) if _split(one["id"], s, 0.5) != _split(two["id"], s, 0.5))
     store = open_store(url)
     store.insert([one, two])
     store.close()
+    seed = next(s for s in range(100) if _splits_one_and_one(url, s))
     args = ["--seed", str(seed), "--val-fraction", "0.5", "--incremental"]
     v1 = build(url, *args)
     store = open_store(url)
@@ -398,6 +397,26 @@ def test_a_new_call_joining_two_groups_moves_no_carried_example(tmp_path: Path) 
         ), split
     diff = json.loads(run(url, "diff", "support@1", "support@2", "--json").output)
     assert [d["change"] for d in diff] == ["added"]
+
+
+def _splits_one_and_one(url: str, seed: int) -> bool:
+    """Whether ``seed`` puts one of the two calls in train and the other in val (the split
+    follows the examples' content, so a trial build under another name tells)."""
+    result = run(
+        url,
+        "build",
+        f"probe-{seed}",
+        "--tag",
+        "app=support",
+        "--seed",
+        str(seed),
+        "--val-fraction",
+        "0.5",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.output)["counts"]
+    return bool(counts["train"] == 1 and counts["val"] == 1)
 
 
 def test_parquet_has_only_the_keys_examples_use_and_no_empty_split(tmp_path: Path) -> None:

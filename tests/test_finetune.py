@@ -41,7 +41,7 @@ def db(tmp_path: Path) -> str:
             "--tag",
             "app=support",
             "--val-fraction",
-            "0.3",
+            "0.2",
             "--database-url",
             url,
         ],

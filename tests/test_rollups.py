@@ -136,8 +136,12 @@ def test_the_migration_fills_the_aggregates_from_the_calls_already_stored(url: s
 def test_percentiles_are_the_histograms_upper_edges() -> None:
     histogram = [0] * len(rollups.HISTOGRAM)
     assert rollups.percentile(histogram, 0.5) is None  # no calls: no number
-    histogram[0], histogram[5] = 50, 50  # half under 25 ms, half in [400, 800)
+    histogram[0], histogram[5] = 51, 49  # 51 under 25 ms, 49 in [400, 800)
+    # The median is the call at rank round(0.5 * 99) = 50 (from 0), as `stats --exact` has it.
     assert rollups.percentile(histogram, 0.5) == 25.0
+    histogram[0], histogram[5] = 50, 50
+    assert rollups.percentile(histogram, 0.5) == 800.0
+    histogram[0], histogram[5] = 51, 49
     assert rollups.percentile(histogram, 0.95) == 800.0
     histogram[-1] = 900  # most beyond the last edge: unknown, not a guess
     assert rollups.percentile(histogram, 0.95) is None

@@ -25,12 +25,12 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import orjson
@@ -320,9 +320,24 @@ def _describe(filters: query.Filters) -> dict[str, Any]:
     return described
 
 
-def _split(group: str, seed: int, fraction: float) -> str:
-    digest = hashlib.blake2b(f"{seed}:{group}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2**64 < fraction else "train"
+def _split(leader: bytes, options: BuildOptions) -> str:
+    """A group's side, from its leading example's content and the seed: the same calls split
+    the same way in every build and on every machine (record ids come from the clock, so a
+    split on them changed with every capture of the same traffic)."""
+    digest = hashlib.blake2b(leader, digest_size=8, key=str(options.seed).encode()).digest()
+    return "val" if int.from_bytes(digest, "big") / 2**64 < options.val_fraction else "train"
+
+
+def _line(
+    sources: Sequence[BinaryIO],
+    segment_of: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    i: int,
+) -> bytes:
+    source = sources[int(segment_of[i])]
+    source.seek(int(offsets[i]))
+    return source.read(int(lengths[i]))
 
 
 def _write(
@@ -361,10 +376,8 @@ def _write(
             elif leader < protected and carried_splits is not None:
                 split = carried_splits[leader]  # a new example joins the one it resembles
             else:
-                split = _split(ids[leader].decode(), options.seed, options.val_fraction)
-            source = sources[segment_of[i]]
-            source.seek(int(offsets[i]))
-            line = source.read(int(lengths[i]))
+                split = _split(_line(sources, segment_of, offsets, lengths, leader), options)
+            line = _line(sources, segment_of, offsets, lengths, i)
             files[split].write(line)
             digest[split].update(line)
             id_files[split].write(ids[i].decode() + "\n")
