@@ -205,3 +205,28 @@ class TaskRollup(_Counts, table=True):
     tenant: str = Field(primary_key=True)
     model: str = Field(primary_key=True)
     fingerprint: str = Field(primary_key=True)
+
+
+class DashboardTask(SQLModel, table=True):
+    """A long action the dashboard runs in the background, where every worker and host on
+    the database can follow it (``ui/tasks.py``)."""
+
+    __tablename__ = "ui_tasks"
+
+    id: str = Field(primary_key=True, max_length=16)
+    title: str
+    state: str
+    error: str | None = None
+    done_url: str | None = None  # where the result is, once there is one
+    started_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # Written while the task runs: a task whose process died stops being written.
+    heartbeat_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class Secret(SQLModel, table=True):
+    """Secrets the processes sharing a database must agree on (the dashboard's cookie key)."""
+
+    __tablename__ = "secrets"
+
+    name: str = Field(primary_key=True, max_length=40)
+    value: str

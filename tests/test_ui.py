@@ -16,6 +16,7 @@ import pytest
 
 from distillery.config import key_fingerprint, load_settings
 from distillery.errors import ConfigError
+from distillery.store import dashboard as dashboard_store
 from distillery.store import open_store, query
 from distillery.store.records import CaptureRecord
 from distillery.ui import sessions
@@ -129,7 +130,9 @@ def test_signing_in_keeps_only_the_keys_fingerprint(dashboard: RunningProxy) -> 
     client = sign_in(dashboard, ALICE)
     cookie = client.cookies[sessions.COOKIE]
     assert ALICE not in cookie
-    secret = sessions.load_secret(Path(dashboard.settings.storage.resolved_data_dir()))
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    secret = dashboard_store.secret(store, sessions.SECRET).encode()
+    store.close()
     session = sessions.decode(cookie, secret)
     assert session is not None and session.tenant == key_fingerprint(ALICE)
     assert not session.admin
@@ -934,23 +937,32 @@ def test_the_distill_estimate_prices_the_training_tokens(
     assert "no API price" in estimate(backend="local", base_model="./student")
 
 
-def test_a_task_is_followed_from_another_worker(
+def test_a_task_is_followed_from_another_host(
     dashboard: RunningProxy,
     start_proxy: Callable[..., RunningProxy],
     fine_tuning_api: FakeFineTuning,
+    tmp_path: Path,
 ) -> None:
-    """Two workers of one proxy share the data dir: the task one starts, the other follows
-    (a reload can land on either)."""
+    """Two proxies on one database, each with its own data dir (two hosts, or two pods):
+    a session signed by one is good on the other, and the task one starts, the other
+    follows (a reload can land on either)."""
     other = start_proxy(
-        {"auth": {"admin_keys": [key_fingerprint(ADMIN)]}},
+        {
+            "auth": {"admin_keys": [key_fingerprint(ADMIN)]},
+            "storage": {"data_dir": str(tmp_path / "other-host")},
+        },
         database_url=dashboard.settings.storage.resolved_database_url(),
         dashboard=True,
+    )
+    assert other.settings.storage.resolved_data_dir() != (
+        dashboard.settings.storage.resolved_data_dir()
     )
     admin = sign_in(dashboard, ADMIN)
     started = distill_form(admin, "tag=app%3Dsupport", name="support", base_model="gpt-4.1-mini")
     assert started.status_code == 303
     follower = browser(other)
-    follower.cookies.update(admin.cookies)  # the same signed session: one secret, one data dir
+    follower.cookies.update(admin.cookies)  # one key to sign them, in the database
+    assert follower.get("/ui/").status_code == 200
 
     def handed_over() -> bool:
         answer = follower.get(started.headers["location"])
@@ -960,3 +972,41 @@ def test_a_task_is_followed_from_another_worker(
     wait_for(handed_over, 60, "the other worker to see the job")
     assert follower.get("/ui/tasks/0123456789abcdef").status_code == 404
     assert follower.get("/ui/tasks/..%2F..%2Fsecret").status_code == 404
+
+
+def test_a_task_whose_process_went_away_says_so(dashboard: RunningProxy) -> None:
+    """A task stops being written when its process dies (a restart, a crash): its page
+    says so after a while, instead of following it forever."""
+    from datetime import UTC, datetime, timedelta
+
+    from distillery.ui import tasks
+
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    long_ago = datetime.now(UTC) - timedelta(seconds=tasks.STOPPED_AFTER_S + 5)
+    for task_id, heartbeat in (("00000000000000aa", long_ago), ("00000000000000bb", None)):
+        dashboard_store.save_task(
+            store,
+            {
+                "id": task_id,
+                "title": "Distilling support",
+                "state": "building the dataset",
+                "error": None,
+                "done_url": None,
+                "started_at": long_ago,
+            },
+        )
+        if heartbeat is not None:  # written long ago
+            with store.engine.begin() as conn:
+                conn.execute(
+                    dashboard_store.TASKS.update()
+                    .where(dashboard_store.TASKS.c.id == task_id)
+                    .values(heartbeat_at=heartbeat)
+                )
+    store.close()
+    admin = sign_in(dashboard, ADMIN)
+    gone = admin.get("/ui/tasks/00000000000000aa")
+    assert "the process running it went away" in gone.text and "task-error" in gone.text
+    assert 'hx-trigger="every 1s"' not in gone.text  # nothing left to follow
+    alive = admin.get("/ui/tasks/00000000000000bb")
+    assert "building the dataset" in alive.text and "task-error" not in alive.text
+    assert 'hx-trigger="every 1s"' in alive.text

@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from distillery.config import Settings
-from distillery.store import Store
+from distillery.store import Store, dashboard
 from distillery.ui import sessions
 from distillery.ui.sessions import Session
 
@@ -146,7 +146,7 @@ def make_app(settings: Settings, store: Store, prefix: str = "/ui") -> web.Appli
     app = web.Application(middlewares=[security, signed_in])
     app[SETTINGS] = settings
     app[STORE] = store
-    app[SECRET] = sessions.load_secret(Path(settings.storage.resolved_data_dir()))
+    app[SECRET] = dashboard.secret(store, sessions.SECRET).encode()
     app[TEMPLATES] = environment()
     app[PREFIX] = prefix
     pages.add_routes(app)

@@ -233,9 +233,9 @@ async def run(request: web.Request) -> web.StreamResponse:
             job_id = await _work(app, task, name, options, backend, base_model, hyper)
         finally:
             backend.close()
-        task.update(done_url=f"{prefix}jobs/{job_id}")
+        await task.update(done_url=f"{prefix}jobs/{job_id}")
 
-    raise tasks.start(request, f"Distilling {name}", "building the dataset", work)
+    raise await tasks.start(request, f"Distilling {name}", "building the dataset", work)
 
 
 async def _work(
@@ -258,7 +258,7 @@ async def _work(
     )
     if built.version is None:
         raise DistilleryError(built.message)
-    task.update(state="starting the fine-tune")
+    await task.update(state="starting the fine-tune")
     spec = JobSpec(new_job_id(), built.version, base_model, hyper, suffix=name[:40])
     job = await asyncio.to_thread(start_job, store, backend, spec)
     return job["id"]

@@ -2,26 +2,23 @@
 
 The cookie carries the tenant (the fingerprint of the key the user signed in
 with: the key itself is never kept), whether that key is an admin's, a CSRF
-token and an expiry, signed with HMAC-SHA256 under a secret that lives in the
-data dir (mode 0600), so every proxy worker sharing the data dir accepts it.
+token and an expiry, signed with HMAC-SHA256 under a secret kept in the database
+(made on first use), so every worker and host on the same database accepts it.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import orjson
 
 COOKIE = "distillery_session"
-SECRET_FILE = "ui-secret"
+SECRET = "ui-session"  # its name in the store's secrets
 
 
 @dataclass(frozen=True)
@@ -39,25 +36,6 @@ class Session:
     @classmethod
     def start(cls, tenant: str, admin: bool, hours: float) -> Session:
         return cls(tenant, admin, secrets.token_urlsafe(24), time.time() + hours * 3600)
-
-
-def load_secret(data_dir: Path) -> bytes:
-    """The signing secret, created on first use (one writer wins; the rest read it)."""
-    path = data_dir / SECRET_FILE
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, secrets.token_bytes(32).hex().encode())
-            finally:
-                os.close(fd)
-    for _ in range(50):  # another worker may be between creating and writing it
-        secret = path.read_bytes().strip()
-        if len(secret) == 64:
-            return secret
-        time.sleep(0.01)
-    raise RuntimeError(f"{path} does not hold a 32-byte hex secret; delete it to make a new one.")
 
 
 def _b64(data: bytes) -> str:

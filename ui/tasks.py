@@ -1,33 +1,42 @@
 """Long actions the dashboard starts (a Distill, an eval run): in the background, followed
 by a page that polls them and opens the result when there is one.
 
-A task runs in the worker that started it and writes where it stands to
-``<data dir>/ui-tasks/<id>.json`` at every step, so a reload that lands on another
-worker of the same proxy still follows it.  What a task makes (a dataset version, a
-fine-tune job, an eval run) is in the store like anything else.
+A task runs in the process that started it and writes where it stands to the
+database (``store/dashboard.py``) at every step and every few seconds while it
+runs, so a reload that lands on another worker, or on another host of the same
+database, still follows it, and one whose process died (a restart, a crash) says
+so instead of running forever.  What a task makes (a dataset version, a fine-tune
+job, an eval run) is in the store like anything else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from distillery.errors import DistilleryError
-from distillery.ui.app import SESSION, SETTINGS, render, url
+from distillery.store import dashboard
+from distillery.store.db import Store
+from distillery.ui.app import SESSION, STORE, in_thread, render, url
 
 log = structlog.get_logger()
-TASKS = web.AppKey("ui_tasks", dict[str, "Task"])
 TASK_ID = re.compile(r"[0-9a-f]{16}")
+HEARTBEAT_S = 5.0  # how often a running task says it is alive
+STOPPED_AFTER_S = 30.0  # silent this long: its process is gone
+STOPPED = (
+    "stopped: the process running it went away (a restart or a crash) before it finished; "
+    "what it made so far is under Datasets, Fine-tunes and Evals"
+)
 
 
 @dataclass
@@ -37,68 +46,94 @@ class Task:
     state: str
     error: str | None = None
     done_url: str | None = None  # where the result is, once there is one
-    started: float = field(default_factory=time.time)
-    folder: Path | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    heartbeat_at: datetime | None = None
+    store: Store | None = field(default=None, repr=False)
+    # One write at a time, in order: a heartbeat never writes over the final state.
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
-    def update(self, **changes: Any) -> None:
-        """Change the task and write it down (atomically: readers see one state or the next)."""
-        for name, value in changes.items():
-            setattr(self, name, value)
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            record = {k: v for k, v in asdict(self).items() if k != "folder"}
-            temporary = self.folder / f".{self.id}.json"
-            temporary.write_text(json.dumps(record))
-            temporary.replace(self.folder / f"{self.id}.json")
+    @property
+    def finished(self) -> bool:
+        return self.done_url is not None or self.state == "failed"
 
+    async def update(self, **changes: Any) -> None:
+        """Change the task and write it down (off the event loop)."""
+        async with self._writing:
+            for name, value in changes.items():
+                setattr(self, name, value)
+            if self.store is not None:
+                await asyncio.to_thread(dashboard.save_task, self.store, self.row())
 
-FOLDER = web.AppKey("ui_task_folder", Path)
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "state": self.state,
+            "error": self.error,
+            "done_url": self.done_url,
+            "started_at": self.started_at,
+        }
 
 
 def setup(app: web.Application) -> None:
-    app[TASKS] = {}
-    app[FOLDER] = Path(app[SETTINGS].storage.resolved_data_dir()) / "ui-tasks"
     app.router.add_get("/tasks/{id}", task_page, name="task")
 
 
-def _load(app: web.Application, task_id: str) -> Task | None:
-    """A task this worker runs, or one another worker wrote down."""
-    if task_id in app[TASKS]:
-        return app[TASKS][task_id]
+def _load(store: Store, task_id: str) -> Task | None:
+    """The task as written down; one silent for too long has stopped."""
     if not TASK_ID.fullmatch(task_id):
         return None
-    try:
-        record = json.loads((app[FOLDER] / f"{task_id}.json").read_text())
-    except (OSError, ValueError):
+    record = dashboard.load_task(store, task_id)
+    if record is None:
         return None
-    return Task(**record)
+    task = Task(**record)
+    assert task.heartbeat_at is not None
+    silent = (datetime.now(UTC) - task.heartbeat_at).total_seconds()
+    if not task.finished and silent > STOPPED_AFTER_S:
+        task.state, task.error = "failed", STOPPED
+    return task
 
 
-def start(
+RUNNING: set[asyncio.Task[None]] = set()  # held, so that none is collected mid-run
+
+
+async def start(
     request: web.Request, title: str, state: str, work: Callable[[Task], Awaitable[None]]
 ) -> web.HTTPSeeOther:
-    """Run ``work`` in the background; the answer sends the browser to the task's page."""
-    task = Task(secrets.token_hex(8), title, state, folder=request.app[FOLDER])
-    request.app[TASKS][task.id] = task
-    task.update()
+    """Run ``work`` in the background; the answer sends the browser to the task's page
+    (written down first, so that the page finds it)."""
+    task = Task(secrets.token_hex(8), title, state, store=request.app[STORE])
+    await task.update()
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await task.update()
 
     async def run() -> None:
+        beating = asyncio.create_task(beat())
         try:
             await work(task)
         except DistilleryError as exc:
-            task.update(state="failed", error=str(exc))
+            await task.update(state="failed", error=str(exc))
         except Exception as exc:  # a bug: said on the page and in the log, never lost
             log.exception("dashboard task failed", task=task.title)
-            task.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+            await task.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
 
-    asyncio.get_running_loop().create_task(run())
+    running = asyncio.get_running_loop().create_task(run())
+    RUNNING.add(running)
+    running.add_done_callback(RUNNING.discard)
     return web.HTTPSeeOther(url(request, f"tasks/{task.id}"))
 
 
 async def task_page(request: web.Request) -> web.StreamResponse:
     if not request[SESSION].admin:
         raise web.HTTPForbidden(text="Tasks belong to admins: sign in with an admin key.")
-    task = _load(request.app, request.match_info["id"])
+    task = await in_thread(request, lambda store: _load(store, request.match_info["id"]))
     if task is None:
         raise web.HTTPNotFound(
             text="No such task. What it made, if anything, is under Datasets, Fine-tunes and Evals."
@@ -111,5 +146,5 @@ async def task_page(request: web.Request) -> web.StreamResponse:
         request,
         "_task.html" if request.headers.get("HX-Request") else "task.html",
         task=task,
-        elapsed=round(time.time() - task.started),
+        elapsed=round(time.time() - task.started_at.timestamp()),
     )

@@ -321,6 +321,6 @@ async def eval_start(request: web.Request) -> web.StreamResponse:
             )
 
         result = await asyncio.to_thread(run)
-        task.update(done_url=f"{prefix}evals/{result['id']}")
+        await task.update(done_url=f"{prefix}evals/{result['id']}")
 
-    raise tasks.start(request, f"Evaluating on {ref}", "grading", work)
+    raise await tasks.start(request, f"Evaluating on {ref}", "grading", work)

@@ -7,5 +7,5 @@ it against the revision files.
 
 from pathlib import Path
 
-HEAD = "0003"
+HEAD = "0004"
 LOCATION = Path(__file__).parent
