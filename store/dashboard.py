@@ -31,6 +31,12 @@ def save_task(store: Store, task: dict[str, Any]) -> None:
         conn.execute(upsert)
 
 
+def forget_tasks(store: Store, before: datetime) -> int:
+    """Drop the tasks last written before ``before`` (what they made stays); how many went."""
+    with store.engine.begin() as conn:
+        return conn.execute(TASKS.delete().where(TASKS.c.heartbeat_at < before)).rowcount
+
+
 def load_task(store: Store, task_id: str) -> dict[str, Any] | None:
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(TASKS).where(TASKS.c.id == task_id)).first()

@@ -1010,3 +1010,8 @@ def test_a_task_whose_process_went_away_says_so(dashboard: RunningProxy) -> None
     alive = admin.get("/ui/tasks/00000000000000bb")
     assert "building the dataset" in alive.text and "task-error" not in alive.text
     assert 'hx-trigger="every 1s"' in alive.text
+    store = open_store(dashboard.settings.storage.resolved_database_url())
+    forgotten = dashboard_store.forget_tasks(store, long_ago + timedelta(seconds=1))
+    store.close()
+    assert forgotten == 1 and admin.get("/ui/tasks/00000000000000aa").status_code == 404
+    assert admin.get("/ui/tasks/00000000000000bb").status_code == 200

@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -33,6 +33,7 @@ log = structlog.get_logger()
 TASK_ID = re.compile(r"[0-9a-f]{16}")
 HEARTBEAT_S = 5.0  # how often a running task says it is alive
 STOPPED_AFTER_S = 30.0  # silent this long: its process is gone
+KEEP_DAYS = 7  # a task's page is kept this long after its last word
 STOPPED = (
     "stopped: the process running it went away (a restart or a crash) before it finished; "
     "what it made so far is under Datasets, Fine-tunes and Evals"
@@ -104,6 +105,8 @@ async def start(
     (written down first, so that the page finds it)."""
     task = Task(secrets.token_hex(8), title, state, store=request.app[STORE])
     await task.update()
+    week_ago = task.started_at - timedelta(days=KEEP_DAYS)
+    await in_thread(request, lambda store: dashboard.forget_tasks(store, week_ago))
 
     async def beat() -> None:
         while True:
