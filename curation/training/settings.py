@@ -40,13 +40,15 @@ SCRATCH: dict[str, Any] = {
     "warmup_ratio": 0.05,
     "weight_decay": 0.01,
     "batch_size": 32,
+    # A student learning from scratch plateaus, then learns again when it finds how to copy
+    # from the prompt: on the example's split, one seed sat at a validation loss of 0.12 from
+    # epoch 13 to 29 and scored 0.636 after 40 epochs; with 60 it reached 0.0006 and 1.000.
     "max_epochs": 60,
-    # A quarter of the ceiling: with 5, a noisy validation loss stopped a run at epoch 27 of
-    # 40 while the rate was still a third of its peak, and the student answered nothing.
+    # With 5, a noisy validation loss stopped a run at epoch 27 of 40 while the rate was
+    # still a third of its peak, and the student answered nothing.
     "patience": 10,
-    # And no stop before three quarters of it: a student learning from scratch plateaus
-    # early and then learns again (a CI run stopped with patience 10 scored 0.152 where
-    # runs that went on scored 0.79-0.97; their best epochs were 37-40 of 40).
+    # And no stop before three quarters of the ceiling, the plateau being what patience
+    # would stop on (a CI run stopped with patience 10 scored 0.152).
     "min_epochs": 45,
 }
 SMALL_PRETRAINED: dict[str, Any] = {
