@@ -143,12 +143,18 @@ def proxy(
     if problem:
         raise click.ClickException(problem)
     from distillery import logs
+    from distillery.proxy.app import Extension
     from distillery.proxy.server import serve
     from distillery.ui.app import mount as dashboard
 
+    extensions: list[Extension] = [dashboard]
+    if settings.routes:  # the graders (and what they import) only where there are routes
+        from distillery.curation.online import install as grade_routes
+
+        extensions.append(grade_routes)
     logs.configure(log_level, json=log_json)
     try:
-        serve(settings, workers, {"level": log_level, "json": log_json}, [dashboard])
+        serve(settings, workers, {"level": log_level, "json": log_json}, extensions)
     except DistilleryError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -176,6 +182,7 @@ from distillery.cli_db import db  # noqa: E402
 from distillery.cli_distill import distill  # noqa: E402
 from distillery.cli_evals import eval_group  # noqa: E402
 from distillery.cli_finetune import finetune  # noqa: E402
+from distillery.cli_routes import routes  # noqa: E402
 from distillery.cli_serve import serve  # noqa: E402
 from distillery.cli_student import student  # noqa: E402
 from distillery.cli_ui import ui  # noqa: E402
@@ -189,6 +196,7 @@ cli.add_command(serve)
 cli.add_command(distill)
 cli.add_command(student)
 cli.add_command(ui)
+cli.add_command(routes)
 
 
 def main() -> None:

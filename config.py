@@ -216,6 +216,49 @@ class EndpointSettings(_Section):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class RouteMatch(_Section):
+    """Which calls a route covers: every condition given must hold (the tagging matchers)."""
+
+    app: str | None = None
+    tags: dict[str, str] = {}
+    fingerprint: str | None = None  # the prompt fingerprint (`prompt_fp`)
+    model: str | None = None  # the model the client asked for
+    tenants: list[str] = []  # API-key fingerprints; empty: any
+
+
+class RouteSettings(_Section):
+    """``[routes.NAME]``: a student in the teacher's shadow on the calls a route covers.
+
+    Modes: ``shadow`` (the teacher answers; the student is called beside it and graded
+    against the teacher's answer) and ``off``.  (The student answering, ``canary`` and
+    ``on``, is not built yet: issue #15.)
+    """
+
+    match: RouteMatch
+    student: str = Field(description="MODEL@ENDPOINT, the endpoint from [endpoints.NAME]")
+    graders: list[str] = Field(min_length=1)
+    bar: float = Field(ge=0)
+    # The bar as a fraction of the teacher's score (the teacher's answer graded against
+    # itself is 1 for every reference grader, so this is the same as an absolute bar there).
+    relative: bool = False
+    min_samples: int = Field(50, ge=1)
+    window: int = Field(500, ge=1, description="the newest graded pairs the score is over")
+    mode: Literal["shadow", "off"] = "shadow"
+    concurrency: int = Field(4, ge=1, description="student calls in flight for shadowing")
+    queue: int = Field(100, ge=1, description="shadow calls waiting; beyond it they are dropped")
+    timeout: float = Field(10, gt=0, description="seconds to connect, then between bytes")
+
+    @model_validator(mode="after")
+    def _student_names_an_endpoint(self) -> RouteSettings:
+        model, _, endpoint = self.student.partition("@")
+        if not model or not endpoint:
+            raise ValueError(
+                f"student {self.student!r} must be MODEL@ENDPOINT, with the endpoint in "
+                "[endpoints.NAME] (a route never sends the teacher's key to a student)"
+            )
+        return self
+
+
 class Price(_Section):
     """USD per million tokens: answered (input, output) and, for fine-tuning, trained."""
 
@@ -239,6 +282,7 @@ class Settings(_Section):
     redact: RedactSettings = RedactSettings()
     endpoints: dict[str, EndpointSettings] = {}
     prices: dict[str, Price] = {}
+    routes: dict[str, RouteSettings] = {}
 
     def identify(self, api_key: str) -> tuple[str, bool] | None:
         """(tenant, admin) for a presented key; ``None`` when this deployment refuses it.
@@ -261,6 +305,17 @@ class Settings(_Section):
                 f"ui.open serves the dashboard without sign-in, so only on 127.0.0.1, not on "
                 f"{self.proxy.host}. Remove ui.open, or bind the proxy to 127.0.0.1."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _routes_name_known_endpoints(self) -> Settings:
+        for name, route in self.routes.items():
+            endpoint = route.student.partition("@")[2]
+            if endpoint not in self.endpoints:
+                raise ValueError(
+                    f"routes.{name}: no endpoint {endpoint!r}; add [endpoints.{endpoint}] "
+                    'base_url = "..."'
+                )
         return self
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from distillery.proxy.metrics import Metrics
 from distillery.proxy.state import AFTER_RESPONSE, LOG_FIELDS, PROXY, REQUEST_ID, Proxy
 from distillery.proxy.tagging import Tagger
 from distillery.redact import Redactor
+from distillery.shadow import JUDGE
 from distillery.store import Store
 
 log = structlog.get_logger()
@@ -194,7 +195,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     if proxy.capture is not None:
         proxy.capture.start()
+    proxy.router.judge = app.get(JUDGE)
+    await proxy.router.start()
     yield
+    await proxy.router.stop()
     await proxy.session.close()
     if proxy.capture is not None:
         await asyncio.to_thread(proxy.capture.close)

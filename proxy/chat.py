@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from distillery.api_errors import APIError, json_object
 from distillery.config import ProxySettings
@@ -31,9 +31,11 @@ from distillery.proxy.forward import (
     unreadable_body,
     upstream_url,
 )
+from distillery.proxy.routes import ROUTE_TAG, SERVED_BY_TAG
 from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, after_response, log_fields
 from distillery.proxy.stream import StreamRelay, malformed
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
+from distillery.shadow import Pair
 from distillery.store.records import CaptureRecord
 
 log = structlog.get_logger()
@@ -77,6 +79,17 @@ class Call:
         )
         client_metadata = body.get("metadata")
         self.metadata, dropped = merge_metadata(client_metadata, tags)
+        model = body.get("model")
+        self.route = proxy.router.route_for(
+            tenant, self.metadata, self.fingerprint, model if isinstance(model, str) else None
+        )
+        self.served_by = "teacher"
+        if self.route is not None:
+            # Said in the stored record and upstream: who answered, on which route.
+            self.metadata, more = merge_metadata(
+                self.metadata, {ROUTE_TAG: self.route.name, SERVED_BY_TAG: self.served_by}
+            )
+            dropped += more
         if dropped:
             log.warning(
                 "metadata tags dropped",
@@ -102,9 +115,20 @@ class Call:
         self.capture = proxy.capture if proxy.capture and proxy.sampled(self.metadata) else None
         self.ttft_ms: float | None = None
         self.finished = False
-        model = body.get("model")
         # The model name is the client's text like any other: it may hold an e-mail.
         self.model = proxy.redactor.text(model) if isinstance(model, str) else None
+
+    def route_headers(self) -> dict[str, str]:
+        """What every answer to a routed call says: the route, and who answered."""
+        if self.route is None:
+            return {}
+        return {"X-Distillery-Route": self.route.name, "X-Distillery-Served-By": self.served_by}
+
+    def response_headers(self, upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+        """The upstream's headers as relayed, plus the route's (duplicates kept)."""
+        headers = response_headers(upstream)
+        headers.extend(self.route_headers())
+        return headers
 
     def payload(self) -> bytes:
         body = self.body
@@ -149,6 +173,24 @@ class Call:
                 completion_tokens=_integer(usage.get("completion_tokens")),
             ),
         )
+        if (
+            self.route is not None
+            and self.route.mode == "shadow"
+            and status < 400
+            and response.get("choices")
+        ):
+            self.proxy.router.shadow(
+                self.route,
+                Pair(
+                    route=self.route.name,
+                    record_id=self.id,
+                    tenant=self.tenant,
+                    created_at=self.created_at,
+                    request=self.route.student_request(self.body),
+                    teacher=response,
+                    teacher_latency_ms=round(seconds * 1000, 3),
+                ),
+            )
         if self.capture is None:
             return "sampled_out" if self.proxy.capture else "off"
         choices = response.get("choices")
@@ -233,7 +275,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body=content,
         status=upstream.status,
         reason=upstream.reason,
-        headers=response_headers(upstream.headers),
+        headers=call.response_headers(upstream.headers),
     )
     parsed = _parse_json(content, upstream.headers.get("Content-Encoding"))
     problem = malformed(parsed) if upstream.status < 400 and isinstance(parsed, dict) else None
@@ -294,7 +336,9 @@ async def _relay_stream(
     fields: dict[str, Any],
 ) -> web.StreamResponse:
     response = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=response_headers(upstream.headers)
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=call.response_headers(upstream.headers),
     )
     relay = StreamRelay(strip_usage=call.strip_usage)
     error: dict[str, Any] | None = None

@@ -159,6 +159,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=own,
         )
+        self.route_shadow = Counter(
+            "distillery_route_shadow",
+            "Shadow calls to a route's student: graded, student_error, dropped (queue full), "
+            "failed (grading broke).",
+            ["route", "outcome"],
+            registry=own,
+        )
         self._model = _Bounded()
         self._app = _Bounded()
 

@@ -80,6 +80,7 @@ def _serve_one(settings: Settings, reuse_port: bool, extensions: Sequence[Extens
         settings.capture.enabled
         or settings.proxy.stored_completions == "local"
         or (settings.ui.enabled and bool(extensions))
+        or bool(settings.routes)  # their modes and graded pairs live there
     )
     store = open_capture_store(settings) if needs_store else None
     app = make_app(settings, store, extensions)

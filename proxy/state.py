@@ -14,6 +14,7 @@ from distillery.api_errors import APIError
 from distillery.config import Settings
 from distillery.proxy.capture import Capture
 from distillery.proxy.metrics import Metrics
+from distillery.proxy.routes import Router
 from distillery.proxy.tagging import Tagger
 from distillery.redact import Redactor
 from distillery.store import Store
@@ -44,8 +45,10 @@ class Proxy:
     upstream_url: str = field(init=False)
     upstream_key: str | None = field(init=False)
     session: aiohttp.ClientSession = field(init=False)
+    router: Router = field(init=False)
 
     def __post_init__(self) -> None:
+        self.router = Router(self.settings, self.store, self.metrics)
         self.upstream_url = self.settings.upstream.url
         self.upstream_key = self.settings.upstream.resolved_api_key()
         self._samples = [

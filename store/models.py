@@ -230,3 +230,56 @@ class Secret(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=40)
     value: str
+
+
+class RouteState(SQLModel, table=True):
+    """A route's mode as last changed (a command or the automatic policy): it overrides the
+    config's starting mode for every proxy on the database."""
+
+    __tablename__ = "route_states"
+
+    name: str = Field(primary_key=True, max_length=100)
+    mode: str = Field(max_length=10)
+    reason: str
+    changed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class RouteSample(SQLModel, table=True):
+    """One live request answered by both: the teacher's call (in ``completions``) and the
+    student's answer to the same request, graded against the teacher's."""
+
+    __tablename__ = "route_samples"
+    __table_args__ = (Index("ix_route_samples_route_id", "route", "id"),)
+
+    id: str = Field(primary_key=True, max_length=40)  # the teacher's call's record id
+    route: str = Field(max_length=100)
+    tenant: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    student_model: str
+    # ok: answered and graded; error: the student failed (its error says how)
+    status: str = Field(max_length=10)
+    error: str | None = None
+    response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONColumn))
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    teacher_model: str | None = None  # the model that answered as the teacher
+    teacher_latency_ms: float | None = None
+    teacher_prompt_tokens: int | None = None
+    teacher_completion_tokens: int | None = None
+    # {grader: score or null}; the sample's score is their mean (null if any is null)
+    scores: dict[str, Any] = Field(sa_column=Column(JSONColumn, nullable=False))
+    score: float | None = None
+    # The teacher's answer graded the same way (against itself): 1 for reference graders,
+    # a tie for a pairwise judge; what a relative bar and win/tie/loss compare with.
+    teacher_score: float | None = None
+
+
+class RouteCounter(SQLModel, table=True):
+    """What a route's proxies counted (shadow calls dropped, fallbacks), summed over them."""
+
+    __tablename__ = "route_counters"
+
+    route: str = Field(primary_key=True, max_length=100)
+    kind: str = Field(primary_key=True, max_length=40)
+    count: int = Field(sa_type=BigInteger)

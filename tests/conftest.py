@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from distillery.config import Settings
+from distillery.proxy.app import Extension
 from distillery.store.db import create_engine
 
 from fake_openai import FakeOpenAI
@@ -68,6 +69,7 @@ def start_proxy(
         config: dict[str, Any] | None = None,
         database_url: str | None = None,
         dashboard: bool = False,
+        extensions: Sequence[Extension] = (),
         **_: Any,
     ) -> RunningProxy:
         config = dict(config or {})
@@ -82,7 +84,9 @@ def start_proxy(
         store = open_capture_store(settings) if settings.capture.enabled else None
         from distillery.ui.app import mount
 
-        running = RunningProxy(servers, settings, store, [mount] if dashboard else [])
+        running = RunningProxy(
+            servers, settings, store, [*([mount] if dashboard else []), *extensions]
+        )
         started.append(running)
         return running
 

@@ -7,5 +7,5 @@ it against the revision files.
 
 from pathlib import Path
 
-HEAD = "0004"
+HEAD = "0005"
 LOCATION = Path(__file__).parent

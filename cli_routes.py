@@ -1,0 +1,44 @@
+"""``distillery routes``: how each route's student does beside the teacher on live traffic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillery.cli_shared import fail_on_errors, open_cli_store, store_options
+from distillery.output import output_options, write_rows
+
+
+@click.group()
+def routes() -> None:
+    """Students shadowing the teacher on live traffic ([routes.NAME] in the config)."""
+
+
+@routes.command()
+@store_options
+@output_options
+@fail_on_errors
+def status(config: Path | None, database_url: str | None, fmt: str) -> None:
+    """Every route: mode, graded pairs, score with its 95% interval against the bar,
+    win/tie/loss against the teacher, student errors, dropped shadow calls, latency and
+    cost of both.
+
+    \b
+    Example:
+        distillery routes status --json
+    """
+    from distillery.config import load_settings
+    from distillery.curation.online import STATUS_COLUMNS
+    from distillery.curation.online import status as standing
+
+    settings = load_settings(config, {"storage.database_url": database_url})
+    if not settings.routes:
+        raise click.ClickException(
+            "No routes in the config. Add one: [routes.NAME] with match, student, graders "
+            "and bar (see 'Routes' in the README)."
+        )
+    store = open_cli_store(config, database_url)
+    rows: list[dict[str, Any]] = standing(settings, store)
+    write_rows(rows, fmt, STATUS_COLUMNS)

@@ -1,0 +1,261 @@
+"""Online evals: a route's student graded against the teacher on live traffic.
+
+The proxy calls the student beside the teacher and hands each pair here
+(:func:`install` puts a :class:`RouteJudge` on the proxy's app).  The judge grades
+the student's answer with the route's graders, the reference being the teacher's
+answer to the same request; grades the teacher's answer the same way (against itself:
+1 for reference graders, a tie for a pairwise judge), which a relative bar and
+win/tie/loss compare with; and stores the pair.  :func:`status` turns a route's
+recent pairs into its score, interval and verdict against the bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from distillery.config import Price, RouteSettings, Settings
+from distillery.curation.endpoints import Endpoint, configured
+from distillery.curation.evals.evaluate import bootstrap
+from distillery.curation.evals.generate import Candidate, Generation, Generator
+from distillery.curation.evals.graders import Context, Grader, load_all
+from distillery.curation.evals.items import REPLAYED, Item
+from distillery.prices import cost
+from distillery.redact import Redactor
+from distillery.shadow import JUDGE, Judge, Pair
+from distillery.store import Store
+from distillery.store import routes as route_store
+
+STATUS_COLUMNS = (
+    "route",
+    "mode",
+    "samples",
+    "score",
+    "ci_low",
+    "ci_high",
+    "bar",
+    "verdict",
+    "win",
+    "tie",
+    "loss",
+    "student_errors",
+    "dropped",
+    "student_p50_ms",
+    "teacher_p50_ms",
+    "student_cost_usd",
+    "teacher_cost_usd",
+)
+
+
+def install(app: web.Application, settings: Settings, store: Store | None) -> None:
+    """The proxy's extension: grade its routes' shadow pairs (when it has routes and a store)."""
+    if settings.routes and store is not None:
+        judge: Judge = RouteJudge(settings, store)
+        app[JUDGE] = judge
+
+
+class RouteJudge:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.store = store
+        self.routes = settings.routes
+        # Loaded once, so a bad grader stops the proxy at start, not a pair at a time.
+        self.graders = {name: load_all(route.graders) for name, route in self.routes.items()}
+        self.endpoints = configured(settings)
+        # Graded on what was said, stored as the captured calls are: redacted.
+        self.redact = Redactor.from_settings(
+            settings.redact.defaults, [(p.name, p.pattern) for p in settings.redact.patterns]
+        )
+        self.context = Context(Generator(store), self.endpoints, Endpoint.from_env("default"))
+
+    def __call__(self, pair: Pair) -> None:
+        route = self.routes[pair.route]
+        graders = self.graders[pair.route]
+        scores: dict[str, float | None] = {}
+        teacher: dict[str, float | None] = {}
+        if pair.student is not None:
+            scores, teacher = asyncio.run(self._grade(route, graders, pair))
+        usage = (pair.student or {}).get("usage") or {}
+        teacher_usage = pair.teacher.get("usage") or {}
+        route_store.add_sample(
+            self.store,
+            {
+                "id": pair.record_id,
+                "route": pair.route,
+                "tenant": pair.tenant,
+                "created_at": _utc(pair.created_at),
+                "student_model": route.student.partition("@")[0],
+                "status": "error" if pair.student is None else "ok",
+                "error": self.redact.text(pair.error) if pair.error else None,
+                "response": self.redact(pair.student),
+                "latency_ms": pair.latency_ms,
+                "prompt_tokens": _int(usage.get("prompt_tokens")),
+                "completion_tokens": _int(usage.get("completion_tokens")),
+                "teacher_model": _string(pair.teacher.get("model")),
+                "teacher_latency_ms": pair.teacher_latency_ms,
+                "teacher_prompt_tokens": _int(teacher_usage.get("prompt_tokens")),
+                "teacher_completion_tokens": _int(teacher_usage.get("completion_tokens")),
+                "scores": scores,
+                "score": _mean(scores),
+                "teacher_score": _mean(teacher),
+            },
+        )
+
+    async def _grade(
+        self, route: RouteSettings, graders: list[Grader], pair: Pair
+    ) -> tuple[dict[str, float | None], dict[str, float | None]]:
+        request = pair.request
+        item = Item(
+            0,
+            list(request.get("messages") or []),
+            _message(pair.teacher) or {},
+            {key: request[key] for key in REPLAYED if key in request},
+        )
+        model, _, endpoint = route.student.partition("@")
+        candidate = Candidate(route.student, model, self.endpoints[endpoint])
+        student = Generation(
+            _message(pair.student or {}), {}, pair.latency_ms, cached=False, error=pair.error
+        )
+        reference = Generation(_message(pair.teacher), {}, pair.teacher_latency_ms, cached=False)
+        scores: dict[str, float | None] = {}
+        teacher: dict[str, float | None] = {}
+        for grader in graders:
+            scores[grader.name] = (await grader.grade(student, item, candidate, self.context)).score
+            teacher[grader.name] = (
+                await grader.grade(reference, item, candidate, self.context)
+            ).score
+        return scores, teacher
+
+
+def status(
+    settings: Settings,
+    store: Store,
+    counts: Mapping[tuple[str, str], int] | None = None,
+) -> list[dict[str, Any]]:
+    """Every route's standing: its mode, the score over its recent pairs with a 95%
+    interval, the bar and whether the evidence clears it, win/tie/loss against the
+    teacher, latency and cost of both.  ``counts``: the routes' counters (dropped shadow
+    calls), read from the database unless given."""
+    states = route_store.states(store)
+    counts = route_store.counts(store) if counts is None else counts
+    rows = []
+    for name, route in settings.routes.items():
+        samples = route_store.recent(store, name, route.window)
+        state = states.get(name)
+        rows.append(_standing(name, route, samples, state, dict(settings.prices), counts))
+    return rows
+
+
+def _standing(
+    name: str,
+    route: RouteSettings,
+    samples: list[dict[str, Any]],
+    state: dict[str, Any] | None,
+    prices: Mapping[str, Price],
+    counts: Mapping[tuple[str, str], int],
+) -> dict[str, Any]:
+    graded = [s for s in samples if s["score"] is not None]
+    scores = [float(s["score"]) for s in graded]
+    teacher_scores = [float(s["teacher_score"]) for s in graded if s["teacher_score"] is not None]
+    mean = low = high = None
+    if scores:
+        mean, low, high = (round(v, 4) for v in bootstrap(scores))
+    bar: float | None = route.bar
+    if route.relative:
+        bar = round(route.bar * statistics.fmean(teacher_scores), 4) if teacher_scores else None
+    verdict = "no evidence"
+    if low is not None and high is not None and bar is not None:
+        if len(scores) < route.min_samples:
+            verdict = f"needs {route.min_samples - len(scores)} more"
+        elif low >= bar:
+            verdict = "clears the bar"
+        elif high < bar:
+            verdict = "below the bar"
+        else:
+            verdict = "undecided"
+    win = sum(
+        1 for s in graded if s["teacher_score"] is not None and s["score"] > s["teacher_score"]
+    )
+    tie = sum(
+        1 for s in graded if s["teacher_score"] is not None and s["score"] == s["teacher_score"]
+    )
+    loss = sum(
+        1 for s in graded if s["teacher_score"] is not None and s["score"] < s["teacher_score"]
+    )
+    student_model = route.student.partition("@")[0]
+    return {
+        "route": name,
+        "mode": state["mode"] if state else route.mode,
+        "samples": len(scores),
+        "score": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "bar": bar,
+        "verdict": verdict,
+        "win": win,
+        "tie": tie,
+        "loss": loss,
+        "student_errors": sum(1 for s in samples if s["status"] == "error"),
+        "dropped": counts.get((name, "dropped"), 0),
+        "student_p50_ms": _median([s["latency_ms"] for s in samples if s["status"] == "ok"]),
+        "teacher_p50_ms": _median([s["teacher_latency_ms"] for s in samples]),
+        "student_cost_usd": _mean_cost(
+            [(student_model, s["prompt_tokens"], s["completion_tokens"]) for s in graded], prices
+        ),
+        "teacher_cost_usd": _mean_cost(
+            [
+                (
+                    s["teacher_model"] or "",
+                    s["teacher_prompt_tokens"],
+                    s["teacher_completion_tokens"],
+                )
+                for s in samples
+            ],
+            prices,
+        ),
+    }
+
+
+def _mean_cost(calls: list[tuple[str, Any, Any]], prices: Mapping[str, Price]) -> float | None:
+    """Mean USD per call; unknown (None) if any call's model has no price."""
+    if not calls:
+        return None
+    costs = [cost(model, int(p or 0), int(c or 0), prices) for model, p, c in calls]
+    if any(c is None for c in costs):
+        return None
+    return round(statistics.fmean(c for c in costs if c is not None), 8)
+
+
+def _median(values: list[Any]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return round(statistics.median(present), 1) if present else None
+
+
+def _mean(scores: Mapping[str, float | None]) -> float | None:
+    if not scores or any(v is None for v in scores.values()):
+        return None
+    return statistics.fmean(v for v in scores.values() if v is not None)
+
+
+def _message(response: Mapping[str, Any]) -> dict[str, Any] | None:
+    choices = response.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        return message if isinstance(message, dict) else None
+    return None
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)

@@ -1,0 +1,75 @@
+"""Routes' state and evidence: each route's mode as last changed, and the graded pairs
+(teacher's call, student's answer) that promotion and demotion are decided on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from distillery.store.db import Store, as_record
+from distillery.store.models import RouteCounter, RouteSample, RouteState
+
+STATES: sa.Table = RouteState.__table__  # type: ignore[attr-defined]
+SAMPLES: sa.Table = RouteSample.__table__  # type: ignore[attr-defined]
+COUNTERS: sa.Table = RouteCounter.__table__  # type: ignore[attr-defined]
+
+
+def _insert(store: Store) -> Any:
+    return (postgresql if store.engine.dialect.name == "postgresql" else sqlite).insert
+
+
+def set_mode(store: Store, name: str, mode: str, reason: str) -> None:
+    row = {"name": name, "mode": mode, "reason": reason, "changed_at": datetime.now(UTC)}
+    insert = _insert(store)(STATES).values(**row)
+    upsert = insert.on_conflict_do_update(
+        index_elements=[STATES.c.name], set_={k: insert.excluded[k] for k in row if k != "name"}
+    )
+    with store.engine.begin() as conn:
+        conn.execute(upsert)
+
+
+def states(store: Store) -> dict[str, dict[str, Any]]:
+    """Every route whose mode was changed: name -> {mode, reason, changed_at}."""
+    with store.engine.connect() as conn:
+        return {row["name"]: row for row in map(as_record, conn.execute(sa.select(STATES)))}
+
+
+def add_sample(store: Store, sample: dict[str, Any]) -> None:
+    """Store a graded pair (once: the same teacher call again is ignored)."""
+    with store.engine.begin() as conn:
+        conn.execute(_insert(store)(SAMPLES).values(**sample).on_conflict_do_nothing())
+
+
+def recent(store: Store, route: str, limit: int) -> list[dict[str, Any]]:
+    """The route's newest ``limit`` samples, newest first (ids are time-ordered)."""
+    query = (
+        sa.select(SAMPLES)
+        .where(SAMPLES.c.route == route)
+        .order_by(SAMPLES.c.id.desc())
+        .limit(limit)
+    )
+    with store.engine.connect() as conn:
+        return [as_record(row) for row in conn.execute(query)]
+
+
+def add_counts(store: Store, deltas: dict[tuple[str, str], int]) -> None:
+    """Add what one process counted since it last wrote (route, kind) -> n."""
+    rows = [{"route": r, "kind": k, "count": n} for (r, k), n in deltas.items() if n]
+    if not rows:
+        return
+    insert = _insert(store)(COUNTERS)
+    upsert = insert.on_conflict_do_update(
+        index_elements=[COUNTERS.c.route, COUNTERS.c.kind],
+        set_={"count": COUNTERS.c.count + insert.excluded.count},
+    )
+    with store.engine.begin() as conn:
+        conn.execute(upsert, rows)
+
+
+def counts(store: Store) -> dict[tuple[str, str], int]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(COUNTERS.c.route, COUNTERS.c.kind, COUNTERS.c["count"]))
+        return {(route, kind): int(count) for route, kind, count in rows}
