@@ -27,30 +27,19 @@ from distillery.store.query import Filters, QueryError, select_completions
 from distillery.store.rollups import APP_TAG, percentile
 
 C = COMPLETIONS.c
-STAT_COLUMNS = (
+COUNT_COLUMNS = (
     "group",
     "calls",
     "errors",
     "error_rate",
     "prompt_tokens",
     "completion_tokens",
-    "p50_ms",
-    "p95_ms",
-    "p99_ms",
 )
+STAT_COLUMNS = (*COUNT_COLUMNS, "p50_ms", "p95_ms", "p99_ms")
 
 
-AGGREGATE_COLUMNS = (
-    "group",
-    "calls",
-    "errors",
-    "error_rate",
-    "prompt_tokens",
-    "completion_tokens",
-    "p50_under_ms",
-    "p95_under_ms",
-    "p99_under_ms",
-)
+# from the aggregates: the edge of the latency bucket each percentile lies in
+AGGREGATE_COLUMNS = (*COUNT_COLUMNS, "p50_under_ms", "p95_under_ms", "p99_under_ms")
 # --by as the aggregates' key
 AGGREGATED: dict[str, overview.By] = {
     "model": "model",

@@ -120,6 +120,23 @@ def samples(proxy: RunningProxy, route: str = "support") -> list[dict[str, Any]]
     return route_store.recent(proxy.reader, route, 1000)
 
 
+def config_file(directory: Path, student: FakeStudent, *more: str) -> Path:
+    """A config file with the ``support`` route to ``student``, as a user writes one."""
+    path = directory / "distillery.toml"
+    lines = [
+        "[endpoints.student]",
+        f'base_url = "{student.url}/v1"',
+        "[routes.support]",
+        'match = { app = "support" }',
+        'student = "tiny@student"',
+        'graders = ["exact"]',
+        "bar = 0.9",
+        *more,
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def served(student: FakeStudent, servers: ServerThread) -> FakeStudent:
     student.url, _ = servers.serve(student.app)
     return student
@@ -273,20 +290,7 @@ def test_routes_status_on_the_command_line(
     proxy = routed(start_proxy, student)
     ask(proxy, 1)
     wait_for(lambda: len(samples(proxy)) == 1, 10, "the pair")
-    config = tmp_path / "distillery.toml"
-    config.write_text(
-        f"""
-[endpoints.student]
-base_url = "{student.url}/v1"
-
-[routes.support]
-match = {{ app = "support" }}
-student = "tiny@student"
-graders = ["exact"]
-bar = 0.9
-min_samples = 3
-"""
-    )
+    config = config_file(tmp_path, student, "min_samples = 3")
     url = proxy.settings.storage.resolved_database_url()
     result = CliRunner().invoke(
         cli, ["routes", "status", "-c", str(config), "--database-url", url, "--json"]
@@ -328,19 +332,7 @@ def test_the_proxy_command_grades_its_routes_in_every_worker(
     """`distillery proxy --workers 2` with a route: each worker calls the student and
     grades its pairs (the judge is installed in the spawned workers too)."""
     student = served(FakeStudent(), servers)
-    config = tmp_path / "distillery.toml"
-    config.write_text(
-        f"""
-[endpoints.student]
-base_url = "{student.url}/v1"
-
-[routes.support]
-match = {{ app = "support" }}
-student = "tiny@student"
-graders = ["exact"]
-bar = 0.9
-"""
-    )
+    config = config_file(tmp_path, student)
     database_url = f"sqlite:///{tmp_path / 'routes.db'}"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
