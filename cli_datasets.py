@@ -138,6 +138,11 @@ def dataset() -> None:
     is_flag=True,
     help="Also learn from calls `distillery eval` made (tagged distillery_eval=1).",
 )
+@click.option(
+    "--include-student-answers",
+    is_flag=True,
+    help="Also learn from calls a route's student answered (a student learning from itself).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @fail_on_errors
 def build(
@@ -164,6 +169,7 @@ def build(
     tokenizer: str | None,
     output: Path | None,
     include_eval_traffic: bool,
+    include_student_answers: bool,
     as_json: bool,
     **filters: Any,
 ) -> None:
@@ -210,10 +216,13 @@ def build(
     from dataclasses import replace
 
     from distillery.curation.evals.generate import EVAL_TAG
+    from distillery.shadow import STUDENT_ANSWERED
 
     selection = build_filters(**filters)
     if not include_eval_traffic:
         selection = replace(selection, exclude_tags=(*selection.exclude_tags, EVAL_TAG))
+    if not include_student_answers:
+        selection = replace(selection, exclude_tags=(*selection.exclude_tags, STUDENT_ANSWERED))
     options = BuildOptions(
         name=name,
         filters=selection,

@@ -42,3 +42,38 @@ def status(config: Path | None, database_url: str | None, fmt: str) -> None:
     store = open_cli_store(config, database_url)
     rows: list[dict[str, Any]] = standing(settings, store)
     write_rows(rows, fmt, STATUS_COLUMNS)
+
+
+@routes.command()
+@store_options
+@click.argument("name")
+@click.option("--reason", default="by hand", show_default=True, help="Said in the log.")
+@fail_on_errors
+def promote(config: Path | None, database_url: str | None, name: str, reason: str) -> None:
+    """Move route NAME up one step: off, shadow, canary, on.
+
+    Into canary or on only on graded evidence: the lower bound of the score over at
+    least min_samples pairs clears the bar (for on, pairs graded since the canary
+    began). Every proxy on the database follows within seconds.
+    """
+    _move(config, database_url, name, reason, up=True)
+
+
+@routes.command()
+@store_options
+@click.argument("name")
+@click.option("--reason", default="by hand", show_default=True, help="Said in the log.")
+@fail_on_errors
+def demote(config: Path | None, database_url: str | None, name: str, reason: str) -> None:
+    """Move route NAME down one step: on, canary, shadow, off."""
+    _move(config, database_url, name, reason, up=False)
+
+
+def _move(config: Path | None, database_url: str | None, name: str, reason: str, up: bool) -> None:
+    from distillery.config import load_settings
+    from distillery.curation import online
+
+    settings = load_settings(config, {"storage.database_url": database_url})
+    store = open_cli_store(config, database_url)
+    was, now = (online.promote if up else online.demote)(settings, store, name, reason)
+    click.echo(f"Route {name}: {was} -> {now}.")

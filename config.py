@@ -227,11 +227,11 @@ class RouteMatch(_Section):
 
 
 class RouteSettings(_Section):
-    """``[routes.NAME]``: a student in the teacher's shadow on the calls a route covers.
+    """``[routes.NAME]``: a student beside the teacher on the calls a route covers.
 
     Modes: ``shadow`` (the teacher answers; the student is called beside it and graded
-    against the teacher's answer) and ``off``.  (The student answering, ``canary`` and
-    ``on``, is not built yet: issue #15.)
+    against the teacher's answer), ``canary`` (the student answers a fraction), ``on``
+    (the student answers all but a holdout, which stays in shadow), ``off``.
     """
 
     match: RouteMatch
@@ -243,7 +243,16 @@ class RouteSettings(_Section):
     relative: bool = False
     min_samples: int = Field(50, ge=1)
     window: int = Field(500, ge=1, description="the newest graded pairs the score is over")
-    mode: Literal["shadow", "off"] = "shadow"
+    mode: Literal["shadow", "canary", "on", "off"] = "shadow"
+    canary: float = Field(0.1, gt=0, le=1, description="the fraction the student answers")
+    holdout: float = Field(0.05, ge=0, lt=1, description="the fraction the teacher keeps, on")
+    auto: bool = False  # promote and demote on the graded evidence, without a command
+    # What the student's answer must be, else the teacher answers: "json" (content that
+    # parses), "auto" (JSON when the request asks for a JSON response_format), "none".
+    validator: Literal["auto", "json", "none"] = "auto"
+    down_after: float = Field(
+        120, gt=0, description="seconds of student failures before the teacher takes over"
+    )
     concurrency: int = Field(4, ge=1, description="student calls in flight for shadowing")
     queue: int = Field(100, ge=1, description="shadow calls waiting; beyond it they are dropped")
     timeout: float = Field(10, gt=0, description="seconds to connect, then between bytes")

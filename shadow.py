@@ -13,6 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
+# The tags a routed call carries (upstream and in the store): its route, and who answered.
+ROUTE_TAG = "distillery_route"
+SERVED_BY_TAG = "distillery_served_by"
+# What a dataset never learns from unless asked: a student must not learn from itself.
+STUDENT_ANSWERED = (SERVED_BY_TAG, "student")
+
 
 @dataclass
 class Pair:

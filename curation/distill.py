@@ -42,6 +42,7 @@ from distillery.curation.training.backends import (
 )
 from distillery.curation.training.jobs import start_job, wait
 from distillery.errors import DistilleryError
+from distillery.shadow import STUDENT_ANSWERED
 from distillery.store import Store, datasets, evals, finetunes, query
 from distillery.store.records import (
     DatasetVersionRecord,
@@ -193,7 +194,9 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
     if changed:
         echo("Settings changed since the last run: " + "; ".join(changed))
     rebuild = before is not None and before["data"] != wanted["data"]
-    selection = replace(options.filters, exclude_tags=(*options.filters.exclude_tags, EVAL_TAG))
+    selection = replace(
+        options.filters, exclude_tags=(*options.filters.exclude_tags, EVAL_TAG, STUDENT_ANSWERED)
+    )
     built = build(
         store,
         BuildOptions(

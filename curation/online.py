@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from distillery.config import Price, RouteSettings, Settings
@@ -25,12 +28,15 @@ from distillery.curation.evals.evaluate import bootstrap
 from distillery.curation.evals.generate import Candidate, Generation, Generator
 from distillery.curation.evals.graders import Context, Grader, load_all
 from distillery.curation.evals.items import REPLAYED, Item
+from distillery.errors import DistilleryError
 from distillery.prices import cost
 from distillery.redact import Redactor
 from distillery.shadow import JUDGE, Judge, Pair
 from distillery.store import Store
 from distillery.store import routes as route_store
 
+log = structlog.get_logger()
+POLICY_S = 1.0  # the automatic policy looks at a route at most this often
 STATUS_COLUMNS = (
     "route",
     "mode",
@@ -44,6 +50,7 @@ STATUS_COLUMNS = (
     "tie",
     "loss",
     "student_errors",
+    "fallbacks",
     "dropped",
     "student_p50_ms",
     "teacher_p50_ms",
@@ -61,7 +68,10 @@ def install(app: web.Application, settings: Settings, store: Store | None) -> No
 
 class RouteJudge:
     def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
         self.store = store
+        self._decided: dict[str, float] = {}
+        self._lock = threading.Lock()
         self.routes = settings.routes
         # Loaded once, so a bad grader stops the proxy at start, not a pair at a time.
         self.graders = {name: load_all(route.graders) for name, route in self.routes.items()}
@@ -104,6 +114,20 @@ class RouteJudge:
                 "teacher_score": _mean(teacher),
             },
         )
+        if route.auto:
+            self._decide(pair.route)
+
+    def _decide(self, name: str) -> None:
+        """The automatic policy, at most every POLICY_S per route (it reads the window)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._decided.get(name, float("-inf")) < POLICY_S:
+                return
+            self._decided[name] = now
+        try:
+            decide(self.settings, self.store, name)
+        except DistilleryError as exc:  # e.g. promotion refused after a race: said, not raised
+            log.info("route policy", route=name, outcome=str(exc))
 
     async def _grade(
         self, route: RouteSettings, graders: list[Grader], pair: Pair
@@ -129,6 +153,100 @@ class RouteJudge:
                 await grader.grade(reference, item, candidate, self.context)
             ).score
         return scores, teacher
+
+
+LADDER = ("off", "shadow", "canary", "on")
+
+
+def promote(settings: Settings, store: Store, name: str, reason: str) -> tuple[str, str]:
+    """One step up (off, shadow, canary, on); returns (was, now).  Into canary or on only
+    on graded evidence: the score's lower bound over at least min_samples pairs clears the
+    bar (for on, pairs graded since the canary began)."""
+    route = _route(settings, name)
+    standing = _standing_now(settings, store, name, route)
+    was = standing["mode"]
+    if was == "on":
+        raise DistilleryError(f"Route {name!r} is already on.")
+    now = LADDER[LADDER.index(was) + 1]
+    if now in ("canary", "on"):
+        evidence = standing if now == "canary" else _since_change(settings, store, name, route)
+        if evidence["verdict"] != "clears the bar":
+            raise DistilleryError(
+                f"Route {name!r} stays in {was}: {evidence['verdict']} "
+                f"({_evidence(evidence)}). Promotion needs the lower bound of the score over "
+                f"at least {route.min_samples} graded pairs to clear the bar"
+                + (" since the canary began." if now == "on" else ".")
+            )
+    route_store.set_mode(store, name, now, reason)
+    log.info("route promoted", route=name, mode=now, was=was, reason=reason)
+    return was, now
+
+
+def demote(settings: Settings, store: Store, name: str, reason: str) -> tuple[str, str]:
+    """One step down (on, canary, shadow, off); returns (was, now)."""
+    route = _route(settings, name)
+    was = _standing_now(settings, store, name, route)["mode"]
+    if was == "off":
+        raise DistilleryError(f"Route {name!r} is already off.")
+    now = LADDER[LADDER.index(was) - 1]
+    route_store.set_mode(store, name, now, reason)
+    log.info("route demoted", route=name, mode=now, was=was, reason=reason)
+    return was, now
+
+
+def decide(settings: Settings, store: Store, name: str) -> tuple[str, str] | None:
+    """The automatic policy for one route: up a step when the evidence clears the bar,
+    back to shadow when its upper bound falls below it; ``None`` when nothing changes."""
+    route = _route(settings, name)
+    standing = _standing_now(settings, store, name, route)
+    mode = standing["mode"]
+    if mode in ("canary", "on") and standing["verdict"] == "below the bar":
+        reason = f"automatic: {_evidence(standing)}, below the bar"
+        route_store.set_mode(store, name, "shadow", reason)
+        log.warning("route demoted", route=name, mode="shadow", was=mode, reason=reason)
+        return mode, "shadow"
+    if mode == "shadow" and standing["verdict"] == "clears the bar":
+        return promote(settings, store, name, f"automatic: {_evidence(standing)}")
+    if mode == "canary":
+        since = _since_change(settings, store, name, route)
+        if since["verdict"] == "clears the bar":
+            return promote(settings, store, name, f"automatic: {_evidence(since)}")
+    return None
+
+
+def _evidence(standing: dict[str, Any]) -> str:
+    if standing["score"] is None:
+        return "no graded pairs"
+    return (
+        f"score {standing['score']:.3f} [{standing['ci_low']:.3f}, {standing['ci_high']:.3f}] "
+        f"over {standing['samples']} pairs, bar {standing['bar']}"
+    )
+
+
+def _route(settings: Settings, name: str) -> RouteSettings:
+    if name not in settings.routes:
+        known = ", ".join(sorted(settings.routes)) or "none"
+        raise DistilleryError(f"No route {name!r} in the config (routes: {known}).")
+    return settings.routes[name]
+
+
+def _standing_now(
+    settings: Settings, store: Store, name: str, route: RouteSettings
+) -> dict[str, Any]:
+    samples = route_store.recent(store, name, route.window)
+    state = route_store.states(store).get(name)
+    return _standing(name, route, samples, state, dict(settings.prices), {})
+
+
+def _since_change(
+    settings: Settings, store: Store, name: str, route: RouteSettings
+) -> dict[str, Any]:
+    """The standing over the pairs graded since the route's mode last changed."""
+    state = route_store.states(store).get(name)
+    samples = route_store.recent(store, name, route.window)
+    if state is not None:
+        samples = [s for s in samples if s["created_at"] >= state["changed_at"]]
+    return _standing(name, route, samples, state, dict(settings.prices), {})
 
 
 def status(
@@ -200,6 +318,7 @@ def _standing(
         "tie": tie,
         "loss": loss,
         "student_errors": sum(1 for s in samples if s["status"] == "error"),
+        "fallbacks": counts.get((name, "fallbacks"), 0),
         "dropped": counts.get((name, "dropped"), 0),
         "student_p50_ms": _median([s["latency_ms"] for s in samples if s["status"] == "ok"]),
         "teacher_p50_ms": _median([s["teacher_latency_ms"] for s in samples]),

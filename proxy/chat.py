@@ -10,9 +10,11 @@ client receives the end of the response (the body of a JSON answer, the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import time
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -31,11 +33,11 @@ from distillery.proxy.forward import (
     unreadable_body,
     upstream_url,
 )
-from distillery.proxy.routes import ROUTE_TAG, SERVED_BY_TAG
+from distillery.proxy.routes import Route
 from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, after_response, log_fields
 from distillery.proxy.stream import StreamRelay, malformed
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
-from distillery.shadow import Pair
+from distillery.shadow import ROUTE_TAG, SERVED_BY_TAG, Pair
 from distillery.store.records import CaptureRecord
 
 log = structlog.get_logger()
@@ -84,6 +86,8 @@ class Call:
             tenant, self.metadata, self.fingerprint, model if isinstance(model, str) else None
         )
         self.served_by = "teacher"
+        self.upstream = proxy.upstream_url  # where the answer came from
+        self.fell_back = False  # the student failed and the teacher answered
         if self.route is not None:
             # Said in the stored record and upstream: who answered, on which route.
             self.metadata, more = merge_metadata(
@@ -117,6 +121,14 @@ class Call:
         self.finished = False
         # The model name is the client's text like any other: it may hold an e-mail.
         self.model = proxy.redactor.text(model) if isinstance(model, str) else None
+
+    def answered_by(self, who: str, upstream: str) -> None:
+        """Who answers this call, said in its tags (stored and, for the teacher, upstream)."""
+        self.served_by, self.upstream = who, upstream
+        if SERVED_BY_TAG in self.metadata:
+            self.metadata[SERVED_BY_TAG] = who
+            if isinstance(self.body.get("metadata"), dict):
+                self.body["metadata"] = self.metadata
 
     def route_headers(self) -> dict[str, str]:
         """What every answer to a routed call says: the route, and who answered."""
@@ -173,9 +185,12 @@ class Call:
                 completion_tokens=_integer(usage.get("completion_tokens")),
             ),
         )
+        if self.route is not None:
+            self.proxy.router.served(self.route, self.served_by)
         if (
             self.route is not None
-            and self.route.mode == "shadow"
+            and self.served_by == "teacher"
+            and not self.fell_back
             and status < 400
             and response.get("choices")
         ):
@@ -201,7 +216,7 @@ class Call:
             "completion_id": _string(response.get("id")),
             "created_at": self.created_at,
             "tenant": self.tenant,
-            "upstream": self.proxy.upstream_url,
+            "upstream": self.upstream,
             "path": self.path,
             "model_requested": self.model,
             "model_served": served,
@@ -238,6 +253,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _read_body(request, proxy.settings.proxy)
     call = Call(proxy, request, tenant, body)
     fields.update(model=call.model, stream=call.stream, tags=len(call.metadata))
+    route = call.route
+    if route is not None and proxy.router.student_answers(route):
+        answered = await _student_answers(request, call, route, fields)
+        if answered is not None:
+            return answered
     body_bytes = call.payload()
     # aiohttp writes a BytesIO in 64 KB pieces, yielding to the loop between them.
     payload = io.BytesIO(body_bytes) if len(body_bytes) > LARGE_BODY else body_bytes
@@ -271,6 +291,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         fields["capture"] = call.finish(499, None, CANCELLED)
         raise
 
+    return await _relay_json(request, upstream, call, content, fields)
+
+
+async def _relay_json(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    call: Call,
+    content: bytes,
+    fields: dict[str, Any],
+) -> web.StreamResponse:
+    """A whole (non-streamed) answer, recorded, then sent as it came."""
     response = web.Response(
         body=content,
         status=upstream.status,
@@ -334,6 +365,7 @@ async def _relay_stream(
     upstream: aiohttp.ClientResponse,
     call: Call,
     fields: dict[str, Any],
+    first: bytes = b"",
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         status=upstream.status,
@@ -349,7 +381,7 @@ async def _relay_stream(
         except ConnectionResetError:
             client_gone = True
         if not client_gone:
-            async for data in upstream.content.iter_any():
+            async for data in _pieces(first, upstream):
                 if call.ttft_ms is None:
                     call.ttft_ms = round((time.perf_counter() - call.started) * 1000, 3)
                 out = relay.feed(data)
@@ -389,6 +421,121 @@ async def _relay_stream(
     except ConnectionResetError:
         log.info("client went away at the end of the stream")
     return response
+
+
+async def _pieces(first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for data in upstream.content.iter_any():
+        yield data
+
+
+async def _student_answers(
+    request: web.Request, call: Call, route: Route, fields: dict[str, Any]
+) -> web.StreamResponse | None:
+    """The student's answer, relayed as the teacher's would be; ``None`` when it failed
+    before anything reached the client (an error, a timeout before its first byte, an
+    answer the route's validator refuses): then the teacher answers."""
+    proxy = request.app[PROXY]
+    body = route.student_request(call.body)
+    if call.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    must_parse = route.validates_json(call.body)
+    call.answered_by("student", route.endpoint.base_url)
+    stack = contextlib.AsyncExitStack()
+    try:
+        async with asyncio.timeout(route.settings.timeout):
+            upstream = await stack.enter_async_context(
+                proxy.session.post(
+                    route.url,
+                    data=orjson.dumps(body),
+                    headers={"Content-Type": "application/json", **route.headers()},
+                    allow_redirects=False,
+                )
+            )
+            streaming = (
+                call.stream
+                and upstream.status == 200
+                and upstream.content_type == "text/event-stream"
+            )
+            first = await upstream.content.readany() if streaming else b""
+        if streaming and not must_parse:
+            if not first:
+                raise _Refused("empty stream")
+            proxy.router.answered(route)
+            async with stack:
+                return await _relay_stream(request, upstream, call, fields, first)
+        content = first + await upstream.read()
+        problem = (
+            "not_a_stream"
+            if call.stream and not streaming and upstream.status < 400
+            else _refusal(upstream, content, streaming, must_parse)
+        )
+        if problem is not None:
+            raise _Refused(problem)
+    except _Refused as exc:
+        reason = str(exc)
+    except TimeoutError:
+        reason = "timeout"
+    except aiohttp.ClientError:
+        reason = "unreachable"
+    else:
+        proxy.router.answered(route)
+        async with stack:
+            if streaming:  # validated whole: relayed at once, parsed as it is sent
+                return await _relay_stream(request, upstream, call, fields, content)
+            return await _relay_json(request, upstream, call, content, fields)
+    await stack.aclose()
+    proxy.router.fell_back(route, reason)
+    log_fields(request)["fallback"] = reason
+    call.fell_back = True
+    call.answered_by("teacher", proxy.upstream_url)
+    return None
+
+
+class _Refused(Exception):
+    """The student's answer cannot go to the client (the message says why)."""
+
+
+def _refusal(
+    upstream: aiohttp.ClientResponse,
+    content: bytes,
+    streaming: bool,
+    must_parse: bool,
+) -> str | None:
+    """Why the student's whole answer must not reach the client, or ``None``."""
+    if upstream.status >= 400:
+        return f"http_{upstream.status}"
+    if streaming:
+        relay = StreamRelay(strip_usage=False)
+        relay.feed(content)
+        relay.finish()
+        answer = relay.assembler.result()
+        if relay.assembler.error is not None or relay.assembler.malformed is not None:
+            return "malformed"
+    else:
+        answer = _parse_json(content, upstream.headers.get("Content-Encoding"))
+        if not isinstance(answer, dict) or "error" in answer or malformed(answer) is not None:
+            return "malformed"
+    if must_parse and not _parses(answer):
+        return "invalid_json"
+    return None
+
+
+def _parses(answer: Any) -> bool:
+    """Whether the answer's text is JSON (what a JSON response_format promises)."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return False
+    content = (choices[0].get("message") or {}).get("content")
+    if not isinstance(content, str):
+        return False
+    try:
+        orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _parse_json(content: bytes, encoding: str | None) -> Any:

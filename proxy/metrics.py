@@ -166,6 +166,24 @@ class Metrics:
             ["route", "outcome"],
             registry=own,
         )
+        self.route_served = Counter(
+            "distillery_route_served",
+            "Routed calls, by who answered: teacher or student.",
+            ["route", "served_by"],
+            registry=own,
+        )
+        self.route_fallbacks = Counter(
+            "distillery_route_fallbacks",
+            "Calls the student was to answer that the teacher answered, by why.",
+            ["route", "reason"],
+            registry=own,
+        )
+        self.route_mode = Counter(
+            "distillery_route_mode_changes",
+            "A route's mode changed (a command or the automatic policy), by the new mode.",
+            ["route", "mode"],
+            registry=own,
+        )
         self._model = _Bounded()
         self._app = _Bounded()
 

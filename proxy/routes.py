@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,8 +39,6 @@ from distillery.store import routes as route_store
 
 log = structlog.get_logger()
 REFRESH_S = 2.0  # how often modes are read back from the database
-ROUTE_TAG = "distillery_route"
-SERVED_BY_TAG = "distillery_served_by"
 # What the teacher's request carries for OpenAI that a student is not sent.
 NOT_FOR_STUDENT = ("store", "metadata", "stream", "stream_options", "service_tier")
 
@@ -51,6 +50,9 @@ class Route:
     endpoint: EndpointSettings
     mode: str
     queue: asyncio.Queue[Pair] = field(init=False)
+
+    failing_since: float | None = None  # monotonic time of the first failure in a row
+    down: bool = False  # failing for down_after: the teacher answers everything
 
     def __post_init__(self) -> None:
         self.model = self.settings.student.partition("@")[0]
@@ -78,6 +80,16 @@ class Route:
         request = {k: v for k, v in body.items() if k not in NOT_FOR_STUDENT}
         request["model"] = self.model
         return request
+
+    def validates_json(self, body: Mapping[str, Any]) -> bool:
+        """Whether the student's answer must be JSON that parses."""
+        if self.settings.validator == "auto":
+            response_format = body.get("response_format")
+            return isinstance(response_format, dict) and response_format.get("type") in (
+                "json_object",
+                "json_schema",
+            )
+        return self.settings.validator == "json"
 
     def headers(self) -> dict[str, str]:
         key = self.endpoint.api_key()
@@ -113,6 +125,43 @@ class Router:
             ):
                 return route
         return None
+
+    def student_answers(self, route: Route) -> bool:
+        """Whether the student takes this call: canary's fraction, all but on's holdout;
+        never while it is down."""
+        if route.down:
+            return False
+        if route.mode == "canary":
+            return random.random() < route.settings.canary
+        if route.mode == "on":
+            return random.random() >= route.settings.holdout
+        return False
+
+    def served(self, route: Route, by: str) -> None:
+        self.metrics.route_served.labels(route.name, by).inc()
+
+    def fell_back(self, route: Route, reason: str) -> None:
+        """The student failed a call it was to answer; the teacher answers instead."""
+        self.metrics.route_fallbacks.labels(route.name, reason).inc()
+        self._unwritten[route.name, "fallbacks"] += 1
+        self.failed(route)
+
+    def failed(self, route: Route) -> None:
+        now = time.monotonic()
+        if route.failing_since is None:
+            route.failing_since = now
+        elif not route.down and now - route.failing_since >= route.settings.down_after:
+            route.down = True
+            log.warning(
+                "route student down: the teacher answers every call until it answers again",
+                route=route.name,
+                failing_for_s=round(now - route.failing_since),
+            )
+
+    def answered(self, route: Route) -> None:
+        if route.down:
+            log.info("route student answers again", route=route.name)
+        route.failing_since, route.down = None, False
 
     def shadow(self, route: Route, pair: Pair) -> None:
         """Queue the student's half of a pair, or drop it (counted) when the queue is full."""
@@ -167,7 +216,14 @@ class Router:
             state = states.get(route.name)
             mode = state["mode"] if state else route.settings.mode
             if mode != route.mode:
-                log.info("route mode", route=route.name, mode=mode, was=route.mode)
+                log.info(
+                    "route mode",
+                    route=route.name,
+                    mode=mode,
+                    was=route.mode,
+                    reason=state["reason"] if state else "config",
+                )
+                self.metrics.route_mode.labels(route.name, mode).inc()
                 route.mode = mode
 
     async def _refresh_forever(self) -> None:
@@ -180,6 +236,11 @@ class Router:
             pair = await route.queue.get()
             try:
                 await self._ask_student(route, pair)
+                # The shadow is what tells a down student is back.
+                if pair.error:
+                    self.failed(route)
+                else:
+                    self.answered(route)
                 judge = self.judge
                 if judge is not None:
                     await asyncio.to_thread(judge, pair)

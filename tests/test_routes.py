@@ -48,7 +48,7 @@ class FakeStudent:
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
 
-    async def chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         if self.behaviour == "broken":
@@ -64,7 +64,10 @@ class FakeStudent:
             "held": TEACHER_TEXT,
             "bad": "I don't know.",
             "chatty": "Write to carol@example.com",
+            "json": '{"ok": true}',
         }[self.behaviour]
+        if body.get("stream"):
+            return await self.stream(request, body["model"], text)
         return web.json_response(
             {
                 "id": "chatcmpl-student",
@@ -82,6 +85,42 @@ class FakeStudent:
                 "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
             }
         )
+
+    async def stream(self, request: web.Request, model: str, text: str) -> web.StreamResponse:
+        """OpenAI's SSE: a role chunk, the text in two pieces, a usage chunk, [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        half = len(text) // 2
+        deltas = [{"role": "assistant", "content": ""}, {"content": text[:half]}]
+        deltas.append({"content": text[half:]})
+        for delta in deltas:
+            chunk = {
+                "id": "chatcmpl-student",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+                "usage": None,
+            }
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        last = {
+            "id": "chatcmpl-student",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+            "usage": None,
+        }
+        usage = {
+            **last,
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+        }
+        for chunk in (last, usage):
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
 
 def routed(
@@ -364,3 +403,227 @@ def test_the_proxy_command_grades_its_routes_in_every_worker(
         store.close()
     proxy.signal(signal.SIGTERM)
     assert proxy.wait() == 0
+
+
+def mode(proxy: RunningProxy, route: str = "support") -> str:
+    state = route_store.states(proxy.reader).get(route)
+    return str(state["mode"]) if state else proxy.settings.routes[route].mode
+
+
+def drive(proxy: RunningProxy, until: Callable[[], bool], what: str, limit: int = 400) -> int:
+    """Send calls until ``until()`` holds; returns how many it took."""
+    for n in range(limit):
+        assert ask(proxy, 1000 + n).status_code == 200
+        if until():
+            return n + 1
+    raise AssertionError(f"{what}: not after {limit} calls")
+
+
+def test_a_good_student_is_promoted_on_evidence_and_a_bad_one_never_is(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread
+) -> None:
+    good = served(FakeStudent(), servers)
+    bad = served(FakeStudent(), servers)
+    bad.behaviour = "bad"
+    common = {"graders": ["exact"], "bar": 0.9, "min_samples": 4, "auto": True, "canary": 0.5}
+    proxy = start_proxy(
+        {
+            "endpoints": {
+                "good": {"base_url": good.url + "/v1"},
+                "bad": {"base_url": bad.url + "/v1"},
+            },
+            "routes": {
+                "support": {"match": {"app": "support"}, "student": "tiny@good", **common},
+                "billing": {"match": {"app": "billing"}, "student": "tiny@bad", **common},
+            },
+        },
+        extensions=[install],
+    )
+    drive(proxy, lambda: mode(proxy) == "canary", "promoted to canary")
+    [state] = [s for n, s in route_store.states(proxy.reader).items() if n == "support"]
+    assert state["reason"].startswith("automatic: score 1.000 [1.000, 1.000] over")
+    # In canary some calls are the student's (said in the headers), the rest in its shadow.
+    served_by: set[str] = set()
+
+    def student_served() -> bool:
+        served_by.add(ask(proxy, 5000 + len(served_by)).headers["X-Distillery-Served-By"])
+        return "student" in served_by
+
+    drive(proxy, student_served, "a call the student answered")
+    drive(proxy, lambda: mode(proxy) == "on", "promoted to on")
+    for n in range(12):
+        assert ask(proxy, n, app="billing").status_code == 200
+    wait_for(lambda: len(samples(proxy, "billing")) == 12, 10, "the bad student's pairs")
+    assert mode(proxy, "billing") == "shadow"
+    [billing] = [row for row in status(proxy.settings, proxy.reader) if row["route"] == "billing"]
+    assert billing["verdict"] == "below the bar" and billing["score"] == 0.0
+    # By hand, too: refused without the evidence, and saying why.
+    url = proxy.settings.storage.resolved_database_url()
+    config = config_file(Path(proxy.settings.storage.resolved_data_dir()), bad, "min_samples = 4")
+    config.write_text(
+        config.read_text()
+        .replace("[routes.support]", "[routes.billing]")
+        .replace('app = "support"', 'app = "billing"')
+    )
+    refused = CliRunner().invoke(
+        cli, ["routes", "promote", "billing", "-c", str(config), "--database-url", url]
+    )
+    assert refused.exit_code == 1 and "stays in shadow: below the bar" in refused.output
+
+
+def test_a_student_that_starts_failing_after_promotion_is_demoted(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread
+) -> None:
+    student = served(FakeStudent(), servers)
+    proxy = routed(
+        start_proxy, student, auto=True, min_samples=3, window=6, canary=0.5, holdout=0.5
+    )
+    drive(proxy, lambda: mode(proxy) == "on", "promoted to on")
+    student.behaviour = "bad"
+    drive(proxy, lambda: mode(proxy) == "shadow", "demoted")
+    state = route_store.states(proxy.reader)["support"]
+    assert "below the bar" in state["reason"] and state["reason"].startswith("automatic")
+    # Back in shadow, every call is the teacher's again (once the proxy has read the mode).
+    wait_for(
+        lambda: (
+            ask(proxy, 1).headers["X-Distillery-Served-By"] == "teacher"
+            and all(ask(proxy, n).headers["X-Distillery-Served-By"] == "teacher" for n in range(5))
+        ),
+        10,
+        "the teacher answering",
+    )
+
+
+def test_a_failing_student_falls_back_to_the_teacher_streaming_or_not(
+    start_proxy: Callable[..., RunningProxy],
+    servers: ServerThread,
+    upstream: FakeOpenAI,
+    sdk: Callable[..., Any],
+) -> None:
+    """In `on` with no holdout every call goes to the student first; when it errors, times
+    out before its first byte or answers what the validator refuses, the client gets the
+    teacher's answer with a 200, and never sees the student's failure."""
+    student = served(FakeStudent(), servers)
+    proxy = routed(start_proxy, student, mode="on", holdout=0, timeout=0.5)
+    client = sdk(proxy.base_url, ALICE, default_headers={"X-Distillery-Tag-app": "support"})
+    messages = [{"role": "user", "content": "question 1"}]
+    direct = httpx.post(
+        upstream.url + "/v1/chat/completions", json={"model": "fake-model", "messages": messages}
+    )
+    for behaviour in ("broken", "held"):
+        student.behaviour = behaviour
+        answer = ask(proxy, 1)
+        assert answer.status_code == 200 and answer.content == direct.content
+        assert answer.headers["X-Distillery-Served-By"] == "teacher"
+        stream = client.chat.completions.create(model="fake-model", messages=messages, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == TEACHER_TEXT
+    student.release.set()
+    # JSON asked for, prose answered: the validator refuses it; JSON answered: it serves.
+    student.behaviour = "good"
+    fmt = {"response_format": {"type": "json_object"}}
+    refused = client.chat.completions.with_raw_response.create(
+        model="fake-model", messages=messages, **fmt
+    )
+    assert refused.headers["X-Distillery-Served-By"] == "teacher"
+    student.behaviour = "json"
+    accepted = client.chat.completions.with_raw_response.create(
+        model="fake-model", messages=messages, **fmt
+    )
+    assert accepted.headers["X-Distillery-Served-By"] == "student"
+    assert accepted.parse().choices[0].message.content == '{"ok": true}'
+    metrics = httpx.get(proxy.url + "/metrics").text
+    for reason, count in (("http_500", 2), ("timeout", 2), ("invalid_json", 1)):
+        line = f'distillery_route_fallbacks_total{{reason="{reason}",route="support"}} {count}.0'
+        assert line in metrics, reason
+    # ... and in the routes' status, summed over every proxy on the database.
+    wait_for(lambda: status(proxy.settings, proxy.reader)[0]["fallbacks"] == 5, 10, "5 fallbacks")
+
+
+def test_what_the_student_answered_is_said_and_stays_out_of_datasets(
+    start_proxy: Callable[..., RunningProxy],
+    servers: ServerThread,
+    sdk: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    student = served(FakeStudent(), servers)
+    proxy = routed(start_proxy, student, mode="on", holdout=0)
+    answer = ask(proxy, 1)
+    assert answer.headers["X-Distillery-Served-By"] == "student"
+    assert answer.json()["model"] == "tiny"
+    client = sdk(proxy.base_url, ALICE, default_headers={"X-Distillery-Tag-app": "support"})
+    stream = client.chat.completions.with_raw_response.create(
+        model="fake-model", messages=[{"role": "user", "content": "question 2"}], stream=True
+    )
+    assert stream.headers["X-Distillery-Served-By"] == "student"
+    text = "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
+    assert text == TEACHER_TEXT  # the good student says what the teacher says
+    teacher = ask(proxy, 3, app="billing")  # no route: the teacher's
+    rows = proxy.wait_stored(3)
+    by_student = [r for r in rows if proxy.tags(r["id"]).get("distillery_served_by") == "student"]
+    assert len(by_student) == 2
+    assert {r["model_served"] for r in by_student} == {"tiny"}
+    assert {r["upstream"] for r in by_student} == {student.url + "/v1"}
+    assert teacher.status_code == 200
+    url = proxy.settings.storage.resolved_database_url()
+
+    def build(*extra: str) -> int:
+        result = CliRunner().invoke(
+            cli,
+            [
+                "dataset",
+                "build",
+                f"d{len(extra)}",
+                "--val-fraction",
+                "0",
+                "--json",
+                "--database-url",
+                url,
+                *extra,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        return int(json.loads(result.output)["counts"]["considered"])
+
+    assert build() == 1  # the teacher's call alone
+    assert build("--include-student-answers") == 3
+
+
+def test_a_student_down_for_long_leaves_every_call_to_the_teacher_until_it_is_back(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread
+) -> None:
+    """Past `down_after` seconds of failures the proxy stops trying the student in front of
+    the teacher (no fallback each time); the shadow keeps asking it, and the first answer
+    puts it back to work."""
+    student = served(FakeStudent(), servers)
+    student.behaviour = "broken"
+    proxy = routed(start_proxy, student, mode="on", holdout=0, down_after=0.2)
+
+    def fallbacks() -> float:
+        text = httpx.get(proxy.url + "/metrics").text
+        line = 'distillery_route_fallbacks_total{reason="http_500",route="support"} '
+        found = [row for row in text.splitlines() if row.startswith(line)]
+        return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+    wait_for(
+        lambda: ask(proxy, 1).status_code == 200 and fallbacks() >= 2 and _down(proxy),
+        10,
+        "the route to give up on its student",
+    )
+    before = fallbacks()
+    for n in range(5):
+        answer = ask(proxy, n)
+        assert answer.headers["X-Distillery-Served-By"] == "teacher"
+    assert fallbacks() == before  # not tried in front of the teacher any more
+    student.behaviour = "good"  # back: the next shadow call finds out
+    wait_for(
+        lambda: ask(proxy, 7).headers["X-Distillery-Served-By"] == "student",
+        10,
+        "the student answering again",
+    )
+
+
+def _down(proxy: RunningProxy) -> bool:
+    from distillery.proxy.state import PROXY
+
+    return bool(proxy.app[PROXY].router.routes[0].down)

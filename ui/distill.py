@@ -29,6 +29,7 @@ from distillery.curation.datasets.build import (
     check_name,
 )
 from distillery.curation.endpoints import Endpoint
+from distillery.curation.evals.generate import EVAL_TAG
 from distillery.curation.training.backends import (
     BackendContext,
     Hyperparameters,
@@ -42,6 +43,7 @@ from distillery.curation.training.openai_api import MIN_EXAMPLES
 from distillery.errors import DistilleryError
 from distillery.prices import AS_OF as PRICES_AS_OF
 from distillery.prices import training_cost
+from distillery.shadow import STUDENT_ANSWERED
 from distillery.store import query
 from distillery.ui import tasks
 from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
@@ -215,7 +217,7 @@ async def run(request: web.Request) -> web.StreamResponse:
         return await dialog(request, str(exc), form)
     options = BuildOptions(
         name=name,
-        filters=replace(filters, tenants=None, exclude_tags=(("distillery_eval", "1"),)),
+        filters=replace(filters, tenants=None, exclude_tags=(EVAL_TAG, STUDENT_ANSWERED)),
         rules=rules,
         exact_dedupe=not form.get("no_exact_dedupe"),
         near_dedupe=not form.get("no_near_dedupe"),
