@@ -72,6 +72,7 @@ class RouteJudge:
         self.store = store
         self._decided: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._threads = threading.local()
         self.routes = settings.routes
         # Loaded once, so a bad grader stops the proxy at start, not a pair at a time.
         self.graders = {name: load_all(route.graders) for name, route in self.routes.items()}
@@ -88,7 +89,7 @@ class RouteJudge:
         scores: dict[str, float | None] = {}
         teacher: dict[str, float | None] = {}
         if pair.student is not None:
-            scores, teacher = asyncio.run(self._grade(route, graders, pair))
+            scores, teacher = self._loop().run_until_complete(self._grade(route, graders, pair))
         usage = (pair.student or {}).get("usage") or {}
         teacher_usage = pair.teacher.get("usage") or {}
         route_store.add_sample(
@@ -116,6 +117,13 @@ class RouteJudge:
         )
         if route.auto:
             self._decide(pair.route)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """This thread's event loop for the (async) graders, made once, not per pair."""
+        loop: asyncio.AbstractEventLoop | None = getattr(self._threads, "loop", None)
+        if loop is None:
+            loop = self._threads.loop = asyncio.new_event_loop()
+        return loop
 
     def _decide(self, name: str) -> None:
         """The automatic policy, at most every POLICY_S per route (it reads the window)."""

@@ -1,0 +1,164 @@
+"""What does a route cost the client?  Prints a table; numbers go in the README.
+
+Starts two stub upstreams (the teacher and the student: the same canned answer, so
+every shadow pair grades 1.0) and three ``distillery proxy`` processes on them: capture
+only, a route in ``shadow``, and a route ``on`` (no holdout: the student answers
+everything).  Each scenario is driven through each proxy in turn, capture only first
+and again last, so the difference between its two runs shows the noise of the machine.
+
+    python bench/route_bench.py [--requests 2000] [--rate 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import sqlalchemy as sa
+import uvloop
+from proxy_bench import (
+    REQUEST_BODY,
+    STREAM_BODY,
+    fixed_rate,
+    free_port,
+    pct,
+    request_bytes,
+    sequential,
+    wait_listening,
+)
+
+HERE = Path(__file__).parent
+ROUTE = """
+[endpoints.student]
+base_url = "http://127.0.0.1:{port}/v1"
+
+[routes.bench]
+match = {{ model = "gpt-4o-mini" }}
+student = "student-model@student"
+graders = ["exact"]
+bar = 0.9
+mode = "{mode}"
+holdout = 0
+"""
+
+
+def start_proxy(
+    tmp: Path, name: str, teacher: int, config: str | None
+) -> tuple[int, subprocess.Popen[bytes]]:
+    port = free_port()
+    config_file = tmp / f"{name}.toml"
+    config_file.write_text(config or "")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distillery",
+            "proxy",
+            "--port",
+            str(port),
+            "--upstream",
+            f"http://127.0.0.1:{teacher}/v1",
+            "--data-dir",
+            str(tmp / name),
+            "--database-url",
+            f"sqlite:///{tmp / (name + '.db')}",
+            "--config",
+            str(config_file),
+            "--log-json",
+        ],
+        stdout=(tmp / f"{name}.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "DISTILLERY_CONFIG": ""},
+    )
+    wait_listening(port, process, name)
+    return port, process
+
+
+def graded_pairs(tmp: Path, name: str) -> int:
+    engine = sa.create_engine(f"sqlite:///{tmp / (name + '.db')}")
+    with engine.connect() as conn:
+        count = conn.execute(sa.text("SELECT count(*) FROM route_samples")).scalar_one()
+    engine.dispose()
+    return int(count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="sequential, per scenario")
+    parser.add_argument("--rate", type=float, default=200, help="requests/second under load")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="distillery-route-bench-"))
+    stubs = []
+    for _ in range(2):
+        port = free_port()
+        stub = subprocess.Popen([sys.executable, str(HERE / "stub_upstream.py"), str(port)])
+        wait_listening(port, stub, "stub")
+        stubs.append((port, stub))
+    (teacher, _), (student, _) = stubs
+    proxies = {
+        "capture only": start_proxy(tmp, "capture", teacher, None),
+        "route in shadow": start_proxy(
+            tmp, "shadow", teacher, ROUTE.format(port=student, mode="shadow")
+        ),
+        "route on": start_proxy(tmp, "on", teacher, ROUTE.format(port=student, mode="on")),
+    }
+    order = ["capture only", "route in shadow", "route on", "capture only"]
+    chat = "/v1/chat/completions"
+    scenarios = {
+        "non-streaming, c=1": (request_bytes(chat, REQUEST_BODY), "total", None),
+        "streaming TTFB, c=1": (request_bytes(chat, STREAM_BODY), "first", None),
+        f"non-streaming, {args.rate:.0f} req/s": (
+            request_bytes(chat, REQUEST_BODY),
+            "total",
+            args.rate,
+        ),
+    }
+    results: dict[str, list[tuple[str, float, float]]] = {}
+    try:
+        for label, (payload, key, rate) in scenarios.items():
+            for name in order:
+                port = proxies[name][0]
+                if rate is None:
+                    sample = uvloop.run(sequential(port, payload, args.requests))
+                else:
+                    sample = uvloop.run(fixed_rate(port, payload, rate, 5))
+                values = getattr(sample, key)
+                results.setdefault(label, []).append((name, pct(values, 50), pct(values, 99)))
+    finally:
+        for _, process in proxies.values():
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+        for _, stub in stubs:
+            stub.terminate()
+            stub.wait()
+    print(
+        f"\nDistillery route benchmark: {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"SQLite; {args.requests} sequential requests per run"
+    )
+    print(f"{'scenario (ms, p50 / p99)':<28}  {'proxy':<18}  {'p50 / p99':>17}  vs capture only")
+    print(f"{'-' * 28}  {'-' * 18}  {'-' * 17}  {'-' * 17}")
+    for label, runs in results.items():
+        base50, base99 = runs[0][1], runs[0][2]
+        for name, p50, p99 in runs:
+            print(
+                f"{label:<28}  {name:<18}  {p50:>7.3f} / {p99:>7.3f}  "
+                f"{p50 - base50:+7.3f} / {p99 - base99:+7.3f}"
+            )
+    print(
+        f"\ngraded shadow pairs: {graded_pairs(tmp, 'shadow'):,} (route in shadow); "
+        f"{graded_pairs(tmp, 'on'):,} (route on, no holdout: none expected)"
+    )
+
+
+if __name__ == "__main__":
+    main()
