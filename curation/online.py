@@ -73,6 +73,7 @@ class RouteJudge:
         self._decided: dict[str, float] = {}
         self._lock = threading.Lock()
         self._threads = threading.local()
+        self._loops: list[asyncio.AbstractEventLoop] = []
         self.routes = settings.routes
         # Loaded once, so a bad grader stops the proxy at start, not a pair at a time.
         self.graders = {name: load_all(route.graders) for name, route in self.routes.items()}
@@ -123,7 +124,16 @@ class RouteJudge:
         loop: asyncio.AbstractEventLoop | None = getattr(self._threads, "loop", None)
         if loop is None:
             loop = self._threads.loop = asyncio.new_event_loop()
+            with self._lock:
+                self._loops.append(loop)
         return loop
+
+    def close(self) -> None:
+        """Close the threads' event loops (the proxy calls this once no pair is graded)."""
+        with self._lock:
+            loops, self._loops = self._loops, []
+        for loop in loops:
+            loop.close()
 
     def _decide(self, name: str) -> None:
         """The automatic policy, at most every POLICY_S per route (it reads the window)."""

@@ -107,6 +107,7 @@ class Router:
         ]
         self.judge: Judge | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._grading: set[asyncio.Future[None]] = set()  # pairs being graded in threads
         # Counted here, added to the database's counters at the next refresh.
         self._unwritten: collections.Counter[tuple[str, str]] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
@@ -196,6 +197,10 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await asyncio.gather(*self._grading, return_exceptions=True)
+        close = getattr(self.judge, "close", None)
+        if close is not None:
+            close()
         if self._session is not None:
             await self._session.close()
         await self._refresh()  # the last counts
@@ -243,7 +248,10 @@ class Router:
                     self.answered(route)
                 judge = self.judge
                 if judge is not None:
-                    await asyncio.to_thread(judge, pair)
+                    grading = asyncio.ensure_future(asyncio.to_thread(judge, pair))
+                    self._grading.add(grading)
+                    grading.add_done_callback(self._grading.discard)
+                    await asyncio.shield(grading)  # on stop, the pair is still stored
                 outcome = "student_error" if pair.error else "graded"
             except Exception:  # a bug in grading: logged, and the next pair goes on
                 log.exception("shadow pair failed", route=route.name)
