@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,20 +110,18 @@ def proxy(
         distillery proxy --port 8787
         export OPENAI_BASE_URL=http://127.0.0.1:8787/v1
     """
-    settings = _settings(
-        config,
-        {
-            "proxy.host": host,
-            "proxy.port": port,
-            "proxy.access_log": access_log,
-            "upstream.url": upstream,
-            "upstream.api_key_env": upstream_api_key_env,
-            "upstream.timeout": upstream_timeout,
-            "storage.database_url": database_url,
-            "storage.data_dir": data_dir,
-            "capture.enabled": False if no_capture else None,
-        },
-    )
+    overrides = {
+        "proxy.host": host,
+        "proxy.port": port,
+        "proxy.access_log": access_log,
+        "upstream.url": upstream,
+        "upstream.api_key_env": upstream_api_key_env,
+        "upstream.timeout": upstream_timeout,
+        "storage.database_url": database_url,
+        "storage.data_dir": data_dir,
+        "capture.enabled": False if no_capture else None,
+    }
+    settings = _settings(config, overrides)
     from distillery.proxy.preflight import missing_upstream_key, run_checks
 
     if check_config:
@@ -154,7 +153,9 @@ def proxy(
         extensions.append(grade_routes)
     logs.configure(log_level, json=log_json)
     try:
-        serve(settings, workers, {"level": log_level, "json": log_json}, extensions)
+        # SIGHUP reads the same file with the same flags again (for its routes).
+        reload = functools.partial(load_settings, config, overrides)
+        serve(settings, workers, {"level": log_level, "json": log_json}, extensions, reload)
     except DistilleryError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -68,25 +68,40 @@ def install(app: web.Application, settings: Settings, store: Store | None) -> No
 
 class RouteJudge:
     def __init__(self, settings: Settings, store: Store) -> None:
-        self.settings = settings
         self.store = store
         self._decided: dict[str, float] = {}
         self._lock = threading.Lock()
         self._threads = threading.local()
         self._loops: list[asyncio.AbstractEventLoop] = []
-        self.routes = settings.routes
-        # Loaded once, so a bad grader stops the proxy at start, not a pair at a time.
-        self.graders = {name: load_all(route.graders) for name, route in self.routes.items()}
-        self.endpoints = configured(settings)
         # Graded on what was said, stored as the captured calls are: redacted.
         self.redact = Redactor.from_settings(
             settings.redact.defaults, [(p.name, p.pattern) for p in settings.redact.patterns]
         )
-        self.context = Context(Generator(store), self.endpoints, Endpoint.from_env("default"))
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """The routes, graders and endpoints of a (re)loaded config.  Graders load here,
+        so a bad one stops the proxy at start, or leaves a reload undone, not a pair at a
+        time."""
+        graders = {name: load_all(route.graders) for name, route in settings.routes.items()}
+        endpoints = configured(settings)
+        context = Context(Generator(self.store), endpoints, Endpoint.from_env("default"))
+        with self._lock:
+            self.settings, self.routes, self.graders = settings, settings.routes, graders
+            self.endpoints, self.context = endpoints, context
+
+    def standings(self) -> list[dict[str, Any]]:
+        """Every route's standing (the proxy puts it on /metrics)."""
+        with self._lock:
+            settings = self.settings
+        return status(settings, self.store)
 
     def __call__(self, pair: Pair) -> None:
-        route = self.routes[pair.route]
-        graders = self.graders[pair.route]
+        with self._lock:
+            route = self.routes.get(pair.route)
+            graders = self.graders.get(pair.route, [])
+        if route is None:  # the route went in a reload while its pair waited
+            return
         scores: dict[str, float | None] = {}
         teacher: dict[str, float | None] = {}
         if pair.student is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -137,7 +139,10 @@ Extension = Callable[[web.Application, Settings, Store | None], None]
 
 
 def make_app(
-    settings: Settings, store: Store | None, extensions: Sequence[Extension] = ()
+    settings: Settings,
+    store: Store | None,
+    extensions: Sequence[Extension] = (),
+    reload: Callable[[], Settings] | None = None,
 ) -> web.Application:
     """Build the proxy; ``store=None`` (or capture disabled) forwards without recording."""
     capture = None
@@ -154,6 +159,7 @@ def make_app(
         capture=capture,
         redactor=redactor,
         store=store,
+        reload=reload,
     )
     serve_stored = store is not None and settings.proxy.stored_completions == "local"
     if capture is not None:
@@ -197,9 +203,34 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         proxy.capture.start()
     proxy.router.judge = app.get(JUDGE)
     await proxy.router.start()
+    if proxy.reload is not None and threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_routes(app)))
     yield
     await proxy.router.stop()
     await proxy.session.close()
     if proxy.capture is not None:
         await asyncio.to_thread(proxy.capture.close)
         log.info("capture flushed", **proxy.capture.health())
+
+
+async def reload_routes(app: web.Application) -> bool:
+    """Read the config again and apply its [routes] and [endpoints] (SIGHUP), without
+    dropping a request; a config that does not load changes nothing.  Whether it applied."""
+    proxy = app[PROXY]
+    if proxy.reload is None:
+        return False
+    try:
+        settings = await asyncio.to_thread(proxy.reload)
+        judge = app.get(JUDGE)
+        reconfigure = getattr(judge, "reconfigure", None)
+        if reconfigure is not None:
+            await asyncio.to_thread(reconfigure, settings)  # loads graders: may refuse
+    except Exception as exc:  # a bad edit: said, and the running routes stay
+        log.error("config not reloaded", error=str(exc))
+        return False
+    rest = {"routes", "endpoints"}
+    if settings.model_dump(exclude=rest) != proxy.settings.model_dump(exclude=rest):
+        log.warning("config reloaded: only [routes] and [endpoints]; restart for the rest")
+    await proxy.router.reconfigure(settings)
+    return True

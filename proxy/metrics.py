@@ -184,6 +184,14 @@ class Metrics:
             ["route", "mode"],
             registry=own,
         )
+        self.route_standing = Gauge(
+            "distillery_route_standing",
+            "Each route's graded evidence, as `distillery routes status` has it: stat is "
+            "samples, score, ci_low, ci_high or bar (absent while there is none).",
+            ["route", "stat"],
+            multiprocess_mode="livemostrecent",
+            registry=own,
+        )
         self._model = _Bounded()
         self._app = _Bounded()
 

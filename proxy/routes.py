@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from distillery.store import routes as route_store
 
 log = structlog.get_logger()
 REFRESH_S = 2.0  # how often modes are read back from the database
+STANDING_EVERY = 5  # refreshes between two readings of the routes' standing (10 s)
 # What the teacher's request carries for OpenAI that a student is not sent.
 NOT_FOR_STUDENT = ("store", "metadata", "stream", "stream_options", "service_tier")
 
@@ -108,9 +110,39 @@ class Router:
         self.judge: Judge | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._grading: set[asyncio.Future[None]] = set()  # pairs being graded in threads
+        self._workers: dict[str, list[asyncio.Task[None]]] = {}  # each route's shadow workers
         # Counted here, added to the database's counters at the next refresh.
         self._unwritten: collections.Counter[tuple[str, str]] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
+
+    async def reconfigure(self, settings: Settings) -> None:
+        """New routes from a reloaded config, without dropping a request: a call already
+        routed keeps its route; new calls see the new ones.  A route whose student, queue
+        and concurrency did not change keeps its queue and workers."""
+        kept = {route.name: route for route in self.routes}
+        routes, stale = [], []
+        for name, config in settings.routes.items():
+            endpoint = settings.endpoints[config.student.partition("@")[2]]
+            old = kept.pop(name, None)
+            if old is not None and _same_workers(old, config, endpoint):
+                old.settings, old.endpoint = config, endpoint
+                routes.append(old)
+                continue
+            if old is not None:
+                stale.append(old)
+            routes.append(Route(name, config, endpoint, config.mode))
+        stale.extend(kept.values())
+        fresh = [r for r in routes if r not in self.routes]
+        self.routes = routes
+        for route in stale:
+            for task in self._workers.pop(route.name, []):
+                task.cancel()
+        if self._session is None:  # not started: start() starts them all
+            return
+        for route in fresh:
+            self._start_workers(route)
+        await self._refresh()
+        log.info("routes reloaded", routes=[r.name for r in routes])
 
     def route_for(
         self,
@@ -184,19 +216,25 @@ class Router:
             )
         self._session = aiohttp.ClientSession()
         await self._refresh()
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._refresh_forever()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_forever()))
         for route in self.routes:
-            for _ in range(route.settings.concurrency):
-                self._tasks.append(loop.create_task(self._work(route)))
+            self._start_workers(route)
+
+    def _start_workers(self, route: Route) -> None:
+        loop = asyncio.get_running_loop()
+        self._workers[route.name] = [
+            loop.create_task(self._work(route)) for _ in range(route.settings.concurrency)
+        ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *(t for workers in self._workers.values() for t in workers)]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self._workers.clear()
         await asyncio.gather(*self._grading, return_exceptions=True)
         close = getattr(self.judge, "close", None)
         if close is not None:
@@ -232,9 +270,29 @@ class Router:
                 route.mode = mode
 
     async def _refresh_forever(self) -> None:
-        while True:
+        for turn in itertools.count(1):
             await asyncio.sleep(REFRESH_S)
             await self._refresh()
+            if turn % STANDING_EVERY == 0:
+                await self.publish_standing()
+
+    async def publish_standing(self) -> None:
+        """Each route's score and interval on /metrics, from the judge (when it can say)."""
+        standings = getattr(self.judge, "standings", None)
+        if standings is None:
+            return
+        try:
+            rows: list[dict[str, Any]] = await asyncio.to_thread(standings)
+        except Exception as exc:
+            log.warning("route standing not read", error=str(exc))
+            return
+        for row in rows:
+            for stat in ("samples", "score", "ci_low", "ci_high", "bar"):
+                if row[stat] is None:  # no number rather than a made-up one
+                    with contextlib.suppress(KeyError):
+                        self.metrics.route_standing.remove(row["route"], stat)
+                else:
+                    self.metrics.route_standing.labels(row["route"], stat).set(row[stat])
 
     async def _work(self, route: Route) -> None:
         while True:
@@ -277,3 +335,13 @@ class Router:
         except (aiohttp.ClientError, ValueError) as exc:
             pair.error = f"{type(exc).__name__}: {exc}"[:300]
         pair.latency_ms = round((time.perf_counter() - started) * 1000, 3)
+
+
+def _same_workers(route: Route, config: RouteSettings, endpoint: EndpointSettings) -> bool:
+    """Whether a reloaded route can keep the route's queue and shadow workers."""
+    old = route.settings
+    return (
+        endpoint.base_url == route.endpoint.base_url
+        and config.student == old.student
+        and (config.queue, config.concurrency) == (old.queue, old.concurrency)
+    )

@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -54,18 +54,25 @@ def serve(
     workers: int = 1,
     logging: dict[str, Any] | None = None,
     extensions: Sequence[Extension] = (),
+    reload: Callable[[], Settings] | None = None,
 ) -> None:
     """Serve the proxy; ``extensions`` (module-level functions: workers are spawned) mount
-    what the entry point adds beside the API, such as the dashboard."""
+    what the entry point adds beside the API, such as the dashboard; ``reload`` (picklable)
+    reads the config again on SIGHUP, for its routes."""
     if workers <= 1:
-        _serve_one(settings, reuse_port=False, extensions=extensions)
+        _serve_one(settings, reuse_port=False, extensions=extensions, reload=reload)
         return
     if settings.proxy.port == 0:
         raise DistilleryError("--workers needs a fixed --port: the workers share it.")
-    _supervise(settings, workers, logging or {}, extensions)
+    _supervise(settings, workers, logging or {}, extensions, reload)
 
 
-def _serve_one(settings: Settings, reuse_port: bool, extensions: Sequence[Extension] = ()) -> None:
+def _serve_one(
+    settings: Settings,
+    reuse_port: bool,
+    extensions: Sequence[Extension] = (),
+    reload: Callable[[], Settings] | None = None,
+) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
@@ -83,7 +90,7 @@ def _serve_one(settings: Settings, reuse_port: bool, extensions: Sequence[Extens
         or bool(settings.routes)  # their modes and graded pairs live there
     )
     store = open_capture_store(settings) if needs_store else None
-    app = make_app(settings, store, extensions)
+    app = make_app(settings, store, extensions, reload)
     try:
         http.run(
             http.serve_forever(
@@ -105,19 +112,28 @@ def _serve_one(settings: Settings, reuse_port: bool, extensions: Sequence[Extens
             store.close()
 
 
-def _worker(settings: Settings, logging: dict[str, Any], extensions: Sequence[Extension]) -> None:
+def _worker(
+    settings: Settings,
+    logging: dict[str, Any],
+    extensions: Sequence[Extension],
+    reload: Callable[[], Settings] | None,
+) -> None:
     from distillery import logs
 
     logs.configure(**logging)
     try:
-        _serve_one(settings, reuse_port=True, extensions=extensions)
+        _serve_one(settings, reuse_port=True, extensions=extensions, reload=reload)
     except DistilleryError as exc:
         log.error("worker cannot serve", error=str(exc))
         sys.exit(3)
 
 
 def _supervise(
-    settings: Settings, workers: int, logging: dict[str, Any], extensions: Sequence[Extension]
+    settings: Settings,
+    workers: int,
+    logging: dict[str, Any],
+    extensions: Sequence[Extension],
+    reload: Callable[[], Settings] | None,
 ) -> None:
     if settings.capture.enabled:
         migrate(create_engine(settings.storage.resolved_database_url()))
@@ -125,7 +141,7 @@ def _supervise(
     shared_metrics = tempfile.mkdtemp(prefix="distillery-metrics-")
     os.environ[MULTIPROC_ENV] = shared_metrics  # spawned workers inherit it
     try:
-        _run_workers(settings, workers, logging, shared_metrics, extensions)
+        _run_workers(settings, workers, logging, shared_metrics, extensions, reload)
     finally:
         shutil.rmtree(shared_metrics, ignore_errors=True)
 
@@ -136,13 +152,14 @@ def _run_workers(
     logging: dict[str, Any],
     shared_metrics: str,
     extensions: Sequence[Extension],
+    reload: Callable[[], Settings] | None,
 ) -> None:
     context = multiprocessing.get_context("spawn")
     stopping = False
 
     def start() -> Any:
         process = context.Process(
-            target=_worker, args=(settings, logging, extensions), daemon=False
+            target=_worker, args=(settings, logging, extensions, reload), daemon=False
         )
         process.start()
         return process
@@ -157,8 +174,14 @@ def _run_workers(
             if process.is_alive():
                 process.terminate() if signum == signal.SIGTERM else _interrupt(process)
 
+    def reload_workers(_signum: int, _frame: Any) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload_workers)
     while True:
         for index, process in enumerate(processes):
             process.join(timeout=0.2)

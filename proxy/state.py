@@ -42,6 +42,8 @@ class Proxy:
     capture: Capture | None
     redactor: Redactor
     store: Store | None = None
+    # Reads the config again (SIGHUP): what [routes] and [endpoints] say then takes effect.
+    reload: Callable[[], Settings] | None = None
     upstream_url: str = field(init=False)
     upstream_key: str | None = field(init=False)
     session: aiohttp.ClientSession = field(init=False)

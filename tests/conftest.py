@@ -70,6 +70,7 @@ def start_proxy(
         database_url: str | None = None,
         dashboard: bool = False,
         extensions: Sequence[Extension] = (),
+        reload: Callable[[], Settings] | None = None,
         **_: Any,
     ) -> RunningProxy:
         config = dict(config or {})
@@ -85,7 +86,7 @@ def start_proxy(
         from distillery.ui.app import mount
 
         running = RunningProxy(
-            servers, settings, store, [*([mount] if dashboard else []), *extensions]
+            servers, settings, store, [*([mount] if dashboard else []), *extensions], reload
         )
         started.append(running)
         return running

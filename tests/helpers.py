@@ -150,10 +150,11 @@ class RunningProxy:
         settings: Settings,
         store: Store | None,
         extensions: Sequence[Extension] = (),
+        reload: Callable[[], Settings] | None = None,
     ) -> None:
         self.servers = servers
         self.settings = settings
-        self.app = make_app(settings, store, extensions)
+        self.app = make_app(settings, store, extensions, reload)
         self.url, self.runner = servers.serve(self.app, ProxyRunner)
         self.base_url = self.url + "/v1"
         self.reader = Store(create_engine(settings.storage.resolved_database_url()))

@@ -17,6 +17,7 @@ pytest.importorskip(
 )
 
 RUN = Path(__file__).parent.parent / "examples" / "ticket_extraction" / "run.py"
+SHADOW = RUN.parent / "shadow.py"
 
 
 @pytest.mark.example
@@ -38,3 +39,20 @@ def test_distilled_student_closes_most_of_the_gap(tmp_path: Path) -> None:
     assert tuned >= 0.7 * teacher  # the stated fraction of the teacher (README)
     assert (tmp_path / "report.html").exists()
     assert "re-run without new calls: nothing to do" in result.stdout  # idempotent, cron-safe
+
+    # Then to work: in the teacher's shadow, promoted by the evidence, answering new tickets.
+    shadow = subprocess.run(
+        [sys.executable, str(SHADOW), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert shadow.returncode == 0, shadow.stdout[-3000:] + shadow.stderr[-3000:]
+    print(shadow.stdout)
+    phases = re.findall(r"^  (\w+)\s+teacher\s+(\d+)\s+student\s+(\d+)$", shadow.stdout, re.M)
+    assert [mode for mode, _, _ in phases] == ["shadow", "canary", "on"]
+    shadowed, canary, on = ((int(t), int(s)) for _, t, s in phases)
+    assert shadowed[1] == 0 and canary[1] > 0 and on[1] > on[0]  # who answered, by mode
+    right = dict(re.findall(r"the (\w+)'s answers right: (\d+ of \d+)", shadow.stdout))
+    got, of = (int(n) for n in right["student"].split(" of "))
+    assert of == canary[1] + on[1] and got >= 0.9 * of

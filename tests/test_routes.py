@@ -230,6 +230,13 @@ def test_in_shadow_the_client_gets_the_teachers_bytes_and_every_pair_is_graded(
 
     [row] = status(proxy.settings, proxy.reader)
     assert row["samples"] == 5 and row["score"] == 1.0
+    # /metrics says the same (the proxy reads it every 10 s; here, now).
+    from distillery.proxy.state import PROXY
+
+    servers.call(proxy.app[PROXY].router.publish_standing())
+    metrics = httpx.get(proxy.url + "/metrics").text
+    for stat, value in (("samples", 5.0), ("score", 1.0), ("ci_low", 1.0), ("bar", 0.9)):
+        assert f'distillery_route_standing{{route="support",stat="{stat}"}} {value}' in metrics
     assert (row["ci_low"], row["ci_high"], row["bar"]) == (1.0, 1.0, 0.9)
     assert row["verdict"] == "clears the bar"
     assert (row["win"], row["tie"], row["loss"]) == (0, 5, 0)
@@ -627,3 +634,112 @@ def _down(proxy: RunningProxy) -> bool:
     from distillery.proxy.state import PROXY
 
     return bool(proxy.app[PROXY].router.routes[0].down)
+
+
+def test_a_reloaded_config_changes_routes_without_dropping_a_request(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread, tmp_path: Path
+) -> None:
+    """What SIGHUP does: the config is read again; its routes take effect for new calls,
+    calls in flight finish on the route they had, a config that does not load changes
+    nothing."""
+    from distillery.config import Settings
+    from distillery.proxy.app import reload_routes
+
+    student = served(FakeStudent(), servers)
+    route = {"student": "tiny@student", "graders": ["exact"], "bar": 0.9}
+    config: dict[str, Any] = {
+        "endpoints": {"student": {"base_url": student.url + "/v1"}},
+        "routes": {"support": {"match": {"app": "support"}, **route}},
+    }
+    current = {"config": config}
+
+    def reload() -> Settings:
+        return Settings.model_validate(current["config"])
+
+    proxy = start_proxy(config, extensions=[install], reload=reload)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:  # a client that keeps calling through the reloads
+        n = 0
+        while not stop.is_set():
+            n += 1
+            answer = ask(proxy, n, app="billing" if n % 2 else "support")
+            if answer.status_code != 200:
+                errors.append(answer.text)
+
+    client = threading.Thread(target=traffic)
+    client.start()
+    try:
+        assert ask(proxy, 1).headers["X-Distillery-Route"] == "support"
+        assert "X-Distillery-Route" not in ask(proxy, 2, app="billing").headers
+        current["config"] = {
+            **config,
+            "routes": {
+                "billing": {"match": {"app": "billing"}, **route, "mode": "on", "holdout": 0}
+            },
+        }
+        assert servers.call(reload_routes(proxy.app)) is True
+        assert "X-Distillery-Route" not in ask(proxy, 3).headers
+        moved = ask(proxy, 4, app="billing").headers
+        assert moved["X-Distillery-Route"] == "billing"
+        assert moved["X-Distillery-Served-By"] == "student"  # mode on, from the new config
+        # An edit that does not load (a grader that does not exist): nothing changes.
+        current["config"] = {
+            **config,
+            "routes": {"billing": {"match": {"app": "billing"}, **route, "graders": ["nope"]}},
+        }
+        assert servers.call(reload_routes(proxy.app)) is False
+        assert ask(proxy, 5, app="billing").headers["X-Distillery-Route"] == "billing"
+    finally:
+        stop.set()
+        client.join(30)
+    assert errors == []
+    wait_for(lambda: len(samples(proxy, "support")) >= 1, 10, "the first route's pairs")
+
+
+@pytest.mark.slow
+def test_sighup_reloads_the_routes_of_every_worker(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    student = served(FakeStudent(), servers)
+    config = config_file(tmp_path, student)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database_url = f"sqlite:///{tmp_path / 'reload.db'}"
+    proxy = ProxyProcess(
+        port,
+        upstream.url + "/v1",
+        tmp_path / "data",
+        database_url,
+        "--workers",
+        "2",
+        "--config",
+        str(config),
+    ).start()
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    def route_of(app: str) -> str | None:
+        answer = httpx.post(
+            url,
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": app},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        route: str | None = answer.headers.get("X-Distillery-Route")
+        return route
+
+    assert route_of("support") == "support"
+    config.write_text(config.read_text().replace('app = "support"', 'app = "billing"'))
+    proxy.signal(signal.SIGHUP)
+    # Both workers (the kernel picks one per connection): 20 calls in a row see the change.
+    wait_for(
+        lambda: all(route_of("billing") == "support" for _ in range(20)),
+        20,
+        "every worker to route app=billing",
+    )
+    assert route_of("support") is None
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0

@@ -58,8 +58,8 @@ def serve_teacher(port: int) -> None:
     threading.Thread(target=loop.run_forever, daemon=True).start()
 
 
-def wait(url: str) -> None:
-    for _ in range(200):
+def wait(url: str, tries: int = 200) -> None:
+    for _ in range(tries):
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
