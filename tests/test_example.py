@@ -51,8 +51,11 @@ def test_distilled_student_closes_most_of_the_gap(tmp_path: Path) -> None:
     print(shadow.stdout)
     phases = re.findall(r"^  (\w+)\s+teacher\s+(\d+)\s+student\s+(\d+)$", shadow.stdout, re.M)
     assert [mode for mode, _, _ in phases] == ["shadow", "canary", "on"]
-    shadowed, canary, on = ((int(t), int(s)) for _, t, s in phases)
-    assert shadowed[1] == 0 and canary[1] > 0 and on[1] > on[0]  # who answered, by mode
+    _, canary, on = ((int(t), int(s)) for _, t, s in phases)
+    assert canary[1] + on[1] > 0 and on[1] > on[0]  # who answered, by mode
+    # Not before the evidence: 20 pairs graded in the shadow of the teacher's answers.
+    first = re.search(r"the student's first answer: call (\d+)", shadow.stdout)
+    assert first is not None and int(first.group(1)) > 20
     right = dict(re.findall(r"the (\w+)'s answers right: (\d+ of \d+)", shadow.stdout))
     got, of = (int(n) for n in right["student"].split(" of "))
     assert of == canary[1] + on[1] and got >= 0.9 * of

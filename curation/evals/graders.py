@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -161,21 +162,25 @@ def kind(type_name: str) -> GraderType:
 
 
 _plugins_loaded = False
+_plugins_lock = threading.Lock()  # graders run in threads (a route's judge): load once
 
 
 def _load_plugins() -> None:
     """Every ``distillery.graders`` entry point, imported once: importing one registers it."""
     global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    from distillery.curation.evals import builtin_graders  # noqa: F401  (registers them)
+    with _plugins_lock:
+        if _plugins_loaded:
+            return
+        from distillery.curation.evals import builtin_graders  # noqa: F401  (registers them)
 
-    for entry in entry_points(group="distillery.graders"):
-        try:
-            entry.load()
-        except Exception as exc:
-            raise GraderError(f"The grader plugin {entry.value!r} failed to load: {exc}") from None
+        for entry in entry_points(group="distillery.graders"):
+            try:
+                entry.load()
+            except Exception as exc:
+                raise GraderError(
+                    f"The grader plugin {entry.value!r} failed to load: {exc}"
+                ) from None
+        _plugins_loaded = True
 
 
 # Types that mean nothing without options: `--grader TYPE` alone is an error for them.

@@ -142,6 +142,7 @@ def _traffic(
     served: Counter[str] = Counter()
     right: Counter[str] = Counter()
     history: list[tuple[str, Counter[str]]] = [("shadow", Counter())]  # each mode, from when
+    first_student: int | None = None
 
     def status() -> dict[str, Any]:
         rows: list[dict[str, Any]] = json.loads(
@@ -155,6 +156,8 @@ def _traffic(
             messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": ticket}],
         )
         who = raw.headers["X-Distillery-Served-By"]
+        if who == "student" and first_student is None:
+            first_student = n + 1
         served[who] += 1
         right[who] += raw.parse().choices[0].message.content == extract(ticket)
         if n % 10 == 9:
@@ -166,7 +169,8 @@ def _traffic(
         time.sleep(0.05)  # an app's pace: the shadow keeps up
     app.close()
     print(distillery("routes", "status", "-c", str(config)))
-    print("who answered the app's calls, by the route's mode:")
+    print(f"the student's first answer: call {first_student} (after 20 graded pairs at least)")
+    print("who answered the app's calls, by the route's mode (looked up every 10 calls):")
     ends = [counts for _, counts in history[1:]] + [served]
     for (mode, began), ended in zip(history, ends, strict=True):
         calls = ended - began
@@ -175,6 +179,7 @@ def _traffic(
         if served[who]:
             print(f"  the {who}'s answers right: {right[who]} of {served[who]}")
     return {
+        "first_student": first_student,
         "modes": [mode for mode, _ in history],
         "served": dict(served),
         "right": dict(right),
