@@ -6,6 +6,9 @@ in conftest kills whatever is still running when a test ends, pass or fail.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +47,13 @@ class ProxyProcess:
 
     @classmethod
     def reap(cls) -> None:
-        """Kill every process a test started and left running."""
+        """Kill every process a test started and left running, with what it started (the
+        workers of ``--workers N``, a route's judge): each runs in a process group of its
+        own, and the whole group goes (killing the supervisor alone orphaned its workers)."""
         for process in cls.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             if process.poll() is None:
-                process.kill()
                 process.wait(10)
         cls.running.clear()
 
@@ -57,7 +63,9 @@ class ProxyProcess:
 
     def start(self) -> ProxyProcess:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.running.append(self.process)
 
         def ready() -> bool:

@@ -176,6 +176,26 @@ def config_file(directory: Path, student: FakeStudent, *more: str) -> Path:
     return path
 
 
+def two_workers(
+    upstream: FakeOpenAI, tmp_path: Path, database_url: str, config: Path
+) -> tuple[ProxyProcess, str]:
+    """`distillery proxy --workers 2 --config CONFIG`, and its chat completions URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = ProxyProcess(
+        port,
+        upstream.url + "/v1",
+        tmp_path / "data",
+        database_url,
+        "--workers",
+        "2",
+        "--config",
+        str(config),
+    ).start()
+    return proxy, f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
 def served(student: FakeStudent, servers: ServerThread) -> FakeStudent:
     student.url, _ = servers.serve(student.app)
     return student
@@ -377,23 +397,9 @@ def test_the_proxy_command_grades_its_routes_in_every_worker(
 ) -> None:
     """`distillery proxy --workers 2` with a route: each worker calls the student and
     grades its pairs (the judge is installed in the spawned workers too)."""
-    student = served(FakeStudent(), servers)
-    config = config_file(tmp_path, student)
+    config = config_file(tmp_path, served(FakeStudent(), servers))
     database_url = f"sqlite:///{tmp_path / 'routes.db'}"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proxy = ProxyProcess(
-        port,
-        upstream.url + "/v1",
-        tmp_path / "data",
-        database_url,
-        "--workers",
-        "2",
-        "--config",
-        str(config),
-    ).start()
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = two_workers(upstream, tmp_path, database_url, config)
     for n in range(6):
         answer = httpx.post(
             url,
@@ -702,23 +708,9 @@ def test_a_reloaded_config_changes_routes_without_dropping_a_request(
 def test_sighup_reloads_the_routes_of_every_worker(
     servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
 ) -> None:
-    student = served(FakeStudent(), servers)
-    config = config_file(tmp_path, student)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    config = config_file(tmp_path, served(FakeStudent(), servers))
     database_url = f"sqlite:///{tmp_path / 'reload.db'}"
-    proxy = ProxyProcess(
-        port,
-        upstream.url + "/v1",
-        tmp_path / "data",
-        database_url,
-        "--workers",
-        "2",
-        "--config",
-        str(config),
-    ).start()
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = two_workers(upstream, tmp_path, database_url, config)
 
     def route_of(app: str) -> str | None:
         answer = httpx.post(

@@ -68,6 +68,32 @@ def wait(url: str, tries: int = 200) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+def start_proxy(
+    port: int, teacher_url: str, database: str, env: dict[str, str], *flags: str
+) -> subprocess.Popen[bytes]:
+    """`distillery proxy` in front of the teacher, ready to take calls."""
+    proxy = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distillery",
+            "proxy",
+            "--port",
+            str(port),
+            "--upstream",
+            teacher_url,
+            "--database-url",
+            database,
+            "--no-access-log",
+            *flags,
+        ],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    wait(f"http://127.0.0.1:{port}/healthz")
+    return proxy
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,24 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     teacher_port, proxy_port = free_port(), free_port()
     serve_teacher(teacher_port)
     teacher_url = f"http://127.0.0.1:{teacher_port}/v1"
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(proxy_port),
-            "--upstream",
-            teacher_url,
-            "--database-url",
-            database,
-            "--no-access-log",
-        ],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
-    wait(f"http://127.0.0.1:{proxy_port}/healthz")
+    proxy = start_proxy(proxy_port, teacher_url, database, env)
     app = openai.OpenAI(
         base_url=f"http://127.0.0.1:{proxy_port}/v1",
         api_key="sk-example",

@@ -35,7 +35,7 @@ import openai
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from run import free_port, serve_teacher, wait  # noqa: E402
+from run import free_port, serve_teacher, start_proxy, wait  # noqa: E402
 from task import SYSTEM, extract, tickets  # noqa: E402
 
 ROUTE = """
@@ -102,28 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     try:
         wait(f"http://127.0.0.1:{student_port}/v1/models", tries=1200)
+        teacher_url = f"http://127.0.0.1:{teacher_port}/v1"
         processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "distillery",
-                    "proxy",
-                    "--port",
-                    str(proxy_port),
-                    "--upstream",
-                    f"http://127.0.0.1:{teacher_port}/v1",
-                    "--database-url",
-                    database,
-                    "--config",
-                    str(config),
-                    "--no-access-log",
-                ],
-                env=env,
-                stderr=subprocess.DEVNULL,
-            )
+            start_proxy(proxy_port, teacher_url, database, env, "--config", str(config))
         )
-        wait(f"http://127.0.0.1:{proxy_port}/healthz")
         return _traffic(proxy_port, args.max_tickets, distillery, config)
     finally:
         for process in reversed(processes):
