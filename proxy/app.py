@@ -206,6 +206,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if proxy.reload is not None and threading.current_thread() is threading.main_thread():
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_routes(app)))
+        # A SIGHUP that came while this process started was ignored (see server.py), and a
+        # worker started again by the supervisor was given the config of the first start:
+        # read it now, so that every worker routes by the file as it is.
+        await reload_routes(app)
     yield
     await proxy.router.stop()
     await proxy.session.close()
@@ -220,17 +224,21 @@ async def reload_routes(app: web.Application) -> bool:
     proxy = app[PROXY]
     if proxy.reload is None:
         return False
+    rest = {"routes", "endpoints"}
     try:
         settings = await asyncio.to_thread(proxy.reload)
-        judge = app.get(JUDGE)
-        reconfigure = getattr(judge, "reconfigure", None)
+        if settings.model_dump(include=rest) == proxy.settings.model_dump(include=rest):
+            return True  # nothing to change
+        reconfigure = getattr(app.get(JUDGE), "reconfigure", None)
         if reconfigure is not None:
             await asyncio.to_thread(reconfigure, settings)  # loads graders: may refuse
     except Exception as exc:  # a bad edit: said, and the running routes stay
         log.error("config not reloaded", error=str(exc))
         return False
-    rest = {"routes", "endpoints"}
     if settings.model_dump(exclude=rest) != proxy.settings.model_dump(exclude=rest):
         log.warning("config reloaded: only [routes] and [endpoints]; restart for the rest")
+    proxy.settings = proxy.settings.model_copy(
+        update={"routes": settings.routes, "endpoints": settings.endpoints}
+    )
     await proxy.router.reconfigure(settings)
     return True

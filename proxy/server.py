@@ -90,6 +90,10 @@ def _serve_one(
         or bool(settings.routes)  # their modes and graded pairs live there
     )
     store = open_capture_store(settings) if needs_store else None
+    if reload is not None:
+        # Until the app installs its reload handler, a SIGHUP must not end the process (its
+        # default): the app reads the config once more when it is up.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     app = make_app(settings, store, extensions, reload)
     try:
         http.run(
