@@ -56,9 +56,8 @@ class FakeStudent:
                 {"error": {"message": "the student fell over", "type": "server_error"}},
                 status=500,
             )
-        if self.behaviour == "held":
-            while not self.release.is_set():
-                await asyncio.sleep(0.01)
+        if self.behaviour == "held":  # until the test releases it (off the server's loop)
+            await asyncio.to_thread(self.release.wait)
         text = {
             "good": TEACHER_TEXT,
             "held": TEACHER_TEXT,
