@@ -58,4 +58,5 @@ def test_distilled_student_closes_most_of_the_gap(tmp_path: Path) -> None:
     assert first is not None and int(first.group(1)) > 20
     right = dict(re.findall(r"the (\w+)'s answers right: (\d+ of \d+)", shadow.stdout))
     got, of = (int(n) for n in right["student"].split(" of "))
-    assert of == canary[1] + on[1] and got >= 0.9 * of
+    # Every call the student answered (in whichever phase the 10-call polling put it).
+    assert of == sum(int(student) for _, _, student in phases) and got >= 0.9 * of
