@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from typing import Any
 
 import structlog
@@ -126,7 +127,12 @@ def run(coro: Any, loop: asyncio.AbstractEventLoop) -> None:
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
-        pass
+        # Stopping: a second SIGTERM/SIGINT (Ctrl-C reaches the workers and their
+        # supervisor forwards it) must not cut short the wait for in-flight requests
+        # or the capture's flush.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, _already_stopping, signum)
     finally:
         # Cancelling the main task runs the runner's cleanup: in-flight requests
         # get shutdown_timeout, then the capture writer flushes.
@@ -137,3 +143,7 @@ def run(coro: Any, loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(loop.shutdown_asyncgens())
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def _already_stopping(signum: int) -> None:
+    log.info("already stopping", signal=signal.Signals(signum).name)

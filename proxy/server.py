@@ -121,7 +121,12 @@ def _worker(
     logging: dict[str, Any],
     extensions: Sequence[Extension],
     reload: Callable[[], Settings] | None,
+    safe: Any,
 ) -> None:
+    # A SIGHUP would end this process until the app's handler is in; from here on it is
+    # ignored (the app reads the config once more when up), so the supervisor may send one.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    safe.set()
     from distillery import logs
 
     logs.configure(**logging)
@@ -158,55 +163,62 @@ def _run_workers(
     extensions: Sequence[Extension],
     reload: Callable[[], Settings] | None,
 ) -> None:
+    """Start the workers, start again one that dies, forward SIGHUP, stop them on
+    SIGTERM/SIGINT.  The signal handlers only note the signal and this loop acts on it:
+    a stop that came while a worker was being started again reaches that worker too."""
     context = multiprocessing.get_context("spawn")
-    stopping = False
+    received: list[int] = []
+    stop_with: int | None = None  # the signal the workers get to stop
+    told: set[int] = set()  # the workers that got it
+    cannot_serve = False
 
-    def start() -> Any:
+    def start() -> tuple[Any, Any]:
+        safe = context.Event()  # set once SIGHUP no longer ends the worker
         process = context.Process(
-            target=_worker, args=(settings, logging, extensions, reload), daemon=False
+            target=_worker, args=(settings, logging, extensions, reload, safe), daemon=False
         )
         process.start()
-        return process
+        return process, safe
 
+    def note(signum: int, _frame: Any) -> None:
+        received.append(signum)
+
+    for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(handled, note)
     processes = [start() for _ in range(workers)]
-    log.info("workers started", workers=workers, pids=[p.pid for p in processes])
-
-    def stop(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for process in processes:
-            if process.is_alive():
-                process.terminate() if signum == signal.SIGTERM else _interrupt(process)
-
-    def reload_workers(_signum: int, _frame: Any) -> None:
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGHUP)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, reload_workers)
+    log.info("workers started", workers=workers, pids=[p.pid for p, _ in processes])
     while True:
-        for index, process in enumerate(processes):
+        while received:
+            signum = received.pop(0)
+            if signum != signal.SIGHUP:
+                stop_with = stop_with or signum
+                continue
+            for process, safe in processes:
+                # One not yet safe reads the config once it is up: no signal needed.
+                if process.is_alive() and safe.is_set() and process.pid is not None:
+                    os.kill(process.pid, signal.SIGHUP)
+        if stop_with is not None:
+            for process, _ in processes:
+                if process.is_alive() and process.pid not in told:
+                    told.add(process.pid)
+                    # SIGINT for SIGINT (Ctrl-C), SIGTERM otherwise: a second signal
+                    # would cut a worker's graceful stop short, hence once each.
+                    os.kill(process.pid, stop_with)
+            if all(not p.is_alive() for p, _ in processes):
+                break
+        for index, (process, _) in enumerate(processes):
             process.join(timeout=0.2)
-            if process.exitcode is None or stopping:
+            if process.exitcode is None or stop_with is not None:
                 continue
             if process.exitcode == 3:  # cannot serve at all (port taken): give up
-                stop(signal.SIGTERM, None)
-                raise DistilleryError("A worker could not listen; see the log above.")
+                stop_with, cannot_serve = signal.SIGTERM, True
+                break
             log.warning("worker died; starting another", pid=process.pid, code=process.exitcode)
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(process.pid, shared_metrics)  # type: ignore[no-untyped-call]
             time.sleep(0.5)
             processes[index] = start()
-        if stopping and all(not p.is_alive() for p in processes):
-            break
+    if cannot_serve:
+        raise DistilleryError("A worker could not listen; see the log above.")
     log.info("workers stopped")
-
-
-def _interrupt(process: Any) -> None:
-    import os
-
-    if process.pid is not None:
-        os.kill(process.pid, signal.SIGINT)

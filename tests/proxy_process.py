@@ -83,5 +83,11 @@ class ProxyProcess:
         self.process.send_signal(signum)
 
     def wait(self, timeout: float = 30) -> int:
+        """The exit status; a process still running after ``timeout`` fails with its log."""
         assert self.process is not None
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the proxy did not exit within {timeout} s; its log:\n{self.log.read_text()}"
+            ) from None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import httpx
@@ -114,6 +117,76 @@ def test_workers_share_one_port(upstream: FakeOpenAI, tmp_path: Path) -> None:
     assert proxy.wait() == 0
     assert len(pids) == 2
     assert sorted(stored(database_url)) == sorted(answered) and len(answered) == 30
+
+
+def worker_pids(proxy: ProxyProcess) -> list[int]:
+    """The pids the supervisor logged when it started its workers."""
+    for line in proxy.log.read_text().splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == "workers started":
+            return list(json.loads(line)["pids"])
+    raise AssertionError("no 'workers started' line in the log")
+
+
+def group_gone(proxy: ProxyProcess) -> bool:
+    """Whether every process of the proxy's group (its session) has ended."""
+    assert proxy.process is not None
+    try:
+        os.killpg(proxy.process.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_stop_while_a_worker_is_started_again_stops_that_worker_too(
+    upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """CI once caught the supervisor starting a worker again after it had been told to
+    stop, then waiting forever for it."""
+    database_url = f"sqlite:///{tmp_path / 'restart.db'}"
+    proxy = ProxyProcess(
+        free_port(), upstream.url + "/v1", tmp_path / "data", database_url, "--workers", "2"
+    ).start()
+    os.kill(worker_pids(proxy)[0], signal.SIGKILL)
+    wait_for(
+        lambda: "worker died; starting another" in proxy.log.read_text(),
+        20,
+        "the supervisor to see its worker die",
+    )
+    proxy.signal(signal.SIGTERM)  # while the supervisor waits to start the next one
+    assert proxy.wait() == 0
+    wait_for(lambda: group_gone(proxy), 10, "every worker to end with the supervisor")
+
+
+def test_ctrl_c_stops_the_workers_gracefully(upstream: FakeOpenAI, tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the group, and the supervisor forwards it as well:
+    the second SIGINT must not cut short a call in flight or the capture's flush."""
+    upstream.slow_seconds = 1.5
+    database_url = f"sqlite:///{tmp_path / 'interrupt.db'}"
+    proxy = ProxyProcess(
+        free_port(), upstream.url + "/v1", tmp_path / "data", database_url, "--workers", "2"
+    ).start()
+    answers: list[str] = []
+
+    def call() -> None:
+        answer = httpx.post(
+            proxy.base_url + "/chat/completions",
+            json={"model": "fake-slow", "messages": [{"role": "user", "content": "in flight"}]},
+            timeout=30,
+        )
+        answers.append(answer.json()["id"])
+
+    client = threading.Thread(target=call)
+    client.start()
+    try:
+        wait_for(lambda: len(upstream.requests) == 1, 20, "the call to reach the upstream")
+        assert proxy.process is not None
+        os.killpg(proxy.process.pid, signal.SIGINT)
+    finally:
+        client.join(30)
+    assert proxy.wait() == 0
+    assert len(answers) == 1
+    assert stored(database_url) == answers
+    assert "already stopping" in proxy.log.read_text()
 
 
 def sample(text: str, name: str) -> float:
