@@ -148,7 +148,7 @@ def proxy(
 
     extensions: list[Extension] = [dashboard]
     if settings.routes:  # the graders (and what they import) only where there are routes
-        from distillery.curation.online import install as grade_routes
+        from distillery.curation.judge import install as grade_routes
 
         extensions.append(grade_routes)
     logs.configure(log_level, json=log_json)

@@ -19,7 +19,12 @@ def _orjson_dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
+# How this process configured its logging: a process it spawns configures the same way.
+CONFIGURED: dict[str, Any] = {}
+
+
 def configure(level: str = "info", json: bool | None = None) -> None:
+    CONFIGURED.update(level=level, json=json)
     if json is None:
         json = not sys.stderr.isatty()
     shared: list[structlog.typing.Processor] = [

@@ -1,17 +1,20 @@
 """What the proxy hands a route's judge, and where the judge plugs in.
 
-The proxy calls a route's student beside the teacher (``proxy/routes.py``); grading
-the pair is curation's (``curation/online.py``).  Neither imports the other: the
-entry point installs the judge on the proxy's app under ``JUDGE``.
+The proxy decides which calls a route covers and who answers them
+(``proxy/routes.py``); in a route's shadow, asking the student, grading the pair and
+storing it is the judge's (``curation/online.py``), away from the request path.
+Neither imports the other: the entry point installs the judge on the proxy's app
+under ``JUDGE``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+
+from distillery.config import EndpointSettings
 
 # The tags a routed call carries (upstream and in the store): its route, and who answered.
 ROUTE_TAG = "distillery_route"
@@ -36,6 +39,41 @@ class Pair:
     latency_ms: float | None = None
 
 
-# Grades a pair and stores it; called in a worker thread, one pair at a time per call.
-Judge = Callable[[Pair], None]
+# What became of a shadow pair, as the judge reports it back (and /metrics counts it).
+GRADED = "graded"  # the student answered; graded and stored
+STUDENT_ERROR = "student_error"  # the student failed (stored as such)
+FAILED = "failed"  # the student answered but grading or storing failed (a bug, logged)
+DROPPED = "dropped"  # no room in the route's queue: never asked
+
+
+class Judge(Protocol):
+    """Takes a route's shadow pairs off the proxy: asks the student, grades, stores."""
+
+    def start(self) -> None: ...
+
+    def submit(self, pair: Pair) -> bool:
+        """Hand over a pair, never waiting; False when there is no room (dropped)."""
+
+    def outcomes(self) -> list[tuple[str, str]]:
+        """``(route, outcome)`` for each pair settled since the last call, in order."""
+
+    def standings(self) -> list[dict[str, Any]]:
+        """Every route's standing (score, interval, bar), for /metrics."""
+
+    def reconfigure(self, settings: Any) -> None:
+        """The routes of a reloaded config; raises (and changes nothing) on a bad one."""
+
+    def close(self) -> None:
+        """Stop: pairs being graded are stored, queued ones are not asked."""
+
+
 JUDGE: web.AppKey[Judge] = web.AppKey("route_judge")
+
+
+def student_url(endpoint: EndpointSettings) -> str:
+    return endpoint.base_url.rstrip("/") + "/chat/completions"
+
+
+def student_headers(endpoint: EndpointSettings) -> dict[str, str]:
+    key = endpoint.api_key()
+    return {"Authorization": f"Bearer {key}"} if key else {}

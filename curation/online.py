@@ -1,42 +1,27 @@
 """Online evals: a route's student graded against the teacher on live traffic.
 
-The proxy calls the student beside the teacher and hands each pair here
-(:func:`install` puts a :class:`RouteJudge` on the proxy's app).  The judge grades
-the student's answer with the route's graders, the reference being the teacher's
-answer to the same request; grades the teacher's answer the same way (against itself:
-1 for reference graders, a tie for a pairwise judge), which a relative bar and
-win/tie/loss compare with; and stores the pair.  :func:`status` turns a route's
-recent pairs into its score, interval and verdict against the bar.
+The pairs are graded and stored by the route's judge (``judge.py``).  Here:
+:func:`status` turns a route's recent pairs into its score, interval and verdict
+against the bar, and the promotion policy (:func:`promote`, :func:`demote`, and
+:func:`decide` for ``auto`` routes) moves a route's mode on that evidence.
 """
 
 from __future__ import annotations
 
-import asyncio
 import statistics
-import threading
-import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from distillery.config import Price, RouteSettings, Settings
-from distillery.curation.endpoints import Endpoint, configured
 from distillery.curation.evals.evaluate import bootstrap
-from distillery.curation.evals.generate import Candidate, Generation, Generator
-from distillery.curation.evals.graders import Context, Grader, load_all
-from distillery.curation.evals.items import REPLAYED, Item
 from distillery.errors import DistilleryError
 from distillery.prices import cost
-from distillery.redact import Redactor
-from distillery.shadow import JUDGE, Judge, Pair
 from distillery.store import Store
 from distillery.store import routes as route_store
 
 log = structlog.get_logger()
-POLICY_S = 1.0  # the automatic policy looks at a route at most this often
 STATUS_COLUMNS = (
     "route",
     "mode",
@@ -57,135 +42,6 @@ STATUS_COLUMNS = (
     "student_cost_usd",
     "teacher_cost_usd",
 )
-
-
-def install(app: web.Application, settings: Settings, store: Store | None) -> None:
-    """The proxy's extension: grade its routes' shadow pairs (when it has routes and a store)."""
-    if settings.routes and store is not None:
-        judge: Judge = RouteJudge(settings, store)
-        app[JUDGE] = judge
-
-
-class RouteJudge:
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.store = store
-        self._decided: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._threads = threading.local()
-        self._loops: list[asyncio.AbstractEventLoop] = []
-        # Graded on what was said, stored as the captured calls are: redacted.
-        self.redact = Redactor.from_settings(
-            settings.redact.defaults, [(p.name, p.pattern) for p in settings.redact.patterns]
-        )
-        self.reconfigure(settings)
-
-    def reconfigure(self, settings: Settings) -> None:
-        """The routes, graders and endpoints of a (re)loaded config.  Graders load here,
-        so a bad one stops the proxy at start, or leaves a reload undone, not a pair at a
-        time."""
-        graders = {name: load_all(route.graders) for name, route in settings.routes.items()}
-        endpoints = configured(settings)
-        context = Context(Generator(self.store), endpoints, Endpoint.from_env("default"))
-        with self._lock:
-            self.settings, self.routes, self.graders = settings, settings.routes, graders
-            self.endpoints, self.context = endpoints, context
-
-    def standings(self) -> list[dict[str, Any]]:
-        """Every route's standing (the proxy puts it on /metrics)."""
-        with self._lock:
-            settings = self.settings
-        return status(settings, self.store)
-
-    def __call__(self, pair: Pair) -> None:
-        with self._lock:
-            route = self.routes.get(pair.route)
-            graders = self.graders.get(pair.route, [])
-        if route is None:  # the route went in a reload while its pair waited
-            return
-        scores: dict[str, float | None] = {}
-        teacher: dict[str, float | None] = {}
-        if pair.student is not None:
-            scores, teacher = self._loop().run_until_complete(self._grade(route, graders, pair))
-        usage = (pair.student or {}).get("usage") or {}
-        teacher_usage = pair.teacher.get("usage") or {}
-        route_store.add_sample(
-            self.store,
-            {
-                "id": pair.record_id,
-                "route": pair.route,
-                "tenant": pair.tenant,
-                "created_at": _utc(pair.created_at),
-                "student_model": route.student.partition("@")[0],
-                "status": "error" if pair.student is None else "ok",
-                "error": self.redact.text(pair.error) if pair.error else None,
-                "response": self.redact(pair.student),
-                "latency_ms": pair.latency_ms,
-                "prompt_tokens": _int(usage.get("prompt_tokens")),
-                "completion_tokens": _int(usage.get("completion_tokens")),
-                "teacher_model": _string(pair.teacher.get("model")),
-                "teacher_latency_ms": pair.teacher_latency_ms,
-                "teacher_prompt_tokens": _int(teacher_usage.get("prompt_tokens")),
-                "teacher_completion_tokens": _int(teacher_usage.get("completion_tokens")),
-                "scores": scores,
-                "score": _mean(scores),
-                "teacher_score": _mean(teacher),
-            },
-        )
-        if route.auto:
-            self._decide(pair.route)
-
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        """This thread's event loop for the (async) graders, made once, not per pair."""
-        loop: asyncio.AbstractEventLoop | None = getattr(self._threads, "loop", None)
-        if loop is None:
-            loop = self._threads.loop = asyncio.new_event_loop()
-            with self._lock:
-                self._loops.append(loop)
-        return loop
-
-    def close(self) -> None:
-        """Close the threads' event loops (the proxy calls this once no pair is graded)."""
-        with self._lock:
-            loops, self._loops = self._loops, []
-        for loop in loops:
-            loop.close()
-
-    def _decide(self, name: str) -> None:
-        """The automatic policy, at most every POLICY_S per route (it reads the window)."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._decided.get(name, float("-inf")) < POLICY_S:
-                return
-            self._decided[name] = now
-        try:
-            decide(self.settings, self.store, name)
-        except DistilleryError as exc:  # e.g. promotion refused after a race: said, not raised
-            log.info("route policy", route=name, outcome=str(exc))
-
-    async def _grade(
-        self, route: RouteSettings, graders: list[Grader], pair: Pair
-    ) -> tuple[dict[str, float | None], dict[str, float | None]]:
-        request = pair.request
-        item = Item(
-            0,
-            list(request.get("messages") or []),
-            _message(pair.teacher) or {},
-            {key: request[key] for key in REPLAYED if key in request},
-        )
-        model, _, endpoint = route.student.partition("@")
-        candidate = Candidate(route.student, model, self.endpoints[endpoint])
-        student = Generation(
-            _message(pair.student or {}), {}, pair.latency_ms, cached=False, error=pair.error
-        )
-        reference = Generation(_message(pair.teacher), {}, pair.teacher_latency_ms, cached=False)
-        scores: dict[str, float | None] = {}
-        teacher: dict[str, float | None] = {}
-        for grader in graders:
-            scores[grader.name] = (await grader.grade(student, item, candidate, self.context)).score
-            teacher[grader.name] = (
-                await grader.grade(reference, item, candidate, self.context)
-            ).score
-        return scores, teacher
 
 
 LADDER = ("off", "shadow", "canary", "on")
@@ -385,29 +241,3 @@ def _mean_cost(calls: list[tuple[str, Any, Any]], prices: Mapping[str, Price]) -
 def _median(values: list[Any]) -> float | None:
     present = [float(v) for v in values if v is not None]
     return round(statistics.median(present), 1) if present else None
-
-
-def _mean(scores: Mapping[str, float | None]) -> float | None:
-    if not scores or any(v is None for v in scores.values()):
-        return None
-    return statistics.fmean(v for v in scores.values() if v is not None)
-
-
-def _message(response: Mapping[str, Any]) -> dict[str, Any] | None:
-    choices = response.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        message = choices[0].get("message")
-        return message if isinstance(message, dict) else None
-    return None
-
-
-def _string(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _utc(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)

@@ -229,9 +229,9 @@ async def reload_routes(app: web.Application) -> bool:
         settings = await asyncio.to_thread(proxy.reload)
         if settings.model_dump(include=rest) == proxy.settings.model_dump(include=rest):
             return True  # nothing to change
-        reconfigure = getattr(app.get(JUDGE), "reconfigure", None)
-        if reconfigure is not None:
-            await asyncio.to_thread(reconfigure, settings)  # loads graders: may refuse
+        judge = app.get(JUDGE)
+        if judge is not None:
+            await asyncio.to_thread(judge.reconfigure, settings)  # loads graders: may refuse
     except Exception as exc:  # a bad edit: said, and the running routes stay
         log.error("config not reloaded", error=str(exc))
         return False

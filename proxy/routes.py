@@ -1,12 +1,14 @@
 """Routes: a student beside the teacher on the calls a route covers (``[routes.NAME]``).
 
 In ``shadow`` mode the client gets the teacher's answer exactly as without a route.
-Once the teacher's answer is in, the same request goes to the student from a bounded
-queue beside the request path, never in front of it, and the pair (the teacher's
-answer, the student's) goes to the route's judge, which grades the student against
-the teacher and stores the result.  When the student is slow and the queue is full,
-the shadow call is dropped and counted: the teacher's answer never waits on a student,
-and nothing queues without limit.
+Once the client has the whole answer, the pair (the request, the teacher's answer)
+goes to the route's judge, which asks the student from a bounded queue, grades the
+student against the teacher and stores the result, out of the request path (the
+command runs it in a process of its own, so it does not share the proxy's CPU).
+When the student is slow and the queue is full, the shadow call is dropped and
+counted: the teacher's answer never waits on a student, and nothing queues without
+limit.  What became of each pair comes back to the router at its next refresh, for
+/metrics and to notice a student that is down, or back.
 
 Grading is curation's business: the entry point installs the judge on the app
 (``shadow.JUDGE``), so this package imports no grader.  Without one, routes stay
@@ -26,15 +28,21 @@ import itertools
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import structlog
 
 from distillery.config import EndpointSettings, RouteSettings, Settings
 from distillery.proxy.metrics import Metrics
-from distillery.shadow import Judge, Pair
+from distillery.shadow import (
+    DROPPED,
+    STUDENT_ERROR,
+    Judge,
+    Pair,
+    student_headers,
+    student_url,
+)
 from distillery.store import Store
 from distillery.store import routes as route_store
 
@@ -51,15 +59,13 @@ class Route:
     settings: RouteSettings
     endpoint: EndpointSettings
     mode: str
-    queue: asyncio.Queue[Pair] = field(init=False)
 
     failing_since: float | None = None  # monotonic time of the first failure in a row
     down: bool = False  # failing for down_after: the teacher answers everything
 
     def __post_init__(self) -> None:
         self.model = self.settings.student.partition("@")[0]
-        self.url = self.endpoint.base_url.rstrip("/") + "/chat/completions"
-        self.queue = asyncio.Queue(maxsize=self.settings.queue)
+        self.url = student_url(self.endpoint)
 
     def matches(
         self,
@@ -94,8 +100,7 @@ class Route:
         return self.settings.validator == "json"
 
     def headers(self) -> dict[str, str]:
-        key = self.endpoint.api_key()
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        return student_headers(self.endpoint)
 
 
 class Router:
@@ -109,40 +114,28 @@ class Router:
         ]
         self.judge: Judge | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._grading: set[asyncio.Future[None]] = set()  # pairs being graded in threads
-        self._workers: dict[str, list[asyncio.Task[None]]] = {}  # each route's shadow workers
+        self._started = False
         # Counted here, added to the database's counters at the next refresh.
         self._unwritten: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._session: aiohttp.ClientSession | None = None
 
     async def reconfigure(self, settings: Settings) -> None:
         """New routes from a reloaded config, without dropping a request: a call already
-        routed keeps its route; new calls see the new ones.  A route whose student, queue
-        and concurrency did not change keeps its queue and workers."""
+        routed keeps its route; new calls see the new ones (the judge is told apart)."""
         kept = {route.name: route for route in self.routes}
-        routes, stale = [], []
+        routes = []
         for name, config in settings.routes.items():
             endpoint = settings.endpoints[config.student.partition("@")[2]]
-            old = kept.pop(name, None)
-            if old is not None and _same_workers(old, config, endpoint):
-                old.settings, old.endpoint = config, endpoint
+            old = kept.get(name)
+            if old is not None and old.settings.student == config.student:
+                # Same student: its mode, and whether it is down, carry over.
+                old.settings, old.endpoint, old.url = config, endpoint, student_url(endpoint)
                 routes.append(old)
-                continue
-            if old is not None:
-                stale.append(old)
-            routes.append(Route(name, config, endpoint, config.mode))
-        stale.extend(kept.values())
-        fresh = [r for r in routes if r not in self.routes]
+            else:
+                routes.append(Route(name, config, endpoint, config.mode))
         self.routes = routes
-        for route in stale:
-            for task in self._workers.pop(route.name, []):
-                task.cancel()
-        if self._session is None:  # not started: start() starts them all
-            return
-        for route in fresh:
-            self._start_workers(route)
-        await self._refresh()
-        log.info("routes reloaded", routes=[r.name for r in routes])
+        if self._started:
+            await self._refresh()
+            log.info("routes reloaded", routes=[r.name for r in routes])
 
     def route_for(
         self,
@@ -197,14 +190,18 @@ class Router:
         route.failing_since, route.down = None, False
 
     def shadow(self, route: Route, pair: Pair) -> None:
-        """Queue the student's half of a pair, or drop it (counted) when the queue is full."""
-        if self.judge is None:
+        """Hand the pair to the judge, or drop it (counted) when it has no room."""
+        if self.judge is not None and not self.judge.submit(pair):
+            self._settled(route.name, DROPPED)
+
+    def _settled(self, name: str, outcome: str) -> None:
+        self.metrics.route_shadow.labels(name, outcome).inc()
+        if outcome == DROPPED:
+            self._unwritten[name, "dropped"] += 1
             return
-        try:
-            route.queue.put_nowait(pair)
-        except asyncio.QueueFull:
-            self.metrics.route_shadow.labels(route.name, "dropped").inc()
-            self._unwritten[route.name, "dropped"] += 1
+        route = next((r for r in self.routes if r.name == name), None)
+        if route is not None:  # the shadow is what tells a down student is back
+            self.failed(route) if outcome == STUDENT_ERROR else self.answered(route)
 
     async def start(self) -> None:
         if not self.routes:
@@ -214,37 +211,28 @@ class Router:
                 "routes configured but no judge installed: shadow calls are off",
                 routes=[r.name for r in self.routes],
             )
-        self._session = aiohttp.ClientSession()
+        else:
+            self.judge.start()
+        self._started = True
         await self._refresh()
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_forever()))
-        for route in self.routes:
-            self._start_workers(route)
-
-    def _start_workers(self, route: Route) -> None:
-        loop = asyncio.get_running_loop()
-        self._workers[route.name] = [
-            loop.create_task(self._work(route)) for _ in range(route.settings.concurrency)
-        ]
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *(t for workers in self._workers.values() for t in workers)]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        for task in tasks:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        self._workers.clear()
-        await asyncio.gather(*self._grading, return_exceptions=True)
-        close = getattr(self.judge, "close", None)
-        if close is not None:
-            close()
-        if self._session is not None:
-            await self._session.close()
-        await self._refresh()  # the last counts
+        if self.judge is not None and self._started:
+            await asyncio.to_thread(self.judge.close)  # pairs being graded are stored
+        await self._refresh()  # the last outcomes and counts
 
     async def _refresh(self) -> None:
         """Read the modes back, and write what was counted since the last time."""
+        if self.judge is not None:
+            for name, outcome in self.judge.outcomes():
+                self._settled(name, outcome)
         if self.store is None:
             return
         counted, self._unwritten = self._unwritten, collections.Counter()
@@ -293,55 +281,3 @@ class Router:
                         self.metrics.route_standing.remove(row["route"], stat)
                 else:
                     self.metrics.route_standing.labels(row["route"], stat).set(row[stat])
-
-    async def _work(self, route: Route) -> None:
-        while True:
-            pair = await route.queue.get()
-            try:
-                await self._ask_student(route, pair)
-                # The shadow is what tells a down student is back.
-                if pair.error:
-                    self.failed(route)
-                else:
-                    self.answered(route)
-                judge = self.judge
-                if judge is not None:
-                    grading = asyncio.ensure_future(asyncio.to_thread(judge, pair))
-                    self._grading.add(grading)
-                    grading.add_done_callback(self._grading.discard)
-                    await asyncio.shield(grading)  # on stop, the pair is still stored
-                outcome = "student_error" if pair.error else "graded"
-            except Exception:  # a bug in grading: logged, and the next pair goes on
-                log.exception("shadow pair failed", route=route.name)
-                outcome = "failed"
-            self.metrics.route_shadow.labels(route.name, outcome).inc()
-
-    async def _ask_student(self, route: Route, pair: Pair) -> None:
-        assert self._session is not None
-        started = time.perf_counter()
-        wait = route.settings.timeout  # for the connection, then between bytes
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=wait, sock_read=wait)
-        try:
-            async with self._session.post(
-                route.url, json=pair.request, headers=route.headers(), timeout=timeout
-            ) as answer:
-                body = await answer.json(content_type=None)
-                if answer.status >= 400 or not isinstance(body, dict) or "error" in body:
-                    pair.error = f"HTTP {answer.status}: {str(body)[:300]}"
-                else:
-                    pair.student = body
-        except TimeoutError:
-            pair.error = "timed out"
-        except (aiohttp.ClientError, ValueError) as exc:
-            pair.error = f"{type(exc).__name__}: {exc}"[:300]
-        pair.latency_ms = round((time.perf_counter() - started) * 1000, 3)
-
-
-def _same_workers(route: Route, config: RouteSettings, endpoint: EndpointSettings) -> bool:
-    """Whether a reloaded route can keep the route's queue and shadow workers."""
-    old = route.settings
-    return (
-        endpoint.base_url == route.endpoint.base_url
-        and config.student == old.student
-        and (config.queue, config.concurrency) == (old.queue, old.concurrency)
-    )

@@ -24,7 +24,8 @@ from click.testing import CliRunner
 
 from distillery.cli import cli
 from distillery.config import key_fingerprint, load_settings
-from distillery.curation.online import install, status
+from distillery.curation.judge import install_in_thread as install
+from distillery.curation.online import status
 from distillery.store import open_store
 from distillery.store import routes as route_store
 
@@ -305,9 +306,18 @@ def test_a_slow_student_is_dropped_not_waited_for(
         return int(status(proxy.settings, proxy.reader)[0]["dropped"])
 
     wait_for(lambda: dropped() == 4, 10, "four dropped shadow calls counted")
-    metrics = httpx.get(proxy.url + "/metrics").text
-    assert 'distillery_route_shadow_total{outcome="dropped",route="support"} 4.0' in metrics
-    assert 'distillery_route_shadow_total{outcome="graded",route="support"} 2.0' in metrics
+    # What became of each pair reaches /metrics at the router's next refresh.
+    wait_for(
+        lambda: all(
+            line in httpx.get(proxy.url + "/metrics").text
+            for line in (
+                'distillery_route_shadow_total{outcome="dropped",route="support"} 4.0',
+                'distillery_route_shadow_total{outcome="graded",route="support"} 2.0',
+            )
+        ),
+        10,
+        "four dropped and two graded on /metrics",
+    )
 
 
 def test_two_tenants_routes_do_not_leak_into_each_other(
@@ -723,7 +733,11 @@ def test_sighup_reloads_the_routes_of_every_worker(
         return route
 
     assert route_of("support") == "support"
-    config.write_text(config.read_text().replace('app = "support"', 'app = "billing"'))
+    config.write_text(
+        config.read_text()
+        .replace('app = "support"', 'app = "billing"')
+        .replace('graders = ["exact"]', 'graders = ["exact", "json"]')
+    )
     proxy.signal(signal.SIGHUP)
     # Both workers (the kernel picks one per connection): 20 calls in a row see the change.
     wait_for(
@@ -732,5 +746,71 @@ def test_sighup_reloads_the_routes_of_every_worker(
         "every worker to route app=billing",
     )
     assert route_of("support") is None
+    # The judges (a process beside each worker) were told too: pairs graded with both.
+    reader = open_store(database_url)
+    try:
+        wait_for(
+            lambda: any(
+                set(s["scores"]) == {"exact", "json"}
+                for s in route_store.recent(reader, "support", 100)
+            ),
+            20,
+            "a pair graded with the reloaded graders",
+        )
+    finally:
+        reader.close()
     proxy.signal(signal.SIGTERM)
     assert proxy.wait() == 0
+
+
+@pytest.mark.slow
+def test_a_judge_process_ends_with_its_proxy(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The route's judge, a process of its own, ends when its proxy stops, and when the
+    proxy is killed outright (nothing left behind grading for a proxy that is gone)."""
+    config = config_file(tmp_path, served(FakeStudent(), servers))
+
+    def judge_ends_after(stop: signal.Signals) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        database_url = f"sqlite:///{tmp_path / f'judge-{stop.name}.db'}"
+        proxy = ProxyProcess(
+            port, upstream.url + "/v1", tmp_path / "data", database_url, "--config", str(config)
+        ).start()
+        answer = httpx.post(
+            proxy.base_url + "/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support"},
+            timeout=10,
+        )
+        assert answer.headers["X-Distillery-Route"] == "support"
+        reader = open_store(database_url)
+        try:
+            wait_for(lambda: len(route_store.recent(reader, "support", 10)) == 1, 20, "a pair")
+        finally:
+            reader.close()
+        judge = judge_pid(proxy)
+        proxy.signal(stop)
+        proxy.wait()
+        wait_for(lambda: not running(judge), 20, f"the judge to end after {stop.name}")
+
+    judge_ends_after(signal.SIGTERM)
+    judge_ends_after(signal.SIGKILL)
+
+
+def judge_pid(proxy: ProxyProcess) -> int:
+    for line in proxy.log.read_text().splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == "route judge started":
+            return int(json.loads(line)["pid"])
+    raise AssertionError("no 'route judge started' line in the log")
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
