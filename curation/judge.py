@@ -394,15 +394,17 @@ def _run(
 class _Host:
     """What the proxy holds: hands pairs over, collects outcomes, says standings."""
 
-    pairs: Any
-    control: Any
-    outcome_queue: Any
+    pairs: Any = None  # until started
+    control: Any = None
+    outcome_queue: Any = None
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
 
     def submit(self, pair: Pair) -> bool:
+        if self.pairs is None:
+            return False
         try:
             self.pairs.put_nowait(pair)
         except queue.Full:
@@ -410,7 +412,9 @@ class _Host:
         return True
 
     def outcomes(self) -> list[tuple[str, str]]:
-        settled = []
+        settled: list[tuple[str, str]] = []
+        if self.outcome_queue is None:
+            return settled
         with contextlib.suppress(queue.Empty):
             while True:
                 settled.append(self.outcome_queue.get_nowait())
@@ -423,8 +427,9 @@ class _Host:
         # Refused here, before anything changes, when a grader does not load.
         for route in settings.routes.values():
             load_all(route.graders)
-        self.settings = settings
-        self.control.put(settings)
+        self.settings = settings  # what a judge started from now on begins with
+        if self.control is not None:
+            self.control.put(settings)
 
 
 class ThreadJudge(_Host):
@@ -456,12 +461,23 @@ class ThreadJudge(_Host):
 class ProcessJudge(_Host):
     """The runtime in a process of its own (spawned: no fork of a running event loop),
     with its own connection to the database.  It stops when told, or when it sees the
-    proxy gone; a judge still starting when the proxy stops is not waited for."""
+    proxy gone; a judge still starting when the proxy stops is not waited for, and one
+    that died is started again (with new queues: it may have died holding a lock)."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         super().__init__(settings, store)
         Grading(settings, store)  # a grader that does not load stops the proxy here
-        context = multiprocessing.get_context("spawn")
+        self._context = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._process: Any = None
+        self._closing = False
+
+    def start(self) -> None:
+        with self._lock:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        context = self._context
         self.pairs = context.Queue(maxsize=PAIRS_IN_FLIGHT)
         self.pairs.cancel_join_thread()  # pairs not taken at exit are dropped, not waited on
         self.control = context.Queue()
@@ -470,7 +486,7 @@ class ProcessJudge(_Host):
         self._process = context.Process(
             target=_run_process,
             args=(
-                settings,
+                self.settings,
                 logs.CONFIGURED,
                 self.pairs,
                 self.control,
@@ -480,25 +496,37 @@ class ProcessJudge(_Host):
             name="distillery-judge",
             daemon=True,
         )
-        self._started = False
-
-    def start(self) -> None:
         self._process.start()
-        self._started = True
         log.info("route judge started", pid=self._process.pid)
 
+    def outcomes(self) -> list[tuple[str, str]]:
+        settled = super().outcomes()
+        with self._lock:
+            process = self._process
+            if process is not None and not self._closing and not process.is_alive():
+                log.error("route judge died; starting another", code=process.exitcode)
+                self._spawn()
+        return settled
+
+    def reconfigure(self, settings: Settings) -> None:
+        with self._lock:
+            super().reconfigure(settings)
+
     def close(self) -> None:
-        if not self._started:
+        with self._lock:
+            self._closing = True
+            process = self._process
+        if process is None:
             return
         if self._ready.is_set():
             self.control.put(None)
-            self._process.join(CLOSE_S + 5)
-        if self._process.is_alive():  # still starting (or stuck): nothing of ours to wait on
-            self._process.terminate()
-            self._process.join(5)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+            process.join(CLOSE_S + 5)
+        if process.is_alive():  # still starting (or stuck): nothing of ours to wait on
+            process.terminate()
+            process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
         self.pairs.close()
 
 

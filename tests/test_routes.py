@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import threading
@@ -779,13 +780,7 @@ def test_a_judge_process_ends_with_its_proxy(
         proxy = ProxyProcess(
             port, upstream.url + "/v1", tmp_path / "data", database_url, "--config", str(config)
         ).start()
-        answer = httpx.post(
-            proxy.base_url + "/chat/completions",
-            json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
-            headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support"},
-            timeout=10,
-        )
-        assert answer.headers["X-Distillery-Route"] == "support"
+        assert ask_support(proxy.base_url)
         reader = open_store(database_url)
         try:
             wait_for(lambda: len(route_store.recent(reader, "support", 10)) == 1, 20, "a pair")
@@ -800,11 +795,65 @@ def test_a_judge_process_ends_with_its_proxy(
     judge_ends_after(signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_a_judge_process_that_dies_is_started_again(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    config = config_file(tmp_path, served(FakeStudent(), servers))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database_url = f"sqlite:///{tmp_path / 'judge.db'}"
+    proxy = ProxyProcess(
+        port, upstream.url + "/v1", tmp_path / "data", database_url, "--config", str(config)
+    ).start()
+    reader = open_store(database_url)
+
+    def graded_after(n: int) -> None:
+        """Ask until the route's pairs number ``n``: calls while no judge is up are
+        dropped, as when the student is slow."""
+        wait_for(
+            lambda: (
+                bool(ask_support(proxy.base_url))
+                and len(route_store.recent(reader, "support", 100)) >= n
+            ),
+            30,
+            f"{n} graded pairs",
+        )
+
+    try:
+        graded_after(1)
+        first = judge_pid(proxy)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: judge_pid(proxy) != first, 20, "another judge")
+        graded = len(route_store.recent(reader, "support", 100))
+        graded_after(graded + 1)
+    finally:
+        reader.close()
+    assert "route judge died; starting another" in proxy.log.read_text()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
+
+
+def ask_support(base_url: str) -> bool:
+    answer = httpx.post(
+        base_url + "/chat/completions",
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support"},
+        timeout=10,
+    )
+    return answer.headers["X-Distillery-Route"] == "support"
+
+
 def judge_pid(proxy: ProxyProcess) -> int:
-    for line in proxy.log.read_text().splitlines():
-        if line.startswith("{") and json.loads(line).get("event") == "route judge started":
-            return int(json.loads(line)["pid"])
-    raise AssertionError("no 'route judge started' line in the log")
+    """The pid of the newest route judge the proxy's log says it started."""
+    pids = [
+        int(json.loads(line)["pid"])
+        for line in proxy.log.read_text().splitlines()
+        if line.startswith("{") and json.loads(line).get("event") == "route judge started"
+    ]
+    assert pids, "no 'route judge started' line in the log"
+    return pids[-1]
 
 
 def running(pid: int) -> bool:
