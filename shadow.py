@@ -47,14 +47,15 @@ DROPPED = "dropped"  # no room in the route's queue: never asked
 
 
 class Judge(Protocol):
-    """Takes a route's shadow pairs off the proxy: asks the student, grades, stores."""
+    """Takes a route's shadow pairs off the proxy: asks the student, grades, stores.
+    The proxy calls it on its event loop, but for ``reconfigure`` (in a thread)."""
 
-    def start(self) -> None: ...
+    async def start(self) -> None: ...
 
     def submit(self, pair: Pair) -> bool:
         """Hand over a pair, never waiting; False when there is no room (dropped)."""
 
-    def outcomes(self) -> list[tuple[str, str]]:
+    async def collect(self) -> list[tuple[str, str]]:
         """``(route, outcome)`` for each pair settled since the last call, in order."""
 
     def standings(self) -> list[dict[str, Any]]:
@@ -63,7 +64,7 @@ class Judge(Protocol):
     def reconfigure(self, settings: Any) -> None:
         """The routes of a reloaded config; raises (and changes nothing) on a bad one."""
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop: pairs being graded are stored, queued ones are not asked."""
 
 

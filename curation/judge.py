@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import multiprocessing.connection
+import os
 import queue
 import signal
 import statistics
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 from aiohttp import web
 
@@ -60,7 +64,10 @@ from distillery.store.db import create_engine
 log = structlog.get_logger()
 POLICY_S = 1.0  # the automatic policy looks at a route at most this often
 CLOSE_S = 30.0  # how long a stop waits for the pairs being graded
-PAIRS_IN_FLIGHT = 1000  # pairs handed over and not yet taken by the runtime, at most
+PAIR_BYTES = 16 * 2**20  # pairs handed over and not yet read by the judge, at most
+FRAME = struct.Struct("!I")  # a pair's length before it, in the pipe
+REPORT_S = 0.2  # how often the judge reports what became of its pairs
+JUDGE_NICENESS = 10
 
 Report = Callable[[str, str], None]
 
@@ -330,18 +337,38 @@ class Runtime:
         pair.latency_ms = round((time.perf_counter() - started) * 1000, 3)
 
 
+class _Frames(asyncio.Protocol):
+    """The judge's end of the pairs pipe: length-prefixed JSON pairs, to ``take``."""
+
+    def __init__(self, take: Callable[[Pair], None], ended: asyncio.Event) -> None:
+        self.take, self.ended = take, ended
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= FRAME.size:
+            (size,) = FRAME.unpack_from(self.buffer)
+            if len(self.buffer) < FRAME.size + size:
+                return
+            frame = bytes(self.buffer[FRAME.size : FRAME.size + size])
+            del self.buffer[: FRAME.size + size]
+            self.take(Pair(**orjson.loads(frame)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended.set()  # the proxy closed its end, or is gone
+
+
 def _run(
     settings: Settings,
     store: Store,
-    pairs: Any,
+    pairs_fd: int,
     control: Any,
     outcomes: Any,
-    alive: Callable[[], bool] = lambda: True,
     ready: Any = None,
 ) -> None:
-    """Serve the runtime until ``None`` comes on ``control`` (or ``alive`` says the
-    proxy is gone): pairs from ``pairs``, reloaded settings from ``control``, each
-    ``(route, outcome)`` put on ``outcomes``."""
+    """Serve the runtime until the proxy says stop on ``control``, or its end of the
+    pairs pipe closes (it stopped, or died): pairs from the pipe, reloaded settings from
+    ``control``, what became of the pairs put on ``outcomes`` in batches."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
@@ -350,40 +377,54 @@ def _run(
         loop = uvloop.new_event_loop()
 
     async def main() -> None:
-        runtime = Runtime(settings, store, lambda route, outcome: outcomes.put((route, outcome)))
+        settled: list[tuple[str, str]] = []
+        runtime = Runtime(settings, store, lambda route, outcome: settled.append((route, outcome)))
         await runtime.start()
         stop = asyncio.Event()
         running = threading.Event()
         running.set()
 
-        def read(source: Any, deliver: Callable[[Any], None]) -> None:
+        def commands() -> None:
             while running.is_set():
                 try:
-                    item = source.get(timeout=0.5)
+                    item = control.get(timeout=0.5)
                 except queue.Empty:
-                    if not alive():
-                        log.warning("the proxy went away; the judge stops")
+                    continue
+                try:
+                    if item is None:
                         loop.call_soon_threadsafe(stop.set)
                         return
-                    continue
-                loop.call_soon_threadsafe(deliver, item)
+                    loop.call_soon_threadsafe(runtime.reconfigure, item)
+                except RuntimeError:  # the loop closed meanwhile: stopped already
+                    return
 
-        def command(item: Any) -> None:
-            stop.set() if item is None else runtime.reconfigure(item)
+        def report() -> None:
+            if settled:
+                outcomes.put(settled.copy())
+                settled.clear()
 
-        readers = [
-            threading.Thread(target=read, args=(pairs, runtime.take), daemon=True),
-            threading.Thread(target=read, args=(control, command), daemon=True),
-        ]
-        for reader in readers:
-            reader.start()
+        async def report_forever() -> None:
+            while True:
+                await asyncio.sleep(REPORT_S)
+                report()
+
+        reader = threading.Thread(target=commands, name="judge-control", daemon=True)
+        reader.start()
+        pipe, _ = await loop.connect_read_pipe(
+            lambda: _Frames(runtime.take, stop),
+            open(pairs_fd, "rb", buffering=0),  # noqa: SIM115 - the transport closes it
+        )
+        reporting = loop.create_task(report_forever())
         if ready is not None:
             ready.set()
         try:
             await stop.wait()
         finally:
             running.clear()
+            pipe.close()
             await runtime.stop()
+            reporting.cancel()
+            report()
 
     try:
         loop.run_until_complete(main())
@@ -392,32 +433,44 @@ def _run(
 
 
 class _Host:
-    """What the proxy holds: hands pairs over, collects outcomes, says standings."""
+    """What the proxy holds: writes pairs into the judge's pipe from the proxy's event
+    loop (one write, no thread, never waiting: a full pipe buffers up to a bound, then
+    pairs are dropped), collects outcomes, says standings."""
 
-    pairs: Any = None  # until started
     control: Any = None
     outcome_queue: Any = None
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        Grading(settings, store)  # a grader that does not load stops the proxy here
+        self._pipe: asyncio.WriteTransport | None = None
+
+    async def _open_pipe(self) -> int:
+        """A new pipe; its write end on this loop; the read end's fd, for the judge."""
+        read, write = os.pipe()
+        loop = asyncio.get_running_loop()
+        self._pipe, _ = await loop.connect_write_pipe(
+            asyncio.Protocol,
+            open(write, "wb", buffering=0),  # noqa: SIM115 - the transport closes it
+        )
+        return read
 
     def submit(self, pair: Pair) -> bool:
-        if self.pairs is None:
+        pipe = self._pipe
+        if pipe is None or pipe.is_closing() or pipe.get_write_buffer_size() > PAIR_BYTES:
             return False
-        try:
-            self.pairs.put_nowait(pair)
-        except queue.Full:
-            return False
+        frame = orjson.dumps(pair)
+        pipe.write(FRAME.pack(len(frame)) + frame)
         return True
 
-    def outcomes(self) -> list[tuple[str, str]]:
+    async def collect(self) -> list[tuple[str, str]]:
         settled: list[tuple[str, str]] = []
         if self.outcome_queue is None:
             return settled
         with contextlib.suppress(queue.Empty):
             while True:
-                settled.append(self.outcome_queue.get_nowait())
+                settled.extend(self.outcome_queue.get_nowait())
         return settled
 
     def standings(self) -> list[dict[str, Any]]:
@@ -431,64 +484,64 @@ class _Host:
         if self.control is not None:
             self.control.put(settings)
 
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()  # the judge reads to the end, then sees it closed
+
 
 class ThreadJudge(_Host):
     """The runtime in a thread of the proxy's process, on the proxy's store."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         super().__init__(settings, store)
-        Grading(settings, store)  # a grader that does not load stops the proxy here
-        self.pairs = queue.Queue(maxsize=PAIRS_IN_FLIGHT)
         self.control: queue.Queue[Settings | None] = queue.Queue()
-        self.outcome_queue: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.outcome_queue: queue.Queue[list[tuple[str, str]]] = queue.Queue()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        read = await self._open_pipe()
         self._thread = threading.Thread(
             target=_run,
-            args=(self.settings, self.store, self.pairs, self.control, self.outcome_queue),
+            args=(self.settings, self.store, read, self.control, self.outcome_queue),
             name="distillery-judge",
             daemon=True,
         )
         self._thread.start()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._thread is not None:
             self.control.put(None)
-            self._thread.join(CLOSE_S + 5)
+            self._close_pipe()
+            await asyncio.to_thread(self._thread.join, CLOSE_S + 5)
 
 
 class ProcessJudge(_Host):
     """The runtime in a process of its own (spawned: no fork of a running event loop),
-    with its own connection to the database.  It stops when told, or when it sees the
-    proxy gone; a judge still starting when the proxy stops is not waited for, and one
-    that died is started again (with new queues: it may have died holding a lock)."""
+    at a lower CPU priority than the proxy, with its own connection to the database.  It
+    stops when told, or when the proxy's end of its pipe closes (the proxy died); a
+    judge still starting when the proxy stops is not waited for, and one that died is
+    started again."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         super().__init__(settings, store)
-        Grading(settings, store)  # a grader that does not load stops the proxy here
         self._context = multiprocessing.get_context("spawn")
-        self._lock = threading.Lock()
         self._process: Any = None
         self._closing = False
 
-    def start(self) -> None:
-        with self._lock:
-            self._spawn()
-
-    def _spawn(self) -> None:
+    async def start(self) -> None:
+        read = await self._open_pipe()
         context = self._context
-        self.pairs = context.Queue(maxsize=PAIRS_IN_FLIGHT)
-        self.pairs.cancel_join_thread()  # pairs not taken at exit are dropped, not waited on
         self.control = context.Queue()
         self.outcome_queue = context.Queue()
         self._ready = context.Event()
+        # A Connection crosses to a spawned process with its fd (a raw fd would not).
+        pairs = multiprocessing.connection.Connection(read, writable=False)
         self._process = context.Process(
             target=_run_process,
             args=(
                 self.settings,
                 logs.CONFIGURED,
-                self.pairs,
+                pairs,
                 self.control,
                 self.outcome_queue,
                 self._ready,
@@ -497,29 +550,32 @@ class ProcessJudge(_Host):
             daemon=True,
         )
         self._process.start()
+        pairs.close()  # the judge has its own copy; ours would keep the pipe open
         log.info("route judge started", pid=self._process.pid)
 
-    def outcomes(self) -> list[tuple[str, str]]:
-        settled = super().outcomes()
-        with self._lock:
-            process = self._process
-            if process is not None and not self._closing and not process.is_alive():
-                log.error("route judge died; starting another", code=process.exitcode)
-                self._spawn()
+    async def collect(self) -> list[tuple[str, str]]:
+        settled = await super().collect()
+        process = self._process
+        if process is not None and not self._closing and not process.is_alive():
+            log.error("route judge died; starting another", code=process.exitcode)
+            self._close_pipe()
+            await self.start()  # new queues too: it may have died holding a lock
         return settled
 
-    def reconfigure(self, settings: Settings) -> None:
-        with self._lock:
-            super().reconfigure(settings)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closing = True
-            process = self._process
+    async def close(self) -> None:
+        self._closing = True
+        process = self._process
         if process is None:
             return
-        if self._ready.is_set():
+        ready = self._ready.is_set()
+        if ready:
             self.control.put(None)
+        self._close_pipe()
+        await asyncio.to_thread(self._stop, process, ready)
+
+    @staticmethod
+    def _stop(process: Any, ready: bool) -> None:
+        if ready:
             process.join(CLOSE_S + 5)
         if process.is_alive():  # still starting (or stuck): nothing of ours to wait on
             process.terminate()
@@ -527,7 +583,6 @@ class ProcessJudge(_Host):
         if process.is_alive():
             process.kill()
             process.join()
-        self.pairs.close()
 
 
 def _run_process(
@@ -541,20 +596,16 @@ def _run_process(
     # Ctrl-C reaches the whole process group: the proxy stops this process, in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the proxy
+    # Background work: when the machine is busy, the proxy's requests come first (a
+    # judge that falls behind drops pairs, counted, as with a slow student).
+    os.nice(JUDGE_NICENESS)
     logs.configure(**logging)
     outcomes.cancel_join_thread()  # outcomes not yet collected at exit are only counts
-    parent = multiprocessing.parent_process()
+    pairs_fd = os.dup(pairs.fileno())
+    pairs.close()
     store = Store(create_engine(settings.storage.resolved_database_url()), migrated=True)
     try:
-        _run(
-            settings,
-            store,
-            pairs,
-            control,
-            outcomes,
-            alive=(lambda: parent is None or parent.is_alive()),
-            ready=ready,
-        )
+        _run(settings, store, pairs_fd, control, outcomes, ready)
     finally:
         store.close()
 

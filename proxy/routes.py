@@ -212,7 +212,7 @@ class Router:
                 routes=[r.name for r in self.routes],
             )
         else:
-            self.judge.start()
+            await self.judge.start()
         self._started = True
         await self._refresh()
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_forever()))
@@ -225,13 +225,13 @@ class Router:
                 await task
         self._tasks.clear()
         if self.judge is not None and self._started:
-            await asyncio.to_thread(self.judge.close)  # pairs being graded are stored
+            await self.judge.close()  # pairs being graded are stored
         await self._refresh()  # the last outcomes and counts
 
     async def _refresh(self) -> None:
         """Read the modes back, and write what was counted since the last time."""
         if self.judge is not None:
-            for name, outcome in self.judge.outcomes():
+            for name, outcome in await self.judge.collect():
                 self._settled(name, outcome)
         if self.store is None:
             return
