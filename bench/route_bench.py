@@ -1,12 +1,13 @@
 """What does a route cost the client?  Prints a table; numbers go in the README.
 
 Starts two stub upstreams (the teacher and the student: the same canned answer, so
-every shadow pair grades 1.0) and three ``distillery proxy`` processes on them: capture
-only, a route in ``shadow``, and a route ``on`` (no holdout: the student answers
-everything).  Each scenario is driven through each proxy in turn, capture only first
-and again last, so the difference between its two runs shows the noise of the machine.
+every shadow pair grades 1.0) and four ``distillery proxy`` processes on them: capture
+only, twice (A and B, identical: their difference is the machine's noise), a route in
+``shadow``, and a route ``on`` (no holdout: the student answers everything).  Each
+scenario is driven through the proxies in turn, a slice at a time over several rounds,
+so that a machine that drifts (a shared VM does) drifts under all four alike.
 
-    python bench/route_bench.py [--requests 2000] [--rate 200]
+    python bench/route_bench.py [--requests 4000] [--rounds 8] [--rate 200]
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=2000, help="sequential, per scenario")
+    parser.add_argument(
+        "--requests", type=int, default=4000, help="sequential, per proxy and scenario"
+    )
+    parser.add_argument("--rounds", type=int, default=8, help="slices each proxy's run is cut in")
     parser.add_argument("--rate", type=float, default=200, help="requests/second under load")
+    parser.add_argument("--seconds", type=float, default=8, help="per proxy, at --rate")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="distillery-route-bench-"))
@@ -105,13 +110,13 @@ def main() -> None:
         stubs.append((port, stub))
     (teacher, _), (student, _) = stubs
     proxies = {
-        "capture only": start_proxy(tmp, "capture", teacher, None),
+        "capture only (A)": start_proxy(tmp, "capture", teacher, None),
+        "capture only (B)": start_proxy(tmp, "capture-b", teacher, None),
         "route in shadow": start_proxy(
             tmp, "shadow", teacher, ROUTE.format(port=student, mode="shadow")
         ),
         "route on": start_proxy(tmp, "on", teacher, ROUTE.format(port=student, mode="on")),
     }
-    order = ["capture only", "route in shadow", "route on", "capture only"]
     chat = "/v1/chat/completions"
     scenarios = {
         "non-streaming, c=1": (request_bytes(chat, REQUEST_BODY), "total", None),
@@ -123,16 +128,22 @@ def main() -> None:
         ),
     }
     results: dict[str, list[tuple[str, float, float]]] = {}
+    per_round = max(1, args.requests // args.rounds)
     try:
         for label, (payload, key, rate) in scenarios.items():
-            for name in order:
-                port = proxies[name][0]
-                if rate is None:
-                    sample = uvloop.run(sequential(port, payload, args.requests))
-                else:
-                    sample = uvloop.run(fixed_rate(port, payload, rate, 5))
-                values = getattr(sample, key)
-                results.setdefault(label, []).append((name, pct(values, 50), pct(values, 99)))
+            values: dict[str, list[float]] = {name: [] for name in proxies}
+            for _ in range(args.rounds):
+                for name, (port, _) in proxies.items():
+                    if rate is None:
+                        sample = uvloop.run(sequential(port, payload, per_round))
+                    else:
+                        sample = uvloop.run(
+                            fixed_rate(port, payload, rate, args.seconds / args.rounds)
+                        )
+                    values[name].extend(getattr(sample, key))
+            results[label] = [
+                (name, pct(taken, 50), pct(taken, 99)) for name, taken in values.items()
+            ]
     finally:
         for _, process in proxies.values():
             process.send_signal(signal.SIGTERM)
@@ -143,9 +154,10 @@ def main() -> None:
     print(
         f"\nDistillery route benchmark: {platform.node()}, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-        f"SQLite; {args.requests} sequential requests per run"
+        f"SQLite; per proxy and scenario: {args.requests} sequential requests, or "
+        f"{args.seconds:g} s at {args.rate:g} req/s; in {args.rounds} interleaved rounds"
     )
-    print(f"{'scenario (ms, p50 / p99)':<28}  {'proxy':<18}  {'p50 / p99':>17}  vs capture only")
+    print(f"{'scenario (ms, p50 / p99)':<28}  {'proxy':<18}  {'p50 / p99':>17}  vs capture (A)")
     print(f"{'-' * 28}  {'-' * 18}  {'-' * 17}  {'-' * 17}")
     for label, runs in results.items():
         base50, base99 = runs[0][1], runs[0][2]

@@ -67,7 +67,9 @@ CLOSE_S = 30.0  # how long a stop waits for the pairs being graded
 PAIR_BYTES = 16 * 2**20  # pairs handed over and not yet read by the judge, at most
 FRAME = struct.Struct("!I")  # a pair's length before it, in the pipe
 REPORT_S = 0.2  # how often the judge reports what became of its pairs
-JUDGE_NICENESS = 10
+# The judge's CPU priority: the lowest.  Background work, yet never starved outright (a
+# judge starved while it held SQLite's write lock would stall the proxy's capture).
+JUDGE_NICENESS = 19
 
 Report = Callable[[str, str], None]
 
