@@ -177,24 +177,30 @@ def config_file(directory: Path, student: FakeStudent, *more: str) -> Path:
     return path
 
 
-def two_workers(
-    upstream: FakeOpenAI, tmp_path: Path, database_url: str, config: Path
-) -> tuple[ProxyProcess, str]:
-    """`distillery proxy --workers 2 --config CONFIG`, and its chat completions URL."""
+def proxy_command(
+    upstream: FakeOpenAI, tmp_path: Path, database_url: str, config: Path, *extra: str
+) -> ProxyProcess:
+    """`distillery proxy --config CONFIG`, a real process, on a free port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proxy = ProxyProcess(
+    return ProxyProcess(
         port,
         upstream.url + "/v1",
         tmp_path / "data",
         database_url,
-        "--workers",
-        "2",
         "--config",
         str(config),
+        *extra,
     ).start()
-    return proxy, f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+def two_workers(
+    upstream: FakeOpenAI, tmp_path: Path, database_url: str, config: Path
+) -> tuple[ProxyProcess, str]:
+    """`distillery proxy --workers 2 --config CONFIG`, and its chat completions URL."""
+    proxy = proxy_command(upstream, tmp_path, database_url, config, "--workers", "2")
+    return proxy, proxy.base_url + "/chat/completions"
 
 
 def served(student: FakeStudent, servers: ServerThread) -> FakeStudent:
@@ -773,13 +779,8 @@ def test_a_judge_process_ends_with_its_proxy(
     config = config_file(tmp_path, served(FakeStudent(), servers))
 
     def judge_ends_after(stop: signal.Signals) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         database_url = f"sqlite:///{tmp_path / f'judge-{stop.name}.db'}"
-        proxy = ProxyProcess(
-            port, upstream.url + "/v1", tmp_path / "data", database_url, "--config", str(config)
-        ).start()
+        proxy = proxy_command(upstream, tmp_path, database_url, config)
         assert ask_support(proxy.base_url)
         reader = open_store(database_url)
         try:
@@ -800,13 +801,8 @@ def test_a_judge_process_that_dies_is_started_again(
     servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
 ) -> None:
     config = config_file(tmp_path, served(FakeStudent(), servers))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     database_url = f"sqlite:///{tmp_path / 'judge.db'}"
-    proxy = ProxyProcess(
-        port, upstream.url + "/v1", tmp_path / "data", database_url, "--config", str(config)
-    ).start()
+    proxy = proxy_command(upstream, tmp_path, database_url, config)
     reader = open_store(database_url)
 
     def graded_after(n: int) -> None:
