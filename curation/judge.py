@@ -580,10 +580,7 @@ class ProcessJudge(_Host):
         if ready:
             process.join(CLOSE_S + 5)
         if process.is_alive():  # still starting (or stuck): nothing of ours to wait on
-            process.terminate()
-            process.join(5)
-        if process.is_alive():
-            process.kill()
+            process.kill()  # (it ignores SIGTERM: see _run_process)
             process.join()
 
 
@@ -595,8 +592,10 @@ def _run_process(
     outcomes: Any,
     ready: Any,
 ) -> None:
-    # Ctrl-C reaches the whole process group: the proxy stops this process, in order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group, and systemd's stop the whole cgroup: the
+    # proxy stops this process, in order, once its own requests are done.
+    for ignored in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(ignored, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the proxy
     # Background work: when the machine is busy, the proxy's requests come first (a
     # judge that falls behind drops pairs, counted, as with a slow student).

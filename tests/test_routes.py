@@ -778,8 +778,8 @@ def test_a_judge_process_ends_with_its_proxy(
     proxy is killed outright (nothing left behind grading for a proxy that is gone)."""
     config = config_file(tmp_path, served(FakeStudent(), servers))
 
-    def judge_ends_after(stop: signal.Signals) -> None:
-        database_url = f"sqlite:///{tmp_path / f'judge-{stop.name}.db'}"
+    def judge_ends_after(stop: signal.Signals, group: bool = False) -> None:
+        database_url = f"sqlite:///{tmp_path / f'judge-{stop.name}-{group}.db'}"
         proxy = proxy_command(upstream, tmp_path, database_url, config)
         assert ask_support(proxy.base_url)
         reader = open_store(database_url)
@@ -788,11 +788,17 @@ def test_a_judge_process_ends_with_its_proxy(
         finally:
             reader.close()
         judge = judge_pid(proxy)
-        proxy.signal(stop)
-        proxy.wait()
+        assert proxy.process is not None
+        if group:  # as systemd stops a unit: every process of it at once
+            os.killpg(proxy.process.pid, stop)
+        else:
+            proxy.signal(stop)
+        code = proxy.wait()
+        assert stop == signal.SIGKILL or code == 0, proxy.log.read_text()
         wait_for(lambda: not running(judge), 20, f"the judge to end after {stop.name}")
 
     judge_ends_after(signal.SIGTERM)
+    judge_ends_after(signal.SIGTERM, group=True)
     judge_ends_after(signal.SIGKILL)
 
 
