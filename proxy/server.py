@@ -168,7 +168,7 @@ def _run_workers(
     a stop that came while a worker was being started again reaches that worker too."""
     context = multiprocessing.get_context("spawn")
     received: list[int] = []
-    stop_with: int | None = None  # the signal the workers get to stop
+    stopping = False
     told: set[int] = set()  # the workers that got it
     cannot_serve = False
 
@@ -191,27 +191,29 @@ def _run_workers(
         while received:
             signum = received.pop(0)
             if signum != signal.SIGHUP:
-                stop_with = stop_with or signum
+                stopping = True
                 continue
             for process, safe in processes:
                 # One not yet safe reads the config once it is up: no signal needed.
                 if process.is_alive() and safe.is_set() and process.pid is not None:
                     os.kill(process.pid, signal.SIGHUP)
-        if stop_with is not None:
+        if stopping:
             for process, _ in processes:
                 if process.is_alive() and process.pid not in told:
                     told.add(process.pid)
-                    # SIGINT for SIGINT (Ctrl-C), SIGTERM otherwise: a second signal
-                    # would cut a worker's graceful stop short, hence once each.
-                    os.kill(process.pid, stop_with)
+                    # SIGTERM whatever the supervisor got, once each: a worker still
+                    # starting can swallow a SIGINT (a KeyboardInterrupt raised in code
+                    # that ignores it: CI saw one serve on), never a SIGTERM; a second
+                    # signal to a worker that is stopping changes nothing (see http.run).
+                    os.kill(process.pid, signal.SIGTERM)
             if all(not p.is_alive() for p, _ in processes):
                 break
         for index, (process, _) in enumerate(processes):
             process.join(timeout=0.2)
-            if process.exitcode is None or stop_with is not None:
+            if process.exitcode is None or stopping:
                 continue
             if process.exitcode == 3:  # cannot serve at all (port taken): give up
-                stop_with, cannot_serve = signal.SIGTERM, True
+                stopping = cannot_serve = True
                 break
             log.warning("worker died; starting another", pid=process.pid, code=process.exitcode)
             from prometheus_client import multiprocess

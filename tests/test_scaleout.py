@@ -158,8 +158,10 @@ def test_a_stop_while_a_worker_is_started_again_stops_that_worker_too(
 
 
 def test_ctrl_c_stops_the_workers_gracefully(upstream: FakeOpenAI, tmp_path: Path) -> None:
-    """Ctrl-C reaches every process of the group, and the supervisor forwards it as well:
-    the second SIGINT must not cut short a call in flight or the capture's flush."""
+    """Ctrl-C reaches every process of the group, and the supervisor then stops every
+    worker (with SIGTERM): that second signal must not cut short a call in flight or the
+    capture's flush.  (CI once sent the SIGINT while the second worker was still starting:
+    it swallowed the KeyboardInterrupt and served on; the SIGTERM ends it.)"""
     upstream.slow_seconds = 1.5
     database_url = f"sqlite:///{tmp_path / 'interrupt.db'}"
     proxy = ProxyProcess(
