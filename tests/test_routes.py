@@ -720,6 +720,39 @@ def test_a_reloaded_config_changes_routes_without_dropping_a_request(
     wait_for(lambda: len(samples(proxy, "support")) >= 1, 10, "the first route's pairs")
 
 
+def test_routes_reloaded_into_a_proxy_started_without_them_say_they_do_not_shadow(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread
+) -> None:
+    """No judge was installed (no routes at start): the reloaded routes route calls, and
+    the log says shadowing waits for a restart, instead of pairs vanishing unsaid."""
+    from structlog.testing import capture_logs
+
+    from distillery.config import Settings
+    from distillery.proxy.app import reload_routes
+
+    student = served(FakeStudent(), servers)
+    later = Settings.model_validate(
+        {
+            "endpoints": {"student": {"base_url": student.url + "/v1"}},
+            "routes": {
+                "support": {
+                    "match": {"app": "support"},
+                    "student": "tiny@student",
+                    "graders": ["exact"],
+                    "bar": 0.9,
+                }
+            },
+        }
+    )
+    proxy = start_proxy({}, extensions=[install], reload=lambda: later)
+    assert "X-Distillery-Route" not in ask(proxy, 1).headers
+    with capture_logs() as logs:
+        assert servers.call(reload_routes(proxy.app)) is True
+    assert ask(proxy, 2).headers["X-Distillery-Route"] == "support"
+    warned = [e for e in logs if "started without routes" in e["event"]]
+    assert warned and warned[0]["routes"] == ["support"] and warned[0]["log_level"] == "warning"
+
+
 @pytest.mark.slow
 def test_sighup_reloads_the_routes_of_every_worker(
     servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
