@@ -462,7 +462,10 @@ class _Host:
         pipe = self._pipe
         if pipe is None or pipe.is_closing() or pipe.get_write_buffer_size() > PAIR_BYTES:
             return False
-        frame = orjson.dumps(pair)
+        try:
+            frame = orjson.dumps(pair)
+        except orjson.JSONEncodeError:  # e.g. an integer past 64 bits: not for the student
+            return False
         pipe.write(FRAME.pack(len(frame)) + frame)
         return True
 
