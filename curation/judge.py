@@ -201,24 +201,17 @@ class Grading:
 class _Lane:
     """One route's queue and the workers that ask its student."""
 
+    # Two lanes are equal when one's queue and workers can serve the other.
     url: str
     headers: dict[str, str]
-    timeout: float
     size: int
     concurrency: int
-    queue: asyncio.Queue[Pair] = field(init=False)
-    workers: list[asyncio.Task[None]] = field(default_factory=list)
+    timeout: float = field(compare=False)
+    queue: asyncio.Queue[Pair] = field(init=False, compare=False)
+    workers: list[asyncio.Task[None]] = field(default_factory=list, compare=False)
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.size)
-
-    def same_workers(self, other: _Lane) -> bool:
-        return (self.url, self.headers, self.size, self.concurrency) == (
-            other.url,
-            other.headers,
-            other.size,
-            other.concurrency,
-        )
 
 
 def _lanes(settings: Settings) -> dict[str, _Lane]:
@@ -228,9 +221,9 @@ def _lanes(settings: Settings) -> dict[str, _Lane]:
         lanes[name] = _Lane(
             student_url(endpoint),
             student_headers(endpoint),
-            route.timeout,
             route.queue,
             route.concurrency,
+            route.timeout,
         )
     return lanes
 
@@ -272,7 +265,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for name, lane in lanes.items():
             old = self.lanes.pop(name, None)
-            if old is not None and old.same_workers(lane):
+            if old is not None and old == lane:
                 old.timeout = lane.timeout
                 lanes[name] = old
                 continue
@@ -443,9 +436,9 @@ class _Host:
     outcome_queue: Any = None
 
     def __init__(self, settings: Settings, store: Store) -> None:
+        _check(settings)  # a grader that does not load stops the proxy here
         self.settings = settings
         self.store = store
-        Grading(settings, store)  # a grader that does not load stops the proxy here
         self._pipe: asyncio.WriteTransport | None = None
 
     async def _open_pipe(self) -> int:
@@ -482,9 +475,7 @@ class _Host:
         return status(self.settings, self.store)
 
     def reconfigure(self, settings: Settings) -> None:
-        # Refused here, before anything changes, when a grader does not load.
-        for route in settings.routes.values():
-            load_all(route.graders)
+        _check(settings)  # refused here, before anything changes
         self.settings = settings  # what a judge started from now on begins with
         if self.control is not None:
             self.control.put(settings)
@@ -492,6 +483,13 @@ class _Host:
     def _close_pipe(self) -> None:
         if self._pipe is not None:
             self._pipe.close()  # the judge reads to the end, then sees it closed
+
+
+def _check(settings: Settings) -> None:
+    """Raise, naming the problem, when the routes' graders or endpoints do not load."""
+    for route in settings.routes.values():
+        load_all(route.graders)
+    configured(settings)
 
 
 class ThreadJudge(_Host):

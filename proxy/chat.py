@@ -194,19 +194,24 @@ class Call:
             and status < 400
             and response.get("choices")
         ):
-            # Queued once the client has the whole answer: the student's call never
-            # competes with sending it.
-            pair = Pair(
-                route=self.route.name,
-                record_id=self.id,
-                tenant=self.tenant,
-                created_at=self.created_at,
-                request=self.route.student_request(self.body),
-                teacher=response,
-                teacher_latency_ms=round(seconds * 1000, 3),
+            # Made and handed over once the client has the whole answer: the student's
+            # call never competes with sending it.
+            route, router, teacher = self.route, self.proxy.router, response
+            after_response(
+                self.request,
+                lambda: router.shadow(
+                    route,
+                    Pair(
+                        route=route.name,
+                        record_id=self.id,
+                        tenant=self.tenant,
+                        created_at=self.created_at,
+                        request=route.student_request(self.body),
+                        teacher=teacher,
+                        teacher_latency_ms=round(seconds * 1000, 3),
+                    ),
+                ),
             )
-            route, router = self.route, self.proxy.router
-            after_response(self.request, lambda: router.shadow(route, pair))
         if self.capture is None:
             return "sampled_out" if self.proxy.capture else "off"
         choices = response.get("choices")

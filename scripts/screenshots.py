@@ -130,6 +130,7 @@ def main(out: Path) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from distillery.config import Settings, key_fingerprint
     from distillery.proxy.app import make_app
@@ -166,14 +167,19 @@ def main(out: Path) -> None:
                 options.add_argument(flag)
             options.add_argument(f"--user-data-dir={data_dir / 'chrome'}")
             driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+            wait = WebDriverWait(driver, 30)
             try:
                 driver.get(url + "/ui/sign-in")
                 driver.find_element(By.ID, "key").send_keys("sk-admin-demo")
                 driver.find_element(By.ID, "sign-in").click()
+                # A page asked for before the sign-in's answer is in would be the sign-in.
+                wait.until(lambda d: "/ui/sign-in" not in d.current_url, "signed in")
                 for name, path in PAGES:
                     if name == "call":
-                        driver.get(url + "/ui/completions?tag=app%3Dsupport")
+                        listing = url + "/ui/completions?tag=app%3Dsupport"
+                        driver.get(listing)
                         driver.find_element(By.CSS_SELECTOR, "#rows tr.call a").click()
+                        wait.until(lambda d, at=listing: d.current_url != at, "the call's page")
                     elif name == "job":
                         driver.get(url + f"/ui/jobs/{ids['job']}")
                     else:

@@ -898,3 +898,44 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+async def test_a_reload_keeps_a_routes_queue_unless_its_student_or_sizes_change(
+    tmp_path: Path,
+) -> None:
+    """The judge's lanes across reloads: a new timeout or bar keeps the queue (and the pairs
+    waiting in it); a new concurrency, or a route that went, does not."""
+    from distillery.config import Settings
+    from distillery.curation.judge import Runtime
+
+    def settings(billing: bool = True, **change: Any) -> Settings:
+        route = {
+            "match": {"app": "support"},
+            "student": "tiny@student",
+            "graders": ["exact"],
+            "bar": 0.9,
+        }
+        routes = {"support": {**route, **change}, **({"billing": route} if billing else {})}
+        return Settings.model_validate(
+            {"endpoints": {"student": {"base_url": "http://127.0.0.1:9/v1"}}, "routes": routes}
+        )
+
+    store = open_store(f"sqlite:///{tmp_path / 'lanes.db'}")
+    runtime = Runtime(settings(), store, lambda route, outcome: None)
+    await runtime.start()
+    try:
+        first = runtime.lanes["support"].queue
+        runtime.reconfigure(settings(timeout=3, bar=0.5))
+        assert runtime.lanes["support"].queue is first
+        assert runtime.lanes["support"].timeout == 3
+        runtime.reconfigure(settings(timeout=3, concurrency=2))
+        assert runtime.lanes["support"].queue is not first
+        assert len(runtime.lanes["support"].workers) == 2
+        billing = runtime.lanes["billing"].workers
+        runtime.reconfigure(settings(billing=False, timeout=3, concurrency=2))
+        assert "billing" not in runtime.lanes
+        await asyncio.sleep(0)  # let the cancellation land
+        assert all(task.cancelled() or task.done() for task in billing)
+    finally:
+        await runtime.stop()
+        store.close()

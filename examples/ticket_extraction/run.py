@@ -68,6 +68,18 @@ def wait(url: str, tries: int = 200) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+def run_command(env: dict[str, str], database: str, *command: str) -> str:
+    """``distillery COMMAND --database-url DATABASE``; what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "distillery", *command, "--database-url", database],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout
+
+
 def start_proxy(
     port: int, teacher_url: str, database: str, env: dict[str, str], *flags: str
 ) -> subprocess.Popen[bytes]:
@@ -133,14 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     proxy.wait(60)
 
     def distillery(*command: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "distillery", *command, "--database-url", database],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return done.stdout
+        return run_command(env, database, *command)
 
     student = work / "student"
     distillery("dataset", "build", "tickets", "--tag", "app=tickets")

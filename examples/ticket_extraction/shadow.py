@@ -35,7 +35,7 @@ import openai
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from run import free_port, serve_teacher, start_proxy, wait  # noqa: E402
+from run import free_port, run_command, serve_teacher, start_proxy, wait  # noqa: E402
 from task import SYSTEM, extract, tickets  # noqa: E402
 
 ROUTE = """
@@ -68,14 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     database = f"sqlite:///{work / 'data' / 'distillery.db'}"
 
     def distillery(*command: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "distillery", *command, "--database-url", database],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return done.stdout
+        return run_command(env, database, *command)
 
     jobs = json.loads(distillery("finetune", "list", "--json"))
     model = next(j["fine_tuned_model"] for j in jobs if j["status"] == "succeeded")
