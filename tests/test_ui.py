@@ -479,6 +479,8 @@ def test_a_job_page_follows_its_backend_until_it_ends(dashboard: RunningProxy) -
     seen = [admin.post(refresh, headers=headers).text for _ in range(3)]
     assert 'id="job-status">running<' in seen[0]
     assert 'id="job-status">succeeded<' in seen[1] and "every 2s" not in seen[1]
+    assert "hx-trigger" not in seen[1]  # a finished job's fragment asks nothing more
+    assert 'hx-trigger="load"' in admin.get(f"/ui/jobs/{job['id']}").text  # its page, once
     assert f"ft:tiny:{job['id']}" in seen[1] and "Training finished" in seen[1]
     assert "train_loss" in seen[1]  # the loss table
 
@@ -692,6 +694,9 @@ def test_distill_from_a_filter_in_a_real_browser(
         "the job to succeed",
     )
     assert chrome.find_element(By.ID, "tuned-model").text.startswith("ft:gpt-4.1-mini")
+    # The finished job's fragment stopped polling: the page stays as it is. (CI caught the
+    # old fragment asking again on every swap, which also made this read race the swap.)
+    assert chrome.find_element(By.ID, "job").get_attribute("hx-trigger") is None
     chrome.save_screenshot(str(shots / "job.png"))
 
     from distillery.store import evals

@@ -148,9 +148,11 @@ async def job_page(request: web.Request) -> web.Response:
 def _show_job(
     request: web.Request, job: FineTuneJobRecord, events: list[JobEvent], error: str | None
 ) -> web.Response:
+    fragment = bool(request.headers.get("HX-Request"))
     return render(
         request,
-        "_job.html" if request.headers.get("HX-Request") else "job.html",
+        "_job.html" if fragment else "job.html",
+        fragment=fragment,
         job=job,
         events=events,
         error=error,
