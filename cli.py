@@ -142,15 +142,12 @@ def proxy(
     if problem:
         raise click.ClickException(problem)
     from distillery import logs
+    from distillery.curation.judge import install as judge_routes
     from distillery.proxy.app import Extension
     from distillery.proxy.server import serve
     from distillery.ui.app import mount as dashboard
 
-    extensions: list[Extension] = [dashboard]
-    if settings.routes:  # the graders (and what they import) only where there are routes
-        from distillery.curation.judge import install as grade_routes
-
-        extensions.append(grade_routes)
+    extensions: list[Extension] = [dashboard, judge_routes]
     logs.configure(log_level, json=log_json)
     try:
         # SIGHUP reads the same file with the same flags again (for its routes).

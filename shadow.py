@@ -48,7 +48,9 @@ DROPPED = "dropped"  # no room in the route's queue: never asked
 
 class Judge(Protocol):
     """Takes a route's shadow pairs off the proxy: asks the student, grades, stores.
-    The proxy calls it on its event loop, but for ``reconfigure`` (in a thread)."""
+    The proxy calls it on its event loop, but for ``reconfigure`` (in a thread).  It is
+    started with the first routes (at the proxy's start or at a reload), and may be
+    reconfigured before it starts."""
 
     async def start(self) -> None: ...
 

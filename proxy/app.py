@@ -232,12 +232,6 @@ async def reload_routes(app: web.Application) -> bool:
         judge = app.get(JUDGE)
         if judge is not None:
             await asyncio.to_thread(judge.reconfigure, settings)  # loads graders: may refuse
-        elif settings.routes:
-            log.warning(
-                "routes reloaded into a proxy started without routes: they route calls, "
-                "but shadow calls start only after a restart",
-                routes=sorted(settings.routes),
-            )
     except Exception as exc:  # a bad edit: said, and the running routes stay
         log.error("config not reloaded", error=str(exc))
         return False

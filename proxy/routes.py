@@ -114,7 +114,8 @@ class Router:
         ]
         self.judge: Judge | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._started = False
+        self._serving = False  # between start() and stop()
+        self._started = False  # routes (and their judge) running: since the first routes
         # Counted here, added to the database's counters at the next refresh.
         self._unwritten: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -133,9 +134,11 @@ class Router:
             else:
                 routes.append(Route(name, config, endpoint, config.mode))
         self.routes = routes
-        if self._started:
+        if self._serving and not self._started and routes:
+            await self._begin()  # the first routes of a proxy started without any
+        elif self._started:
             await self._refresh()
-            log.info("routes reloaded", routes=[r.name for r in routes])
+        log.info("routes reloaded", routes=[r.name for r in routes])
 
     def route_for(
         self,
@@ -204,8 +207,11 @@ class Router:
             self.failed(route) if outcome == STUDENT_ERROR else self.answered(route)
 
     async def start(self) -> None:
-        if not self.routes:
-            return
+        self._serving = True
+        if self.routes:
+            await self._begin()
+
+    async def _begin(self) -> None:
         if self.judge is None:
             log.warning(
                 "routes configured but no judge installed: shadow calls are off",
@@ -218,6 +224,7 @@ class Router:
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_forever()))
 
     async def stop(self) -> None:
+        self._serving = False
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -720,13 +720,11 @@ def test_a_reloaded_config_changes_routes_without_dropping_a_request(
     wait_for(lambda: len(samples(proxy, "support")) >= 1, 10, "the first route's pairs")
 
 
-def test_routes_reloaded_into_a_proxy_started_without_them_say_they_do_not_shadow(
+def test_routes_reloaded_into_a_proxy_started_without_them_shadow_too(
     start_proxy: Callable[..., RunningProxy], servers: ServerThread
 ) -> None:
-    """No judge was installed (no routes at start): the reloaded routes route calls, and
-    the log says shadowing waits for a restart, instead of pairs vanishing unsaid."""
-    from structlog.testing import capture_logs
-
+    """The judge starts with the first routes, here at a reload: their calls are routed
+    and their pairs graded, with no restart."""
     from distillery.config import Settings
     from distillery.proxy.app import reload_routes
 
@@ -746,11 +744,37 @@ def test_routes_reloaded_into_a_proxy_started_without_them_say_they_do_not_shado
     )
     proxy = start_proxy({}, extensions=[install], reload=lambda: later)
     assert "X-Distillery-Route" not in ask(proxy, 1).headers
-    with capture_logs() as logs:
-        assert servers.call(reload_routes(proxy.app)) is True
+    assert servers.call(reload_routes(proxy.app)) is True
     assert ask(proxy, 2).headers["X-Distillery-Route"] == "support"
-    warned = [e for e in logs if "started without routes" in e["event"]]
-    assert warned and warned[0]["routes"] == ["support"] and warned[0]["log_level"] == "warning"
+    wait_for(lambda: len(samples(proxy, "support")) == 1, 10, "the pair graded")
+    assert [s["score"] for s in samples(proxy, "support")] == [1.0]
+    assert len(student.requests) == 1
+
+
+@pytest.mark.slow
+def test_the_proxy_command_starts_its_judge_with_the_first_routes(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """`distillery proxy` started without routes runs no judge; a SIGHUP that brings
+    routes starts one, and their pairs are graded."""
+    routed = config_file(tmp_path, served(FakeStudent(), servers))
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    database_url = f"sqlite:///{tmp_path / 'later.db'}"
+    proxy = proxy_command(upstream, tmp_path, database_url, config)
+    reader = open_store(database_url)
+    try:
+        assert ask_support(proxy.base_url) is False
+        assert "route judge started" not in proxy.log.read_text()
+        config.write_text(routed.read_text())
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: ask_support(proxy.base_url), 20, "the route")
+        wait_for(lambda: len(route_store.recent(reader, "support", 10)) >= 1, 20, "a pair")
+        assert running(judge_pid(proxy))
+    finally:
+        reader.close()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
 
 
 @pytest.mark.slow
@@ -877,7 +901,7 @@ def ask_support(base_url: str) -> bool:
         headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support"},
         timeout=10,
     )
-    return answer.headers["X-Distillery-Route"] == "support"
+    return bool(answer.headers.get("X-Distillery-Route") == "support")
 
 
 def judge_pid(proxy: ProxyProcess) -> int:
@@ -906,7 +930,7 @@ async def test_a_reload_keeps_a_routes_queue_unless_its_student_or_sizes_change(
     """The judge's lanes across reloads: a new timeout or bar keeps the queue (and the pairs
     waiting in it); a new concurrency, or a route that went, does not."""
     from distillery.config import Settings
-    from distillery.curation.judge import Runtime
+    from distillery.curation.judging import Runtime
 
     def settings(billing: bool = True, **change: Any) -> Settings:
         route = {

@@ -384,8 +384,9 @@ def test_the_dashboard_in_a_real_browser(
     tags.send_keys("app=tools\nreviewed=yes")
     chrome.find_element(By.ID, "save-tags").click()
     wait_until(chrome, staleness_of(tags), "the page after saving")  # a new page came
-    saved = chrome.find_element(By.ID, "tags").get_attribute("value")
-    assert saved.splitlines() == ["app=tools", "reviewed=yes"]
+    # ... though maybe not parsed yet: read the saved tags from it once it is.
+    saved = wait_until(chrome, lambda d: d.find_element(By.ID, "tags"), "the saved tags")
+    assert saved.get_attribute("value").splitlines() == ["app=tools", "reviewed=yes"]
     assert dashboard.tags(TOOLS_CALL["id"]) == {"app": "tools", "reviewed": "yes"}
 
     chrome.get(dashboard.url + f"/ui/completions/cap_{62:028d}")
