@@ -456,7 +456,13 @@ async def _student_answers(
                 proxy.session.post(
                     route.url,
                     data=orjson.dumps(body),
-                    headers={"Content-Type": "application/json", **route.headers()},
+                    # As for the teacher: the proxy reads the answer, and relays it to a
+                    # client that may take no compression.
+                    headers={
+                        "Content-Type": "application/json",
+                        "Accept-Encoding": "identity",
+                        **route.headers(),
+                    },
                     allow_redirects=False,
                 )
             )

@@ -69,7 +69,7 @@ class FakeStudent:
         }[self.behaviour]
         if body.get("stream"):
             return await self.stream(request, body["model"], text)
-        return web.json_response(
+        answer = web.json_response(
             {
                 "id": "chatcmpl-student",
                 "object": "chat.completion",
@@ -86,6 +86,9 @@ class FakeStudent:
                 "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
             }
         )
+        if "gzip" in request.headers.get("Accept-Encoding", ""):  # as OpenAI does
+            answer.enable_compression(web.ContentCoding.gzip)
+        return answer
 
     async def stream(self, request: web.Request, model: str, text: str) -> web.StreamResponse:
         """OpenAI's SSE: a role chunk, the text in two pieces, a usage chunk, [DONE]."""
@@ -616,6 +619,30 @@ def test_what_the_student_answered_is_said_and_stays_out_of_datasets(
 
     assert build() == 1  # the teacher's call alone
     assert build("--include-student-answers") == 3
+
+
+def test_the_students_answer_reaches_a_client_in_the_encoding_it_asked_for(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread
+) -> None:
+    """The student, like OpenAI, gzips an answer when asked: the proxy asks it for none,
+    as it asks the teacher, so a client that takes no gzip gets plain JSON."""
+    student = served(FakeStudent(), servers)
+    proxy = routed(start_proxy, student, mode="on", holdout=0)
+    answer = httpx.post(
+        proxy.base_url + "/chat/completions",
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "question"}]},
+        headers={
+            "Authorization": f"Bearer {ALICE}",
+            "X-Distillery-Tag-app": "support",
+            "Accept-Encoding": "identity",
+        },
+        timeout=10,
+    )
+    assert answer.headers["X-Distillery-Served-By"] == "student"
+    assert "Content-Encoding" not in answer.headers
+    assert json.loads(answer.content)["choices"][0]["message"]["content"] == TEACHER_TEXT
+    [row] = proxy.wait_stored(1)
+    assert row["model_served"] == "tiny"
 
 
 def test_a_student_down_for_long_leaves_every_call_to_the_teacher_until_it_is_back(
