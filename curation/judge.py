@@ -139,13 +139,15 @@ class ThreadJudge(_Host):
 
     def __init__(self, settings: Settings, store: Store) -> None:
         super().__init__(settings, store)
-        self.control: queue.Queue[Settings | None] = queue.Queue()
-        self.outcome_queue: queue.Queue[list[tuple[str, str]]] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
         from distillery.curation.judging import run
 
+        # Made at the start (as a process judge's are): a reload before it is in
+        # ``self.settings``, not queued to be applied a second time.
+        self.control = queue.Queue()
+        self.outcome_queue = queue.Queue()
         read = await self._open_pipe()
         self._thread = threading.Thread(
             target=run,

@@ -985,8 +985,9 @@ async def test_a_reload_keeps_a_routes_queue_unless_its_student_or_sizes_change(
         billing = runtime.lanes["billing"].workers
         runtime.reconfigure(settings(billing=False, timeout=3, concurrency=2))
         assert "billing" not in runtime.lanes
-        await asyncio.sleep(0)  # let the cancellation land
-        assert all(task.cancelled() or task.done() for task in billing)
+        # The removed route's workers end, cancelled (waited on, not given a moment).
+        done, pending = await asyncio.wait(billing, timeout=10)
+        assert not pending and all(task.cancelled() for task in done)
     finally:
         await runtime.stop()
         store.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -144,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     proxy.send_signal(signal.SIGTERM)
     proxy.wait(60)
 
-    def distillery(*command: str) -> str:
-        return run_command(env, database, *command)
+    distillery = functools.partial(run_command, env, database)
 
     student = work / "student"
     distillery("dataset", "build", "tickets", "--tag", "app=tickets")

@@ -19,6 +19,7 @@ Takes the work dir `run.py` left (its database and the fine-tuned student) and:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = {**os.environ, "DISTILLERY_DATA_DIR": str(work / "data"), "OPENAI_API_KEY": "sk-example"}
     database = f"sqlite:///{work / 'data' / 'distillery.db'}"
 
-    def distillery(*command: str) -> str:
-        return run_command(env, database, *command)
+    distillery = functools.partial(run_command, env, database)
 
     jobs = json.loads(distillery("finetune", "list", "--json"))
     model = next(j["fine_tuned_model"] for j in jobs if j["status"] == "succeeded")
