@@ -36,6 +36,8 @@ class StreamAssembler:
         self.choices: dict[int, dict[str, Any]] = {}
         self._parts: dict[tuple[int, str], list[str]] = {}
         self._tool_calls: dict[int, dict[int, dict[str, Any]]] = {}
+        self._extra: dict[int, dict[str, Any]] = {}
+        self.extra: dict[str, Any] = {}
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
         self.malformed: str | None = None
@@ -60,12 +62,18 @@ class StreamAssembler:
                 for key in ("id", "created", "model", "system_fingerprint", "service_tier")
                 if key in chunk
             }
+        for key, value in chunk.items():
+            if key not in _KNOWN_CHUNK and key not in _NOT_KEPT and value is not None:
+                self.extra[key] = value  # e.g. "moderation": kept, the last one sent
         usage = chunk.get("usage")
         if usage:
             if not isinstance(usage, dict):
                 raise TypeError("usage is not an object")
             self.usage = usage
-        choices = chunk.get("choices") or ()
+        # OpenAI's usage-only chunk (stream_options.include_usage) carries "choices": [].
+        choices = chunk.get("choices")
+        if choices is None:
+            return
         if not isinstance(choices, list):
             raise TypeError("choices is not a list")
         for choice in choices:
@@ -101,6 +109,12 @@ class StreamAssembler:
                 function[key].append(_text(delta["function_call"].get(key)))
         if delta.get("annotations"):
             message.setdefault("annotations", []).extend(delta["annotations"])
+        for key, value in delta.items():
+            if key not in _KNOWN_DELTA and value is not None:
+                # audio, reasoning_content and whatever comes next: kept, merged as
+                # openai-python merges them (text appended, objects merged key by key).
+                extra = self._extra.setdefault(index, {})
+                extra[key] = _merge(extra.get(key), value)
         logprobs = choice.get("logprobs")
         if logprobs:
             merged_logprobs = merged["logprobs"] or {"content": None, "refusal": None}
@@ -144,6 +158,8 @@ class StreamAssembler:
                     message[key] = "".join(parts)
             if "function_call" in message:
                 message["function_call"] = _joined(message["function_call"])
+            for key, value in self._extra.get(index, {}).items():
+                message[key] = _settled(value)
             calls = self._tool_calls.get(index)
             if calls:
                 message["tool_calls"] = [
@@ -152,9 +168,51 @@ class StreamAssembler:
             choices.append({**choice, "message": message})
         completion: dict[str, Any] = {"id": self.head.get("id"), "object": "chat.completion"}
         completion.update(self.head)
+        completion.update(self.extra)
         completion["choices"] = choices
         completion["usage"] = self.usage
         return completion
+
+
+# A chunk's members read by name; any other is kept but ``_NOT_KEPT``: ``obfuscation`` is
+# per-chunk padding against length side channels (noise), ``error`` is the call's error.
+_KNOWN_CHUNK = frozenset(
+    ("id", "object", "created", "model", "system_fingerprint", "service_tier", "choices", "usage")
+)
+_NOT_KEPT = frozenset(("obfuscation", "error"))
+# The delta members merged by name above; any other is kept by ``_merge``.
+_KNOWN_DELTA = frozenset(
+    ("role", "content", "refusal", "tool_calls", "function_call", "annotations")
+)
+
+
+class _Text(list[str]):
+    """A streamed string's pieces, joined once when the completion is built."""
+
+
+def _merge(merged: Any, value: Any) -> Any:
+    if isinstance(value, str):
+        if isinstance(merged, _Text):
+            merged.append(value)
+            return merged
+        return _Text([value])
+    if isinstance(value, dict):
+        merged = merged if isinstance(merged, dict) else {}
+        for key, item in value.items():
+            # ``index`` and ``type`` name a slot; they are not pieces of it.
+            merged[key] = item if key in ("index", "type") else _merge(merged.get(key), item)
+        return merged
+    if isinstance(value, list) and isinstance(merged, list) and not isinstance(merged, _Text):
+        return merged + value
+    return value
+
+
+def _settled(value: Any) -> Any:
+    if isinstance(value, _Text):
+        return "".join(value)
+    if isinstance(value, dict):
+        return {key: _settled(item) for key, item in value.items()}
+    return value
 
 
 def _text(value: Any) -> str:

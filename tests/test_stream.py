@@ -163,3 +163,71 @@ def test_assembler_merges_choices_tool_calls_refusals_and_logprobs() -> None:
 
 def test_assembler_with_no_chunks_has_no_result() -> None:
     assert StreamAssembler().result() is None
+
+
+def test_fields_the_assembler_does_not_know_are_kept_as_openai_python_keeps_them() -> None:
+    """Audio, reasoning text, refusals, logprobs and two choices, merged as the SDK's own
+    accumulator merges them (openai.lib.streaming.chat.ChatCompletionStreamState)."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    token = {"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": []}
+    chunks = [
+        chunk(None, service_tier="default", usage=None),
+        chunk(None, usage=None),
+        chunk(None, usage=None),
+        chunk(None, usage=None),
+        chunk(finish="stop", usage=None),
+        {
+            **chunk(),
+            "choices": [],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        },
+    ]
+    deltas: list[list[dict[str, Any]]] = [
+        [
+            {"role": "assistant", "audio": {"id": "audio_1", "transcript": "Hel", "data": "AAA"}},
+            {"role": "assistant", "refusal": "I can"},
+        ],
+        [
+            {"audio": {"transcript": "lo", "data": "BBB"}, "reasoning_content": "think"},
+            {"refusal": "not."},
+        ],
+        [{"reasoning_content": "ing", "content": "a"}, {}],
+        [{"content": "b"}, {}],
+    ]
+    for i, pair in enumerate(deltas):
+        chunks[i]["choices"] = [
+            {
+                "index": n,
+                "delta": d,
+                "logprobs": {"content": [token]} if d.get("content") else None,
+                "finish_reason": None,
+            }
+            for n, d in enumerate(pair)
+        ]
+    chunks[4]["choices"].append({"index": 1, "delta": {}, "finish_reason": "stop"})
+    raw = b"".join(event(c) for c in chunks) + event("[DONE]")
+    relay = StreamRelay(strip_usage=False)
+    relay.feed(raw)
+    relay.finish()
+    ours = relay.assembler.result() or {}
+
+    state = ChatCompletionStreamState()
+    for c in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(c))
+    theirs = state.get_final_completion().model_dump(mode="json", exclude_none=True)
+    for n in (0, 1):
+        mine = {k: v for k, v in ours["choices"][n]["message"].items() if v is not None}
+        sdk = {k: v for k, v in theirs["choices"][n]["message"].items() if k != "parsed"}
+        assert mine == sdk
+        assert ours["choices"][n]["finish_reason"] == "stop"
+    assert ours["choices"][0]["message"]["audio"] == {
+        "id": "audio_1",
+        "transcript": "Hello",
+        "data": "AAABBB",
+    }
+    assert ours["choices"][0]["message"]["reasoning_content"] == "thinking"
+    assert ours["choices"][1]["message"]["refusal"] == "I cannot."
+    assert ours["choices"][0]["logprobs"]["content"] == theirs["choices"][0]["logprobs"]["content"]
+    assert ours["usage"] == theirs["usage"] and ours["service_tier"] == "default"
