@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ from click.testing import CliRunner
 from distillery.cli import cli
 from distillery.store.db import create_engine, migrate, schema_revision
 from distillery.store.migrations import HEAD, LOCATION
+
+from helpers import RunningProxy
 
 
 def test_head_constant_matches_the_revision_files() -> None:
@@ -114,4 +118,109 @@ def test_a_database_from_before_migrations_is_adopted(tmp_path: Path) -> None:
     assert schema_revision(engine) == "unversioned"
     migrate(engine)
     assert schema_revision(engine) == HEAD
+    engine.dispose()
+
+
+# Written by the release before 0006 (de4973a), whose stream assembler stored every
+# successful stream as an error: scripts/write_v0005_database.py made it.
+V0005 = Path(__file__).parent / "data" / "streams-v0005.sqlite"
+COPIED = ("completions", "completion_tags", "rollup_apps", "rollup_tasks")
+
+
+def errors_by_kind(engine: sa.Engine) -> dict[tuple[bool, bool], int]:
+    """(stream, has an error) -> calls."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT stream, error IS NOT NULL, COUNT(*) FROM completions GROUP BY 1, 2")
+        )
+        return {(bool(s), bool(e)): n for s, e, n in rows}
+
+
+def rollup_errors(engine: sa.Engine) -> list[tuple[int, int]]:
+    with engine.connect() as conn:
+        return [
+            tuple(conn.execute(sa.text(f"SELECT SUM(calls), SUM(errors) FROM {t}")).one())
+            for t in ("rollup_apps", "rollup_tasks")
+        ]
+
+
+@pytest.fixture
+def old_database(url: str, tmp_path: Path) -> str:
+    """The previous version's database, in SQLite as it wrote it, or copied into Postgres."""
+    if url.startswith("sqlite"):
+        path = tmp_path / "old.db"
+        path.write_bytes(V0005.read_bytes())
+        return f"sqlite:///{path}"
+    from alembic import command
+
+    from distillery.store.db import _alembic_config
+
+    source, target = create_engine(f"sqlite:///{V0005}"), create_engine(url)
+    with target.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0005")
+    tables = sa.MetaData()
+    tables.reflect(target, only=COPIED)
+    with source.connect() as read, target.begin() as write:
+        for name in COPIED:
+            rows = [dict(r._mapping) for r in read.execute(sa.text(f"SELECT * FROM {name}"))]
+            table = tables.tables[name]
+            for row in rows:
+                for column in table.columns:
+                    if isinstance(column.type, sa.JSON):
+                        value = row.get(column.name)
+                        # SQL NULL stays NULL (a None would be stored as JSON null).
+                        row[column.name] = sa.null() if value is None else json.loads(value)
+            write.execute(table.insert(), rows)
+    source.dispose()
+    target.dispose()
+    return url
+
+
+def test_streamed_calls_the_stream_bug_flagged_are_repaired_on_upgrade(
+    old_database: str,
+    start_proxy: Callable[..., RunningProxy],
+    sdk: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    engine = create_engine(old_database)
+    assert schema_revision(engine) == "0005"
+    # 33 streams, 31 of them fine but stored as errors; 2 really broken; 6 not streamed, 4 errors.
+    assert errors_by_kind(engine) == {(True, True): 33, (False, False): 2, (False, True): 4}
+    assert rollup_errors(engine) == [(39, 37), (39, 37)]
+
+    upgraded = CliRunner().invoke(cli, ["db", "upgrade", "--database-url", old_database])
+    assert upgraded.exit_code == 0 and "Upgraded 0005 -> 0006." in upgraded.stdout
+    assert '"repaired": 31' in upgraded.stderr.replace(":31", ": 31")
+    assert errors_by_kind(engine) == {
+        (True, False): 31,
+        (True, True): 2,
+        (False, False): 2,
+        (False, True): 4,
+    }
+    assert rollup_errors(engine) == [(39, 6), (39, 6)]
+    with engine.connect() as conn:
+        kept = [
+            json.loads(e) if isinstance(e, str) else e
+            for (e,) in conn.execute(
+                sa.text("SELECT error FROM completions WHERE stream AND error IS NOT NULL")
+            )
+        ]
+    # The stream that was really broken keeps its error, as does the error event.
+    assert sorted((e.get("type", "an error event"), "chunk 2 " in str(e)) for e in kept) == [
+        ("an error event", False),
+        ("upstream_malformed", True),
+    ]
+
+    # The stored-completions API lists them again, to the key that made them ...
+    proxy = start_proxy(database_url=old_database)
+    listed = sdk(proxy.base_url, "sk-old-user").chat.completions.list(limit=100).data
+    assert len(listed) == 33 and sum(1 for c in listed if c.usage is not None) == 33
+    # ... and a dataset is built from them.
+    built = CliRunner().invoke(
+        cli, ["dataset", "build", "everything", "--json", "--database-url", old_database]
+    )
+    assert built.exit_code == 0, built.output
+    counts = json.loads(built.stdout)["counts"]
+    assert counts["considered"] == 39 and counts["dropped"]["failed call"] == 6
+    assert counts["train"] + counts["val"] > 0
     engine.dispose()

@@ -7,5 +7,5 @@ it against the revision files.
 
 from pathlib import Path
 
-HEAD = "0005"
+HEAD = "0006"
 LOCATION = Path(__file__).parent
