@@ -217,7 +217,9 @@ class Capture:
         # with their size; guarded by spool.lock.  Bounded by memory_buffer_mb.
         self.unspooled: dict[str, tuple[CaptureRecord, int]] = {}
         self.unspooled_bytes = 0
-        self.db_ok = True
+        # A store the proxy could not migrate at start had no database: said so on /healthz
+        # until the writer reaches it.
+        self.db_ok = store.migrated
         self.spool_error: str | None = None
         self.stored = 0
         self.write_errors = 0

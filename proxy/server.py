@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
+from sqlalchemy.engine import Engine
 
 from distillery.config import Settings
 from distillery.errors import DistilleryError
@@ -41,12 +42,18 @@ log = structlog.get_logger()
 def open_capture_store(settings: Settings) -> Store:
     """The store for capture; a database that is down at start is not fatal (we spool)."""
     engine = create_engine(settings.storage.resolved_database_url())
+    return Store(engine, migrated=_migrated(engine))
+
+
+def _migrated(engine: Engine) -> bool:
+    """Whether the schema could be brought up to date now; a database that is down (or
+    locked) at start is said once, and the writer migrates when it answers."""
     try:
         migrate(engine)
     except Exception as exc:
         log.error("database unavailable at start; capturing to the spool", error=str(exc))
-        return Store(engine)
-    return Store(engine, migrated=True)
+        return False
+    return True
 
 
 def serve(
@@ -145,7 +152,9 @@ def _supervise(
     reload: Callable[[], Settings] | None,
 ) -> None:
     if settings.capture.enabled:
-        migrate(create_engine(settings.storage.resolved_database_url()))
+        engine = create_engine(settings.storage.resolved_database_url())
+        _migrated(engine)
+        engine.dispose()
     # Workers write their metrics to files here; whichever answers /metrics serves the sum.
     shared_metrics = tempfile.mkdtemp(prefix="distillery-metrics-")
     os.environ[MULTIPROC_ENV] = shared_metrics  # spawned workers inherit it

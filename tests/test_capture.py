@@ -170,7 +170,7 @@ def test_kill_9_loses_no_delivered_response(
     ids = [ask(client, i, stream=bool(i % 2)) for i in range(10)]
     wait_for(lambda: len(stored_ids(database_url)) == 10, what="first 10 stored")
 
-    blocker = _lock_database(database_url)
+    blocker = lock_database(database_url)
     ids += [ask(client, i, stream=bool(i % 2)) for i in range(10, 40)]
     proxy.signal(signal.SIGKILL)
     proxy.wait()
@@ -186,7 +186,7 @@ def test_kill_9_loses_no_delivered_response(
     assert sorted(stored) == sorted(ids)
 
 
-def _lock_database(database_url: str) -> Callable[[], None]:
+def lock_database(database_url: str) -> Callable[[], None]:
     """Make the database refuse writes; returns a function that undoes it."""
     if database_url.startswith("sqlite"):
         path = database_url.removeprefix("sqlite:///")

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import jinja2
+import sqlalchemy as sa
 import structlog
 from aiohttp import web
 
 from distillery.config import Settings
 from distillery.store import Store, dashboard
+from distillery.store.db import migrate
 from distillery.ui import sessions
 from distillery.ui.sessions import Session
 
@@ -31,7 +33,6 @@ HERE = Path(__file__).parent
 SESSION = web.RequestKey("ui_session", Session)
 STORE = web.AppKey("ui_store", Store)
 SETTINGS = web.AppKey("ui_settings", Settings)
-SECRET = web.AppKey("ui_secret", bytes)
 TEMPLATES = web.AppKey("ui_templates", jinja2.Environment)
 PREFIX = web.AppKey("ui_prefix", str)
 
@@ -52,6 +53,43 @@ SIGN_IN_CSRF = "distillery_sign_in"  # double-submit token for the sign-in form 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
+UNAVAILABLE = (
+    "The dashboard is unavailable until its database answers. The proxy is still "
+    "forwarding and capturing calls (they wait in its spool). Reload in a moment."
+)
+
+
+class Unavailable(Exception):
+    """The dashboard's database does not answer (down, locked, not yet migrated)."""
+
+
+class Secret:
+    """The session-signing secret, read from the database when a page first needs it.
+
+    Not at start: the proxy must start, and capture, while its database is down; the
+    dashboard alone waits for it (and brings its schema up to date when it answers).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.value: bytes | None = None
+
+    async def get(self) -> bytes:
+        if self.value is None:
+            self.value = await asyncio.to_thread(self._read)
+        return self.value
+
+    def _read(self) -> bytes:
+        try:
+            if not self.store.migrated:
+                migrate(self.store.engine)
+                self.store.migrated = True
+            return dashboard.secret(self.store, sessions.SECRET).encode()
+        except sa.exc.SQLAlchemyError as exc:
+            raise Unavailable(str(exc).splitlines()[0]) from None
+
+
+SECRET = web.AppKey("ui_secret", Secret)
 
 
 @web.middleware
@@ -64,6 +102,9 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
             _secure(request, exc.headers)
             raise
         response = web.Response(status=exc.status, text=exc.text or exc.reason)
+    except (Unavailable, sa.exc.OperationalError) as exc:
+        log.warning("dashboard database unavailable", path=request.path, error=str(exc)[:200])
+        response = web.Response(status=503, text=UNAVAILABLE, headers={"Retry-After": "5"})
     except Exception:
         log.exception("dashboard error", path=request.path)
         response = web.Response(status=500, text="The dashboard failed; see the proxy's log.")
@@ -84,7 +125,9 @@ async def signed_in(request: web.Request, handler: Handler) -> web.StreamRespons
     if request.match_info.route.name in PUBLIC:
         return await handler(request)
     settings = request.app[SETTINGS]
-    session = sessions.decode(request.cookies.get(sessions.COOKIE), request.app[SECRET])
+    session = sessions.decode(
+        request.cookies.get(sessions.COOKIE), await request.app[SECRET].get()
+    )
     if session is None and settings.ui.open:
         session = Session("local", True, "", float("inf"))
     if session is None:
@@ -146,7 +189,7 @@ def make_app(settings: Settings, store: Store, prefix: str = "/ui") -> web.Appli
     app = web.Application(middlewares=[security, signed_in])
     app[SETTINGS] = settings
     app[STORE] = store
-    app[SECRET] = dashboard.secret(store, sessions.SECRET).encode()
+    app[SECRET] = Secret(store)
     app[TEMPLATES] = environment()
     app[PREFIX] = prefix
     pages.add_routes(app)

@@ -76,7 +76,7 @@ async def sign_in(request: web.Request) -> web.Response:
     response = web.HTTPSeeOther(url(request, "completions"))
     response.set_cookie(
         sessions.COOKIE,
-        sessions.encode(session, request.app[SECRET]),
+        sessions.encode(session, await request.app[SECRET].get()),
         httponly=True,
         samesite="Strict",
         secure=request.secure,
