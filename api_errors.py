@@ -60,11 +60,26 @@ class APIError(Exception):
         return response
 
 
+# orjson writes JSON nested at most this deep (it reads up to 1024 levels): deeper
+# requests cannot be forwarded, so they are refused the same way whichever limit is met.
+MAX_DEPTH = 254
+
+
+def too_deep() -> APIError:
+    return APIError(
+        400,
+        f"The request body nests JSON deeper than the proxy can forward ({MAX_DEPTH} levels).",
+        code="invalid_json",
+    )
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be one JSON object."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if exc.msg == "depth limit exceeded":
+            raise too_deep() from None
         raise APIError(400, f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")

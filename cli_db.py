@@ -51,14 +51,12 @@ def status(config: Path | None, database_url: str | None) -> None:
 @fail_on_errors
 def upgrade(config: Path | None, database_url: str | None) -> None:
     """Apply every pending migration (the proxy also does this when it starts)."""
-    from distillery import logs
     from distillery.store.db import migrate, schema_revision
-
-    logs.configure()  # what a migration repairs is said on stderr
 
     engine = _engine(config, database_url)
     before = schema_revision(engine)
-    migrate(engine)
+    for note in migrate(engine):
+        click.echo(note, err=True)
     after = schema_revision(engine)
     click.echo(
         f"Upgraded {before or 'empty'} -> {after}." if before != after else f"Already at {after}."

@@ -23,7 +23,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from distillery.api_errors import APIError, json_object
+from distillery.api_errors import APIError, json_object, too_deep
 from distillery.config import ProxySettings
 from distillery.proxy.errors import upstream_timeout, upstream_unreachable
 from distillery.proxy.forward import (
@@ -65,8 +65,12 @@ def _integer(value: Any) -> int | None:
 class Call:
     """Everything known about one chat completion call, turned into a record at the end."""
 
-    def __init__(self, proxy: Proxy, request: web.Request, tenant: str, body: dict[str, Any]):
+    def __init__(
+        self, proxy: Proxy, request: web.Request, tenant: str, body: dict[str, Any], size: int = 0
+    ):
         self.proxy = proxy
+        # Bytes of request and answer: above LARGE_BODY, the work on them leaves the loop.
+        self.size = size
         self.request = request
         self.id = request[REQUEST_ID]
         self.created_at = time.time()
@@ -150,11 +154,20 @@ class Call:
         try:
             return orjson.dumps(body)
         except orjson.JSONEncodeError:
-            raise APIError(
-                400,
-                "The request body nests JSON deeper than the proxy can forward (254 levels).",
-                code="invalid_json",
-            ) from None
+            raise too_deep() from None
+
+    async def settle(
+        self,
+        status: int,
+        response: dict[str, Any] | None,
+        error: Any,
+        headers: CIMultiDictProxy[str] | None = None,
+    ) -> str:
+        """``finish``, in a thread for a large call: redacting and spooling 20 MB holds the
+        event loop for half a second, and every other client with it."""
+        if self.size > LARGE_BODY:
+            return await asyncio.to_thread(self.finish, status, response, error, headers)
+        return self.finish(status, response, error, headers)
 
     def finish(
         self,
@@ -256,15 +269,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     fields = log_fields(request)
     fields["tenant"] = tenant
     target = upstream_url(proxy.upstream_url, request)
-    body = await _read_body(request, proxy.settings.proxy)
-    call = Call(proxy, request, tenant, body)
+    body, size = await _read_body(request, proxy.settings.proxy)
+    call = Call(proxy, request, tenant, body, size)
     fields.update(model=call.model, stream=call.stream, tags=len(call.metadata))
     route = call.route
     if route is not None and proxy.router.student_answers(route):
         answered = await _student_answers(request, call, route, fields)
         if answered is not None:
             return answered
-    body_bytes = call.payload()
+    body_bytes = await asyncio.to_thread(call.payload) if call.size > LARGE_BODY else call.payload()
     # aiohttp writes a BytesIO in 64 KB pieces, yielding to the loop between them.
     payload = io.BytesIO(body_bytes) if len(body_bytes) > LARGE_BODY else body_bytes
     del body_bytes
@@ -314,21 +327,27 @@ async def _relay_json(
         reason=upstream.reason,
         headers=call.response_headers(upstream.headers),
     )
-    parsed = _parse_json(content, upstream.headers.get("Content-Encoding"))
+    encoding = upstream.headers.get("Content-Encoding")
+    parsed = (
+        await asyncio.to_thread(_parse_json, content, encoding)
+        if len(content) > LARGE_BODY
+        else _parse_json(content, encoding)
+    )
     problem = malformed(parsed) if upstream.status < 400 and isinstance(parsed, dict) else None
     gone = request.transport is None or request.transport.is_closing()
+    call.size += len(content)
     if problem is not None:
         error: Any = {"type": "upstream_malformed", "message": problem, "body": parsed}
-        outcome = call.finish(upstream.status, None, error, upstream.headers)
+        outcome = await call.settle(upstream.status, None, error, upstream.headers)
     elif upstream.status < 400 and isinstance(parsed, dict) and "error" not in parsed:
-        outcome = call.finish(
+        outcome = await call.settle(
             upstream.status, parsed, CLIENT_GONE if gone else None, upstream.headers
         )
     else:
         error = (
             parsed if parsed is not None else {"body": content[:4096].decode("utf-8", "replace")}
         )
-        outcome = call.finish(upstream.status, None, error, upstream.headers)
+        outcome = await call.settle(upstream.status, None, error, upstream.headers)
     fields["capture"] = outcome
     if gone:
         log.info("client went away before the response")
@@ -341,8 +360,9 @@ async def _relay_json(
     return response
 
 
-async def _read_body(request: web.Request, settings: ProxySettings) -> dict[str, Any]:
-    """The request's JSON object, or an OpenAI-shaped 4xx naming what is wrong with it."""
+async def _read_body(request: web.Request, settings: ProxySettings) -> tuple[dict[str, Any], int]:
+    """The request's JSON object and its size, or an OpenAI-shaped 4xx naming what is wrong
+    with it.  A large body is parsed in a thread: the loop serves other clients meanwhile."""
     try:
         async with asyncio.timeout(settings.body_timeout):
             raw = await request.read()
@@ -363,7 +383,9 @@ async def _read_body(request: web.Request, settings: ProxySettings) -> dict[str,
         ) from None
     except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
         raise unreadable_body(request, exc) from None
-    return json_object(raw)
+    if len(raw) > LARGE_BODY:
+        return await asyncio.to_thread(json_object, raw), len(raw)
+    return json_object(raw), len(raw)
 
 
 async def _relay_stream(
@@ -388,6 +410,7 @@ async def _relay_stream(
             client_gone = True
         if not client_gone:
             async for data in _pieces(first, upstream):
+                call.size += len(data)
                 if call.ttft_ms is None:
                     call.ttft_ms = round((time.perf_counter() - call.started) * 1000, 3)
                 out = relay.feed(data)
@@ -409,7 +432,7 @@ async def _relay_stream(
         error = {"error": relay.assembler.error}
     elif relay.assembler.malformed is not None and error is None:
         error = {"type": "upstream_malformed", "message": relay.assembler.malformed}
-    fields["capture"] = call.finish(
+    fields["capture"] = await call.settle(
         upstream.status, relay.assembler.result(), error, upstream.headers
     )
     if client_gone:

@@ -49,10 +49,12 @@ def _migrated(engine: Engine) -> bool:
     """Whether the schema could be brought up to date now; a database that is down (or
     locked) at start is said once, and the writer migrates when it answers."""
     try:
-        migrate(engine)
+        notes = migrate(engine)
     except Exception as exc:
         log.error("database unavailable at start; capturing to the spool", error=str(exc))
         return False
+    for note in notes:
+        log.warning("database migrated", note=note)
     return True
 
 

@@ -52,6 +52,12 @@ class StreamAssembler:
         except (TypeError, AttributeError, KeyError, ValueError) as exc:
             self.malformed = f"chunk {self.chunks} is not a chat.completion.chunk: {exc!r}"[:500]
 
+    def unreadable(self, exc: Exception) -> None:
+        """A data event that is not JSON the proxy can read (garbage, or nested too deep)."""
+        self.chunks += 1
+        if self.malformed is None:
+            self.malformed = f"chunk {self.chunks} is not JSON the proxy can read: {exc}"[:500]
+
     def _add(self, chunk: dict[str, Any]) -> None:
         if "error" in chunk and "choices" not in chunk:
             self.error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk}
@@ -315,7 +321,10 @@ class StreamRelay:
             return event
         try:
             chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as exc:
+            # Relayed as it came; the stored answer would lack it, so it is not a success.
+            if payload.strip():
+                self.assembler.unreadable(exc)
             return event
         if not isinstance(chunk, dict):
             return event
@@ -327,7 +336,10 @@ class StreamRelay:
         if chunk["usage"] is None and event.count(_USAGE_NULL) == 1:
             return event.replace(_USAGE_NULL, b"", 1)
         del chunk["usage"]
-        return b"data: " + orjson.dumps(chunk) + sep
+        try:
+            return b"data: " + orjson.dumps(chunk) + sep
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes: sent as it came
+            return event
 
     def finish(self) -> bytes:
         """Everything held back: the ``[DONE]`` event and any trailing bytes."""

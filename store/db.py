@@ -10,6 +10,7 @@ replay safe to repeat.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -120,21 +121,23 @@ def schema_revision(engine: Engine) -> str | None:
         return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
 
-def migrate(engine: Engine) -> None:
+def migrate(engine: Engine) -> list[str]:
     """Bring the schema up to date; the proxy and the CLI both call this on start.
 
     Ordered alembic revisions live in ``store/migrations``; one migrator at a
     time (an advisory lock on Postgres, a file lock beside SQLite), and a
-    database that is already current costs one query.
+    database that is already current costs one query.  Returns what the
+    migrations did that a user should hear of (data they repaired), for the
+    caller to say where its output goes.
     """
     from distillery.store.migrations import HEAD
 
     if schema_revision(engine) == HEAD:
-        return
+        return []
     with named_lock(engine, "migrations"):
         current = schema_revision(engine)
         if current == HEAD:
-            return
+            return []
         from alembic import command
 
         with engine.begin() as conn:
@@ -143,6 +146,16 @@ def migrate(engine: Engine) -> None:
                 # Created by the schema's first release, before migrations: that is 0001.
                 command.stamp(config, "0001")
             command.upgrade(config, "head")
+        notes: list[str] = config.attributes.get("notes", [])
+        return notes
+
+
+def _tell(notes: list[str]) -> None:
+    """What a migration repaired, said through the standard library's logging: the
+    proxy routes it into its log; a command with no logging set up prints it on stderr
+    (logging's last resort), never on stdout where its data goes."""
+    for note in notes:
+        logging.getLogger("distillery.store").warning(note)
 
 
 def _alembic_config(conn: Any) -> Any:
@@ -300,7 +313,7 @@ class Store:
         if not self.migrated:
             # The proxy starts even when the database is down; the schema is
             # created the first time it answers.
-            migrate(self.engine)
+            _tell(migrate(self.engine))
             self.migrated = True
         dialect = self.engine.dialect.name
         try:
@@ -347,7 +360,7 @@ def open_store(url: str) -> Store:
     """Open (and migrate) the database at ``url``, naming the fix when that fails."""
     engine = create_engine(url)
     try:
-        migrate(engine)
+        _tell(migrate(engine))
     except sa.exc.OperationalError as exc:
         engine.dispose()
         raise StoreError(f"Cannot open database {engine.url!r}: {exc.orig}") from None

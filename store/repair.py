@@ -101,7 +101,9 @@ def repair(record: Mapping[str, Any]) -> tuple[CaptureRecord, list[str]]:
         if value is None:
             continue
         try:
-            orjson.dumps(value)
+            # As it sits in the record, one level down: a value orjson writes alone
+            # can still be one level too deep inside the record.
+            orjson.dumps({name: value})
         except (orjson.JSONEncodeError, TypeError):
             out[name] = {"distillery_unstorable": "nested too deeply", "json": _as_text(value)}
             changes.append(f"{name} kept as text")

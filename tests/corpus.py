@@ -58,7 +58,9 @@ class Replay:
     answer: Exchange | None = None
     piece: int = 97
     requests: list[dict[str, Any]] = field(default_factory=list)
-    app: web.Application = field(default_factory=web.Application)
+    app: web.Application = field(
+        default_factory=lambda: web.Application(client_max_size=200 * 1024 * 1024)
+    )
     url: str = ""
 
     def __post_init__(self) -> None:
