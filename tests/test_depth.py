@@ -152,10 +152,15 @@ def test_a_large_body_is_parsed_and_captured_off_the_event_loop(
 ) -> None:
     """While a 3 MB request is being parsed (held here until the test says so), a small
     one is answered: the big one's parsing and capture run in threads, not on the loop."""
+    from distillery import api_errors
     from distillery.proxy import chat
 
-    held, where = threading.Event(), {}
-    parse, submit = chat.json_object, proxy.app[PROXY].capture.submit  # type: ignore[union-attr]
+    held = threading.Event()
+    parsed_on_loop: list[bool] = []
+    captured_on_loop: list[bool] = []
+    capture = proxy.app[PROXY].capture
+    assert capture is not None
+    parse, submit = api_errors.json_object, capture.submit
 
     def on_loop() -> bool:
         try:
@@ -166,23 +171,23 @@ def test_a_large_body_is_parsed_and_captured_off_the_event_loop(
 
     def slow_parse(raw: bytes) -> dict[str, Any]:
         if len(raw) > chat.LARGE_BODY:
-            where["parse"] = on_loop()
+            parsed_on_loop.append(on_loop())
             assert held.wait(10), "the small request was never answered"
         return parse(raw)
 
     def watched_submit(record: Any) -> str:
-        where.setdefault("capture", []).append(on_loop())
+        captured_on_loop.append(on_loop())
         return submit(record)
 
     monkeypatch.setattr(chat, "json_object", slow_parse)
-    monkeypatch.setattr(proxy.app[PROXY].capture, "submit", watched_submit)
+    monkeypatch.setattr(capture, "submit", watched_submit)
     replay.answer = OK
     big = {"model": "m", "messages": [{"role": "user", "content": "x" * 3_000_000}]}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
             httpx.post, proxy.base_url + "/chat/completions", json=big, timeout=30
         )
-        wait_for(lambda: "parse" in where, what="the big request being parsed")
+        wait_for(lambda: bool(parsed_on_loop), what="the big request being parsed")
         small = httpx.post(
             proxy.base_url + "/chat/completions",
             json={"model": "m", "messages": MESSAGES},
@@ -191,7 +196,7 @@ def test_a_large_body_is_parsed_and_captured_off_the_event_loop(
         assert small.status_code == 200
         held.set()
         assert pending.result().status_code == 200
-    assert where["parse"] is False
+    assert parsed_on_loop == [False]
     # The small call was captured on the loop, the big one in a thread.
-    assert where["capture"] == [True, False]
+    assert captured_on_loop == [True, False]
     assert len(proxy.wait_stored(2)) == 2

@@ -125,9 +125,7 @@ async def signed_in(request: web.Request, handler: Handler) -> web.StreamRespons
     if request.match_info.route.name in PUBLIC:
         return await handler(request)
     settings = request.app[SETTINGS]
-    session = sessions.decode(
-        request.cookies.get(sessions.COOKIE), await request.app[SECRET].get()
-    )
+    session = sessions.decode(request.cookies.get(sessions.COOKIE), await request.app[SECRET].get())
     if session is None and settings.ui.open:
         session = Session("local", True, "", float("inf"))
     if session is None:
