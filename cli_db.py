@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from distillery.cli_shared import fail_on_errors, store_options
+from distillery.output import output_options, write_rows
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -60,4 +61,69 @@ def upgrade(config: Path | None, database_url: str | None) -> None:
     after = schema_revision(engine)
     click.echo(
         f"Upgraded {before or 'empty'} -> {after}." if before != after else f"Already at {after}."
+    )
+
+
+@db.command("dead-letters")
+@store_options
+@click.option(
+    "--data-dir",
+    envvar="DISTILLERY_DATA_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the proxy keeps its spool and dead-letter/  [default: as the proxy]",
+)
+@click.option("--retry", is_flag=True, help="Insert them again (once the cause is fixed).")
+@click.option("--purge", is_flag=True, help="Delete them.")
+@output_options
+@fail_on_errors
+def dead_letters(
+    config: Path | None,
+    database_url: str | None,
+    data_dir: Path | None,
+    retry: bool,
+    purge: bool,
+    fmt: str,
+) -> None:
+    """List captured calls the database refused even after repair.
+
+    \b
+        distillery db dead-letters
+        distillery db dead-letters --retry    # after fixing the cause
+    """
+    from distillery.config import load_settings
+    from distillery.store import dead_letters as letters
+
+    if retry and purge:
+        raise click.UsageError("Cannot use --retry and --purge together: pick one.")
+    settings = load_settings(
+        config,
+        {
+            "storage.database_url": database_url,
+            "storage.data_dir": str(data_dir) if data_dir else None,
+        },
+    )
+    directory = Path(settings.storage.resolved_data_dir()) / "dead-letter"
+    if purge:
+        click.echo(f"Deleted {letters.purge(directory)} dead letters.")
+        return
+    if retry:
+        from distillery.store import open_store
+
+        store = open_store(settings.storage.resolved_database_url())
+        try:
+            outcome = letters.retry(directory, store)
+        except Exception as exc:  # the database is unavailable: nothing moved
+            raise click.ClickException(f"Database unavailable, nothing retried: {exc}") from None
+        finally:
+            store.close()
+        click.echo(
+            f"Stored {outcome.stored} dead letters; {outcome.refused} still refused"
+            + (" (see their reasons: distillery db dead-letters)." if outcome.refused else ".")
+        )
+        return
+    write_rows(
+        (letter.row() for letter in letters.read(directory)),
+        fmt,
+        ["id", "at", "model", "status", "reason"],
+        empty=f"No dead letters in {directory}.",
     )

@@ -53,7 +53,7 @@ import structlog
 
 from distillery.config import CaptureSettings
 from distillery.redact import Redactor
-from distillery.store import Store
+from distillery.store import Store, dead_letters
 from distillery.store.records import CaptureRecord
 from distillery.store.repair import RecordRefused, repair
 
@@ -62,6 +62,7 @@ log = structlog.get_logger()
 ROTATE_BYTES = 8 * 1024 * 1024
 ROTATE_SECONDS = 1.0
 MAX_BACKOFF = 5.0
+DEAD_LETTER_RETRY_S = 5.0  # how often a held-back record tries its dead-letter file again
 SPOOL_ROOM = 1024 * 1024  # free bytes that count as "the spool can be written again"
 
 
@@ -220,6 +221,10 @@ class Capture:
         # A store the proxy could not migrate at start had no database: said so on /healthz
         # until the writer reaches it.
         self.db_ok = store.migrated
+        # Refused records whose dead-letter write failed: they wait in the spool.
+        self.held_back: set[str] = set()
+        self.dead_letter_error: str | None = None
+        self._dead_letter_retry_at = 0.0
         self.spool_error: str | None = None
         self.stored = 0
         self.write_errors = 0
@@ -308,6 +313,11 @@ class Capture:
             problems.append("database unavailable: records wait in the spool")
         if self.spool_error is not None:
             problems.append(f"spool not writable ({self.spool_error}): records wait in memory")
+        if self.held_back:
+            problems.append(
+                f"dead-letter file not writable ({self.dead_letter_error}): "
+                f"{len(self.held_back)} refused records held back in the spool"
+            )
         return {
             "database": "ok" if self.db_ok else "unavailable",
             "spool": "ok" if self.spool_error is None else "failing",
@@ -321,6 +331,7 @@ class Capture:
             "spool_write_errors": self.spool_write_errors,
             "repaired": self.repaired,
             "dead_lettered": self.dead_lettered,
+            "held_back": len(self.held_back),
             "dropped": self.dropped,
         }
 
@@ -412,7 +423,12 @@ class Capture:
             self._failed(exc)
             return False
         middle = len(records) // 2
-        return self._store(records[:middle]) and self._store(records[middle:])
+        left = self._store(records[:middle])
+        if not left and not self.db_ok:
+            return False  # the database went away: the rest waits in the spool too
+        # A record held back (its dead-letter file unwritable) must not hold back the rest.
+        right = self._store(records[middle:])
+        return left and right
 
     def _store_refused(self, record: CaptureRecord, refusal: RecordRefused) -> bool:
         """Repair a refused record and store it, or move it to the dead-letter file."""
@@ -434,22 +450,23 @@ class Capture:
         return True
 
     def _dead_letter(self, record: CaptureRecord, reason: str) -> bool:
-        line = orjson.dumps(
-            {"id": record.get("id"), "at": time.time(), "reason": reason, "record": record},
-            default=str,
-        )
-        try:
-            self.dead_letter_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self.dead_letter_dir / f"{self.spool.instance}.jsonl"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                if os.write(fd, line + b"\n") != len(line) + 1:
-                    raise OSError(errno.ENOSPC, "short write")
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.error("cannot write the dead-letter file; record stays spooled", error=str(exc))
+        """Move a record the database refuses to the dead-letter file; False (the record
+        stays in the spool, held back, and /healthz says so) when that cannot be written."""
+        record_id = str(record.get("id"))
+        if record_id in self.held_back and time.monotonic() < self._dead_letter_retry_at:
             return False
+        try:
+            path = dead_letters.append(self.dead_letter_dir, self.spool.instance, record, reason)
+        except OSError as exc:
+            if self.dead_letter_error is None:
+                log.error("cannot write the dead-letter file; record stays spooled", error=str(exc))
+            self.dead_letter_error = str(exc)
+            self.held_back.add(record_id)
+            self._dead_letter_retry_at = time.monotonic() + DEAD_LETTER_RETRY_S
+            return False
+        self.held_back.discard(record_id)
+        if not self.held_back:
+            self.dead_letter_error = None
         self._count("dead_lettered")
         log.error(
             "capture record dead-lettered",
@@ -525,6 +542,8 @@ class Capture:
             if not (drained or seq < self._last_seq):
                 break
             if seq in self.dirty:
+                if self.held_back and time.monotonic() < self._dead_letter_retry_at:
+                    break  # not every 50 ms: the segment is inserted again each time
                 if not self._database_reachable() or not self._replay([spool.path(seq)]):
                     break
                 with spool.lock:
@@ -584,24 +603,28 @@ class Capture:
                 self.unspooled_bytes -= size
 
     def _replay(self, paths: list[Path]) -> bool:
-        """Insert every record of these segments; True when all are in the database."""
+        """Insert every record of these segments; True when all are in the database (or
+        dead-lettered).  A record held back does not stop the records after it."""
         replayed = 0
+        complete = True
         for path in paths:
             batch: list[CaptureRecord] = []
             try:
                 for record in read_segment(path):
                     batch.append(record)
                     if len(batch) >= self.settings.batch_size:
-                        if not self._store(batch):
+                        complete = self._store(batch) and complete
+                        if not self.db_ok:
                             return False
                         replayed += len(batch)
                         batch = []
             except OSError as exc:
                 self._failed(exc)
                 return False
-            if not self._store(batch):
+            complete = self._store(batch) and complete
+            if not self.db_ok:
                 return False
             replayed += len(batch)
-        if replayed:
+        if replayed and complete:
             log.info("spool replayed", records=replayed, segments=len(paths))
-        return True
+        return complete
