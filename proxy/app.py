@@ -52,6 +52,9 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
     request[LOG_FIELDS] = fields
     request[AFTER_RESPONSE] = []
     proxy = request.app[PROXY]
+    task = asyncio.current_task()
+    if task is not None:
+        proxy.inflight.add(task)
     try:
         response = await handler(request)
     except APIError as error:
@@ -72,6 +75,9 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         log.exception("unhandled error", request_id=request_id, path=request.path)
         fields["error"] = "unhandled"
         response = unhandled("proxy").response(request_id)
+    finally:
+        if task is not None:
+            proxy.inflight.discard(task)
     await _drain(request, response)
     for work in request[AFTER_RESPONSE]:
         work()
@@ -171,6 +177,7 @@ def make_app(
         client_max_size=int(settings.proxy.max_body_mb * 1024 * 1024),
     )
     app[PROXY] = proxy
+    app.on_shutdown.append(_cut_at_timeout)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/metrics", metrics, name="metrics")
@@ -185,6 +192,24 @@ def make_app(
     for extend in extensions:
         extend(app, settings, store)
     return app
+
+
+async def _cut_at_timeout(app: web.Application) -> None:
+    """Requests still running ``shutdown_timeout`` after a stop was asked are cancelled
+    (a stream is cut, and recorded as cancelled).  aiohttp alone waits that long, then
+    cancels the request's payload -- which a handler reading its upstream never sees --
+    and waits as long again before it closes the connection: twice the timeout."""
+    proxy = app[PROXY]
+
+    def cut() -> None:
+        if proxy.inflight:
+            log.warning(
+                "shutdown timeout: cutting requests in flight", requests=len(proxy.inflight)
+            )
+        for task in list(proxy.inflight):
+            task.cancel()
+
+    asyncio.get_running_loop().call_later(proxy.settings.proxy.shutdown_timeout, cut)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

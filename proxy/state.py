@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class Proxy:
     upstream_key: str | None = field(init=False)
     session: aiohttp.ClientSession = field(init=False)
     router: Router = field(init=False)
+    # The tasks serving requests now: what a shutdown cuts at proxy.shutdown_timeout.
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.router = Router(self.settings, self.store, self.metrics)
