@@ -419,6 +419,7 @@ def _splits_one_and_one(url: str, seed: int) -> bool:
     return bool(counts["train"] == 1 and counts["val"] == 1)
 
 
+@pytest.mark.train
 def test_parquet_has_only_the_keys_examples_use_and_no_empty_split(tmp_path: Path) -> None:
     """A Llama-3-style chat template that tests `'tool_calls' in message` renders every row,
     and `load_dataset` with both splits works: there is no empty validation file."""
@@ -609,6 +610,7 @@ def test_validate_counts_with_the_encoding_it_is_given(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.train
 def test_tokens_can_be_counted_with_the_students_tokenizer(db: str, tmp_path: Path) -> None:
     """With --tokenizer the build counts with a real tokenizer (the student's chat template
     included), and the manifest says so; a directory without one is a clean error."""

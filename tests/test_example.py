@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip(
     "trl", reason="the training extra is not installed: pip install torch==2.13.0 -e '.[train]'"
 )
+# CI runs these again once the extra is installed (`pytest -m train`).
+pytestmark = pytest.mark.train
 
 RUN = Path(__file__).parent.parent / "examples" / "ticket_extraction" / "run.py"
 SHADOW = RUN.parent / "shadow.py"

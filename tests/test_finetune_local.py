@@ -22,7 +22,8 @@ pytest.importorskip(
 
 
 # Real processes (proxy workers, trainers): seconds each, so out of the fast loop.
-pytestmark = pytest.mark.slow
+# CI runs these again once the training extra is installed (`pytest -m train`).
+pytestmark = [pytest.mark.slow, pytest.mark.train]
 
 
 def build(directory: Path, texts: list[str]) -> Path:
