@@ -104,6 +104,7 @@ def test_streaming_is_byte_identical_and_reassembled(
     assert upstream.requests[-1]["body"]["stream_options"] == {"include_usage": True}
 
     [row] = proxy.wait_stored(1)
+    assert row["error"] is None  # a stream that ended well is not stored as a failure
     completion = json.loads(row["response"])
     assert completion["object"] == "chat.completion"
     assert completion["choices"][0]["message"]["content"].startswith("Hello from the teacher")

@@ -564,6 +564,13 @@ def test_a_failing_student_falls_back_to_the_teacher_streaming_or_not(
     )
     assert accepted.headers["X-Distillery-Served-By"] == "student"
     assert accepted.parse().choices[0].message.content == '{"ok": true}'
+    # Streamed too: the student's usage chunk ("choices": []) is OpenAI's, not a fault.
+    streamed = client.chat.completions.with_raw_response.create(
+        model="fake-model", messages=messages, stream=True, **fmt
+    )
+    assert streamed.headers["X-Distillery-Served-By"] == "student"
+    text = "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+    assert text == '{"ok": true}'
     metrics = httpx.get(proxy.url + "/metrics").text
     for reason, count in (("http_500", 2), ("timeout", 2), ("invalid_json", 1)):
         line = f'distillery_route_fallbacks_total{{reason="{reason}",route="support"}} {count}.0'
