@@ -33,7 +33,7 @@ def main(out: Path) -> None:
     from distillery.config import Settings
     from distillery.proxy.server import open_capture_store
 
-    from corpus import Exchange, Replay, exchanges
+    from corpus import Exchange, Replay, call, exchanges
     from helpers import RunningProxy, ServerThread
 
     assert "or ()" in inspect.getsource(distillery.proxy.stream), "not the old version"
@@ -47,19 +47,9 @@ def main(out: Path) -> None:
     proxy = RunningProxy(servers, settings, open_capture_store(settings))
     client = openai.OpenAI(base_url=proxy.base_url, api_key="sk-old-user", max_retries=0)
 
-    def call(answer: Exchange, request: dict[str, Any]) -> None:
+    def ask(answer: Exchange, request: dict[str, Any]) -> None:
         replay.answer = answer
-        extra = {k: v for k, v in request.items() if k not in ("model", "messages", "stream")}
-        try:
-            with client.chat.completions.with_streaming_response.create(
-                model=request["model"],
-                messages=request["messages"],
-                stream=request.get("stream", False),
-                extra_body=extra,
-            ) as response:
-                b"".join(response.iter_bytes())
-        except openai.APIStatusError:
-            pass
+        call(client, request)
 
     corpus = exchanges()
     streams = [e for e in corpus if e.stream]
@@ -78,7 +68,7 @@ def main(out: Path) -> None:
     for name, body in (("broken-choices", broken), ("error-event", failed)):
         made.append((Exchange(name, first.request, 200, first.content_type, body), first.request))
     for answer, request in made:
-        call(answer, request)
+        ask(answer, request)
     proxy.wait_stored(len(made), timeout=30)
     proxy.stop()
     proxy.reader.close()

@@ -14,6 +14,7 @@ from distillery.config import Settings
 from distillery.proxy.app import Extension
 from distillery.store.db import create_engine
 
+from corpus import Replay
 from fake_openai import FakeOpenAI
 from helpers import RunningProxy, ServerThread
 
@@ -55,6 +56,14 @@ def servers() -> Iterator[ServerThread]:
 @pytest.fixture
 def upstream(servers: ServerThread) -> FakeOpenAI:
     fake = FakeOpenAI()
+    fake.url, _ = servers.serve(fake.app)
+    return fake
+
+
+@pytest.fixture
+def replay(servers: ServerThread) -> Replay:
+    """An upstream that answers with whatever exchange the test sets, byte for byte."""
+    fake = Replay()
     fake.url, _ = servers.serve(fake.app)
     return fake
 

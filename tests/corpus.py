@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
 from aiohttp import web
 
 CORPUS = Path(__file__).parent / "corpus" / "openai_chat.json"
@@ -80,3 +81,18 @@ class Replay:
             await response.write(answer.body[start : start + self.piece])
         await response.write_eof()
         return response
+
+
+def call(client: openai.OpenAI, request: dict[str, Any]) -> tuple[int, bytes]:
+    """The recorded request, sent by the SDK; the status and raw bytes the client got."""
+    extra = {k: v for k, v in request.items() if k not in ("model", "messages", "stream")}
+    try:
+        with client.chat.completions.with_streaming_response.create(
+            model=request["model"],
+            messages=request["messages"],
+            stream=request.get("stream", False),
+            extra_body=extra,
+        ) as response:
+            return response.status_code, b"".join(response.iter_bytes())
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.response.content

@@ -26,8 +26,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from distillery.proxy.stream import StreamRelay
 
-from corpus import Exchange, Replay, exchanges
-from helpers import RunningProxy, ServerThread
+from corpus import Exchange, Replay, call, exchanges
+from helpers import RunningProxy
 
 CORPUS = exchanges()
 STREAMS = [e for e in CORPUS if e.stream]
@@ -50,9 +50,9 @@ def canonical(completion: dict[str, Any]) -> dict[str, Any]:
     for choice in dumped["choices"]:
         message = choice["message"]
         message.pop("parsed", None)
-        for call in message.get("tool_calls") or ():
-            call.pop("index", None)
-            call["function"].pop("parsed_arguments", None)
+        for tool_call in message.get("tool_calls") or ():
+            tool_call.pop("index", None)
+            tool_call["function"].pop("parsed_arguments", None)
     return dumped
 
 
@@ -100,31 +100,9 @@ def test_our_assembler_agrees_with_openai_python(exchange: Exchange) -> None:
 
 
 @pytest.fixture
-def replay(servers: ServerThread) -> Replay:
-    fake = Replay()
-    fake.url, _ = servers.serve(fake.app)
-    return fake
-
-
-@pytest.fixture
 def proxy(start_proxy: Callable[..., RunningProxy], replay: Replay) -> RunningProxy:
     # What OpenAI sent is compared with what was stored: nothing redacted in between.
     return start_proxy({"upstream": {"url": replay.url + "/v1"}, "redact": {"defaults": False}})
-
-
-def call(client: openai.OpenAI, request: dict[str, Any]) -> tuple[int, bytes]:
-    """The recorded request, sent by the SDK; the status and raw bytes the client got."""
-    extra = {k: v for k, v in request.items() if k not in ("model", "messages", "stream")}
-    try:
-        with client.chat.completions.with_streaming_response.create(
-            model=request["model"],
-            messages=request["messages"],
-            stream=request.get("stream", False),
-            extra_body=extra,
-        ) as response:
-            return response.status_code, b"".join(response.iter_bytes())
-    except openai.APIStatusError as exc:
-        return exc.status_code, exc.response.content
 
 
 def test_every_recorded_exchange_is_relayed_stored_and_listed(

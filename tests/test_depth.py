@@ -18,7 +18,7 @@ import pytest
 from distillery.proxy.state import PROXY
 
 from corpus import Exchange, Replay
-from helpers import RunningProxy, ServerThread, wait_for
+from helpers import RunningProxy, wait_for
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -37,13 +37,6 @@ def chunk(**delta: Any) -> bytes:
         "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
     }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-@pytest.fixture
-def replay(servers: ServerThread) -> Replay:
-    fake = Replay()
-    fake.url, _ = servers.serve(fake.app)
-    return fake
 
 
 @pytest.fixture
