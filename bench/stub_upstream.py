@@ -82,7 +82,7 @@ SSE_RESPONSES = {False: SSE_HEAD + _stream(False), True: SSE_HEAD + _stream(True
 class Stub(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.buffer = b""
+        self.buffer = bytearray()  # grows in place: a 20 MB body arrives in many reads
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
