@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import sqlite3
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +21,7 @@ from distillery.proxy.state import PROXY
 
 from corpus import Exchange, Replay
 from helpers import RunningProxy, wait_for
+from proxy_process import ProxyProcess
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -193,3 +196,52 @@ def test_a_large_body_is_parsed_and_captured_off_the_event_loop(
     # The small call was captured on the loop, the big one in a thread.
     assert captured_on_loop == [True, False]
     assert len(proxy.wait_stored(2)) == 2
+
+
+@pytest.mark.slow
+def test_deep_json_through_a_real_proxy_process(
+    replay: Replay, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    """The same limits in a ``distillery proxy`` process: a request nested 254 levels and a
+    stream with a chunk nested 300 levels (the usage the proxy added stripped) are answered
+    at once and recorded; one nested 300 levels is refused with OpenAI's 400."""
+    database = tmp_path / "db.sqlite"
+    proxy = ProxyProcess(
+        unused_tcp_port, replay.url + "/v1", tmp_path / "data", f"sqlite:///{database}"
+    ).start()
+    url = proxy.base_url + "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+
+    def deep_request(depth: int) -> bytes:
+        return b'{"model":"m","messages":[],"x":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    replay.answer = OK
+    assert (
+        httpx.post(url, content=deep_request(254), headers=headers, timeout=10).status_code == 200
+    )
+    refused = httpx.post(url, content=deep_request(300), headers=headers, timeout=10)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_json"
+    deep = (
+        b'data: {"id":"chatcmpl-deep","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"x":'
+        + b"[" * 300
+        + b"]" * 300
+        + b'},"finish_reason":null}], "usage": null}\n\n'
+    )
+    body = chunk(role="assistant", content="Hi") + deep + b"data: [DONE]\n\n"
+    replay.answer = Exchange("deep", {}, 200, "text/event-stream", body)
+    streamed = httpx.post(
+        url, json={"model": "m", "messages": MESSAGES, "stream": True}, timeout=10
+    )
+    assert streamed.status_code == 200 and streamed.content.endswith(b"data: [DONE]\n\n")
+
+    def rows() -> list[tuple[Any, ...]]:
+        with sqlite3.connect(database) as lite:
+            try:
+                return lite.execute(
+                    "SELECT status, stream, error FROM completions ORDER BY id"
+                ).fetchall()
+            except sqlite3.OperationalError:
+                return []
+
+    wait_for(lambda: len(rows()) == 2, what="both calls recorded")
+    assert rows() == [(200, 0, None), (200, 1, None)]
