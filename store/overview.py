@@ -7,7 +7,7 @@ has no price, the group's cost is unknown (``None``), not a partial sum.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -152,19 +152,25 @@ def day_of(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def system_prompts(store: Store, fingerprints: list[str]) -> dict[str, str]:
-    """One call's system prompt per prompt fingerprint (any call: they share a template).
+def system_prompts(
+    store: Store, fingerprints: list[str], tenants: Sequence[str] | None = None
+) -> dict[str, str]:
+    """One call's system prompt per prompt fingerprint (any call: they share a template),
+    from the calls of ``tenants`` only (``None``: anyone's, for an admin).
 
-    No ORDER BY: "the newest" would sort every call of the template (20,000 of them
-    for a busy one); the fingerprint index hands back one at once."""
+    The fingerprint ignores digits, so two tenants' prompts that differ only in an account
+    number share it: the prompt shown must be one the viewer sent.  No ORDER BY: "the
+    newest" would sort every call of the template (20,000 of them for a busy one); the
+    fingerprint index hands back one at once."""
     found: dict[str, str] = {}
     with store.engine.connect() as conn:
         for fingerprint in fingerprints:
-            row = conn.execute(
-                sa.select(COMPLETIONS.c.request)
-                .where(COMPLETIONS.c.prompt_fingerprint == fingerprint)
-                .limit(1)
-            ).first()
+            select = sa.select(COMPLETIONS.c.request).where(
+                COMPLETIONS.c.prompt_fingerprint == fingerprint
+            )
+            if tenants is not None:
+                select = select.where(COMPLETIONS.c.tenant.in_(list(tenants)))
+            row = conn.execute(select.limit(1)).first()
             found[fingerprint] = system_prompt(row[0] if row else None)
     return found
 

@@ -197,7 +197,7 @@ def top_fingerprints(
         ]
         total = sum(g["calls"] for g in aggregate_stats(store, filters, "day"))
         top = groups[:limit]
-        prompts = overview.system_prompts(store, [g["group"] for g in top])
+        prompts = overview.system_prompts(store, [g["group"] for g in top], filters.tenants)
         return [
             {
                 "fingerprint": g["group"],

@@ -1021,3 +1021,89 @@ def test_a_task_whose_process_went_away_says_so(dashboard: RunningProxy) -> None
     store.close()
     assert forgotten == 1 and admin.get("/ui/tasks/00000000000000aa").status_code == 404
     assert admin.get("/ui/tasks/00000000000000bb").status_code == 200
+
+
+def test_a_malformed_cookie_or_token_is_no_session_never_a_500(dashboard: RunningProxy) -> None:
+    """Cookies and tokens are whatever a client sends: bytes that are not UTF-8, non-ASCII
+    text.  They are an unknown session (the sign-in page) or a refused write."""
+    for cookie in (b"distillery_session=\xff\xfe.\xfd", "distillery_session=é.é".encode()):
+        answer = httpx.get(dashboard.url + "/ui/completions", headers={b"Cookie": cookie})
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/sign-in"
+    client = sign_in(dashboard, ALICE)
+    refused = client.post("/ui/completions/bulk", data={"csrf": "é" * 8, "action": "delete"})
+    assert refused.status_code == 403
+    signing_in = browser(dashboard)
+    signing_in.get("/ui/sign-in")
+    assert signing_in.post("/ui/sign-in", data={"csrf": "é", "key": ALICE}).status_code == 403
+
+
+def bulk_delete(client: httpx.Client, token: str, **headers: str) -> httpx.Response:
+    data = {"csrf": token, "action": "delete", "scope": "filter", "confirm": "yes"}
+    return client.post("/ui/completions/bulk", data=data, headers=headers)
+
+
+def test_a_write_from_another_site_is_refused_in_open_mode_and_signed_in(
+    dashboard: RunningProxy, start_proxy: Callable[..., RunningProxy]
+) -> None:
+    """ui.open has a CSRF token too, and every write must come from the dashboard's own
+    origin: a cross-origin form (the attack that deleted every call) changes nothing."""
+    url = dashboard.settings.storage.resolved_database_url()
+    opened = start_proxy({"ui": {"open": True}}, database_url=url, dashboard=True)
+    before = len(opened.rows())
+    local = browser(opened)
+    page = local.get("/ui/completions")
+    assert page.status_code == 200
+    token = csrf_of(page.text)
+    assert token  # open mode carries a token, as a signed-in page does
+    evil = {"Origin": "http://evil.example"}
+    assert bulk_delete(local, "", **evil).status_code == 403  # what the attack sent
+    assert bulk_delete(local, token, **evil).status_code == 403  # even with the token
+    assert bulk_delete(local, "").status_code == 403  # same origin, no token
+    assert bulk_delete(local, "wrong").status_code == 403
+    assert len(opened.rows()) == before
+    # Signed in, the same: another site is refused with the session's own token.
+    admin = sign_in(dashboard, ADMIN)
+    token = csrf_of(admin.get("/ui/completions").text)
+    assert bulk_delete(admin, token, Referer="http://evil.example/page").status_code == 403
+    assert len(dashboard.rows()) == before
+    same = bulk_delete(admin, token, Origin=dashboard.url)
+    assert same.status_code in (200, 303), same.text
+    assert len(dashboard.rows()) < before
+
+
+def test_a_template_shared_by_fingerprint_shows_each_tenant_its_own_prompt(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    """Prompts that differ only in digits share a fingerprint; each tenant's overview shows
+    a prompt it sent itself -- never another tenant's account number -- and with its
+    digits as sent."""
+    import time
+
+    from distillery.proxy.tagging import prompt_fingerprint
+
+    proxy = start_proxy({}, dashboard=True)
+    prompts = {ALICE: "Account 1111-2222, PIN 0000.", BOB: "Account 4829-1173, PIN 5521."}
+    fingerprints = {
+        prompt_fingerprint({"messages": [{"role": "system", "content": p}]})
+        for p in prompts.values()
+    }
+    [fingerprint] = fingerprints  # one template for both
+    store = open_store(proxy.settings.storage.resolved_database_url())
+    store.insert(
+        [
+            capture_record(
+                f"cap_{n:028d}",
+                created_at=time.time() - 60 + n,
+                tenant=key_fingerprint(key),
+                prompt_fingerprint=fingerprint,
+                request={"messages": [{"role": "system", "content": prompts[key]}]},
+            )
+            for n, key in enumerate([BOB, ALICE])  # bob's first: any call would be his
+        ]
+    )
+    store.close()
+    alice = sign_in(proxy, ALICE).get("/ui/").text
+    assert "Account 1111-2222, PIN 0000." in alice
+    assert "4829" not in alice and "5521" not in alice
+    bob = sign_in(proxy, BOB).get("/ui/").text
+    assert "Account 4829-1173, PIN 5521." in bob and "1111-2222" not in bob

@@ -11,7 +11,6 @@ header).  Templates autoescape, so captured text -- prompts, tags, model names
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import jinja2
 import sqlalchemy as sa
 import structlog
+import yarl
 from aiohttp import web
 
 from distillery.config import Settings
@@ -125,20 +125,33 @@ async def signed_in(request: web.Request, handler: Handler) -> web.StreamRespons
     if request.match_info.route.name in PUBLIC:
         return await handler(request)
     settings = request.app[SETTINGS]
-    session = sessions.decode(request.cookies.get(sessions.COOKIE), await request.app[SECRET].get())
+    secret = await request.app[SECRET].get()
+    session = sessions.decode(request.cookies.get(sessions.COOKIE), secret)
     if session is None and settings.ui.open:
-        session = Session("local", True, "", float("inf"))
+        session = Session("local", True, sessions.open_mode_token(secret), float("inf"))
     if session is None:
         if request.method in UNSAFE or request.headers.get("HX-Request"):
             raise web.HTTPUnauthorized(text="Sign in first.")
         raise web.HTTPSeeOther(url(request, "sign-in"))
-    if request.method in UNSAFE and session.csrf:
+    if request.method in UNSAFE:
+        _same_origin(request)
         form = await request.post() if request.content_type.endswith("form-urlencoded") else {}
         token = request.headers.get("X-CSRF-Token") or form.get("csrf")
-        if not isinstance(token, str) or not secrets.compare_digest(token, session.csrf):
+        if not isinstance(token, str) or not sessions.same(token, session.csrf):
             raise web.HTTPForbidden(text="Missing or wrong CSRF token: reload the page.")
     request[SESSION] = session
     return await handler(request)
+
+
+def _same_origin(request: web.Request) -> None:
+    """A write must come from a page of this dashboard: a browser says where a request
+    comes from in ``Origin`` (or, failing that, ``Referer``); another site is refused even
+    before its token is checked."""
+    source = request.headers.get("Origin") or request.headers.get("Referer")
+    if source is None:
+        return  # not a browser's cross-site request (browsers send Origin on every POST)
+    if yarl.URL(source).authority != request.url.authority:
+        raise web.HTTPForbidden(text="A write from another site is refused.")
 
 
 def url(request: web.Request, path: str = "") -> str:

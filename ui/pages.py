@@ -64,7 +64,7 @@ async def sign_in(request: web.Request) -> web.Response:
     """A key in, a session cookie out: only the key's fingerprint is kept."""
     form = await request.post()
     token, expected = form.get("csrf"), request.cookies.get(SIGN_IN_CSRF)
-    if not (isinstance(token, str) and expected and secrets.compare_digest(token, expected)):
+    if not (isinstance(token, str) and expected and sessions.same(token, expected)):
         raise web.HTTPForbidden(text="Missing or wrong CSRF token: reload the sign-in page.")
     key = form.get("key")
     settings = request.app[SETTINGS]
@@ -117,7 +117,7 @@ async def home(request: web.Request) -> web.Response:
             "models": of("model"),
             "apps": of("app"),
             "tasks": tasks,
-            "systems": overview.system_prompts(store, [g.name for g in tasks]),
+            "systems": overview.system_prompts(store, [g.name for g in tasks], tenants),
         }
 
     found = await in_thread(request, work)

@@ -57,11 +57,27 @@ def decode(value: str | None, secret: bytes, now: float | None = None) -> Sessio
     if not value or value.count(".") != 1:
         return None
     payload, signature = value.split(".")
-    expected = hmac.new(secret, payload.encode(), hashlib.sha256).digest()
     try:
+        # Cookies are whatever a client sends: bytes that are not UTF-8 arrive as
+        # surrogates, and encoding them raises (a ValueError) -- an unknown session.
+        expected = hmac.new(secret, payload.encode(), hashlib.sha256).digest()
         if not hmac.compare_digest(expected, _unb64(signature)):
             return None
         session = Session(**orjson.loads(_unb64(payload)))
     except (ValueError, TypeError):
         return None
     return session if session.expires > (now or time.time()) else None
+
+
+def same(given: str, expected: str) -> bool:
+    """Whether a token a client sent is the expected one, in constant time, whatever
+    characters it holds (``secrets.compare_digest`` refuses non-ASCII text)."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
+
+
+def open_mode_token(secret: bytes) -> str:
+    """The CSRF token of the signed-out dashboard ``ui.open`` serves on 127.0.0.1: derived
+    from the database's secret, so every process agrees, and no other site can know it."""
+    return _b64(hmac.new(secret, b"open-mode-csrf", hashlib.sha256).digest())
