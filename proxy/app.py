@@ -191,7 +191,15 @@ def make_app(
         )
     for extend in extensions:
         extend(app, settings, store)
+    if any(r.canonical == "/ui" for r in app.router.resources()):
+        # A browser pointed at the proxy finds the dashboard.
+        proxy.dashboard = "/ui/"
+        app.router.add_get("/", _to_dashboard, name="root")
     return app
+
+
+async def _to_dashboard(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/ui/")
 
 
 async def _cut_at_timeout(app: web.Application) -> None:

@@ -113,6 +113,9 @@ async def serve_forever(
             upstream=proxy.upstream_url,
             capture="on" if proxy.capture else "off",
             database=proxy.capture.store.url if proxy.capture else None,
+            dashboard=f"http://{bound_host}:{bound_port}{proxy.dashboard}"
+            if proxy.dashboard
+            else None,
         )
         while True:
             await asyncio.sleep(3600)

@@ -49,6 +49,8 @@ class Proxy:
     upstream_key: str | None = field(init=False)
     session: aiohttp.ClientSession = field(init=False)
     router: Router = field(init=False)
+    # Where the dashboard is mounted ("/ui/"), if it is: said when the proxy is ready.
+    dashboard: str | None = None
     # The tasks serving requests now: what a shutdown cuts at proxy.shutdown_timeout.
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
 

@@ -299,6 +299,10 @@ def test_ready_is_logged_once_bound_and_a_taken_port_never_says_ready(
     log = proxy.log.read_text()
     [ready] = [json.loads(line) for line in log.splitlines() if '"proxy ready"' in line]
     assert ready["address"] == f"http://127.0.0.1:{unused_tcp_port}/v1"
+    # Where a browser finds the dashboard, and the proxy's root sends it there.
+    assert ready["dashboard"] == f"http://127.0.0.1:{unused_tcp_port}/ui/"
+    root = httpx.get(f"http://127.0.0.1:{unused_tcp_port}/", follow_redirects=False)
+    assert root.status_code == 302 and root.headers["location"] == "/ui/"
     assert "alembic" not in log
     second = subprocess.run(
         [

@@ -1107,3 +1107,25 @@ def test_a_template_shared_by_fingerprint_shows_each_tenant_its_own_prompt(
     assert "4829" not in alice and "5521" not in alice
     bob = sign_in(proxy, BOB).get("/ui/").text
     assert "Account 4829-1173, PIN 5521." in bob and "1111-2222" not in bob
+
+
+def test_a_first_run_finds_how_to_send_a_call_and_errors_are_dashboard_pages(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    """No calls yet: the completions page says how to send the first one through this
+    proxy.  A page a user may not see is the dashboard's own page, not bare text."""
+    proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}, dashboard=True)
+    alice = sign_in(proxy, ALICE)
+    page = alice.get("/ui/completions").text
+    assert "No calls yet" in page and f"OPENAI_BASE_URL={proxy.url}/v1" in page
+    assert "No calls match" in alice.get("/ui/completions", params={"model": "nope"}).text
+    refused = alice.get("/ui/datasets")
+    assert refused.status_code == 403
+    assert refused.headers["content-type"].startswith("text/html")
+    assert "<title>403 · Distillery</title>" in refused.text and "admin" in refused.text
+    assert 'href="/ui/completions"' in refused.text  # the navigation, as on every page
+    missing = alice.get("/ui/completions/cap_nope")
+    assert missing.status_code == 404 and "Not found" in missing.text
+    # htmx swaps a fragment in: it gets the message alone.
+    fragment = alice.get("/ui/datasets", headers={"HX-Request": "true"})
+    assert fragment.status_code == 403 and "<html" not in fragment.text

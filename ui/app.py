@@ -101,15 +101,36 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
         if exc.status < 400:  # a redirect
             _secure(request, exc.headers)
             raise
-        response = web.Response(status=exc.status, text=exc.text or exc.reason)
+        response = _error(request, exc.status, exc.text or exc.reason)
     except (Unavailable, sa.exc.OperationalError) as exc:
         log.warning("dashboard database unavailable", path=request.path, error=str(exc)[:200])
-        response = web.Response(status=503, text=UNAVAILABLE, headers={"Retry-After": "5"})
+        response = _error(request, 503, UNAVAILABLE)
+        response.headers["Retry-After"] = "5"
     except Exception:
         log.exception("dashboard error", path=request.path)
-        response = web.Response(status=500, text="The dashboard failed; see the proxy's log.")
+        response = _error(request, 500, "The dashboard failed; see the proxy's log.")
     _secure(request, response.headers)
     return response
+
+
+def _error(request: web.Request, status: int, message: str) -> web.Response:
+    """The dashboard's own page for an error; the bare message for htmx, which swaps it
+    into the page it was asked from."""
+    if request.headers.get("HX-Request"):
+        return web.Response(status=status, text=message)
+    title = {401: "Sign in first", 403: "Not allowed", 404: "Not found", 503: "Unavailable"}
+    try:
+        return render(
+            request,
+            "error.html",
+            status=status,
+            code=status,
+            title=title.get(status, "Something went wrong"),
+            message=message.removeprefix(f"{status}: "),
+        )
+    except Exception:  # the page itself failed to render: the message, plainly
+        log.exception("dashboard error page failed", path=request.path)
+        return web.Response(status=status, text=message)
 
 
 def _secure(request: web.Request, headers: Any) -> None:

@@ -215,6 +215,7 @@ async def completions(request: web.Request) -> web.Response:
         form=_form(request),
         query=urlencode(kept),
         done=request.query.get("done"),
+        base_url=f"{request.scheme}://{request.host}/v1",  # for the first call, when none yet
     )
 
 
