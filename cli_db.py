@@ -127,3 +127,25 @@ def dead_letters(
         ["id", "at", "model", "status", "reason"],
         empty=f"No dead letters in {directory}.",
     )
+
+
+@db.command("end-sessions")
+@store_options
+@click.option(
+    "--tenant", metavar="FINGERPRINT", help="Only this key's (`distillery key-fingerprint`)."
+)
+@fail_on_errors
+def end_sessions(config: Path | None, database_url: str | None, tenant: str | None) -> None:
+    """Sign every dashboard user out, on every proxy of the database, at once.
+
+    \b
+        distillery db end-sessions                       # everyone
+        distillery db end-sessions --tenant key-1a2b3c…  # one key's sessions
+    """
+    from distillery.store import dashboard
+
+    engine = _engine(config, database_url)
+    from distillery.store import Store
+
+    ended = dashboard.end_sessions(Store(engine, migrated=True), tenant=tenant)
+    click.echo(f"Ended {ended} dashboard sessions.")

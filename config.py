@@ -127,6 +127,8 @@ class UISettings(_Section):
     # No sign-in: one user, whoever can reach 127.0.0.1.  Refused on any other address.
     open: bool = False
     session_hours: float = Field(12, gt=0)
+    # A session not used for this long ends (the next page asks to sign in again).
+    idle_minutes: float = Field(60, gt=0)
 
 
 class StorageSettings(_Section):
@@ -306,6 +308,16 @@ class Settings(_Section):
         if self.upstream.resolved_api_key() and not (admin or self.auth.accepts(api_key)):
             return None
         return key_fingerprint(api_key), admin
+
+    def still_signs_in(self, tenant: str, admin: bool) -> bool:
+        """Whether a session started as (``tenant``, ``admin``) would be started now: a key
+        removed from ``[auth]`` (or no longer an admin's) ends its sessions."""
+        admins = _fingerprints(tuple(self.auth.admin_keys))
+        if admin:
+            return tenant in admins
+        if self.upstream.resolved_api_key():
+            return tenant in admins or tenant in _fingerprints(tuple(self.auth.keys))
+        return True
 
     @model_validator(mode="after")
     def _open_ui_only_on_loopback(self) -> Settings:

@@ -12,10 +12,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from distillery.store.db import Store, as_record
-from distillery.store.models import DashboardTask, Secret
+from distillery.store.models import DashboardSession, DashboardTask, Secret
 
 TASKS: sa.Table = DashboardTask.__table__  # type: ignore[attr-defined]
 SECRETS: sa.Table = Secret.__table__  # type: ignore[attr-defined]
+SESSIONS: sa.Table = DashboardSession.__table__  # type: ignore[attr-defined]
+# A session's last use is written at most this often: not a write per page.
+SEEN_EVERY_S = 60.0
 
 
 def save_task(store: Store, task: dict[str, Any]) -> None:
@@ -53,3 +56,56 @@ def secret(store: Store, name: str) -> str:
     with store.engine.connect() as conn:
         value = conn.execute(sa.select(SECRETS.c.value).where(SECRETS.c.name == name)).scalar_one()
     return str(value)
+
+
+def start_session(store: Store, tenant: str, admin: bool, expires_at: datetime) -> str:
+    """Record a new session; its id (unguessable: the cookie is signed too)."""
+    session_id = secrets.token_urlsafe(24)
+    now = datetime.now(UTC)
+    with store.engine.begin() as conn:
+        conn.execute(
+            SESSIONS.insert().values(
+                id=session_id,
+                tenant=tenant,
+                admin=admin,
+                created_at=now,
+                seen_at=now,
+                expires_at=expires_at,
+            )
+        )
+    return session_id
+
+
+def session_alive(store: Store, session_id: str, idle_seconds: float) -> bool:
+    """Whether the session is still on: not ended, not expired, used within the idle
+    time (and, if so, noted as used now)."""
+    now = datetime.now(UTC)
+    with store.engine.begin() as conn:
+        row = conn.execute(
+            sa.select(SESSIONS.c.seen_at, SESSIONS.c.expires_at, SESSIONS.c.ended_at).where(
+                SESSIONS.c.id == session_id
+            )
+        ).first()
+        if row is None or row.ended_at is not None:
+            return False
+        seen, expires = _utc(row.seen_at), _utc(row.expires_at)
+        if expires <= now or (now - seen).total_seconds() > idle_seconds:
+            return False
+        if (now - seen).total_seconds() > SEEN_EVERY_S:
+            conn.execute(SESSIONS.update().where(SESSIONS.c.id == session_id).values(seen_at=now))
+    return True
+
+
+def end_sessions(store: Store, session_id: str | None = None, tenant: str | None = None) -> int:
+    """End one session, a tenant's, or (neither given) every one; how many were on."""
+    update = SESSIONS.update().where(SESSIONS.c.ended_at.is_(None))
+    if session_id is not None:
+        update = update.where(SESSIONS.c.id == session_id)
+    if tenant is not None:
+        update = update.where(SESSIONS.c.tenant == tenant)
+    with store.engine.begin() as conn:
+        return int(conn.execute(update.values(ended_at=datetime.now(UTC))).rowcount)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

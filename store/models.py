@@ -232,6 +232,21 @@ class Secret(SQLModel, table=True):
     value: str
 
 
+class DashboardSession(SQLModel, table=True):
+    """A signed-in dashboard user: the cookie names it, and it ends here (sign-out, idle,
+    ``db end-sessions``) for every process on the database at once."""
+
+    __tablename__ = "ui_sessions"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=64)
+    admin: bool
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    seen_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    ended_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
 class RouteState(SQLModel, table=True):
     """A route's mode as last changed (a command or the automatic policy): it overrides the
     config's starting mode for every proxy on the database."""

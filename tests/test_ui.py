@@ -7,13 +7,18 @@ import html
 import json
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
 
+from distillery.cli import cli
 from distillery.config import key_fingerprint, load_settings
 from distillery.errors import ConfigError
 from distillery.store import dashboard as dashboard_store
@@ -1129,3 +1134,58 @@ def test_a_first_run_finds_how_to_send_a_call_and_errors_are_dashboard_pages(
     # htmx swaps a fragment in: it gets the message alone.
     fragment = alice.get("/ui/datasets", headers={"HX-Request": "true"})
     assert fragment.status_code == 403 and "<html" not in fragment.text
+
+
+def test_a_session_ends_on_sign_out_key_removal_idle_or_command_on_every_proxy(
+    dashboard: RunningProxy, start_proxy: Callable[..., RunningProxy]
+) -> None:
+    """Sessions are kept in the database: a cookie replayed after its session ended is
+    no session, on this proxy or any other on the database."""
+    url = dashboard.settings.storage.resolved_database_url()
+    admins = {"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}
+    other = start_proxy(admins, database_url=url, dashboard=True)
+
+    def on(proxy: RunningProxy, cookies: httpx.Cookies, path: str = "/ui/datasets") -> int:
+        client = browser(proxy)
+        client.cookies.update(cookies)
+        return client.get(path).status_code
+
+    # Signed out on one proxy: the same cookie is refused on the other.
+    admin = sign_in(dashboard, ADMIN)
+    cookies = httpx.Cookies(admin.cookies)
+    assert on(other, cookies) == 200
+    token = csrf_of(admin.get("/ui/completions").text)
+    assert admin.post("/ui/sign-out", data={"csrf": token}).status_code == 303
+    assert on(other, cookies) == 303 and on(dashboard, cookies) == 303
+
+    # The admin key removed from [auth]: a proxy with that config refuses its sessions.
+    cookies = httpx.Cookies(sign_in(dashboard, ADMIN).cookies)
+    demoted = start_proxy({}, database_url=url, dashboard=True)
+    assert on(dashboard, cookies) == 200 and on(demoted, cookies, "/ui/completions") == 303
+
+    # `distillery db end-sessions`: everyone, everywhere.
+    alice = httpx.Cookies(sign_in(dashboard, ALICE).cookies)
+    ended = CliRunner().invoke(cli, ["db", "end-sessions", "--database-url", url])
+    assert ended.exit_code == 0 and "Ended 2 dashboard sessions." in ended.output
+    assert on(dashboard, cookies) == 303 and on(other, alice, "/ui/completions") == 303
+
+    # Idle for longer than ui.idle_minutes (60): ended.
+    alice = httpx.Cookies(sign_in(dashboard, ALICE).cookies)
+    assert on(dashboard, alice, "/ui/completions") == 200
+    store = open_store(url)
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE ui_sessions SET seen_at = :t"),
+            {"t": datetime.now(UTC) - timedelta(minutes=61)},
+        )
+    store.close()
+    assert on(dashboard, alice, "/ui/completions") == 303
+
+    # A cookie signed before sessions were kept (no session id) is no session.
+    store = open_store(url)
+    secret = dashboard_store.secret(store, sessions.SECRET).encode()
+    store.close()
+    old = sessions.encode(
+        sessions.Session(key_fingerprint(ADMIN), True, "t", time.time() + 3600), secret
+    )
+    assert on(dashboard, httpx.Cookies({sessions.COOKIE: old})) == 303

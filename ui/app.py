@@ -2,10 +2,11 @@
 
 Every response carries a strict Content-Security-Policy (scripts and styles from
 ``ui/static`` only: no inline script, no eval), ``X-Frame-Options: DENY`` and no
-referrer.  Every page but sign-in needs a session; every state-changing request
-carries the session's CSRF token (a form field, or htmx's ``X-CSRF-Token``
-header).  Templates autoescape, so captured text -- prompts, tags, model names
--- always renders as text.
+referrer to other sites.  Every page but sign-in needs a session; every
+state-changing request comes from the dashboard's own origin and carries the
+session's CSRF token (a form field, or htmx's ``X-CSRF-Token`` header).
+Templates autoescape, so captured text -- prompts, tags, model names -- always
+renders as text.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not "no-referrer": under it a browser sends "Origin: null" on the dashboard's own
+    # form posts, and the origin check below could not tell them from another site's.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
@@ -148,6 +151,8 @@ async def signed_in(request: web.Request, handler: Handler) -> web.StreamRespons
     settings = request.app[SETTINGS]
     secret = await request.app[SECRET].get()
     session = sessions.decode(request.cookies.get(sessions.COOKIE), secret)
+    if session is not None and not await _still_on(request, session):
+        session = None
     if session is None and settings.ui.open:
         session = Session("local", True, sessions.open_mode_token(secret), float("inf"))
     if session is None:
@@ -162,6 +167,16 @@ async def signed_in(request: web.Request, handler: Handler) -> web.StreamRespons
             raise web.HTTPForbidden(text="Missing or wrong CSRF token: reload the page.")
     request[SESSION] = session
     return await handler(request)
+
+
+async def _still_on(request: web.Request, session: Session) -> bool:
+    """A signed cookie is not enough: its key must still be accepted, and its session
+    still on in the database (not signed out, ended, or idle too long)."""
+    settings = request.app[SETTINGS]
+    if not session.id or not settings.still_signs_in(session.tenant, session.admin):
+        return False
+    idle = settings.ui.idle_minutes * 60
+    return await in_thread(request, lambda store: dashboard.session_alive(store, session.id, idle))
 
 
 def _same_origin(request: web.Request) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -17,7 +18,7 @@ from aiohttp import web
 from distillery.errors import DistilleryError
 from distillery.prices import AS_OF as PRICES_AS_OF
 from distillery.shapes import check_metadata
-from distillery.store import Store, query
+from distillery.store import Store, dashboard, query
 from distillery.store.records import StoredCompletion
 from distillery.ui import sessions
 from distillery.ui.app import (
@@ -72,7 +73,12 @@ async def sign_in(request: web.Request) -> web.Response:
     if identity is None:
         return await sign_in_page(request, "That key is not accepted here.")
     tenant, admin = identity
-    session = sessions.Session.start(tenant, admin, settings.ui.session_hours)
+    hours = settings.ui.session_hours
+    expires_at = datetime.now(UTC) + timedelta(hours=hours)
+    session_id = await in_thread(
+        request, lambda store: dashboard.start_session(store, tenant, admin, expires_at)
+    )
+    session = sessions.Session.start(tenant, admin, hours, session_id)
     response = web.HTTPSeeOther(url(request, "completions"))
     response.set_cookie(
         sessions.COOKIE,
@@ -88,6 +94,10 @@ async def sign_in(request: web.Request) -> web.Response:
 
 
 async def sign_out(request: web.Request) -> web.Response:
+    """Ends the session where it is kept: its cookie, replayed, is no session anywhere."""
+    session_id = request[SESSION].id
+    if session_id:
+        await in_thread(request, lambda store: dashboard.end_sessions(store, session_id))
     response = web.HTTPSeeOther(url(request, "sign-in"))
     response.del_cookie(sessions.COOKIE, path=url(request))
     raise response

@@ -2,8 +2,11 @@
 
 The cookie carries the tenant (the fingerprint of the key the user signed in
 with: the key itself is never kept), whether that key is an admin's, a CSRF
-token and an expiry, signed with HMAC-SHA256 under a secret kept in the database
-(made on first use), so every worker and host on the same database accepts it.
+token, an expiry and the session's id, signed with HMAC-SHA256 under a secret kept
+in the database (made on first use), so every worker and host on the same database
+accepts it.  The session itself is a row there too (``ui_sessions``): every request
+checks it is still on, so signing out, idle time, ``distillery db end-sessions`` or a
+key removed from ``[auth]`` end it at once, everywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ class Session:
     admin: bool
     csrf: str
     expires: float
+    # Its record in the database (store/dashboard.py), checked on every request: a cookie
+    # from before sessions were recorded has none, and is no session.
+    id: str = ""
 
     @property
     def tenants(self) -> tuple[str, ...] | None:
@@ -34,8 +40,9 @@ class Session:
         return None if self.admin else (self.tenant,)
 
     @classmethod
-    def start(cls, tenant: str, admin: bool, hours: float) -> Session:
-        return cls(tenant, admin, secrets.token_urlsafe(24), time.time() + hours * 3600)
+    def start(cls, tenant: str, admin: bool, hours: float, session_id: str) -> Session:
+        expires = time.time() + hours * 3600
+        return cls(tenant, admin, secrets.token_urlsafe(24), expires, session_id)
 
 
 def _b64(data: bytes) -> str:

@@ -7,5 +7,5 @@ it against the revision files.
 
 from pathlib import Path
 
-HEAD = "0006"
+HEAD = "0007"
 LOCATION = Path(__file__).parent
