@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import orjson
-from proxy_bench import HERE, connect, free_port, pct, request_bytes, wait_listening
+from proxy_bench import HERE, connect, free_port, pct, request_bytes, spawn_proxy, wait_listening
 
 CHAT = "/v1/chat/completions"
 SMALL = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
@@ -71,29 +71,13 @@ def run_one(
     import uvloop
 
     port = free_port()
-    env = {**os.environ, "DISTILLERY_CONFIG": ""}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    log = (tmp / f"{label}.log").open("wb")
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            f"http://127.0.0.1:{stub_port}/v1",
-            "--data-dir",
-            str(tmp / label),
-            "--database-url",
-            f"sqlite:///{tmp / label}.db",
-            "--log-json",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
+    proxy = spawn_proxy(
+        port,
+        f"http://127.0.0.1:{stub_port}/v1",
+        tmp / label,
+        f"sqlite:///{tmp / label}.db",
+        tmp / f"{label}.log",
+        pythonpath=pythonpath,
     )
     rows = []
     try:

@@ -201,6 +201,42 @@ async def saturate(
     return count, count / elapsed
 
 
+def spawn_proxy(
+    port: int,
+    upstream: str,
+    data_dir: Path,
+    database_url: str,
+    log: Path,
+    *extra: str,
+    pythonpath: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """``distillery proxy`` as the benches run it (``pythonpath``: another version's package)."""
+    env = {**os.environ, "DISTILLERY_CONFIG": ""}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distillery",
+            "proxy",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--data-dir",
+            str(data_dir),
+            "--database-url",
+            database_url,
+            "--log-json",
+            *extra,
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
 def wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -253,27 +289,13 @@ def main() -> None:
     stub_port, proxy_port = free_port(), free_port()
     stub = subprocess.Popen([sys.executable, str(HERE / "stub_upstream.py"), str(stub_port)])
     wait_listening(stub_port, stub, "stub")
-    proxy_log = (tmp / "proxy.log").open("wb")
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(proxy_port),
-            "--upstream",
-            f"http://127.0.0.1:{stub_port}/v1",
-            "--data-dir",
-            str(tmp / "data"),
-            "--database-url",
-            database_url,
-            "--log-json",
-            *args.proxy_arg,
-        ],
-        stdout=proxy_log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "DISTILLERY_CONFIG": ""},
+    proxy = spawn_proxy(
+        proxy_port,
+        f"http://127.0.0.1:{stub_port}/v1",
+        tmp / "data",
+        database_url,
+        tmp / "proxy.log",
+        *args.proxy_arg,
     )
     wait_listening(proxy_port, proxy, "proxy")
     chat = "/v1/chat/completions"

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from distillery.store.db import Store, as_record
+from distillery.store.db import Store, as_record, utc
 from distillery.store.models import DashboardSession, DashboardTask, Secret
 
 TASKS: sa.Table = DashboardTask.__table__  # type: ignore[attr-defined]
@@ -88,7 +88,7 @@ def session_alive(store: Store, session_id: str, idle_seconds: float) -> bool:
         ).first()
         if row is None or row.ended_at is not None:
             return False
-        seen, expires = _utc(row.seen_at), _utc(row.expires_at)
+        seen, expires = utc(row.seen_at), utc(row.expires_at)
         if expires <= now or (now - seen).total_seconds() > idle_seconds:
             return False
         if (now - seen).total_seconds() > SEEN_EVERY_S:
@@ -105,7 +105,3 @@ def end_sessions(store: Store, session_id: str | None = None, tenant: str | None
         update = update.where(SESSIONS.c.tenant == tenant)
     with store.engine.begin() as conn:
         return int(conn.execute(update.values(ended_at=datetime.now(UTC))).rowcount)
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -169,14 +169,19 @@ def _alembic_config(conn: Any) -> Any:
     return config
 
 
+def utc(moment: datetime) -> datetime:
+    """A stored timestamp, UTC-aware (SQLite keeps no zone; every timestamp we store is UTC)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def as_record(row: Any) -> dict[str, Any]:
     """A result row as a plain dict: str keys (column names can be ``quoted_name``, e.g.
     "metadata", which JSON encoders refuse) and UTC-aware timestamps (SQLite keeps no
     zone; every timestamp we store is UTC)."""
     record = {str(key): value for key, value in row._mapping.items()}
     for key, value in record.items():
-        if isinstance(value, datetime) and value.tzinfo is None:
-            record[key] = value.replace(tzinfo=UTC)
+        if isinstance(value, datetime):
+            record[key] = utc(value)
     return record
 
 

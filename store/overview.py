@@ -18,7 +18,7 @@ from distillery.config import Price
 from distillery.prices import cost
 from distillery.shapes import system_prompt
 from distillery.store import rollups
-from distillery.store.db import COMPLETIONS, Store
+from distillery.store.db import COMPLETIONS, Store, utc
 from distillery.store.query import Filters, select_completions
 from distillery.store.rollups import APPS, HISTOGRAM, TASKS, percentile
 
@@ -178,4 +178,4 @@ def system_prompts(
 def _utc(value: Any) -> datetime:
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
     assert isinstance(moment, datetime)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return utc(moment)
