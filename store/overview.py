@@ -1,15 +1,19 @@
-"""The overview's numbers, from the daily aggregates (``rollups.py``), never a scan.
+"""The overview's numbers: from the daily aggregates (``rollups.py``) for long windows,
+from the calls themselves for short ones.
 
-Groups come out with calls, errors, tokens, latency percentiles (histogram edges:
-upper bounds) and cost.  A group's cost is the sum over its models; if any of them
-has no price, the group's cost is unknown (``None``), not a partial sum.
+Groups come out with calls, errors, tokens, latency percentiles and cost.  From the
+aggregates, percentiles are the histogram's edges (upper bounds); where a group holds
+its calls' latencies (a short window's scan, or a window of at most ``EXACT_LIMIT``
+calls) they are exact, taken as ``completions stats --exact`` takes them.  A group's
+cost is the sum over its models; if any of them has no price, the group's cost is
+unknown (``None``), not a partial sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -18,11 +22,13 @@ from distillery.config import Price
 from distillery.prices import cost
 from distillery.shapes import system_prompt
 from distillery.store import rollups
-from distillery.store.db import COMPLETIONS, Store, utc
+from distillery.store.db import COMPLETIONS, TAGS, Store, utc
 from distillery.store.query import Filters, select_completions
-from distillery.store.rollups import APPS, HISTOGRAM, TASKS, percentile
+from distillery.store.rollups import APP_TAG, APPS, HISTOGRAM, TASKS, percentile
 
 By = Literal["model", "app", "fingerprint", "day"]
+EXACT_LIMIT = 100_000  # a window with at most this many calls gets exact percentiles
+HOUR, DAY = timedelta(hours=1), timedelta(days=1)
 
 
 @dataclass
@@ -34,9 +40,20 @@ class Group:
     completion_tokens: int = 0
     histogram: list[int] = field(default_factory=lambda: [0] * len(HISTOGRAM))
     cost_usd: float | None = 0.0
+    # Every call's latency, when known (then the percentiles are exact); None: not known.
+    latencies: list[float] | None = None
 
     def add(self, other: Group) -> None:
-        """Count ``other`` in; an unknown cost on either side makes the sum unknown."""
+        """Count ``other`` in; an unknown cost on either side makes the sum unknown, and
+        so do unknown latencies make the percentiles bounds (an empty group knows them)."""
+        if not self.calls:
+            self.latencies = None if other.latencies is None else list(other.latencies)
+        elif not other.calls:
+            pass
+        elif self.latencies is None or other.latencies is None:
+            self.latencies = None
+        else:
+            self.latencies.extend(other.latencies)
         self.calls += other.calls
         self.errors += other.errors
         self.prompt_tokens += other.prompt_tokens
@@ -48,12 +65,25 @@ class Group:
             self.cost_usd += other.cost_usd
 
     @property
+    def exact(self) -> bool:
+        """Whether the percentiles are exact (else: the histogram's upper bounds)."""
+        return self.latencies is not None
+
+    @property
     def p50_ms(self) -> float | None:
-        return percentile(self.histogram, 0.5)
+        return self.quantile(0.5)
 
     @property
     def p95_ms(self) -> float | None:
-        return percentile(self.histogram, 0.95)
+        return self.quantile(0.95)
+
+    def quantile(self, q: float) -> float | None:
+        if self.latencies is None:
+            return percentile(self.histogram, q)
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return round(ordered[round(q * (len(ordered) - 1))], 1)
 
     @property
     def error_rate(self) -> float | None:
@@ -140,6 +170,113 @@ def scanned(
     return ordered(found, by)
 
 
+def window(
+    store: Store,
+    *,
+    tenants: tuple[str, ...] | None,
+    start: datetime,
+    end: datetime,
+    prices: Mapping[str, Price] | None = None,
+) -> dict[str, list[Group]]:
+    """Every call in [start, end), counted exactly: groups by ``hour`` (every hour drawn,
+    empty ones too), ``model``, ``app`` and ``fingerprint``, and the ``total``.
+
+    For short windows (a day or three): one indexed range scan of a few columns, where
+    the aggregates could only answer for whole days and bound the percentiles."""
+    C = COMPLETIONS.c
+    app = TAGS.alias("app_tag")
+    is_error = sa.or_(C.status >= 400, C.error.is_not(None))
+    query = (
+        sa.select(
+            C.created_at,
+            sa.func.coalesce(C.model_served, C.model_requested),
+            app.c.value,
+            C.prompt_fingerprint,
+            is_error,
+            C.prompt_tokens,
+            C.completion_tokens,
+            C.latency_ms,
+        )
+        .select_from(
+            COMPLETIONS.outerjoin(app, sa.and_(app.c.completion_id == C.id, app.c.key == APP_TAG))
+        )
+        .where(C.created_at >= start, C.created_at < end)
+    )
+    if tenants is not None:
+        query = query.where(C.tenant.in_(tenants))
+    found: dict[str, dict[Any, Group]] = {"hour": {}, "model": {}, "app": {}, "fingerprint": {}}
+    with store.engine.connect() as conn:
+        for row in conn.execute(query):
+            created, model, app_name, fingerprint, error, prompt, completion, latency = row
+            prompt, completion = int(prompt or 0), int(completion or 0)
+            latency = float(latency or 0.0)
+            hour = utc(created).replace(minute=0, second=0, microsecond=0)
+            price = cost(str(model or ""), prompt, completion, prices or {})
+            for by, name in (
+                ("hour", hour),
+                ("model", model or ""),
+                ("app", app_name or ""),
+                ("fingerprint", fingerprint or ""),
+            ):
+                group = found[by].get(name)
+                if group is None:
+                    group = found[by][name] = Group(name, latencies=[])
+                group.calls += 1
+                group.errors += bool(error)
+                group.prompt_tokens += prompt
+                group.completion_tokens += completion
+                group.histogram[rollups.bucket(latency)] += 1
+                group.cost_usd = (
+                    None if group.cost_usd is None or price is None else (group.cost_usd + price)
+                )
+                assert group.latencies is not None
+                group.latencies.append(latency)
+    total = Group("all", latencies=[])
+    for group in found["model"].values():
+        total.add(group)
+    return {
+        "hour": filled(found["hour"].values(), start, end, HOUR),
+        "model": ordered(found["model"], "model"),
+        "app": ordered(found["app"], "app"),
+        "fingerprint": ordered(found["fingerprint"], "fingerprint"),
+        "total": [total],
+    }
+
+
+def filled(
+    buckets: Iterable[Group], start: datetime, end: datetime, step: timedelta
+) -> list[Group]:
+    """The series with a group for every bucket from ``start``'s to ``end``'s: a quiet
+    hour or day is drawn as an empty column, not left out."""
+    by_start = {group.name: group for group in buckets}
+    first = start.replace(minute=0, second=0, microsecond=0) if step == HOUR else day_of(start)
+    series, moment = [], first
+    while moment < end:
+        series.append(by_start.get(moment) or Group(moment, latencies=[]))
+        moment += step
+    return series
+
+
+def latencies(
+    store: Store,
+    *,
+    tenants: tuple[str, ...] | None,
+    start: datetime,
+    end: datetime | None,
+    limit: int = EXACT_LIMIT,
+) -> list[float] | None:
+    """Every call's latency in [start, end), or None when there are more than ``limit``."""
+    C = COMPLETIONS.c
+    query = sa.select(C.latency_ms).where(C.created_at >= start)
+    if end is not None:
+        query = query.where(C.created_at < end)
+    if tenants is not None:
+        query = query.where(C.tenant.in_(tenants))
+    with store.engine.connect() as conn:
+        found = [float(v or 0.0) for (v,) in conn.execute(query.limit(limit + 1))]
+    return None if len(found) > limit else found
+
+
 def ordered(found: Mapping[Any, Group], by: By) -> list[Group]:
     """Largest first (``day``: in time order)."""
     if by == "day":
@@ -150,6 +287,12 @@ def ordered(found: Mapping[Any, Group], by: By) -> list[Group]:
 def day_of(moment: datetime) -> datetime:
     """The start of the UTC day ``moment`` is in: the aggregates' resolution."""
     return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_midnight(moment: datetime) -> datetime:
+    """``moment`` itself if it is a UTC midnight, else the next one."""
+    day = day_of(moment)
+    return day if day == moment else day + DAY
 
 
 def system_prompts(

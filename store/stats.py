@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
-from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -92,7 +91,7 @@ def aggregate_stats(store: Store, filters: Filters, by: str) -> list[dict[str, A
 def _parts(store: Store, filters: Filters, key: overview.By) -> list[list[overview.Group]]:
     """The range cut into whole days (aggregates) and the part of a day at either end (scans)."""
     since, until = filters.since, filters.until
-    first = _next_midnight(since) if since is not None else None
+    first = overview.next_midnight(since) if since is not None else None
     last = overview.day_of(until) if until is not None else None
     app = filters.tags[0][1] if filters.tags else None
     parts = []
@@ -108,12 +107,6 @@ def _parts(store: Store, filters: Filters, key: overview.By) -> list[list[overvi
     if until is not None and last is not None and last < until:
         parts.append(overview.scanned(store, key, replace(filters, since=last)))
     return parts
-
-
-def _next_midnight(moment: datetime) -> datetime:
-    """``moment`` itself if it is a UTC midnight, else the next one."""
-    day = overview.day_of(moment)
-    return day if day == moment else day + timedelta(days=1)
 
 
 def _group_expression(store: Store, by: str) -> tuple[Any, Any]:

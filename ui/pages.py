@@ -103,52 +103,118 @@ async def sign_out(request: web.Request) -> web.Response:
     raise response
 
 
+RANGES = ("24h", "3d", "7d", "30d", "90d")  # the overview's presets
+HOURLY_UP_TO = timedelta(days=3)  # a window this short is drawn by the hour, exactly
+
+
 async def home(request: web.Request) -> web.Response:
-    """The overview: calls, errors, tokens, latency and cost over a window, from the
-    hourly aggregates; by model, by app, and the prompt templates that cost the most."""
+    """The overview over a window: calls, errors, cost, tokens and p50/p95 latency as a
+    series (by the hour for a window of up to three days, counted from the calls: exact;
+    else by the day from the daily aggregates), by model, by app, and the prompt
+    templates that cost the most.  Every bucket is drawn, the empty ones too."""
     from distillery.store import overview
-    from distillery.ui import charts
 
     since_text = request.query.get("since") or "7d"
+    until_text = request.query.get("until") or ""
     try:
         since = query.parse_when(since_text)
+        until = query.parse_when(until_text) if until_text else None
     except DistilleryError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
+    now = datetime.now(UTC)
+    end = min(until or now, now)
+    if since >= end:
+        raise web.HTTPBadRequest(text="The range is empty: 'since' must come before 'until'.")
     tenants = request[SESSION].tenants
     prices = request.app[SETTINGS].prices
+    hourly = end - since <= HOURLY_UP_TO
 
     def work(store: Store) -> dict[str, Any]:
-        def of(by: overview.By) -> list[overview.Group]:
-            return overview.groups(store, by, tenants=tenants, since=since, prices=prices)
+        if hourly:
+            found = overview.window(store, tenants=tenants, start=since, end=end, prices=prices)
+            series, models, apps = found["hour"], found["model"], found["app"]
+            tasks, total = found["fingerprint"], found["total"][0]
+        else:
+            start, last = overview.day_of(since), overview.next_midnight(end)
 
-        tasks = [g for g in of("fingerprint") if g.name][:10]
+            def of(by: overview.By) -> list[overview.Group]:
+                return overview.groups(
+                    store, by, tenants=tenants, since=start, until=last, prices=prices
+                )
+
+            series = overview.filled(of("day"), start, end, overview.DAY)
+            models, apps, tasks = of("model"), of("app"), of("fingerprint")
+            total = overview.Group("all")
+            for group in models:
+                total.add(group)
+            if total.calls <= overview.EXACT_LIMIT:
+                total.latencies = overview.latencies(store, tenants=tenants, start=start, end=last)
+        tasks = [g for g in tasks if g.name][:10]
+        systems = overview.system_prompts(store, [g.name for g in tasks], tenants)
         return {
-            "series": of("day"),
-            "models": of("model"),
-            "apps": of("app"),
+            "series": series,
+            "models": models,
+            "apps": apps,
             "tasks": tasks,
-            "systems": overview.system_prompts(store, [g.name for g in tasks], tenants),
+            "systems": systems,
+            "total": total,
         }
 
     found = await in_thread(request, work)
-    models = found["models"]
-    total = overview.Group("all")
-    for group in models:
-        total.add(group)
-    chart = charts.columns(
-        [(g.name.strftime("%m-%d"), g.calls, g.errors) for g in found["series"]], "calls"
-    )
     return render(
         request,
         "overview.html",
         tag_key=request.query.get("tag_key", ""),
         since=since_text,
-        start=overview.day_of(since),
-        total=total,
-        chart=chart,
+        until=until_text,
+        ranges=RANGES,
+        hourly=hourly,
+        start=since if hourly else overview.day_of(since),
+        end=end,
+        charts=_charts(found["series"], hourly),
         prices_as_of=PRICES_AS_OF,
+        exact_limit=overview.EXACT_LIMIT,
+        base_url=_base_url(request),
         **found,
     )
+
+
+def _charts(series: list[Any], hourly: bool) -> dict[str, str]:
+    """The series as four charts, one column (or point) per bucket, empty ones too."""
+    from distillery.ui import charts
+
+    labels = [g.name.strftime("%d %Hh" if hourly else "%m-%d") for g in series]
+    costs = [g.cost_usd for g in series]
+    return {
+        "calls": charts.columns(
+            [(label, g.calls, g.errors) for label, g in zip(labels, series, strict=True)],
+            "calls",
+        ),
+        "cost": charts.columns(
+            [(label, c or 0.0, 0.0) for label, c in zip(labels, costs, strict=True)],
+            "USD",
+            money=True,
+        )
+        if any(c for c in costs)
+        else "",
+        "tokens": charts.columns(
+            [
+                (label, g.prompt_tokens + g.completion_tokens, g.completion_tokens)
+                for label, g in zip(labels, series, strict=True)
+            ],
+            "tokens",
+            part_name="output tokens",
+        ),
+        "latency": charts.lines(
+            {
+                "p50": [(float(i), g.p50_ms) for i, g in enumerate(series)],
+                "p95": [(float(i), g.p95_ms) for i, g in enumerate(series)],
+            },
+            width=900,
+            height=180,
+            labels=labels,
+        ),
+    }
 
 
 async def by_tag(request: web.Request) -> web.Response:
@@ -225,8 +291,13 @@ async def completions(request: web.Request) -> web.Response:
         form=_form(request),
         query=urlencode(kept),
         done=request.query.get("done"),
-        base_url=f"{request.scheme}://{request.host}/v1",  # for the first call, when none yet
+        base_url=_base_url(request),
     )
+
+
+def _base_url(request: web.Request) -> str:
+    """This proxy's OpenAI base URL, for the first call's two lines (when none yet)."""
+    return f"{request.scheme}://{request.host}/v1"
 
 
 def _form(request: web.Request) -> dict[str, Any]:

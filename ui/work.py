@@ -192,7 +192,7 @@ def _loss_chart(events: list[JobEvent]) -> str:
     """Each loss the events report, over steps (or epochs when there are no steps)."""
     from distillery.ui.charts import lines
 
-    series: dict[str, list[tuple[float, float]]] = {}
+    series: dict[str, list[tuple[float, float | None]]] = {}
     for event in events:
         data = event["data"] or {}
         x = data.get("step", data.get("epoch"))
