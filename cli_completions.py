@@ -22,49 +22,6 @@ from distillery.cli_shared import (
 from distillery.errors import DistilleryError
 from distillery.output import dumps, output_options, write_rows
 
-LIST_COLUMNS = (
-    "id",
-    "created_at",
-    "model",
-    "status",
-    "error",
-    "tokens",
-    "latency_ms",
-    "tags",
-    "prompt",
-)
-
-
-def summary(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The table view of one record: what a person scans for."""
-    from distillery.shapes import message_text
-
-    messages = (record.get("request") or {}).get("messages") or []
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    prompt = message_text(users[-1]) if users else ""
-    return {
-        "id": record["id"],
-        "created_at": record["created_at"],
-        "model": record.get("model_requested"),
-        "status": record["status"],
-        "error": _error_kind(record.get("error")),
-        "tokens": record.get("total_tokens"),
-        "latency_ms": record.get("latency_ms"),
-        "tags": ",".join(f"{k}={v}" for k, v in (record.get("metadata") or {}).items()),
-        "prompt": " ".join(prompt.split()),
-    }
-
-
-def _error_kind(error: Any) -> str | None:
-    """A short name for what went wrong: the error's type (OpenAI's shape or ours)."""
-    if error is None:
-        return None
-    if isinstance(error, dict):
-        nested = error.get("error")
-        inner: dict[str, Any] = nested if isinstance(nested, dict) else error
-        return str(inner.get("type") or inner.get("code") or "error")
-    return "error"
-
 
 def _select_ids(
     store: Any, ids: tuple[str, ...], where: bool, filters: Any, verb: str
@@ -116,7 +73,7 @@ def list_command(
         distillery completions --tag app=support -n 5
         distillery completions -q "refund" --since 7d --json
     """
-    from distillery.store.query import find, iterate
+    from distillery.store.query import LIST_COLUMNS, find, iterate, summary
 
     if limit < 0:
         raise click.UsageError("-n/--count must be 0 (all) or more.")

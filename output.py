@@ -84,7 +84,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _data(value: Any) -> str:
+def csv_cell(value: Any) -> str:
     """A value as CSV data: ISO timestamps with their offset, full-precision numbers."""
     if value is None:
         return ""
@@ -159,7 +159,7 @@ def write_rows(
         writer = csv.writer(out)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_data(row.get(column)) for column in columns])
+            writer.writerow([csv_cell(row.get(column)) for column in columns])
             written += 1
     else:
         values = [[row.get(column) for column in columns] for row in rows]

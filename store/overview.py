@@ -289,6 +289,19 @@ def day_of(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+def stored_values(store: Store, tenants: Sequence[str] | None) -> dict[str, list[str]]:
+    """Every model and ``app`` tag value the tenants' calls have, from the aggregates (a
+    few rows per day, not a scan): what the completions page's pickers offer."""
+    found: dict[str, list[str]] = {}
+    with store.engine.connect() as conn:
+        for name in ("model", "app"):
+            select = sa.select(APPS.c[name]).distinct().order_by(APPS.c[name])
+            if tenants is not None:
+                select = select.where(APPS.c.tenant.in_(list(tenants)))
+            found[name] = [value for (value,) in conn.execute(select) if value]
+    return found
+
+
 def next_midnight(moment: datetime) -> datetime:
     """``moment`` itself if it is a UTC midnight, else the next one."""
     day = day_of(moment)

@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 import sqlalchemy as sa
 
 from distillery.errors import DistilleryError
-from distillery.shapes import check_metadata
+from distillery.shapes import check_metadata, message_text
 from distillery.store import rollups, search
 from distillery.store.db import COMPLETIONS, TAGS, Store, as_record
 from distillery.store.records import StoredCompletion
@@ -345,3 +345,66 @@ def delete(store: Store, ids: Sequence[str]) -> int:
 
 def with_filters(filters: Filters, **changes: Any) -> Filters:
     return replace(filters, **changes)
+
+
+def recent_tags(store: Store, tenants: Sequence[str] | None, calls: int = 1000) -> list[str]:
+    """The ``key=value`` tags of the tenants' newest ``calls`` calls, most used first: a
+    filter's suggestions (the newest calls, not a scan of every tag ever written)."""
+    newest = sa.select(C.id).order_by(C.id.desc()).limit(calls)
+    if tenants is not None:
+        newest = newest.where(C.tenant.in_(list(tenants)))
+    ids = newest.subquery()
+    count = sa.func.count()
+    select = (
+        sa.select(TAGS.c.key, TAGS.c.value)
+        .where(TAGS.c.completion_id.in_(sa.select(ids.c.id)))
+        .group_by(TAGS.c.key, TAGS.c.value)
+        .order_by(count.desc(), TAGS.c.key, TAGS.c.value)
+        .limit(200)
+    )
+    with store.engine.connect() as conn:
+        return [f"{key}={value}" for key, value in conn.execute(select)]
+
+
+# -- a listing's row ----------------------------------------------------------------
+
+LIST_COLUMNS = (
+    "id",
+    "created_at",
+    "model",
+    "status",
+    "error",
+    "tokens",
+    "latency_ms",
+    "tags",
+    "prompt",
+)
+
+
+def summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The table view of one record: what a person scans for."""
+    messages = (record.get("request") or {}).get("messages") or []
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    prompt = message_text(users[-1]) if users else ""
+    return {
+        "id": record["id"],
+        "created_at": record["created_at"],
+        "model": record.get("model_requested"),
+        "status": record["status"],
+        "error": error_kind(record.get("error")),
+        "tokens": record.get("total_tokens"),
+        "latency_ms": record.get("latency_ms"),
+        "tags": ",".join(f"{k}={v}" for k, v in (record.get("metadata") or {}).items()),
+        "prompt": " ".join(prompt.split()),
+    }
+
+
+def error_kind(error: Any) -> str | None:
+    """A short name for what went wrong: the error's type (OpenAI's shape or ours)."""
+    if error is None:
+        return None
+    if isinstance(error, dict):
+        nested = error.get("error")
+        inner: dict[str, Any] = nested if isinstance(nested, dict) else error
+        return str(inner.get("type") or inner.get("code") or "error")
+    return "error"

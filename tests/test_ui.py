@@ -1195,3 +1195,40 @@ def test_a_session_ends_on_sign_out_key_removal_idle_or_command_on_every_proxy(
         sessions.Session(key_fingerprint(ADMIN), True, "t", time.time() + 3600), secret
     )
     assert on(dashboard, httpx.Cookies({sessions.COOKIE: old})) == 303
+
+
+# -- value pickers and export ---------------------------------------------------------
+
+
+def test_pickers_offer_what_is_stored_and_export_writes_exactly_the_filter(
+    dashboard: RunningProxy,
+) -> None:
+    """The model picker lists the tenant's own models; a model nothing answered says so
+    (not a silent empty list); an export is every call of the filter, oldest first, in
+    JSON lines (whole records) or CSV, and none of another tenant's."""
+    import csv
+    import io
+
+    alice = sign_in(dashboard, ALICE)
+    page = alice.get("/ui/completions").text
+    models = re.findall(r"<option(?: selected)?>([^<]+)</option>", page)
+    assert sorted(html.unescape(m) for m in models) == sorted(["gpt-4o", XSS])
+    assert '<option value="app=sales">' in page and '<option value="app=support">' in page
+    refused = alice.get("/ui/completions", params={"model": "gpt-4"}).text
+    assert "No stored call was answered by a model named &#39;gpt-4&#39;" in refused
+
+    sales = [f"cap_{n:028d}" for n in range(56, 61)]
+    lines = alice.get("/ui/completions/export.jsonl", params={"tag": "app=sales"})
+    assert lines.status_code == 200
+    assert lines.headers["content-disposition"] == 'attachment; filename="completions.jsonl"'
+    records = [json.loads(line) for line in lines.text.splitlines()]
+    assert [r["id"] for r in records] == sales  # oldest first, every one, nothing else
+    assert records[0]["request"]["messages"][0]["content"] == "sales question 56"
+    table = alice.get("/ui/completions/export.csv", params={"tag": "app=sales", "q": "59"})
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    assert [r["id"] for r in rows] == [f"cap_{59:028d}"] and rows[0]["tags"] == "app=sales"
+    # Every call of alice's; bob's never.
+    everything = alice.get("/ui/completions/export.jsonl").text.splitlines()
+    assert len(everything) == 61 and f"cap_{61:028d}" not in "".join(everything)
+    assert alice.get("/ui/completions/export.jsonl", params={"since": "x"}).status_code == 400
+    assert browser(dashboard).get("/ui/completions/export.csv").status_code == 303

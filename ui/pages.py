@@ -7,6 +7,7 @@ which is time order: the next page is ``after=<last id>``, one indexed query.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,6 +43,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", home, name="home")
     app.router.add_get("/by-tag", by_tag, name="by_tag")
     app.router.add_get("/completions", completions, name="completions")
+    app.router.add_get("/completions/export.{format:jsonl|csv}", export, name="export")
     app.router.add_get("/completions/{id}", completion, name="completion")
     app.router.add_post("/completions/{id}/tags", edit_tags, name="edit_tags")
     app.router.add_post("/completions/bulk", bulk, name="bulk")
@@ -277,6 +279,21 @@ async def completions(request: web.Request) -> web.Response:
             return Listing(rows[:PAGE], rows[PAGE - 1]["id"] if more else None)
 
         listing = await in_thread(request, work)
+    tenants = request[SESSION].tenants
+
+    def pickers(store: Store) -> dict[str, list[str]]:
+        from distillery.store import overview
+
+        return {**overview.stored_values(store, tenants), "tags": query.recent_tags(store, tenants)}
+
+    picks = (
+        {"model": [], "app": [], "tags": []}
+        if request.headers.get("HX-Request")
+        else await in_thread(request, pickers)
+    )
+    model = request.query.get("model")
+    if model and not listing.rows and not error and model not in picks["model"]:
+        error = f"No stored call was answered by a model named {model!r}: pick one from the list."
     kept = [(k, v) for k, v in request.query.items() if k in FILTER_FIELDS and v]
     next_url = (
         "?" + urlencode([*kept, ("after", listing.next_cursor)]) if listing.next_cursor else None
@@ -290,9 +307,58 @@ async def completions(request: web.Request) -> web.Response:
         error=error,
         form=_form(request),
         query=urlencode(kept),
+        picks=picks,
         done=request.query.get("done"),
         base_url=_base_url(request),
     )
+
+
+EXPORT_BATCH = 1000
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    """Every call the page's filter matches, oldest first, as a download: JSON lines of
+    whole records (what ``completions export`` writes) or CSV of the list's columns."""
+    import csv
+    import io
+
+    from distillery.output import csv_cell, dumps
+
+    try:
+        filters = page_filters(request)
+    except DistilleryError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    kind = request.match_info["format"]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/x-ndjson" if kind == "jsonl" else "text/csv",
+            "Content-Disposition": f'attachment; filename="completions.{kind}"',
+        }
+    )
+    await response.prepare(request)
+    if kind == "csv":
+        await response.write((",".join(query.LIST_COLUMNS) + "\r\n").encode())
+    after: str | None = None
+    while True:
+        batch = functools.partial(
+            query.find, filters=filters, order="asc", after=after, limit=EXPORT_BATCH
+        )
+        rows = await in_thread(request, batch)
+        if not rows:
+            break
+        if kind == "jsonl":
+            chunk = "".join(dumps(dict(row)) + "\n" for row in rows)
+        else:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            for row in rows:
+                line = query.summary(row)
+                writer.writerow([csv_cell(line.get(c)) for c in query.LIST_COLUMNS])
+            chunk = buffer.getvalue()
+        await response.write(chunk.encode())
+        after = rows[-1]["id"]
+    await response.write_eof()
+    return response
 
 
 def _base_url(request: web.Request) -> str:
