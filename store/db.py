@@ -30,6 +30,7 @@ from distillery.store.models import (
     CompletionTag,
     DatasetExample,
     DatasetVersion,
+    EvalItem,
     EvalRun,
     EvalSample,
     FineTuneJob,
@@ -44,6 +45,7 @@ VERSIONS: sa.Table = DatasetVersion.__table__  # type: ignore[attr-defined]
 EXAMPLES: sa.Table = DatasetExample.__table__  # type: ignore[attr-defined]
 EVAL_RUNS: sa.Table = EvalRun.__table__  # type: ignore[attr-defined]
 EVAL_SAMPLES: sa.Table = EvalSample.__table__  # type: ignore[attr-defined]
+EVAL_ITEMS: sa.Table = EvalItem.__table__  # type: ignore[attr-defined]
 CACHE: sa.Table = GenerationCache.__table__  # type: ignore[attr-defined]
 FINETUNES: sa.Table = FineTuneJob.__table__  # type: ignore[attr-defined]
 

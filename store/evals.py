@@ -8,8 +8,15 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 
-from distillery.store.db import EVAL_RUNS, EVAL_SAMPLES, Store, as_record, newest_first
-from distillery.store.records import EvalRunRecord, EvalSampleRecord, Summary
+from distillery.store.db import (
+    EVAL_ITEMS,
+    EVAL_RUNS,
+    EVAL_SAMPLES,
+    Store,
+    as_record,
+    newest_first,
+)
+from distillery.store.records import EvalItemRecord, EvalRunRecord, EvalSampleRecord, Summary
 
 BATCH = 1000
 
@@ -20,16 +27,19 @@ def save_run(
     config: dict[str, Any],
     summary: Summary,
     samples: Sequence[EvalSampleRecord],
+    items: Sequence[EvalItemRecord] = (),
 ) -> EvalRunRecord:
-    """The run and every sample in one transaction: a run is never half stored."""
+    """The run, every sample and every item graded (prompt and reference) in one
+    transaction: a run is never half stored."""
     created = datetime.now(UTC)
-    rows = [{**sample, "run_id": run_id} for sample in samples]
     with store.engine.begin() as conn:
         conn.execute(
             EVAL_RUNS.insert().values(id=run_id, created_at=created, config=config, summary=summary)
         )
-        for start in range(0, len(rows), BATCH):
-            conn.execute(EVAL_SAMPLES.insert(), rows[start : start + BATCH])
+        for table, rows in ((EVAL_SAMPLES, samples), (EVAL_ITEMS, items)):
+            owned = [{**row, "run_id": run_id} for row in rows]
+            for start in range(0, len(owned), BATCH):
+                conn.execute(table.insert(), owned[start : start + BATCH])
     return {"id": run_id, "created_at": created, "config": config, "summary": summary}
 
 
@@ -52,3 +62,11 @@ def samples(store: Store, run_id: str) -> list[EvalSampleRecord]:
     )
     with store.engine.connect() as conn:
         return [cast(EvalSampleRecord, as_record(row)) for row in conn.execute(query)]
+
+
+def items(store: Store, run_id: str) -> dict[int, EvalItemRecord]:
+    """The run's items by index (none for a run stored before items were kept)."""
+    query = sa.select(EVAL_ITEMS).where(EVAL_ITEMS.c.run_id == run_id)
+    with store.engine.connect() as conn:
+        found = [cast(EvalItemRecord, as_record(row)) for row in conn.execute(query)]
+    return {item["item"]: item for item in found}

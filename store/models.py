@@ -129,6 +129,19 @@ class EvalSample(SQLModel, table=True):
     completion_tokens: int | None = None
 
 
+class EvalItem(SQLModel, table=True):
+    """What one item of a run asked (the prompt's messages) and the answer it was graded
+    against: shown beside every candidate's output."""
+
+    __tablename__ = "eval_items"
+
+    run_id: str = Field(foreign_key="eval_runs.id", primary_key=True, max_length=40)
+    item: int = Field(primary_key=True)
+    item_key: str = Field(max_length=32)
+    messages: list[dict[str, Any]] = Field(sa_column=Column(JSONColumn, nullable=False))
+    reference: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONColumn))
+
+
 class GenerationCache(SQLModel, table=True):
     """Model answers by (model, endpoint, messages, params): re-grading never re-calls."""
 

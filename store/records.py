@@ -173,6 +173,16 @@ class EvalSampleRecord(TypedDict):
     completion_tokens: int | None
 
 
+class EvalItemRecord(TypedDict):
+    """One item a run graded: the prompt's messages and the reference answer."""
+
+    run_id: NotRequired[str]
+    item: int
+    item_key: str
+    messages: list[dict[str, Any]]
+    reference: dict[str, Any] | None
+
+
 class FineTuneJobRecord(TypedDict):
     """A fine-tune of a base model on one dataset version (see ``models.FineTuneJob``)."""
 

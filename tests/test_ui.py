@@ -554,7 +554,21 @@ def test_an_eval_run_shows_every_candidates_scores(dashboard: RunningProxy) -> N
         sample(1, labels[1], "", None),
         sample(1, labels[2], XSS, 0.0),
     ]
-    run = evals.save_run(store, "eval_ui_test", {"source": "support@1 (distill)"}, summary, samples)
+    items: Any = [
+        {
+            "item": i,
+            "item_key": f"k{i}",
+            "messages": [{"role": "user", "content": f"question {i}?"}],
+            "reference": {"role": "assistant", "content": f"reference {i}"},
+        }
+        for i in (0, 1)
+    ]
+    source = {"source": "support@1 (distill)"}
+    run = evals.save_run(store, "eval_ui_test", source, summary, samples, items)
+    # A later run where the base student now passes item 1: the comparison shows it.
+    better = [dict(s) for s in samples]
+    better[len(labels) + 1] = sample(1, labels[1], "the teacher's answer", 1.0)
+    evals.save_run(store, "eval_ui_test_2", source, summary, better, items)  # type: ignore[arg-type]
     store.close()
     admin = sign_in(dashboard, ADMIN)
     assert 'data-id="eval_ui_test"' in admin.get("/ui/evals").text
@@ -573,10 +587,24 @@ def test_an_eval_run_shows_every_candidates_scores(dashboard: RunningProxy) -> N
     ]
     assert [tuned for tuned, _, _ in rows] == ["", "", " tuned"]
     assert "<svg" in page and "<script>window" not in page and "<img src=x" not in page
-    assert "(1 items)" in page  # item 0: every candidate passed; item 1: they disagree
-    split = re.findall(r'<tr class="disagreement">\s*<td class="num">(\d+)</td>', page)
+    # Item 0: every candidate passed; item 1: they disagree, so it alone is shown first,
+    # with its prompt and reference beside every candidate's answer.
+    assert "(the 1 where the candidates disagree)" in page
+    split = re.findall(r'<tr class="item" data-item="(\d+)">', page)
     assert split == ["1"]
+    assert '<pre class="prompt">user: question 1?</pre>' in page
+    assert '<pre class="reference">reference 1</pre>' in page
     assert '<pre class="answer">&lt;script&gt;window.__xss = 1' in page
+    every = admin.get(f"/ui/evals/{run['id']}", params={"show": "all"}).text
+    assert re.findall(r'<tr class="item" data-item="(\d+)">', every) == ["0", "1"]
+    assert every.count('<pre class="answer">same answer</pre>') == len(labels)
+    compared = admin.get("/ui/evals/compare", params={"a": run["id"], "b": "eval_ui_test_2"})
+    changed = re.findall(
+        r'<tr class="changed"><td><pre class="prompt">([^<]*)</pre></td>\s*<td>([^<]*)</td>',
+        compared.text,
+    )
+    assert changed == [("user: question 1?", "base student")]
+    assert admin.get("/ui/evals/compare", params={"a": "nope", "b": run["id"]}).status_code == 404
     assert re.search(r'class="verdict fail">exact: 0<', page)
     assert re.search(r'class="verdict none">exact: no score<', page)
 

@@ -62,6 +62,11 @@ def curl(request: Mapping[str, Any]) -> str:
     )
 
 
+def conversation(messages: list[Mapping[str, Any]] | None) -> str:
+    """A prompt's messages as ``role: text`` lines (what an eval item asked)."""
+    return "\n".join(f"{m.get('role')}: {message_text(m)}" for m in messages or [])
+
+
 def tag_lines(metadata: Mapping[str, str] | None) -> str:
     return "\n".join(f"{k}={v}" for k, v in (metadata or {}).items())
 
@@ -75,5 +80,6 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "text": text,
     "arguments": arguments,
     "tag_lines": tag_lines,
+    "conversation": conversation,
     "curl": curl,
 }

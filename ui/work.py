@@ -19,12 +19,17 @@ from distillery.curation.evals import items as eval_items
 from distillery.curation.evals.evaluate import result_rows, with_role
 from distillery.curation.evals.generate import Generator, parse_candidates
 from distillery.curation.evals.graders import BUILTIN, Context, load_all
-from distillery.curation.evals.report import bars, disagreements
+from distillery.curation.evals.report import bars, compare, disagreements
 from distillery.curation.training import jobs
 from distillery.curation.training.backends import TERMINAL, BackendContext, JobEvent, open_backend
 from distillery.errors import DistilleryError
 from distillery.store import Store, datasets, evals, finetunes
-from distillery.store.records import DatasetVersionRecord, EvalRunRecord, FineTuneJobRecord
+from distillery.store.records import (
+    DatasetVersionRecord,
+    EvalRunRecord,
+    EvalSampleRecord,
+    FineTuneJobRecord,
+)
 from distillery.ui import tasks
 from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
 from distillery.ui.tasks import Task
@@ -44,6 +49,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/evals", eval_list, name="evals")
     app.router.add_get("/evals/new", eval_form, name="eval_form")
     app.router.add_post("/evals/new", eval_start, name="eval_start")
+    app.router.add_get("/evals/compare", eval_compare, name="eval_compare")
     app.router.add_get("/evals/{id}", eval_page, name="eval")
 
 
@@ -223,16 +229,37 @@ async def eval_list(request: web.Request) -> web.Response:
     return render(request, "evals.html", rows=rows)
 
 
+ITEMS_PER_PAGE = 25
+
+
 async def eval_page(request: web.Request) -> web.Response:
+    """A run's scores, and its items: each prompt, its reference, and every candidate's
+    output with each grader's verdict (where the candidates disagree, or all of them)."""
     _admin(request)
     ref = request.match_info["id"]
     run = await in_thread(request, lambda store: evals.get_run(store, ref))
     if run is None:
         raise web.HTTPNotFound(text=f"No eval run {ref!r}.")
     samples = await in_thread(request, lambda store: evals.samples(store, ref))
+    stored_items = await in_thread(request, lambda store: evals.items(store, ref))
     summary = run["summary"]
     graders = sorted({g for c in summary["candidates"].values() for g in c["graders"]})
     split = disagreements(samples, graders)
+    show = request.query.get("show") or ("disagree" if split else "all")
+    if show == "all":
+        by_item: dict[int, dict[str, EvalSampleRecord]] = {}
+        for sample in samples:
+            by_item.setdefault(sample["item"], {})[sample["candidate"]] = sample
+        chosen = sorted(by_item.items())
+    else:
+        chosen = split
+    try:
+        page = max(1, int(request.query.get("page") or 1))
+    except ValueError:
+        raise web.HTTPBadRequest(text="page must be a number.") from None
+    pages = max(1, -(-len(chosen) // ITEMS_PER_PAGE))
+    shown = chosen[(page - 1) * ITEMS_PER_PAGE : page * ITEMS_PER_PAGE]
+    others = await in_thread(request, lambda store: evals.list_runs(store, 50))
     return render(
         request,
         "eval.html",
@@ -242,8 +269,44 @@ async def eval_page(request: web.Request) -> web.Response:
         tuned=with_role(summary, "tuned"),
         labels=list(summary["candidates"]),
         graders=graders,
-        disagreements=split[:DISAGREEMENTS],
+        items=stored_items,
+        shown=shown,
+        show=show,
+        page=page,
+        pages=pages,
+        matching=len(chosen),
         disagreeing=len(split),
+        others=[r["id"] for r in others if r["id"] != ref],
+    )
+
+
+async def eval_compare(request: web.Request) -> web.Response:
+    """Two runs compared: each candidate's score per grader in both, and every item whose
+    verdict changed, with its prompt and both answers."""
+    _admin(request)
+    a_id, b_id = request.query.get("a", ""), request.query.get("b", "")
+
+    def load(store: Store) -> tuple[Any, ...]:
+        return tuple(
+            (evals.get_run(store, ref), evals.samples(store, ref), evals.items(store, ref))
+            for ref in (a_id, b_id)
+        )
+
+    (a, a_samples, _), (b, b_samples, b_items) = await in_thread(request, load)
+    for ref, run in ((a_id, a), (b_id, b)):
+        if run is None:
+            raise web.HTTPNotFound(text=f"No eval run {ref!r}: pick two runs from the list.")
+    scores, changed = compare(a["summary"], b["summary"], a_samples, b_samples)
+    prompts = {item["item_key"]: item for item in b_items.values()}
+    return render(
+        request,
+        "eval_compare.html",
+        a=a,
+        b=b,
+        scores=scores,
+        changed=changed[:DISAGREEMENTS],
+        changed_count=len(changed),
+        prompts=prompts,
     )
 
 

@@ -24,6 +24,7 @@ from distillery.curation.evals.items import Item
 from distillery.store import Store, evals, query
 from distillery.store.records import (
     CandidateSummary,
+    EvalItemRecord,
     EvalRunRecord,
     EvalSampleRecord,
     GraderStats,
@@ -120,7 +121,11 @@ def run(
             for c in candidates
         ],
     }
-    return evals.save_run(store, new_run_id(), config, summary, samples)
+    graded: list[EvalItemRecord] = [
+        {"item": i.index, "item_key": i.key, "messages": i.messages, "reference": i.reference}
+        for i in items
+    ]
+    return evals.save_run(store, new_run_id(), config, summary, samples, graded)
 
 
 def reference_models(store: Store, items: list[Item]) -> dict[str, int]:

@@ -6,7 +6,13 @@ import html
 from typing import Any
 
 from distillery.curation.evals.items import Item
-from distillery.store.records import CandidateSummary, EvalRunRecord, EvalSampleRecord, GraderStats
+from distillery.store.records import (
+    CandidateSummary,
+    EvalRunRecord,
+    EvalSampleRecord,
+    GraderStats,
+    Summary,
+)
 
 COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
 
@@ -155,6 +161,49 @@ def disagreements(
         for index, answers in sorted(by_item.items())
         if any(len({a["grades"][g]["passed"] for a in answers.values()}) > 1 for g in graders)
     ]
+
+
+def compare(
+    a: Summary, b: Summary, a_samples: list[EvalSampleRecord], b_samples: list[EvalSampleRecord]
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, EvalSampleRecord, EvalSampleRecord]]]:
+    """Two runs side by side: per candidate label and grader in both, each run's mean, n
+    and the change; and every (prompt, candidate) both runs graded whose verdict changed
+    (items are matched by their prompt's key, not their position)."""
+    scores = []
+    for label, entry in b["candidates"].items():
+        before = a["candidates"].get(label)
+        if before is None:
+            continue
+        for grader, stats in entry["graders"].items():
+            old = before["graders"].get(grader)
+            if old is None:
+                continue
+            change = (
+                None
+                if stats["mean"] is None or old["mean"] is None
+                else stats["mean"] - old["mean"]
+            )
+            scores.append(
+                {
+                    "candidate": label,
+                    "grader": grader,
+                    "a": old["mean"],
+                    "a_n": old["n"],
+                    "b": stats["mean"],
+                    "b_n": stats["n"],
+                    "change": change,
+                }
+            )
+    first = {(s["item_key"], s["candidate"]): s for s in a_samples}
+    changed = []
+    for sample in b_samples:
+        old_sample = first.get((sample["item_key"], sample["candidate"]))
+        if old_sample is None:
+            continue
+        graders = set(sample["grades"]) & set(old_sample["grades"])
+        if any(sample["grades"][g]["passed"] != old_sample["grades"][g]["passed"] for g in graders):
+            changed.append((sample["item_key"], sample["candidate"], old_sample, sample))
+    return scores, changed
 
 
 def _reference(config: dict[str, Any]) -> str:

@@ -7,5 +7,5 @@ it against the revision files.
 
 from pathlib import Path
 
-HEAD = "0007"
+HEAD = "0008"
 LOCATION = Path(__file__).parent
