@@ -83,6 +83,17 @@ def demote(settings: Settings, store: Store, name: str, reason: str) -> tuple[st
     return was, now
 
 
+def switch_off(settings: Settings, store: Store, name: str, reason: str) -> tuple[str, str]:
+    """Straight to off from any mode (the teacher answers everything); returns (was, now)."""
+    route = _route(settings, name)
+    was = _standing_now(settings, store, name, route)["mode"]
+    if was == "off":
+        raise DistilleryError(f"Route {name!r} is already off.")
+    route_store.set_mode(store, name, "off", reason)
+    log.warning("route switched off", route=name, mode="off", was=was, reason=reason)
+    return was, "off"
+
+
 def decide(settings: Settings, store: Store, name: str) -> tuple[str, str] | None:
     """The automatic policy for one route: up a step when the evidence clears the bar,
     back to shadow when its upper bound falls below it; ``None`` when nothing changes."""

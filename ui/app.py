@@ -231,7 +231,7 @@ def environment() -> jinja2.Environment:
 
 def make_app(settings: Settings, store: Store, prefix: str = "/ui") -> web.Application:
     """The dashboard as an app to mount at ``prefix`` (or to serve alone with prefix "")."""
-    from distillery.ui import distill, pages, tasks, work
+    from distillery.ui import distill, pages, routes, tasks, work
 
     app = web.Application(middlewares=[security, signed_in])
     app[SETTINGS] = settings
@@ -241,6 +241,7 @@ def make_app(settings: Settings, store: Store, prefix: str = "/ui") -> web.Appli
     app[PREFIX] = prefix
     pages.add_routes(app)
     work.add_routes(app)
+    routes.add_routes(app)
     tasks.setup(app)
     distill.setup(app)
     app.router.add_static("/static/", HERE / "static", name="static")
