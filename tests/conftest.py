@@ -16,7 +16,7 @@ from distillery.store.db import create_engine
 
 from corpus import Replay
 from fake_openai import FakeOpenAI
-from helpers import RunningProxy, ServerThread
+from helpers import CHROMIUM, DRIVER, RunningProxy, ServerThread
 
 POSTGRES_ENV = "DISTILLERY_TEST_POSTGRES_URL"
 # The example's modules (the task, the tiny student) serve the tests too.
@@ -145,3 +145,36 @@ def sdk() -> Iterator[Callable[..., Any]]:
     yield make
     for client in made:
         client.close()
+
+
+@pytest.fixture
+def chrome(tmp_path: Path) -> Iterator[Any]:
+    """Debian's chromium through chromium-driver, headless; quit even when the test fails."""
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip("no chromium/chromedriver: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver.implicitly_wait(0)
+    # Downloads (an export) land in tmp_path/downloads, without asking.
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -10,6 +10,7 @@ import html.parser
 import os
 import random
 import re
+import shutil
 import string
 import threading
 import time
@@ -381,3 +382,19 @@ def readme_code(section: str, language: str = "python") -> list[str]:
     end = readme.find("\n## ", start + 1)
     text = readme[start : end if end != -1 else None]
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+
+
+CHROMIUM = shutil.which("chromium")
+DRIVER = shutil.which("chromedriver")
+
+
+def wait_until(driver: Any, predicate: Callable[[Any], Any], what: str) -> Any:
+    """Poll ``predicate`` until it holds; an element that went away with the page it was
+    on (a navigation under way) is a "not yet", not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(
+        driver, 20, ignored_exceptions=(StaleElementReferenceException, WebDriverException)
+    )
+    return wait.until(predicate, message=f"timed out waiting for {what}")

@@ -27,7 +27,15 @@ from distillery.store.records import CaptureRecord
 from distillery.ui import sessions
 
 from fake_finetuning import FakeFineTuning
-from helpers import RunningProxy, ServerThread, capture_record, wait_for
+from helpers import (
+    CHROMIUM,
+    DRIVER,
+    RunningProxy,
+    ServerThread,
+    capture_record,
+    wait_for,
+    wait_until,
+)
 
 ALICE, BOB, ADMIN = "sk-alice", "sk-bob", "sk-admin"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 1">'
@@ -39,11 +47,12 @@ def call(
     text: str,
     tags: dict[str, str],
     model: str = "gpt-4o",
+    created_at: float | None = None,
     **fields: Any,
 ) -> CaptureRecord:
     return capture_record(
         f"cap_{n:028d}",
-        created_at=1_764_300_000.0 + n,
+        created_at=1_764_300_000.0 + n if created_at is None else created_at,
         tenant=key_fingerprint(key),
         model_requested=model,
         request={"model": model, "messages": [{"role": "user", "content": text}]},
@@ -249,8 +258,6 @@ def test_the_open_dashboard_is_refused_off_loopback() -> None:
 
 # -- in a real browser ---------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium")
-DRIVER = shutil.which("chromedriver")
 TOOLS_CALL = capture_record(
     f"cap_{63:028d}",
     created_at=1_764_300_063.0,
@@ -284,45 +291,6 @@ TOOLS_CALL = capture_record(
     },
     metadata={"app": "tools"},
 )
-
-
-@pytest.fixture
-def chrome(tmp_path: Path) -> Iterator[Any]:
-    """Debian's chromium through chromium-driver, headless; quit even when the test fails."""
-    if CHROMIUM is None or DRIVER is None:
-        pytest.skip("no chromium/chromedriver: apt-get install chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1400,1000",
-        f"--user-data-dir={tmp_path / 'chrome'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
-    driver.implicitly_wait(0)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def wait_until(driver: Any, predicate: Callable[[Any], Any], what: str) -> Any:
-    """Poll ``predicate`` until it holds; an element that went away with the page it was
-    on (a navigation under way) is a "not yet", not a failure."""
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    wait = WebDriverWait(
-        driver, 20, ignored_exceptions=(StaleElementReferenceException, WebDriverException)
-    )
-    return wait.until(predicate, message=f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
@@ -1157,7 +1125,9 @@ def test_a_first_run_finds_how_to_send_a_call_and_errors_are_dashboard_pages(
     alice = sign_in(proxy, ALICE)
     page = alice.get("/ui/completions").text
     assert "No calls yet" in page and f"OPENAI_BASE_URL={proxy.url}/v1" in page
-    assert "No calls match" in alice.get("/ui/completions", params={"model": "nope"}).text
+    assert "No calls match" in alice.get("/ui/completions", params={"status": "error"}).text
+    nope = alice.get("/ui/completions", params={"model": "nope"}).text
+    assert "No stored call was answered by a model named &#39;nope&#39;" in nope
     refused = alice.get("/ui/datasets")
     assert refused.status_code == 403
     assert refused.headers["content-type"].startswith("text/html")
@@ -1310,6 +1280,7 @@ def test_the_routes_page_shows_evidence_and_pairs_and_moves_a_route(
     for n in range(3):
         assert ask(proxy, n).status_code == 200
     wait_for(lambda: len(samples(proxy)) == 3, 20, "three graded pairs")
+    proxy.wait_stored(3)  # the teacher's calls too (written apart from the pairs)
     page = admin.get("/ui/routes").text
     assert re.search(r'class="score">1\.000 <small>\[1\.000, 1\.000\]</small>', page)
     assert "clears the bar" in page
