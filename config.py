@@ -344,7 +344,8 @@ class Settings(_Section):
         if self.upstream.resolved_api_key() and not (self.auth.keys or self.auth.admin_keys):
             raise ValueError(
                 "upstream.api_key is set but auth.keys is empty: anyone who can reach the "
-                "proxy would spend your key. Add proxy keys under [auth] keys = [...]"
+                "proxy would spend your key. Add proxy keys under [auth] keys = [...] "
+                "(or in DISTILLERY_KEYS)"
             )
         return self
 
@@ -353,6 +354,34 @@ def config_file(config_path: Path | None = None) -> Path | None:
     """The config file :func:`load_settings` reads, or ``None`` when it reads none."""
     path = config_path or Path(os.environ.get("DISTILLERY_CONFIG") or default_config_path())
     return path if path.exists() else None
+
+
+# The keys apps and admins call with, from the environment or a file (a container's
+# secret), in place of [auth] keys / admin_keys: keys or fingerprints, one per line or
+# separated by commas.  A deployment keeps them out of the config file it mounts.
+KEY_VARIABLES = {"DISTILLERY_KEYS": "auth.keys", "DISTILLERY_ADMIN_KEYS": "auth.admin_keys"}
+
+
+def keys_from_environment() -> dict[str, list[str]]:
+    """``auth.keys`` and ``auth.admin_keys`` from ``DISTILLERY_KEYS`` and
+    ``DISTILLERY_ADMIN_KEYS``, or from the files ``DISTILLERY_KEYS_FILE`` and
+    ``DISTILLERY_ADMIN_KEYS_FILE`` name (Docker and Kubernetes secrets)."""
+    found: dict[str, list[str]] = {}
+    for variable, dotted in KEY_VARIABLES.items():
+        text = os.environ.get(variable)
+        path = os.environ.get(f"{variable}_FILE")
+        if path:
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                problem = f"Cannot read {variable}_FILE ({path}): {exc.strerror}."
+                raise ConfigError(problem) from None
+        if text is not None:
+            keys = [key for key in text.replace(",", "\n").split() if key]
+            if not keys:
+                raise ConfigError(f"{variable} is set but names no key.")
+            found[dotted] = keys
+    return found
 
 
 def load_settings(
@@ -373,7 +402,7 @@ def load_settings(
             raise ConfigError(f"Cannot read config file {path}: {exc}") from None
     elif explicit or os.environ.get("DISTILLERY_CONFIG"):
         raise ConfigError(f"Config file {path} does not exist.")
-    for dotted, value in (overrides or {}).items():
+    for dotted, value in {**keys_from_environment(), **(overrides or {})}.items():
         if value is None:
             continue
         section, _, name = dotted.partition(".")
