@@ -31,8 +31,10 @@ PAGES = (
     ("distill", "/ui/distill?tag=app%3Dsupport"),
     ("datasets", "/ui/datasets/support/1"),
     ("job", None),
-    ("eval", "/ui/evals/eval_demo"),
+    ("eval", "/ui/evals/eval_demo?show=all"),
+    ("routes", "/ui/routes"),
 )
+SYSTEM = "You are ACME's support assistant."
 QUESTIONS = [
     "Where is my order 1042? It was due on Monday.",
     "How do I change the billing address on my invoices?",
@@ -86,9 +88,132 @@ def seed(url: str, data_dir: Path) -> dict[str, str]:
     job = start_job(store, backend, JobSpec(new_job_id(), version, "gpt-4.1-mini"))
     for _ in range(3):
         job = refresh(store, job, backend)
-    evals.save_run(store, "eval_demo", {"source": "support@1 (distill)"}, _demo_summary(), [])
+    samples, items = _demo_items()
+    source = {"source": "support@1 (distill)"}
+    evals.save_run(store, "eval_demo", source, _demo_summary(), samples, items)
+    _history(store)
+    _pairs(store)
     store.close()
     return {"job": job["id"]}
+
+
+def _history(store: Any) -> None:
+    """A week of earlier traffic (stored directly): the overview's series has a shape."""
+    import random
+    import time
+
+    from distillery.config import key_fingerprint
+
+    from helpers import capture_record
+
+    rng, now = random.Random(4), time.time()
+    records = []
+    for n in range(1400):
+        age = rng.uniform(3600, 7 * 86400) * (0.4 if n % 3 == 0 else 1.0)
+        model = "fake-model" if n % 5 else "gpt-4o-mini"
+        records.append(
+            capture_record(
+                f"cap_{n:028d}",
+                created_at=now - age,
+                tenant=key_fingerprint("sk-admin-demo"),
+                status=500 if n % 37 == 0 else 200,
+                latency_ms=rng.lognormvariate(6.3, 0.5),
+                model_requested=model,
+                prompt_tokens=rng.randint(300, 900),
+                completion_tokens=rng.randint(40, 200),
+                prompt_fingerprint="fp_support" if n % 4 else "fp_sales",
+                request={
+                    "messages": [{"role": "system", "content": "You are ACME's support assistant."}]
+                },
+                metadata={"app": "support" if n % 4 else "sales"},
+            )
+        )
+    store.insert(records)
+
+
+def _pairs(store: Any) -> None:
+    """Graded pairs for the demo route: the student beside the teacher on live calls."""
+    from datetime import UTC, datetime
+
+    from distillery.store import query
+    from distillery.store import routes as route_store
+
+    calls = query.find(store, query.parse_filters(tags=["app=support"]), limit=12)
+    for n, call in enumerate(calls):
+        teacher = (call.get("response") or {}).get("choices", [{}])[0].get("message", {})
+        good = n % 6 != 5
+        text = teacher.get("content") if good else "Please contact support."
+        score = 1.0 if good else 0.0
+        route_store.add_sample(
+            store,
+            {
+                "id": call["id"],
+                "route": "support",
+                "tenant": call["tenant"],
+                "created_at": datetime.now(UTC),
+                "student_model": "ft:gpt-4.1-mini:acme:support",
+                "status": "ok",
+                "error": None,
+                "response": {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]
+                },
+                "latency_ms": 80.0 + n,
+                "prompt_tokens": 40,
+                "completion_tokens": 12,
+                "teacher_model": "gpt-4o",
+                "teacher_latency_ms": 900.0 + 10 * n,
+                "teacher_prompt_tokens": 40,
+                "teacher_completion_tokens": 12,
+                "scores": {"exact": score},
+                "score": score,
+                "teacher_score": 1.0,
+            },
+        )
+
+
+def _demo_items() -> tuple[Any, Any]:
+    """Four items of the demo run, each candidate's answer and the verdicts."""
+    answers = {
+        "teacher:gpt-4o": ["refund", "billing", "android", "shipping"],
+        "base:gpt-4.1-mini": ["refund", "account", "android", "returns"],
+        "tuned:ft:gpt-4.1-mini:acme:support": ["refund", "billing", "android", "returns"],
+    }
+    reference = ["refund", "billing", "android", "shipping"]
+    questions = [QUESTIONS[2], QUESTIONS[1], QUESTIONS[3], QUESTIONS[4]]
+    items = [
+        {
+            "item": i,
+            "item_key": f"demo{i}",
+            "messages": [
+                {"role": "system", "content": "Classify the ticket: one word."},
+                {"role": "user", "content": question},
+            ],
+            "reference": {"role": "assistant", "content": reference[i]},
+        }
+        for i, question in enumerate(questions)
+    ]
+    samples = [
+        {
+            "item": i,
+            "candidate": label,
+            "item_key": f"demo{i}",
+            "output": {"role": "assistant", "content": said[i]},
+            "error": None,
+            "grades": {
+                "exact": {
+                    "score": float(said[i] == reference[i]),
+                    "passed": said[i] == reference[i],
+                    "detail": "",
+                }
+            },
+            "latency_ms": 80.0,
+            "prompt_tokens": 40,
+            "completion_tokens": 2,
+        }
+        for label, said in answers.items()
+        for i in range(len(questions))
+    ]
+    return samples, items
 
 
 def _demo_summary() -> Any:
@@ -156,6 +281,17 @@ def main(out: Path) -> None:
                     "auth": {"admin_keys": [key_fingerprint("sk-admin-demo")]},
                     # The fake upstream's model, priced like gpt-4o for the demo's costs.
                     "prices": {"fake-model": {"input": 2.5, "output": 10.0}},
+                    # A route whose pairs the demo stores (no judge runs: nothing is asked).
+                    "endpoints": {"student": {"base_url": upstream.url + "/v1"}},  # type: ignore[attr-defined]
+                    "routes": {
+                        "support": {
+                            "match": {"app": "support"},
+                            "student": "ft:gpt-4.1-mini:acme:support@student",
+                            "graders": ["exact"],
+                            "bar": 0.8,
+                            "min_samples": 10,
+                        }
+                    },
                 }
             )
             store = open_capture_store(settings)
@@ -185,6 +321,8 @@ def main(out: Path) -> None:
                     else:
                         assert path is not None
                         driver.get(url + path)
+                    # The overview's four charts need a tall page; the others fit in one.
+                    driver.set_window_size(1400, 1700 if name == "overview" else 900)
                     driver.save_screenshot(str(out / f"dashboard-{name}.png"))
                     print(f"wrote {out / f'dashboard-{name}.png'}")
             finally:

@@ -17,9 +17,9 @@ def columns(
     An empty bucket is a point with total 0: its place on the axis is kept."""
     if not points:
         return ""
-    width, left, bottom = min(900, max(360, 22 * len(points) + 60)), 56, 26
+    width, left, bottom = 900, 56, 26  # as wide as the latency lines below it
     top = max(total for _, total, _ in points) or 1.0
-    step = min((width - left - 10) / len(points), 36.0)
+    step = (width - left - 10) / len(points)
     shown = "${:,.2f}" if money else "{:,.0f}"
     bar_width = step * 0.8
     plot = height - bottom - 10
@@ -80,7 +80,8 @@ def lines(
 
     parts = [
         f'<svg width="{width}" height="{height}" role="img" aria-label="loss" class="lines">',
-        f'<text x="4" y="{top + 10}">{y1:.3g}</text><text x="4" y="{top + plot_h}">0</text>',
+        f'<text x="4" y="{top + 10}">{f"{y1:,.0f}" if y1 >= 1000 else f"{y1:.3g}"}</text>'
+        f'<text x="4" y="{top + plot_h}">0</text>',
     ]
     if labels:
         every = max(1, len(labels) // 6)

@@ -276,6 +276,7 @@ async def eval_page(request: web.Request) -> web.Response:
         pages=pages,
         matching=len(chosen),
         disagreeing=len(split),
+        graded=len({sample["item"] for sample in samples}),
         others=[r["id"] for r in others if r["id"] != ref],
     )
 
