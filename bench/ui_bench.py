@@ -106,8 +106,11 @@ def main() -> None:
             first = re.search(r'data-id="([^"]+)"', listing)
             assert older and first, "the list has no rows"
             pages = [
+                ("overview, last 24 hours (by the hour)", "/ui/?since=24h"),
+                ("overview, last 3 days (by the hour)", "/ui/?since=3d"),
                 ("overview, last 7 days", "/ui/?since=7d"),
                 ("overview, last 90 days", "/ui/?since=90d"),
+                ("completions, no filter (pickers)", "/ui/completions"),
                 ("completions, tag app=app-1", "/ui/completions?tag=app%3Dapp-1"),
                 (
                     "completions, next page",

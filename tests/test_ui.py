@@ -36,41 +36,7 @@ from helpers import (
     wait_for,
     wait_until,
 )
-
-ALICE, BOB, ADMIN = "sk-alice", "sk-bob", "sk-admin"
-XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 1">'
-
-
-def call(
-    n: int,
-    key: str,
-    text: str,
-    tags: dict[str, str],
-    model: str = "gpt-4o",
-    created_at: float | None = None,
-    **fields: Any,
-) -> CaptureRecord:
-    return capture_record(
-        f"cap_{n:028d}",
-        created_at=1_764_300_000.0 + n if created_at is None else created_at,
-        tenant=key_fingerprint(key),
-        model_requested=model,
-        request={"model": model, "messages": [{"role": "user", "content": text}]},
-        response={
-            "id": f"chatcmpl-{n}",
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": f"answer {n}"},
-                    "finish_reason": "stop",
-                }
-            ],
-        },
-        finish_reason="stop",
-        metadata=tags,
-        **fields,
-    )
+from ui_data import ADMIN, ALICE, BOB, XSS, call, eval_summary, routed_dashboard
 
 
 @pytest.fixture
@@ -457,43 +423,6 @@ def test_a_job_page_follows_its_backend_until_it_ends(dashboard: RunningProxy) -
     assert 'hx-trigger="load"' in admin.get(f"/ui/jobs/{job['id']}").text  # its page, once
     assert f"ft:tiny:{job['id']}" in seen[1] and "Training finished" in seen[1]
     assert "train_loss" in seen[1]  # the loss table
-
-
-def _entry(mean: float | None, role: str) -> dict[str, Any]:
-    stats = {
-        "mean": mean,
-        "ci_low": None if mean is None else mean - 0.05,
-        "ci_high": None if mean is None else mean + 0.05,
-        "pass_rate": None if mean is None else mean,
-        "n": 0 if mean is None else 20,
-        "errors": 20 if mean is None else 0,
-        "scale": [0.0, 1.0],
-    }
-    return {
-        "model": "m",
-        "role": role,
-        "errors": stats["errors"],
-        "failed_items": stats["errors"],
-        "first_error": None,
-        "latency_p50_ms": 12.0,
-        "latency_p95_ms": 20.0,
-        "prompt_tokens": 100,
-        "completion_tokens": 50,
-        "cost_usd": None,
-        "graders": {"exact": stats},
-    }
-
-
-def eval_summary() -> Any:
-    """A run's summary: teacher, a base student without a score, a tuned one named badly."""
-    return {
-        "items": 20,
-        "candidates": {
-            "teacher:gpt-4o": _entry(0.95, "teacher"),
-            "base student": _entry(None, "base"),
-            f"tuned:{XSS}": _entry(0.9, "tuned"),
-        },
-    }
 
 
 def test_an_eval_run_shows_every_candidates_scores(dashboard: RunningProxy) -> None:
@@ -1235,38 +1164,13 @@ def test_pickers_offer_what_is_stored_and_export_writes_exactly_the_filter(
 # -- routes ---------------------------------------------------------------------------
 
 
-def routed_dashboard(
-    start_proxy: Callable[..., RunningProxy], servers: ServerThread, min_samples: int = 3
-) -> RunningProxy:
-    """A proxy with the dashboard and one route, support, to a good fake student."""
-    from test_routes import FakeStudent, served
-
-    from distillery.curation.judge import install_in_thread
-
-    student = served(FakeStudent(), servers)
-    config = {
-        "auth": {"admin_keys": [key_fingerprint(ADMIN)]},
-        "endpoints": {"student": {"base_url": student.url + "/v1"}},
-        "routes": {
-            "support": {
-                "match": {"app": "support"},
-                "student": "tiny@student",
-                "graders": ["exact"],
-                "bar": 0.9,
-                "min_samples": min_samples,
-            }
-        },
-    }
-    return start_proxy(config, dashboard=True, extensions=[install_in_thread])
-
-
 def test_the_routes_page_shows_evidence_and_pairs_and_moves_a_route(
     start_proxy: Callable[..., RunningProxy], servers: ServerThread
 ) -> None:
     """Each route's mode, its score with the interval, the newest pairs (teacher's and
     student's answers, graded); promote, demote and off as an admin with the CSRF token,
     a promotion the evidence does not support refused with the reason."""
-    from test_routes import TEACHER_TEXT, ask, samples
+    from fake_student import TEACHER_TEXT, ask, samples
 
     proxy = routed_dashboard(start_proxy, servers)
     admin = sign_in(proxy, ADMIN)

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from test_ui import ADMIN, ALICE, BOB, call, routed_dashboard
 
 from distillery.config import key_fingerprint
 from distillery.store import open_store, query
 
 from helpers import RunningProxy, ServerThread, capture_record, wait_for, wait_until
+from ui_data import ADMIN, ALICE, BOB, call, eval_summary, routed_dashboard
 
 pytestmark = pytest.mark.slow
 COOKIE = "distillery_session"
@@ -248,7 +248,6 @@ def test_the_eval_page_shows_prompts_and_outputs(
     proxy: RunningProxy, chrome: Any, shots: Path
 ) -> None:
     from selenium.webdriver.common.by import By
-    from test_ui import eval_summary
 
     from distillery.store import evals
 
@@ -295,7 +294,8 @@ def test_the_routes_page_shows_a_route_and_its_evidence(
     start_proxy: Callable[..., RunningProxy], servers: ServerThread, chrome: Any, shots: Path
 ) -> None:
     from selenium.webdriver.common.by import By
-    from test_routes import ask, samples
+
+    from fake_student import ask, samples
 
     routed = routed_dashboard(start_proxy, servers)
     for n in range(3):

@@ -1,0 +1,127 @@
+"""A fake OpenAI-compatible student whose answers a test decides, and the small
+helpers the routes tests (and the dashboard's routes page tests) drive it with."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import httpx
+from aiohttp import web
+
+from distillery.store import routes as route_store
+
+from fake_openai import TEXT_PIECES
+from helpers import RunningProxy, ServerThread
+
+TEACHER_TEXT = "".join(TEXT_PIECES)
+ALICE = "sk-alice-key"
+
+
+class FakeStudent:
+    """An OpenAI-compatible student whose answers the test decides."""
+
+    url: str
+
+    def __init__(self) -> None:
+        self.behaviour = "good"
+        self.requests: list[dict[str, Any]] = []
+        self.release = threading.Event()
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.chat)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if self.behaviour == "broken":
+            return web.json_response(
+                {"error": {"message": "the student fell over", "type": "server_error"}},
+                status=500,
+            )
+        if self.behaviour == "held":  # until the test releases it (off the server's loop)
+            await asyncio.to_thread(self.release.wait)
+        text = {
+            "good": TEACHER_TEXT,
+            "held": TEACHER_TEXT,
+            "bad": "I don't know.",
+            "chatty": "Write to carol@example.com",
+            "json": '{"ok": true}',
+        }[self.behaviour]
+        if body.get("stream"):
+            return await self.stream(request, body["model"], text)
+        answer = web.json_response(
+            {
+                "id": "chatcmpl-student",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+            }
+        )
+        if "gzip" in request.headers.get("Accept-Encoding", ""):  # as OpenAI does
+            answer.enable_compression(web.ContentCoding.gzip)
+        return answer
+
+    async def stream(self, request: web.Request, model: str, text: str) -> web.StreamResponse:
+        """OpenAI's SSE: a role chunk, the text in two pieces, a usage chunk, [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        half = len(text) // 2
+        deltas = [{"role": "assistant", "content": ""}, {"content": text[:half]}]
+        deltas.append({"content": text[half:]})
+        for delta in deltas:
+            chunk = {
+                "id": "chatcmpl-student",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+                "usage": None,
+            }
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        last = {
+            "id": "chatcmpl-student",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+            "usage": None,
+        }
+        usage = {
+            **last,
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+        }
+        for chunk in (last, usage):
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def ask(proxy: RunningProxy, n: int, app: str = "support", key: str = ALICE) -> httpx.Response:
+    return httpx.post(
+        proxy.base_url + "/chat/completions",
+        json={"model": "fake-model", "messages": [{"role": "user", "content": f"question {n}"}]},
+        headers={"Authorization": f"Bearer {key}", "X-Distillery-Tag-app": app},
+        timeout=10,
+    )
+
+
+def samples(proxy: RunningProxy, route: str = "support") -> list[dict[str, Any]]:
+    return route_store.recent(proxy.reader, route, 1000)
+
+
+def served(student: FakeStudent, servers: ServerThread) -> FakeStudent:
+    student.url, _ = servers.serve(student.app)
+    return student
