@@ -182,20 +182,21 @@ def window(
     empty ones too), ``model``, ``app`` and ``fingerprint``, and the ``total``.
 
     For short windows (a day or three): one indexed range scan of a few columns, where
-    the aggregates could only answer for whole days and bound the percentiles."""
+    the aggregates could only answer for whole days and bound the percentiles.  One
+    statement, so that every count and every latency come from the same calls."""
     C = COMPLETIONS.c
     app = TAGS.alias("app_tag")
-    is_error = sa.or_(C.status >= 400, C.error.is_not(None))
+    is_error = sa.case((sa.or_(C.status >= 400, C.error.is_not(None)), 1), else_=0)
     query = (
         sa.select(
-            C.created_at,
-            sa.func.coalesce(C.model_served, C.model_requested),
-            app.c.value,
-            C.prompt_fingerprint,
+            _hour(store),
+            sa.func.coalesce(C.model_served, C.model_requested, ""),
+            sa.func.coalesce(app.c.value, ""),
+            sa.func.coalesce(C.prompt_fingerprint, ""),
             is_error,
-            C.prompt_tokens,
-            C.completion_tokens,
-            C.latency_ms,
+            sa.func.coalesce(C.prompt_tokens, 0),
+            sa.func.coalesce(C.completion_tokens, 0),
+            sa.func.coalesce(C.latency_ms, 0.0),
         )
         .select_from(
             COMPLETIONS.outerjoin(app, sa.and_(app.c.completion_id == C.id, app.c.key == APP_TAG))
@@ -204,33 +205,41 @@ def window(
     )
     if tenants is not None:
         query = query.where(C.tenant.in_(tenants))
-    found: dict[str, dict[Any, Group]] = {"hour": {}, "model": {}, "app": {}, "fingerprint": {}}
+    # Per dimension, (name, model) -> [calls, errors, prompt, completion, latencies]: the
+    # model kept apart until the end, for the cost.
+    sums: list[dict[tuple[str, str], list[Any]]] = [{}, {}, {}, {}]
     with store.engine.connect() as conn:
-        for row in conn.execute(query):
-            created, model, app_name, fingerprint, error, prompt, completion, latency = row
-            prompt, completion = int(prompt or 0), int(completion or 0)
-            latency = float(latency or 0.0)
-            hour = utc(created).replace(minute=0, second=0, microsecond=0)
-            price = cost(str(model or ""), prompt, completion, prices or {})
-            for by, name in (
-                ("hour", hour),
-                ("model", model or ""),
-                ("app", app_name or ""),
-                ("fingerprint", fingerprint or ""),
-            ):
-                group = found[by].get(name)
-                if group is None:
-                    group = found[by][name] = Group(name, latencies=[])
-                group.calls += 1
-                group.errors += bool(error)
-                group.prompt_tokens += prompt
-                group.completion_tokens += completion
-                group.histogram[rollups.bucket(latency)] += 1
-                group.cost_usd = (
-                    None if group.cost_usd is None or price is None else (group.cost_usd + price)
+        for hour, model, app_name, fingerprint, error, prompt, completion, latency in conn.execute(
+            query
+        ):
+            for table, name in zip(sums, (hour, model, app_name, fingerprint), strict=True):
+                entry = table.get((name, model))
+                if entry is None:
+                    entry = table[(name, model)] = [0, 0, 0, 0, []]
+                entry[0] += 1
+                entry[1] += error
+                entry[2] += prompt
+                entry[3] += completion
+                entry[4].append(float(latency))
+    found: dict[str, dict[Any, Group]] = {}
+    for by, table in zip(("hour", "model", "app", "fingerprint"), sums, strict=True):
+        groups = found[by] = {}
+        for (name, model), (calls, errors, prompt, completion, latencies) in table.items():
+            key = _hour_start(name) if by == "hour" else name
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group(key, latencies=[])
+            group.add(
+                Group(
+                    key,
+                    calls,
+                    errors,
+                    prompt,
+                    completion,
+                    cost_usd=cost(model, prompt, completion, prices or {}),
+                    latencies=latencies,
                 )
-                assert group.latencies is not None
-                group.latencies.append(latency)
+            )
     total = Group("all", latencies=[])
     for group in found["model"].values():
         total.add(group)
@@ -241,6 +250,18 @@ def window(
         "fingerprint": ordered(found["fingerprint"], "fingerprint"),
         "total": [total],
     }
+
+
+def _hour(store: Store) -> Any:
+    """A call's UTC hour as text, ``YYYY-MM-DD HH`` (text: no timestamp parsed per call)."""
+    created = COMPLETIONS.c.created_at
+    if store.engine.dialect.name == "postgresql":
+        return sa.func.to_char(sa.func.timezone("UTC", created), "YYYY-MM-DD HH24")
+    return sa.func.substr(created, 1, 13)  # SQLite keeps 'YYYY-MM-DD HH:MM:SS.ffffff', UTC
+
+
+def _hour_start(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H").replace(tzinfo=UTC)
 
 
 def filled(

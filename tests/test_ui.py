@@ -781,6 +781,8 @@ def test_the_overview_counts_costs_and_top_tasks_from_the_aggregates(
     hours = alice.get("/ui/?since=24h").text
     assert dict(re.findall(r"<span>([^<]+)</span><strong[^>]*>([^<]+)</strong>", hours)) == totals
     assert "by the hour" in hours and 'id="total-latency">300 ms / 300 ms<' in hours
+    assert "by the hour" in alice.get("/ui/?since=3d").text  # up to three days, exactly
+    assert "by the day" in alice.get("/ui/?since=4d").text
     tasks = re.findall(r"<tr><td><code>(\w+)</code></td><td class=\"prompt\">([^<]*)</td>", page)
     assert tasks == [
         ("fp_refunds", "You handle fp_refunds."),

@@ -118,12 +118,12 @@ async def home(request: web.Request) -> web.Response:
 
     since_text = request.query.get("since") or "7d"
     until_text = request.query.get("until") or ""
+    now = datetime.now(UTC)  # one "now" for the whole range: "3d" is exactly three days
     try:
-        since = query.parse_when(since_text)
-        until = query.parse_when(until_text) if until_text else None
+        since = query.parse_when(since_text, now)
+        until = query.parse_when(until_text, now) if until_text else None
     except DistilleryError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    now = datetime.now(UTC)
     end = min(until or now, now)
     if since >= end:
         raise web.HTTPBadRequest(text="The range is empty: 'since' must come before 'until'.")
