@@ -36,14 +36,16 @@ def proxy(start_proxy: Callable[..., RunningProxy]) -> Iterator[RunningProxy]:
     """The dashboard with alice's and bob's calls, made in the last hours; ADMIN is an admin."""
     running = start_proxy({"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}, dashboard=True)
     now = time.time()
+    # Half past the hour two hours ago, and nine days ago: each burst in one hour's column.
+    support, sales = (3600 * ((now - ago) // 3600) + 1800 for ago in (7200, 9 * 86400))
     store = open_store(running.settings.storage.resolved_database_url())
     store.insert(
         [
-            call(n, ALICE, f"support question {n}", {"app": "support"}, created_at=now - 7200 + n)
+            call(n, ALICE, f"support question {n}", {"app": "support"}, created_at=support + n)
             for n in range(1, 11)
         ]
         + [
-            call(n, ALICE, f"sales question {n}", {"app": "sales"}, created_at=now - 9 * 86400 + n)
+            call(n, ALICE, f"sales question {n}", {"app": "sales"}, created_at=sales + n)
             for n in range(11, 14)
         ]
         + [

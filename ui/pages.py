@@ -150,7 +150,7 @@ async def home(request: web.Request) -> web.Response:
             for group in models:
                 total.add(group)
             if total.calls <= overview.EXACT_LIMIT:
-                total.latencies = overview.latencies(store, tenants=tenants, start=start, end=last)
+                total.known = overview.quantiles(store, tenants=tenants, start=start, end=last)
         tasks = [g for g in tasks if g.name][:10]
         systems = overview.system_prompts(store, [g.name for g in tasks], tenants)
         return {
