@@ -27,7 +27,7 @@ from distillery.store.query import Filters, select_completions
 from distillery.store.rollups import APP_TAG, APPS, HISTOGRAM, TASKS, percentile
 
 By = Literal["model", "app", "fingerprint", "day"]
-EXACT_LIMIT = 100_000  # a window with at most this many calls gets exact percentiles
+EXACT_LIMIT = 50_000  # a range with at most this many calls gets exact total percentiles
 HOUR, DAY = timedelta(hours=1), timedelta(days=1)
 
 
