@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from store_bench import fill
 
-from distillery.config import Settings
+from distillery.core.config import Settings
 from distillery.store import open_store
 from distillery.store.query import parse_filters, parse_when
 from distillery.store.stats import group_stats

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from distillery.core.errors import DistilleryError
+from distillery.core.shadow import STUDENT_ANSWERED
 from distillery.curation.datasets.build import BuildOptions, build
 from distillery.curation.endpoints import Endpoint
 from distillery.curation.evals import evaluate
@@ -41,8 +43,6 @@ from distillery.curation.training.backends import (
     open_backend,
 )
 from distillery.curation.training.jobs import start_job, wait
-from distillery.errors import DistilleryError
-from distillery.shadow import STUDENT_ANSWERED
 from distillery.store import Store, datasets, evals, finetunes, query
 from distillery.store.records import (
     DatasetVersionRecord,

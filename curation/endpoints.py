@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from distillery.errors import DistilleryError
+from distillery.core.errors import DistilleryError
 
 # What a keyless endpoint (a local vLLM, `distillery serve`) is sent: the SDK insists on a
 # key, and sending none of the user's keys is the point.

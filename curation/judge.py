@@ -35,9 +35,9 @@ import orjson
 import structlog
 from aiohttp import web
 
-from distillery import logs
-from distillery.config import Settings
-from distillery.shadow import JUDGE, Judge, Pair
+from distillery.core import logs
+from distillery.core.config import Settings
+from distillery.core.shadow import JUDGE, Judge, Pair
 from distillery.store import Store
 from distillery.store.db import create_engine
 

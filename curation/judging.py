@@ -25,16 +25,10 @@ import aiohttp
 import orjson
 import structlog
 
-from distillery.config import Settings
-from distillery.curation.endpoints import Endpoint, configured
-from distillery.curation.evals.generate import Candidate, Generation, Generator
-from distillery.curation.evals.graders import Context, Grader, load_all
-from distillery.curation.evals.items import REPLAYED, Item
-from distillery.curation.judge import CLOSE_S, FRAME
-from distillery.curation.online import decide
-from distillery.errors import DistilleryError
-from distillery.redact import Redactor
-from distillery.shadow import (
+from distillery.core.config import Settings
+from distillery.core.errors import DistilleryError
+from distillery.core.redact import Redactor
+from distillery.core.shadow import (
     DROPPED,
     FAILED,
     GRADED,
@@ -43,6 +37,12 @@ from distillery.shadow import (
     student_headers,
     student_url,
 )
+from distillery.curation.endpoints import Endpoint, configured
+from distillery.curation.evals.generate import Candidate, Generation, Generator
+from distillery.curation.evals.graders import Context, Grader, load_all
+from distillery.curation.evals.items import REPLAYED, Item
+from distillery.curation.judge import CLOSE_S, FRAME
+from distillery.curation.online import decide
 from distillery.store import Store
 from distillery.store import routes as route_store
 

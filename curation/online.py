@@ -14,10 +14,10 @@ from typing import Any
 
 import structlog
 
-from distillery.config import Price, RouteSettings, Settings
+from distillery.core.config import Price, RouteSettings, Settings
+from distillery.core.errors import DistilleryError
+from distillery.core.prices import cost
 from distillery.curation.evals.evaluate import bootstrap
-from distillery.errors import DistilleryError
-from distillery.prices import cost
 from distillery.store import Store
 from distillery.store import routes as route_store
 

@@ -23,7 +23,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from distillery.api_errors import APIError, from_http_exception, json_object, unhandled
+from distillery.core.api_errors import APIError, from_http_exception, json_object, unhandled
 
 log = structlog.get_logger()
 

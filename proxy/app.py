@@ -15,8 +15,10 @@ import orjson
 import structlog
 from aiohttp import web
 
-from distillery.api_errors import APIError, from_http_exception, unhandled
-from distillery.config import Settings
+from distillery.core.api_errors import APIError, from_http_exception, unhandled
+from distillery.core.config import Settings
+from distillery.core.redact import Redactor
+from distillery.core.shadow import JUDGE
 from distillery.proxy import stored
 from distillery.proxy.capture import Capture, new_record_id
 from distillery.proxy.chat import chat_completions
@@ -24,8 +26,6 @@ from distillery.proxy.forward import passthrough, unreadable_body
 from distillery.proxy.metrics import Metrics
 from distillery.proxy.state import AFTER_RESPONSE, LOG_FIELDS, PROXY, REQUEST_ID, Proxy
 from distillery.proxy.tagging import Tagger
-from distillery.redact import Redactor
-from distillery.shadow import JUDGE
 from distillery.store import Store
 
 log = structlog.get_logger()

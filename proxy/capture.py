@@ -51,8 +51,8 @@ from typing import Any, cast
 import orjson
 import structlog
 
-from distillery.config import CaptureSettings
-from distillery.redact import Redactor
+from distillery.core.config import CaptureSettings
+from distillery.core.redact import Redactor
 from distillery.store import Store, dead_letters
 from distillery.store.records import CaptureRecord
 from distillery.store.repair import RecordRefused, repair

@@ -23,8 +23,9 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from distillery.api_errors import APIError, json_object, too_deep
-from distillery.config import ProxySettings
+from distillery.core.api_errors import APIError, json_object, too_deep
+from distillery.core.config import ProxySettings
+from distillery.core.shadow import ROUTE_TAG, SERVED_BY_TAG, Pair
 from distillery.proxy.errors import upstream_timeout, upstream_unreachable
 from distillery.proxy.forward import (
     abort,
@@ -37,7 +38,6 @@ from distillery.proxy.routes import Route
 from distillery.proxy.state import PROXY, REQUEST_ID, Proxy, after_response, log_fields
 from distillery.proxy.stream import StreamRelay, malformed
 from distillery.proxy.tagging import merge_metadata, prompt_fingerprint
-from distillery.shadow import ROUTE_TAG, SERVED_BY_TAG, Pair
 from distillery.store.records import CaptureRecord
 
 log = structlog.get_logger()

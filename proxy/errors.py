@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distillery.api_errors import APIError
+from distillery.core.api_errors import APIError
 
 
 def upstream_unreachable(exc: BaseException) -> APIError:

@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from distillery.api_errors import APIError
+from distillery.core.api_errors import APIError
 from distillery.proxy.errors import upstream_timeout, upstream_unreachable
 from distillery.proxy.state import PROXY, log_fields
 

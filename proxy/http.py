@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from distillery.api_errors import APIError
+from distillery.core.api_errors import APIError
 from distillery.proxy.capture import new_record_id
 from distillery.proxy.state import PROXY
 

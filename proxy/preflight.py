@@ -17,8 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillery.config import Settings
-from distillery.errors import DistilleryError
+from distillery.core.config import Settings
+from distillery.core.errors import DistilleryError
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,8 @@ from typing import Any
 
 import structlog
 
-from distillery.config import EndpointSettings, RouteSettings, Settings
-from distillery.proxy.metrics import Metrics
-from distillery.shadow import (
+from distillery.core.config import EndpointSettings, RouteSettings, Settings
+from distillery.core.shadow import (
     DROPPED,
     STUDENT_ERROR,
     Judge,
@@ -43,6 +42,7 @@ from distillery.shadow import (
     student_headers,
     student_url,
 )
+from distillery.proxy.metrics import Metrics
 from distillery.store import Store
 from distillery.store import routes as route_store
 

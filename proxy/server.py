@@ -28,8 +28,8 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Engine
 
-from distillery.config import Settings
-from distillery.errors import DistilleryError
+from distillery.core.config import Settings
+from distillery.core.errors import DistilleryError
 from distillery.proxy import http
 from distillery.proxy.app import Extension, make_app
 from distillery.proxy.metrics import MULTIPROC_ENV
@@ -136,7 +136,7 @@ def _worker(
     # ignored (the app reads the config once more when up), so the supervisor may send one.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     safe.set()
-    from distillery import logs
+    from distillery.core import logs
 
     logs.configure(**logging)
     try:

@@ -11,13 +11,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from distillery.api_errors import APIError
-from distillery.config import Settings
+from distillery.core.api_errors import APIError
+from distillery.core.config import Settings
+from distillery.core.redact import Redactor
 from distillery.proxy.capture import Capture
 from distillery.proxy.metrics import Metrics
 from distillery.proxy.routes import Router
 from distillery.proxy.tagging import Tagger
-from distillery.redact import Redactor
 from distillery.store import Store
 
 ANONYMOUS = "anonymous"

@@ -23,9 +23,9 @@ import orjson
 import sqlalchemy as sa
 from aiohttp import web
 
-from distillery.api_errors import APIError, json_object
+from distillery.core.api_errors import APIError, json_object
+from distillery.core.shapes import check_metadata, message_text
 from distillery.proxy.state import ANONYMOUS, PROXY, Caller, log_fields
-from distillery.shapes import check_metadata, message_text
 from distillery.store import Store, query
 from distillery.store.records import StoredCompletion
 

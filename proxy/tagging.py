@@ -24,8 +24,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from distillery.config import Settings
-from distillery.shapes import MAX_KEY, MAX_PAIRS, MAX_VALUE, message_text
+from distillery.core.config import Settings
+from distillery.core.shapes import MAX_KEY, MAX_PAIRS, MAX_VALUE, message_text
 
 _DIGITS = re.compile(r"\d+")
 _SPACE = re.compile(r"\s+")

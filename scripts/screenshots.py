@@ -52,7 +52,7 @@ def seed(url: str, data_dir: Path) -> dict[str, str]:
     from click.testing import CliRunner
 
     from distillery.cli import cli
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.curation.training.backends import JobSpec, new_job_id
     from distillery.curation.training.jobs import refresh, start_job
     from distillery.curation.training.memory import InMemoryBackend
@@ -102,7 +102,7 @@ def _history(store: Any) -> None:
     import random
     import time
 
-    from distillery.config import key_fingerprint
+    from distillery.core.config import key_fingerprint
 
     from helpers import capture_record
 
@@ -257,7 +257,7 @@ def main(out: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from distillery.config import Settings, key_fingerprint
+    from distillery.core.config import Settings, key_fingerprint
     from distillery.proxy.app import make_app
     from distillery.proxy.http import ProxyRunner
     from distillery.proxy.server import open_capture_store

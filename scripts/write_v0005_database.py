@@ -30,7 +30,7 @@ import orjson
 def main(out: Path) -> None:
     os.environ["DISTILLERY_DATA_DIR"] = tempfile.mkdtemp()
     import distillery.proxy.stream
-    from distillery.config import Settings
+    from distillery.core.config import Settings
     from distillery.proxy.server import open_capture_store
 
     from corpus import Exchange, Replay, call, exchanges

@@ -21,8 +21,8 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from distillery.errors import StoreError
-from distillery.shapes import search_text
+from distillery.core.errors import StoreError
+from distillery.core.shapes import search_text
 from distillery.store import rollups, search
 from distillery.store.locks import named_lock
 from distillery.store.models import (

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from distillery.config import Price
-from distillery.prices import cost
-from distillery.shapes import system_prompt
+from distillery.core.config import Price
+from distillery.core.prices import cost
+from distillery.core.shapes import system_prompt
 from distillery.store import rollups
 from distillery.store.db import COMPLETIONS, Store, utc
 from distillery.store.query import Filters, select_completions

@@ -17,8 +17,8 @@ from typing import Any, Literal, cast
 
 import sqlalchemy as sa
 
-from distillery.errors import DistilleryError
-from distillery.shapes import check_metadata, message_text
+from distillery.core.errors import DistilleryError
+from distillery.core.shapes import check_metadata, message_text
 from distillery.store import rollups, search
 from distillery.store.db import COMPLETIONS, TAGS, Store, as_record
 from distillery.store.records import StoredCompletion

@@ -27,7 +27,7 @@ from typing import Any, cast
 import orjson
 import sqlalchemy as sa
 
-from distillery.shapes import MAX_KEY, MAX_VALUE
+from distillery.core.shapes import MAX_KEY, MAX_VALUE
 from distillery.store.records import CaptureRecord
 
 # What full-text search indexes of a repaired record (its first and last

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from distillery.shapes import system_prompt
+from distillery.core.shapes import system_prompt
 from distillery.store import overview
 from distillery.store.db import COMPLETIONS, TAGS, Store
 from distillery.store.query import Filters, QueryError, select_completions

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from distillery.config import Settings
+from distillery.core.config import Settings
 from distillery.proxy.app import Extension
 from distillery.store.db import create_engine
 

@@ -22,7 +22,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from aiohttp import web
 
-from distillery.config import Settings
+from distillery.core.config import Settings
 from distillery.proxy.app import Extension, make_app
 from distillery.proxy.http import ProxyRunner
 from distillery.store import Store

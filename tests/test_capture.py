@@ -18,9 +18,9 @@ import pytest
 import sqlalchemy as sa
 from openai.types.chat import ChatCompletionMessageParam
 
-from distillery.config import CaptureSettings
+from distillery.core.config import CaptureSettings
+from distillery.core.redact import Redactor
 from distillery.proxy.capture import Capture, new_record_id, read_segment
-from distillery.redact import Redactor
 from distillery.store import open_store
 
 from fake_openai import FakeOpenAI

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from distillery.cli import cli
-from distillery.config import key_fingerprint
+from distillery.core.config import key_fingerprint
 
 from fake_openai import FakeOpenAI
 
@@ -187,7 +187,7 @@ def test_the_readmes_configuration_example_is_valid() -> None:
     """Every setting the README shows loads: the example cannot drift from the code."""
     import tomllib
 
-    from distillery.config import Settings
+    from distillery.core.config import Settings
 
     from helpers import readme_code
 

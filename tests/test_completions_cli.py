@@ -445,7 +445,7 @@ def test_tables_fit_the_terminal_unless_wide(db: str, monkeypatch: pytest.Monkey
     import io
     import os
 
-    from distillery.output import write_rows
+    from distillery.commands.output import write_rows
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -465,7 +465,7 @@ def test_tables_fit_the_terminal_unless_wide(db: str, monkeypatch: pytest.Monkey
     # --wide (which every listing command has) shows every cell whole, even on a terminal.
     import click
 
-    from distillery.output import WIDE
+    from distillery.commands.output import WIDE
 
     with click.Context(click.Command("list")) as context:
         context.meta[WIDE] = True

@@ -178,8 +178,8 @@ def test_keys_from_the_environment_or_a_secret_file(
 ) -> None:
     """What compose passes: the mounted config plus DISTILLERY_KEYS / _ADMIN_KEYS (or
     *_FILE, a secret) lets the apps' keys call and the admin key see everything."""
-    from distillery.config import key_fingerprint, load_settings
-    from distillery.errors import ConfigError
+    from distillery.core.config import key_fingerprint, load_settings
+    from distillery.core.errors import ConfigError
 
     config = DEPLOY / "docker" / "distillery.toml"
     monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")

@@ -148,7 +148,7 @@ def test_a_large_body_is_parsed_and_captured_off_the_event_loop(
 ) -> None:
     """While a 3 MB request is being parsed (held here until the test says so), a small
     one is answered: the big one's parsing and capture run in threads, not on the loop."""
-    from distillery import api_errors
+    from distillery.core import api_errors
     from distillery.proxy import chat
 
     held = threading.Event()

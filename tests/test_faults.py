@@ -24,9 +24,9 @@ import sqlalchemy as sa
 from openai.types.chat import ChatCompletionMessageParam
 from structlog.testing import capture_logs
 
-from distillery.config import CaptureSettings, key_fingerprint
+from distillery.core.config import CaptureSettings, key_fingerprint
+from distillery.core.redact import Redactor
 from distillery.proxy.capture import Capture, new_record_id
-from distillery.redact import Redactor
 from distillery.store import open_store
 from distillery.store.records import CaptureRecord
 from distillery.store.repair import REPAIRED_TAG, RecordRefused
@@ -608,7 +608,7 @@ def test_a_stream_outliving_shutdown_is_still_recorded(
     servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
 ) -> None:
     """The shutdown timeout cancels a stream that will not end; its row says so."""
-    from distillery.config import Settings
+    from distillery.core.config import Settings
     from distillery.proxy.server import open_capture_store
 
     upstream.slow_seconds = 60

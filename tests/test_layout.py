@@ -10,17 +10,22 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).parent.parent
-PARTS = ("store", "proxy", "curation", "ui")
-# What each part may import from the others: store/ from none, proxy/ and curation/
-# from store/ only, the dashboard from store/ and curation/ (the proxy mounts it without
-# importing it); never the CLI.
+PARTS = ("core", "store", "proxy", "curation", "ui", "commands")
+# What each part may import from the others: core/ (settings, errors, shapes: the
+# vocabulary) from none, store/ from core/ only, proxy/ and curation/ from store/, the
+# dashboard from store/ and curation/ (the proxy mounts it without importing it), the
+# commands from any; only cli.py imports the commands.
 ALLOWED = {
-    "store": set(),
-    "proxy": {"store"},
-    "curation": {"store"},
-    "ui": {"store", "curation"},
+    "core": set(),
+    "store": {"core"},
+    "proxy": {"core", "store"},
+    "curation": {"core", "store"},
+    "ui": {"core", "store", "curation"},
+    "commands": {"core", "store", "proxy", "curation", "ui"},
 }
-CLI = re.compile(r"^distillery\.cli(_\w+)?$")
+CLI = re.compile(r"^distillery\.cli$")
+# The root holds the entry points only; everything else lives in a part.
+ROOT_MODULES = {"__init__.py", "__main__.py", "cli.py"}
 
 
 def modules(part: str) -> list[Path]:
@@ -64,3 +69,62 @@ def test_the_readme_layout_names_every_module() -> None:
         p.name for p in ROOT.glob("*.py") if p.name not in layout and p.name != "__init__.py"
     ]
     assert missing == []
+
+
+def test_the_root_holds_only_the_entry_points() -> None:
+    """cli.py (the click group and main), __main__.py and the package's __init__.py:
+    commands live in commands/, foundations and vocabulary in core/."""
+    assert {p.name for p in ROOT.glob("*.py")} == ROOT_MODULES
+
+
+def test_cli_py_stays_thin() -> None:
+    """The click group and its commands wired together: tens of lines, no logic."""
+    assert len((ROOT / "cli.py").read_text().splitlines()) <= 60
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_part_and_its_command_runs(tmp_path: Path) -> None:
+    """Built as pip builds it for PyPI, unpacked, and run from there (not from this
+    checkout): `distillery --help` and `python -m distillery --help` work, every subpackage
+    and the dashboard's templates are in it, and no root module but the entry points."""
+    import subprocess
+    import sys
+    import zipfile
+
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("distillery-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(site)
+    for part in PARTS:
+        assert f"distillery/{part}/__init__.py" in names, part
+    assert "distillery/ui/templates/routes.html" in names
+    root = {n.split("/")[1] for n in names if n.startswith("distillery/") and n.count("/") == 1}
+    assert root == ROOT_MODULES
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    for command in (["-c", "from distillery.cli import main; main()"], ["-m", "distillery"]):
+        ran = subprocess.run(
+            [sys.executable, *command, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+        assert ran.returncode == 0 and "routes" in ran.stdout, ran.stderr
+    where = subprocess.run(
+        [sys.executable, "-c", "import distillery.commands.proxy as m; print(m.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from distillery.errors import StoreError
+from distillery.core.errors import StoreError
 
 from fake_openai import FakeOpenAI
 from helpers import ServerThread, wait_for

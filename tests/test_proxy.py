@@ -233,7 +233,7 @@ def test_tags_from_headers_path_prefix_and_rules(
 def test_app_from_key_fingerprint_map(
     start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI, clients: Any
 ) -> None:
-    from distillery.config import key_fingerprint
+    from distillery.core.config import key_fingerprint
 
     proxy = start_proxy({"apps": {key_fingerprint("sk-app-key"): "checkout"}})
     _, proxied = clients(proxy)
@@ -431,7 +431,7 @@ def test_upstream_key_requires_proxy_keys(
 ) -> None:
     """With the key held by the proxy, callers need a proxy key; the upstream sees only
     the real key, and each proxy key is its own tenant."""
-    from distillery.config import key_fingerprint
+    from distillery.core.config import key_fingerprint
 
     monkeypatch.setenv("TEAM_OPENAI_KEY", "sk-real-upstream")
     proxy = start_proxy(

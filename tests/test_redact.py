@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from distillery.redact import Redactor
+from distillery.core.redact import Redactor
 
 DEFAULT = Redactor.from_settings(True)
 

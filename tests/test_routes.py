@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from distillery.cli import cli
-from distillery.config import key_fingerprint, load_settings
+from distillery.core.config import key_fingerprint, load_settings
 from distillery.curation.judge import install_in_thread as install
 from distillery.curation.online import status
 from distillery.store import open_store
@@ -287,7 +287,7 @@ def test_routes_status_on_the_command_line(
 def test_a_route_must_name_a_configured_endpoint() -> None:
     from pydantic import ValidationError
 
-    from distillery.config import Settings
+    from distillery.core.config import Settings
 
     route = {"match": {"app": "x"}, "graders": ["exact"], "bar": 1}
     for student, message in (
@@ -590,7 +590,7 @@ def test_a_reloaded_config_changes_routes_without_dropping_a_request(
     """What SIGHUP does: the config is read again; its routes take effect for new calls,
     calls in flight finish on the route they had, a config that does not load changes
     nothing."""
-    from distillery.config import Settings
+    from distillery.core.config import Settings
     from distillery.proxy.app import reload_routes
 
     student = served(FakeStudent(), servers)
@@ -651,7 +651,7 @@ def test_routes_reloaded_into_a_proxy_started_without_them_shadow_too(
 ) -> None:
     """The judge starts with the first routes, here at a reload: their calls are routed
     and their pairs graded, with no restart."""
-    from distillery.config import Settings
+    from distillery.core.config import Settings
     from distillery.proxy.app import reload_routes
 
     student = served(FakeStudent(), servers)
@@ -855,7 +855,7 @@ async def test_a_reload_keeps_a_routes_queue_unless_its_student_or_sizes_change(
 ) -> None:
     """The judge's lanes across reloads: a new timeout or bar keeps the queue (and the pairs
     waiting in it); a new concurrency, or a route that went, does not."""
-    from distillery.config import Settings
+    from distillery.core.config import Settings
     from distillery.curation.judging import Runtime
 
     def settings(billing: bool = True, **change: Any) -> Settings:

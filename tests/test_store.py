@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlmodel import Session, select
 
-from distillery.errors import StoreError
+from distillery.core.errors import StoreError
 from distillery.store import Completion, CompletionTag, open_store
 from distillery.store.records import CaptureRecord
 

@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from distillery.config import key_fingerprint
+from distillery.core.config import key_fingerprint
 
 from fake_openai import FakeOpenAI
 from helpers import RunningProxy

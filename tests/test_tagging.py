@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distillery.config import Settings
+from distillery.core.config import Settings
 from distillery.proxy.tagging import Tagger, merge_metadata, prompt_fingerprint
 
 

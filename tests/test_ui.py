@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from distillery.cli import cli
-from distillery.config import key_fingerprint, load_settings
-from distillery.errors import ConfigError
+from distillery.core.config import key_fingerprint, load_settings
+from distillery.core.errors import ConfigError
 from distillery.store import dashboard as dashboard_store
 from distillery.store import open_store, query
 from distillery.store.records import CaptureRecord

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from distillery.config import key_fingerprint
+from distillery.core.config import key_fingerprint
 from distillery.store import open_store, query
 
 from helpers import RunningProxy, ServerThread, capture_record, wait_for, wait_until

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from distillery.config import key_fingerprint
+from distillery.core.config import key_fingerprint
 from distillery.curation.judge import install_in_thread
 from distillery.store.records import CaptureRecord
 

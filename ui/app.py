@@ -22,7 +22,7 @@ import structlog
 import yarl
 from aiohttp import web
 
-from distillery.config import Settings
+from distillery.core.config import Settings
 from distillery.store import Store, dashboard
 from distillery.store.db import migrate
 from distillery.ui import sessions

@@ -21,6 +21,10 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from distillery.core.errors import DistilleryError
+from distillery.core.prices import AS_OF as PRICES_AS_OF
+from distillery.core.prices import training_cost
+from distillery.core.shadow import STUDENT_ANSWERED
 from distillery.curation.datasets.build import (
     BuildOptions,
     BuildResult,
@@ -40,10 +44,6 @@ from distillery.curation.training.backends import (
 )
 from distillery.curation.training.jobs import start_job
 from distillery.curation.training.openai_api import MIN_EXAMPLES
-from distillery.errors import DistilleryError
-from distillery.prices import AS_OF as PRICES_AS_OF
-from distillery.prices import training_cost
-from distillery.shadow import STUDENT_ANSWERED
 from distillery.store import query
 from distillery.ui import tasks
 from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from distillery.shapes import message_text, output_messages
+from distillery.core.shapes import message_text, output_messages
 
 
 def when(value: datetime | None) -> str:

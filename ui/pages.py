@@ -16,9 +16,9 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from distillery.errors import DistilleryError
-from distillery.prices import AS_OF as PRICES_AS_OF
-from distillery.shapes import check_metadata
+from distillery.core.errors import DistilleryError
+from distillery.core.prices import AS_OF as PRICES_AS_OF
+from distillery.core.shapes import check_metadata
 from distillery.store import Store, dashboard, query
 from distillery.store.records import StoredCompletion
 from distillery.ui import sessions
@@ -322,7 +322,7 @@ async def export(request: web.Request) -> web.StreamResponse:
     import csv
     import io
 
-    from distillery.output import csv_cell, dumps
+    from distillery.core.serialize import csv_cell, dumps
 
     try:
         filters = page_filters(request)

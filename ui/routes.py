@@ -14,8 +14,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from distillery.core.errors import DistilleryError
 from distillery.curation import online
-from distillery.errors import DistilleryError
 from distillery.store import Store, query
 from distillery.store import routes as route_store
 from distillery.ui.app import SESSION, SETTINGS, in_thread, render, url

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from distillery.errors import DistilleryError
+from distillery.core.errors import DistilleryError
 from distillery.store import dashboard
 from distillery.store.db import Store
 from distillery.ui.app import SESSION, STORE, in_thread, render, url

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from distillery.core.errors import DistilleryError
 from distillery.curation.datasets.manifest import describe
 from distillery.curation.endpoints import Endpoint, configured
 from distillery.curation.evals import evaluate
@@ -22,7 +23,6 @@ from distillery.curation.evals.graders import BUILTIN, Context, load_all
 from distillery.curation.evals.report import bars, compare, disagreements
 from distillery.curation.training import jobs
 from distillery.curation.training.backends import TERMINAL, BackendContext, JobEvent, open_backend
-from distillery.errors import DistilleryError
 from distillery.store import Store, datasets, evals, finetunes
 from distillery.store.records import (
     DatasetVersionRecord,

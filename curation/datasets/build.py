@@ -35,12 +35,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 
+from distillery.core.errors import DistilleryError
 from distillery.curation.datasets import tokens
 from distillery.curation.datasets.dedupe import find_duplicates
 from distillery.curation.datasets.options import BuildOptions, Rules
 from distillery.curation.datasets.scan import Segment, carry_over, scan, scan_store
 from distillery.curation.datasets.validate import MIN_EXAMPLES, Report
-from distillery.errors import DistilleryError
 from distillery.store import Store, datasets, query
 from distillery.store.records import DatasetVersionRecord
 

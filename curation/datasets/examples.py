@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from distillery.shapes import message_text, output_messages
+from distillery.core.shapes import message_text, output_messages
 
 MESSAGE_KEYS = {
     "system": ("role", "content", "name"),

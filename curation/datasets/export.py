@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from distillery.errors import DistilleryError
-from distillery.shapes import message_text
+from distillery.core.errors import DistilleryError
+from distillery.core.shapes import message_text
 
 PARQUET_NAMES = {"train": "train.parquet", "val": "validation.parquet"}
 

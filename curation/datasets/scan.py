@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import orjson
 
+from distillery.core.redact import Redactor
 from distillery.curation.datasets import examples as ex
 from distillery.curation.datasets import tokens
 from distillery.curation.datasets.dedupe import SignatureWriter
 from distillery.curation.datasets.options import BuildOptions
 from distillery.curation.datasets.validate import Report, check_example
-from distillery.redact import Redactor
 from distillery.store import Store, open_store, query
 from distillery.store.db import COMPLETIONS
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import orjson
 
-from distillery.errors import DistilleryError
-from distillery.shapes import message_text
+from distillery.core.errors import DistilleryError
+from distillery.core.shapes import message_text
 
 Counter = Callable[[Mapping[str, Any]], int]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from distillery.config import Price
+from distillery.core.config import Price
 from distillery.curation.evals.generate import Candidate, Generator
 from distillery.curation.evals.graders import Context, Grader, describe
 from distillery.curation.evals.items import Item

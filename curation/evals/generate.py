@@ -23,8 +23,8 @@ from typing import Any, cast
 import openai
 import orjson
 
+from distillery.core.errors import DistilleryError
 from distillery.curation.endpoints import Endpoint
-from distillery.errors import DistilleryError
 from distillery.store import Store, cache
 from distillery.store.records import Role
 

@@ -36,10 +36,10 @@ from typing import Any
 
 import openai
 
+from distillery.core.errors import DistilleryError
 from distillery.curation.endpoints import Endpoint
 from distillery.curation.evals.generate import Candidate, Generation, Generator
 from distillery.curation.evals.items import Item
-from distillery.errors import DistilleryError
 
 
 class GraderError(DistilleryError):

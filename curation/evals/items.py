@@ -18,9 +18,9 @@ from typing import Any
 
 import orjson
 
+from distillery.core.errors import DistilleryError
+from distillery.core.shapes import message_text
 from distillery.curation.datasets.examples import to_example
-from distillery.errors import DistilleryError
-from distillery.shapes import message_text
 from distillery.store import Store, query
 from distillery.store.records import DatasetVersionRecord
 

@@ -25,8 +25,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypedDict, runtime_checkable
 
+from distillery.core.errors import DistilleryError
 from distillery.curation.endpoints import Endpoint
-from distillery.errors import DistilleryError
 from distillery.store.records import DatasetVersionRecord, FineTuneJobRecord
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from distillery.errors import DistilleryError
-from distillery.shapes import message_text
+from distillery.core.errors import DistilleryError
+from distillery.core.shapes import message_text
 
 MARKER = "distillery.json"
 SPECIAL_TOKENS = ["<unk>", "<s>", "<pad>", "<|im_start|>", "<|im_end|>"]

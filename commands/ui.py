@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from distillery.cli_shared import fail_on_errors, store_options
+from distillery.commands.shared import fail_on_errors, store_options
 
 
 @click.command()
@@ -25,7 +25,7 @@ def ui(config: Path | None, database_url: str | None, host: str, port: int) -> N
     """
     from aiohttp import web
 
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.store import open_store
     from distillery.ui.app import mount
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from distillery.cli_shared import (
+from distillery.commands.output import dumps, output_options, write_rows
+from distillery.commands.shared import (
     build_filters,
     fail_on_errors,
     filter_options,
@@ -16,7 +17,6 @@ from distillery.cli_shared import (
     resolve,
     store_options,
 )
-from distillery.output import dumps, output_options, write_rows
 
 VERSION_COLUMNS = (
     "name",
@@ -182,7 +182,7 @@ def build(
     """
     import re
 
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.curation.datasets.build import NAME, BuildOptions, Rules
     from distillery.curation.datasets.build import build as run_build
     from distillery.store.query import parse_tag
@@ -215,8 +215,8 @@ def build(
     )
     from dataclasses import replace
 
+    from distillery.core.shadow import STUDENT_ANSWERED
     from distillery.curation.evals.generate import EVAL_TAG
-    from distillery.shadow import STUDENT_ANSWERED
 
     selection = build_filters(**filters)
     if not include_eval_traffic:

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from distillery.cli_shared import (
+from distillery.commands.output import dumps, output_options, write_rows
+from distillery.commands.shared import (
     DefaultGroup,
     build_filters,
     count_option,
@@ -19,8 +20,7 @@ from distillery.cli_shared import (
     open_cli_store,
     store_options,
 )
-from distillery.errors import DistilleryError
-from distillery.output import dumps, output_options, write_rows
+from distillery.core.errors import DistilleryError
 
 
 def _select_ids(
@@ -114,7 +114,7 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
 
 
 def render(record: Mapping[str, Any]) -> Iterator[str]:
-    from distillery.shapes import message_text, output_messages
+    from distillery.core.shapes import message_text, output_messages
 
     fields = [
         ("id", record["id"]),

@@ -19,11 +19,12 @@ from datetime import datetime
 from typing import IO, Any
 
 import click
-import orjson
+
+from distillery.core.serialize import csv_cell, dumps
 
 FORMATS = ("table", "json", "nl", "csv")
 MAX_CELL = 60
-WIDE = "distillery.output.wide"  # click context meta: --wide was given
+WIDE = "distillery.commands.output.wide"  # click context meta: --wide was given
 SIGNIFICANT = 3  # digits every number in a table column shows at least
 
 
@@ -62,34 +63,12 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError
-
-
-def dumps(value: Any, indent: bool = False) -> str:
-    option = orjson.OPT_INDENT_2 if indent else 0
-    return orjson.dumps(value, default=_json_default, option=option).decode()
-
-
 def _cell(value: Any) -> str:
     """A value as table text (numbers are formatted per column, see ``_numbers``)."""
     if value is None:
         return ""
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, (dict, list)):
-        return dumps(value)
-    return str(value)
-
-
-def csv_cell(value: Any) -> str:
-    """A value as CSV data: ISO timestamps with their offset, full-precision numbers."""
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.isoformat()
     if isinstance(value, (dict, list)):
         return dumps(value)
     return str(value)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from distillery.errors import DistilleryError
+from distillery.core.errors import DistilleryError
 
 if TYPE_CHECKING:
     from distillery.store.records import DatasetVersionRecord
@@ -103,7 +103,7 @@ def build_filters(**options: Any) -> Any:
 
 
 def open_cli_store(config: Path | None, database_url: str | None, must_exist: bool = True) -> Any:
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.store import open_store
 
     settings = load_settings(config, {"storage.database_url": database_url})

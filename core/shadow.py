@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from distillery.config import EndpointSettings
+from distillery.core.config import EndpointSettings
 
 # The tags a routed call carries (upstream and in the store): its route, and who answered.
 ROUTE_TAG = "distillery_route"

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from distillery.cli_shared import (
+from distillery.commands.output import write_rows
+from distillery.commands.shared import (
     build_filters,
     by_tag_option,
     fail_on_errors,
@@ -18,8 +19,7 @@ from distillery.cli_shared import (
     open_cli_store,
     store_options,
 )
-from distillery.errors import DistilleryError
-from distillery.output import write_rows
+from distillery.core.errors import DistilleryError
 
 
 @click.command()
@@ -120,9 +120,9 @@ def distill(
         distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
             --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under rouge_l=0.6
     """
-    from distillery.cli_evals import gate, print_breakdown
-    from distillery.cli_shared import thresholds
-    from distillery.config import load_settings
+    from distillery.commands.evals import gate, print_breakdown
+    from distillery.commands.shared import thresholds
+    from distillery.core.config import load_settings
     from distillery.curation import distill as loop
     from distillery.curation.endpoints import Endpoint
     from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows

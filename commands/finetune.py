@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from distillery.cli_shared import (
+from distillery.commands.output import output_options, write_rows
+from distillery.commands.shared import (
     count_option,
     fail_on_errors,
     local_method_options,
     open_cli_store,
     store_options,
 )
-from distillery.output import output_options, write_rows
 
 if TYPE_CHECKING:
     from distillery.curation.training.backends import FineTuneBackend, JobEvent
@@ -36,7 +36,7 @@ def _open(
     name: str, config: Path | None, base_url: str | None, api_key_env: str | None
 ) -> FineTuneBackend:
     """A backend for this command, closed when the command ends."""
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.curation.endpoints import Endpoint
     from distillery.curation.training.backends import BackendContext, open_backend
 
@@ -147,7 +147,7 @@ def create(
         distillery finetune create --dataset support-bot --backend local --base-model ./qwen --merge
         distillery finetune watch ftjob_...
     """
-    from distillery.cli_shared import resolve
+    from distillery.commands.shared import resolve
     from distillery.curation.training.backends import Hyperparameters, JobSpec, new_job_id
     from distillery.curation.training.jobs import start_job
 
@@ -211,8 +211,8 @@ def status(
     as_json: bool,
 ) -> None:
     """Refresh a job from its provider and show it (status, model, metrics, checkpoints)."""
+    from distillery.commands.output import dumps
     from distillery.curation.training import jobs
-    from distillery.output import dumps
 
     store = open_cli_store(config, database_url)
     job = jobs.find(store, job_id)

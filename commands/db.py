@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from distillery.cli_shared import fail_on_errors, store_options
-from distillery.output import output_options, write_rows
+from distillery.commands.output import output_options, write_rows
+from distillery.commands.shared import fail_on_errors, store_options
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 
 def _engine(config: Path | None, database_url: str | None) -> Engine:
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.store.db import create_engine
 
     settings = load_settings(config, {"storage.database_url": database_url})
@@ -90,7 +90,7 @@ def dead_letters(
         distillery db dead-letters
         distillery db dead-letters --retry    # after fixing the cause
     """
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.store import dead_letters as letters
 
     if retry and purge:

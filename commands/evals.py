@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from distillery.cli_shared import (
+from distillery.commands.output import dumps, output_options, write_rows
+from distillery.commands.shared import (
     build_filters,
     by_tag_option,
     count_option,
@@ -21,8 +22,7 @@ from distillery.cli_shared import (
     store_options,
     thresholds,
 )
-from distillery.errors import DistilleryError
-from distillery.output import dumps, output_options, write_rows
+from distillery.core.errors import DistilleryError
 
 if TYPE_CHECKING:
     from distillery.store.records import EvalRunRecord, Role, Summary
@@ -161,8 +161,8 @@ def run_command(
             --grader fuzzy_match --grader judge.toml --html report.html
         distillery eval run --where --tag app=support --limit 200 --model my-student@local --grader rouge_l
     """
-    from distillery.cli_shared import resolve
-    from distillery.config import load_settings
+    from distillery.commands.shared import resolve
+    from distillery.core.config import load_settings
     from distillery.curation.endpoints import Endpoint, configured
     from distillery.curation.evals import evaluate
     from distillery.curation.evals import items as eval_items

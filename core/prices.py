@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from distillery.config import Price
+from distillery.core.config import Price
 
 AS_OF = "2025-08"
 DEFAULTS: dict[str, Price] = {

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from distillery.cli_shared import fail_on_errors, open_cli_store, store_options
-from distillery.output import output_options, write_rows
+from distillery.commands.output import output_options, write_rows
+from distillery.commands.shared import fail_on_errors, open_cli_store, store_options
 
 
 @click.group()
@@ -29,7 +29,7 @@ def status(config: Path | None, database_url: str | None, fmt: str) -> None:
     Example:
         distillery routes status --json
     """
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.curation.online import STATUS_COLUMNS
     from distillery.curation.online import status as standing
 
@@ -70,7 +70,7 @@ def demote(config: Path | None, database_url: str | None, name: str, reason: str
 
 
 def _move(config: Path | None, database_url: str | None, name: str, reason: str, up: bool) -> None:
-    from distillery.config import load_settings
+    from distillery.core.config import load_settings
     from distillery.curation import online
 
     settings = load_settings(config, {"storage.database_url": database_url})

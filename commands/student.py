@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from distillery.cli_shared import fail_on_errors, open_cli_store, store_options
+from distillery.commands.shared import fail_on_errors, open_cli_store, store_options
 
 
 @click.group()
@@ -65,7 +65,7 @@ def create(
         distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
             --student-base ./student --grader exact
     """
-    from distillery.cli_shared import resolve
+    from distillery.commands.shared import resolve
     from distillery.curation.training import student as make
 
     if (dataset_ref is None) == (from_file is None):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distillery.errors import ConfigError
+from distillery.core.errors import ConfigError
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 
