@@ -87,12 +87,20 @@ def test_the_wheel_holds_every_part_and_its_command_runs(tmp_path: Path) -> None
     """Built as pip builds it for PyPI, unpacked, and run from there (not from this
     checkout): `distillery --help` and `python -m distillery --help` work, every subpackage
     and the dashboard's templates are in it, and no root module but the entry points."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
+    # From a copy: setuptools leaves build/ behind in the tree it builds.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".*", "build", "__pycache__", "*.egg-info"),
+    )
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
         timeout=600,
