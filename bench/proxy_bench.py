@@ -30,6 +30,8 @@ from pathlib import Path
 
 import orjson
 
+from distillery.proxy import process
+
 HERE = Path(__file__).parent
 
 REQUEST_BODY = orjson.dumps(
@@ -214,26 +216,15 @@ def spawn_proxy(
     env = {**os.environ, "DISTILLERY_CONFIG": ""}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream,
-            "--data-dir",
-            str(data_dir),
-            "--database-url",
-            database_url,
-            "--log-json",
-            *extra,
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
+    log.unlink(missing_ok=True)
+    return process.start(
+        port,
+        upstream,
+        data_dir=data_dir,
+        database_url=database_url,
+        extra=["--log-json", *extra],
         env=env,
+        log=log,
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from distillery.commands.output import dumps, output_options, write_rows
+from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import (
     DefaultGroup,
     build_filters,
@@ -21,6 +21,7 @@ from distillery.commands.shared import (
     store_options,
 )
 from distillery.core.errors import DistilleryError
+from distillery.core.serialize import dumps
 
 
 def _select_ids(

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from distillery.commands.output import dumps, output_options, write_rows
+from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import (
     build_filters,
     fail_on_errors,
@@ -17,6 +17,7 @@ from distillery.commands.shared import (
     resolve,
     store_options,
 )
+from distillery.core.serialize import dumps
 
 VERSION_COLUMNS = (
     "name",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from distillery.commands.output import dumps, output_options, write_rows
+from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import (
     build_filters,
     by_tag_option,
@@ -23,6 +23,7 @@ from distillery.commands.shared import (
     thresholds,
 )
 from distillery.core.errors import DistilleryError
+from distillery.core.serialize import dumps
 
 if TYPE_CHECKING:
     from distillery.store.records import EvalRunRecord, Role, Summary

@@ -211,7 +211,7 @@ def status(
     as_json: bool,
 ) -> None:
     """Refresh a job from its provider and show it (status, model, metrics, checkpoints)."""
-    from distillery.commands.output import dumps
+    from distillery.core.serialize import dumps
     from distillery.curation.training import jobs
 
     store = open_cli_store(config, database_url)

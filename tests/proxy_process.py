@@ -10,13 +10,10 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import ClassVar
 
-import httpx
-
-from helpers import wait_for
+from distillery.proxy import process
 
 
 class ProxyProcess:
@@ -24,22 +21,11 @@ class ProxyProcess:
         self, port: int, upstream_url: str, data_dir: Path, database_url: str, *extra: str
     ) -> None:
         self.port = port
-        self.args = [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream_url,
-            "--data-dir",
-            str(data_dir),
-            "--database-url",
-            database_url,
-            "--log-json",
-            *extra,
-        ]
+        self.upstream, self.data_dir, self.database_url = upstream_url, data_dir, database_url
+        self.extra = ["--log-json", *extra]
+        self.args = process.command(
+            port, upstream_url, data_dir=data_dir, database_url=database_url, extra=self.extra
+        )
         self.log = data_dir.parent / f"proxy-{port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -50,11 +36,11 @@ class ProxyProcess:
         """Kill every process a test started and left running, with what it started (the
         workers of ``--workers N``, a route's judge): each runs in a process group of its
         own, and the whole group goes (killing the supervisor alone orphaned its workers)."""
-        for process in cls.running:
+        for started in cls.running:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            if process.poll() is None:
-                process.wait(10)
+                os.killpg(started.pid, signal.SIGKILL)
+            if started.poll() is None:
+                started.wait(10)
         cls.running.clear()
 
     @property
@@ -62,20 +48,20 @@ class ProxyProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> ProxyProcess:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.process = process.start(
+            self.port,
+            self.upstream,
+            data_dir=self.data_dir,
+            database_url=self.database_url,
+            extra=self.extra,
+            log=self.log,
+            new_session=True,
+        )
         self.running.append(self.process)
-
-        def ready() -> bool:
-            assert self.process is not None and self.process.poll() is None, self.log.read_text()
-            try:
-                return httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=20, what="proxy process to listen")
+        try:
+            process.wait_ready(self.port, self.process)
+        except process.NotReady as exc:
+            raise AssertionError(f"{exc}; its log:\n{self.log.read_text()}") from None
         return self
 
     def signal(self, signum: int) -> None:

@@ -35,6 +35,8 @@ from pathlib import Path
 import openai
 from aiohttp import web
 
+from distillery.proxy import process
+
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
@@ -85,25 +87,14 @@ def start_proxy(
     port: int, teacher_url: str, database: str, env: dict[str, str], *flags: str
 ) -> subprocess.Popen[bytes]:
     """`distillery proxy` in front of the teacher, ready to take calls."""
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            teacher_url,
-            "--database-url",
-            database,
-            "--no-access-log",
-            *flags,
-        ],
+    proxy = process.start(
+        port,
+        teacher_url,
+        database_url=database,
+        extra=["--no-access-log", *flags],
         env=env,
-        stderr=subprocess.DEVNULL,
     )
-    wait(f"http://127.0.0.1:{port}/healthz")
+    process.wait_ready(port, proxy)
     return proxy
 
 
