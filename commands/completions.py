@@ -22,12 +22,25 @@ from distillery.commands.shared import (
 )
 from distillery.core.errors import DistilleryError
 from distillery.core.serialize import dumps
+from distillery.core.shapes import message_text, output_messages
+from distillery.store import query
+from distillery.store import stats as compute
+from distillery.store.query import (
+    LIST_COLUMNS,
+    Filters,
+    find,
+    get,
+    iterate,
+    matching_ids,
+    parse_tag,
+    relabel,
+    summary,
+)
 
 
 def _select_ids(
     store: Any, ids: tuple[str, ...], where: bool, filters: Any, verb: str
 ) -> list[str]:
-    from distillery.store.query import Filters, get, matching_ids
 
     if ids and where:
         raise click.UsageError(f"Give IDs or --where with filters to {verb}, not both.")
@@ -74,7 +87,6 @@ def list_command(
         distillery completions --tag app=support -n 5
         distillery completions -q "refund" --since 7d --json
     """
-    from distillery.store.query import LIST_COLUMNS, find, iterate, summary
 
     if limit < 0:
         raise click.UsageError("-n/--count must be 0 (all) or more.")
@@ -99,7 +111,6 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
 
     ID is the record id (cap_...) or the upstream completion id (chatcmpl-...).
     """
-    from distillery.store.query import get
 
     store = open_cli_store(config, database_url)
     record = get(store, ref)
@@ -115,7 +126,6 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
 
 
 def render(record: Mapping[str, Any]) -> Iterator[str]:
-    from distillery.core.shapes import message_text, output_messages
 
     fields = [
         ("id", record["id"]),
@@ -225,7 +235,6 @@ def stats(
     Example:
         distillery completions stats --by tag:app --since 30d
     """
-    from distillery.store import stats as compute
 
     store = open_cli_store(config, database_url)
     selected = build_filters(**filters)
@@ -276,7 +285,6 @@ def tag(
         distillery completions tag cap_18ec... quality=approved
         distillery completions tag --where --tag app=support -q refund task=refunds
     """
-    from distillery.store.query import parse_tag, relabel
 
     labels = dict(parse_tag(a) for a in args if "=" in a)
     ids = tuple(a for a in args if "=" not in a)
@@ -301,7 +309,6 @@ def untag(
     **filters: Any,
 ) -> None:
     """Remove a label (a metadata key) from calls."""
-    from distillery.store.query import relabel
 
     *ids, key = args
     store = open_cli_store(config, database_url)
@@ -337,7 +344,6 @@ def delete(
         distillery completions delete --older-than 90d --yes
         distillery completions delete --where --tag env=staging
     """
-    from distillery.store import query
 
     selected_filters = build_filters(**filters)
     if older_than:
@@ -388,7 +394,6 @@ def export(
     Example:
         distillery completions export --where --tag app=support -o support.jsonl
     """
-    from distillery.store import query
 
     if ids and where:
         raise click.UsageError("Give IDs or --where with filters to export, not both.")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,18 @@ from distillery.commands.shared import (
     resolve,
     store_options,
 )
+from distillery.core.config import load_settings
 from distillery.core.serialize import dumps
+from distillery.core.shadow import STUDENT_ANSWERED
+from distillery.curation.datasets import tokens
+from distillery.curation.datasets.build import NAME, BuildOptions, Rules
+from distillery.curation.datasets.build import build as run_build
+from distillery.curation.datasets.export import export_openai, export_parquet
+from distillery.curation.datasets.manifest import describe
+from distillery.curation.datasets.validate import MIN_EXAMPLES, validate_file
+from distillery.curation.evals.generate import EVAL_TAG
+from distillery.store import datasets
+from distillery.store.query import parse_tag
 
 VERSION_COLUMNS = (
     "name",
@@ -181,12 +194,6 @@ def build(
         distillery dataset build support-bot --tag app=support
         distillery dataset build support-bot --tag app=support --incremental   # hourly cron
     """
-    import re
-
-    from distillery.core.config import load_settings
-    from distillery.curation.datasets.build import NAME, BuildOptions, Rules
-    from distillery.curation.datasets.build import build as run_build
-    from distillery.store.query import parse_tag
 
     if not NAME.fullmatch(name):
         raise click.UsageError("NAME may use letters, digits, '.', '_' and '-' (e.g. support-bot).")
@@ -214,10 +221,6 @@ def build(
         min_tokens=min_tokens,
         max_tokens=max_tokens,
     )
-    from dataclasses import replace
-
-    from distillery.core.shadow import STUDENT_ANSWERED
-    from distillery.curation.evals.generate import EVAL_TAG
 
     selection = build_filters(**filters)
     if not include_eval_traffic:
@@ -267,7 +270,6 @@ def build(
         click.echo(dumps(manifest, indent=True))
         return
     click.echo(result.message, err=True)
-    from distillery.curation.datasets.manifest import describe
 
     for line in describe(manifest):
         click.echo(line)
@@ -279,7 +281,6 @@ def build(
 @fail_on_errors
 def list_command(config: Path | None, database_url: str | None, fmt: str) -> None:
     """List datasets with their newest version."""
-    from distillery.store import datasets
 
     store = open_cli_store(config, database_url)
     rows = datasets.list_latest(store)
@@ -305,7 +306,6 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
     if as_json:
         click.echo(dumps(version["manifest"], indent=True))
         return
-    from distillery.curation.datasets.manifest import describe
 
     for line in describe(version["manifest"]):
         click.echo(line)
@@ -342,16 +342,11 @@ def validate(
 
     Exits non-zero when the file has errors.
     """
-    import re
-
-    from distillery.curation.datasets.validate import MIN_EXAMPLES, validate_file
 
     if min_examples is None:
         # The 10-example minimum is a training-file rule; a validation file may be small.
         validation = re.search(r"(^|[-_.])(val|valid|validation)$", path.stem) is not None
         min_examples = 0 if validation else MIN_EXAMPLES
-
-    from distillery.curation.datasets import tokens
 
     tokenizer = tokens.resolve(tokenizer)
     report = validate_file(path, max_tokens, min_examples, tokens.counter(tokenizer))
@@ -391,7 +386,6 @@ def validate(
 @fail_on_errors
 def export(config: Path | None, database_url: str | None, ref: str, fmt: str, output: Path) -> None:
     """Write a version for a trainer: OpenAI JSONL, or Parquet that HF `datasets` reads."""
-    from distillery.curation.datasets.export import export_openai, export_parquet
 
     store = open_cli_store(config, database_url)
     version = resolve(store, ref)
@@ -411,7 +405,6 @@ def export(config: Path | None, database_url: str | None, ref: str, fmt: str, ou
 @fail_on_errors
 def diff(config: Path | None, database_url: str | None, old: str, new: str, fmt: str) -> None:
     """Examples added and removed between two versions (NAME@1 NAME@2)."""
-    from distillery.store import datasets
 
     store = open_cli_store(config, database_url)
     a, b = resolve(store, old), resolve(store, new)

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
+from sqlalchemy.engine import Engine
 
 from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import fail_on_errors, store_options
-
-if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+from distillery.core.config import load_settings
+from distillery.store import Store, dashboard, open_store
+from distillery.store import dead_letters as letters
+from distillery.store.db import create_engine, migrate, schema_revision
+from distillery.store.migrations import HEAD
 
 
 def _engine(config: Path | None, database_url: str | None) -> Engine:
-    from distillery.core.config import load_settings
-    from distillery.store.db import create_engine
 
     settings = load_settings(config, {"storage.database_url": database_url})
     engine = create_engine(settings.storage.resolved_database_url())
@@ -34,8 +34,6 @@ def db() -> None:
 @fail_on_errors
 def status(config: Path | None, database_url: str | None) -> None:
     """Show the database's schema revision and the newest one this version knows."""
-    from distillery.store.db import schema_revision
-    from distillery.store.migrations import HEAD
 
     engine = _engine(config, database_url)
     current = schema_revision(engine)
@@ -52,7 +50,6 @@ def status(config: Path | None, database_url: str | None) -> None:
 @fail_on_errors
 def upgrade(config: Path | None, database_url: str | None) -> None:
     """Apply every pending migration (the proxy also does this when it starts)."""
-    from distillery.store.db import migrate, schema_revision
 
     engine = _engine(config, database_url)
     before = schema_revision(engine)
@@ -90,8 +87,6 @@ def dead_letters(
         distillery db dead-letters
         distillery db dead-letters --retry    # after fixing the cause
     """
-    from distillery.core.config import load_settings
-    from distillery.store import dead_letters as letters
 
     if retry and purge:
         raise click.UsageError("Cannot use --retry and --purge together: pick one.")
@@ -107,8 +102,6 @@ def dead_letters(
         click.echo(f"Deleted {letters.purge(directory)} dead letters.")
         return
     if retry:
-        from distillery.store import open_store
-
         store = open_store(settings.storage.resolved_database_url())
         try:
             outcome = letters.retry(directory, store)
@@ -142,10 +135,8 @@ def end_sessions(config: Path | None, database_url: str | None, tenant: str | No
         distillery db end-sessions                       # everyone
         distillery db end-sessions --tenant key-1a2b3c…  # one key's sessions
     """
-    from distillery.store import dashboard
 
     engine = _engine(config, database_url)
-    from distillery.store import Store
 
     ended = dashboard.end_sessions(Store(engine, migrated=True), tenant=tenant)
     click.echo(f"Ended {ended} dashboard sessions.")

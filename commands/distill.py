@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from distillery.commands.evals import gate, print_breakdown
 from distillery.commands.output import write_rows
 from distillery.commands.shared import (
     build_filters,
@@ -18,8 +19,18 @@ from distillery.commands.shared import (
     max_error_rate_option,
     open_cli_store,
     store_options,
+    thresholds,
 )
+from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
+from distillery.curation import distill as loop
+from distillery.curation.endpoints import Endpoint
+from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
+from distillery.curation.evals.generate import Candidate
+from distillery.curation.evals.graders import load_all
+from distillery.curation.evals.report import render
+from distillery.curation.training.backends import Hyperparameters
+from distillery.store import datasets, evals
 
 
 @click.command()
@@ -120,16 +131,6 @@ def distill(
         distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
             --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under rouge_l=0.6
     """
-    from distillery.commands.evals import gate, print_breakdown
-    from distillery.commands.shared import thresholds
-    from distillery.core.config import load_settings
-    from distillery.curation import distill as loop
-    from distillery.curation.endpoints import Endpoint
-    from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
-    from distillery.curation.evals.generate import Candidate
-    from distillery.curation.evals.graders import load_all
-    from distillery.curation.training.backends import Hyperparameters
-    from distillery.store import evals
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
@@ -171,9 +172,6 @@ def distill(
     for line in loop.verdict(result["summary"], limits):
         click.echo(line)
     if html_path is not None:
-        from distillery.curation.evals.report import render
-        from distillery.store import datasets
-
         version = datasets.latest(store, name)
         items = loop.graded_items(store, version, limit, seed) if version else []
         html_path.write_text(render(result, evals.samples(store, result["id"]), items))

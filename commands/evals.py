@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -19,14 +19,22 @@ from distillery.commands.shared import (
     filter_options,
     max_error_rate_option,
     open_cli_store,
+    resolve,
     store_options,
     thresholds,
 )
+from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
 from distillery.core.serialize import dumps
-
-if TYPE_CHECKING:
-    from distillery.store.records import EvalRunRecord, Role, Summary
+from distillery.curation.endpoints import Endpoint, configured
+from distillery.curation.evals import evaluate
+from distillery.curation.evals import items as eval_items
+from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
+from distillery.curation.evals.generate import Generator, parse_candidates
+from distillery.curation.evals.graders import Context, load_all
+from distillery.curation.evals.report import render
+from distillery.store import evals
+from distillery.store.records import EvalRunRecord, Role, Summary
 
 
 def gate(
@@ -40,7 +48,6 @@ def gate(
     ``judged`` limits ``--fail-under`` to the candidates in that role (distill: the fine-tuned
     student); errors count for every candidate, since a failed call is never a score.
     """
-    from distillery.curation.evals import evaluate
 
     problems = evaluate.erroring(summary, max_error_rate)
     misses = [
@@ -162,14 +169,6 @@ def run_command(
             --grader fuzzy_match --grader judge.toml --html report.html
         distillery eval run --where --tag app=support --limit 200 --model my-student@local --grader rouge_l
     """
-    from distillery.commands.shared import resolve
-    from distillery.core.config import load_settings
-    from distillery.curation.endpoints import Endpoint, configured
-    from distillery.curation.evals import evaluate
-    from distillery.curation.evals import items as eval_items
-    from distillery.curation.evals.generate import Generator, parse_candidates
-    from distillery.curation.evals.graders import Context, load_all
-    from distillery.store import evals
 
     sources = [bool(dataset_ref), bool(jsonl), where]
     if sum(sources) > 1:
@@ -226,8 +225,6 @@ def run_command(
         if bar is not None:
             bar.__exit__(None, None, None)
     if html_path is not None:
-        from distillery.curation.evals.report import render
-
         html_path.write_text(render(result, evals.samples(store, result["id"]), items))
     for model in sorted(generator.uncached):
         click.echo(
@@ -243,7 +240,6 @@ def run_command(
             f"{result['summary']['calls']['made']} calls, {result['summary']['calls']['cached']} from cache.",
             err=True,
         )
-        from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
 
         write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
         if by_tag:
@@ -276,7 +272,6 @@ def print_breakdown(summary: Summary) -> None:
 @fail_on_errors
 def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:
     """List stored eval runs, newest first."""
-    from distillery.store import evals
 
     store = open_cli_store(config, database_url)
     rows = [
@@ -299,7 +294,6 @@ def list_command(config: Path | None, database_url: str | None, limit: int, fmt:
 
 
 def _run(store: Any, run_id: str) -> EvalRunRecord:
-    from distillery.store import evals
 
     found = evals.get_run(store, run_id)
     if found is None:
@@ -314,7 +308,6 @@ def _run(store: Any, run_id: str) -> EvalRunRecord:
 @fail_on_errors
 def show(config: Path | None, database_url: str | None, run_id: str, as_json: bool) -> None:
     """Show a run's results (and with --json every per-item output and grade)."""
-    from distillery.store import evals
 
     store = open_cli_store(config, database_url)
     found = _run(store, run_id)
@@ -324,7 +317,6 @@ def show(config: Path | None, database_url: str | None, run_id: str, as_json: bo
     click.echo(
         f"Run {found['id']}: {found['summary']['items']} items from {found['config'].get('source')}"
     )
-    from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
 
     write_rows(result_rows(found["summary"]), "table", RESULT_COLUMNS)
 
@@ -347,8 +339,6 @@ def compare(
     fmt: str,
 ) -> None:
     """Per-item wins and losses of RUN_B over RUN_A, with the mean difference's 95% CI."""
-    from distillery.curation.evals import evaluate
-    from distillery.store import evals
 
     store = open_cli_store(config, database_url)
     a, b = _run(store, run_a), _run(store, run_b)

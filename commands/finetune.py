@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
@@ -14,12 +13,25 @@ from distillery.commands.shared import (
     fail_on_errors,
     local_method_options,
     open_cli_store,
+    resolve,
     store_options,
 )
-
-if TYPE_CHECKING:
-    from distillery.curation.training.backends import FineTuneBackend, JobEvent
-    from distillery.store.records import FineTuneJobRecord
+from distillery.core.config import load_settings
+from distillery.core.serialize import dumps
+from distillery.curation.endpoints import Endpoint
+from distillery.curation.training import jobs
+from distillery.curation.training.backends import (
+    BackendContext,
+    FineTuneBackend,
+    Hyperparameters,
+    JobEvent,
+    JobSpec,
+    new_job_id,
+    open_backend,
+)
+from distillery.curation.training.jobs import start_job
+from distillery.store import finetunes
+from distillery.store.records import FineTuneJobRecord
 
 JOB_COLUMNS = (
     "id",
@@ -36,9 +48,6 @@ def _open(
     name: str, config: Path | None, base_url: str | None, api_key_env: str | None
 ) -> FineTuneBackend:
     """A backend for this command, closed when the command ends."""
-    from distillery.core.config import load_settings
-    from distillery.curation.endpoints import Endpoint
-    from distillery.curation.training.backends import BackendContext, open_backend
 
     context = BackendContext(
         data_dir=load_settings(config).storage.resolved_data_dir(),
@@ -147,9 +156,6 @@ def create(
         distillery finetune create --dataset support-bot --backend local --base-model ./qwen --merge
         distillery finetune watch ftjob_...
     """
-    from distillery.commands.shared import resolve
-    from distillery.curation.training.backends import Hyperparameters, JobSpec, new_job_id
-    from distillery.curation.training.jobs import start_job
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
@@ -189,7 +195,6 @@ def create(
 @fail_on_errors
 def list_command(config: Path | None, database_url: str | None, limit: int, fmt: str) -> None:
     """List fine-tune jobs, newest first, as last seen (`status` refreshes one)."""
-    from distillery.store import finetunes
 
     store = open_cli_store(config, database_url)
     write_rows(
@@ -211,8 +216,6 @@ def status(
     as_json: bool,
 ) -> None:
     """Refresh a job from its provider and show it (status, model, metrics, checkpoints)."""
-    from distillery.core.serialize import dumps
-    from distillery.curation.training import jobs
 
     store = open_cli_store(config, database_url)
     job = jobs.find(store, job_id)
@@ -258,7 +261,6 @@ def watch(
 
     Exits 0 when the job succeeds and 1 when it fails or is cancelled.
     """
-    from distillery.curation.training import jobs
 
     store = open_cli_store(config, database_url)
     job = jobs.find(store, job_id)
@@ -287,7 +289,6 @@ def cancel(
     config: Path | None, database_url: str | None, job_id: str, api_key_env: str | None
 ) -> None:
     """Cancel a running job."""
-    from distillery.curation.training import jobs
 
     store = open_cli_store(config, database_url)
     job = jobs.find(store, job_id)

@@ -9,8 +9,14 @@ from typing import Any
 
 import click
 
-from distillery.core.config import Settings, key_fingerprint, load_settings
+from distillery.core import logs
+from distillery.core.config import Settings, config_file, key_fingerprint, load_settings
 from distillery.core.errors import DistilleryError
+from distillery.curation.judge import install as judge_routes
+from distillery.proxy.app import Extension
+from distillery.proxy.preflight import missing_upstream_key, run_checks
+from distillery.proxy.server import serve
+from distillery.ui.app import mount as dashboard
 
 
 def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
@@ -115,11 +121,8 @@ def proxy(
         "capture.enabled": False if no_capture else None,
     }
     settings = _settings(config, overrides)
-    from distillery.proxy.preflight import missing_upstream_key, run_checks
 
     if check_config:
-        from distillery.core.config import config_file
-
         click.echo(
             f"Configuration OK: listening on {settings.proxy.host}:{settings.proxy.port}, "
             f"forwarding to {settings.upstream.url}, "
@@ -134,11 +137,6 @@ def proxy(
     problem = missing_upstream_key(settings)
     if problem:
         raise click.ClickException(problem)
-    from distillery.core import logs
-    from distillery.curation.judge import install as judge_routes
-    from distillery.proxy.app import Extension
-    from distillery.proxy.server import serve
-    from distillery.ui.app import mount as dashboard
 
     extensions: list[Extension] = [dashboard, judge_routes]
     logs.configure(log_level, json=log_json)

@@ -9,6 +9,10 @@ import click
 
 from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import fail_on_errors, open_cli_store, store_options
+from distillery.core.config import load_settings
+from distillery.curation import online
+from distillery.curation.online import STATUS_COLUMNS
+from distillery.curation.online import status as standing
 
 
 @click.group()
@@ -29,9 +33,6 @@ def status(config: Path | None, database_url: str | None, fmt: str) -> None:
     Example:
         distillery routes status --json
     """
-    from distillery.core.config import load_settings
-    from distillery.curation.online import STATUS_COLUMNS
-    from distillery.curation.online import status as standing
 
     settings = load_settings(config, {"storage.database_url": database_url})
     if not settings.routes:
@@ -70,8 +71,6 @@ def demote(config: Path | None, database_url: str | None, name: str, reason: str
 
 
 def _move(config: Path | None, database_url: str | None, name: str, reason: str, up: bool) -> None:
-    from distillery.core.config import load_settings
-    from distillery.curation import online
 
     settings = load_settings(config, {"storage.database_url": database_url})
     store = open_cli_store(config, database_url)

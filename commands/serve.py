@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import click
+
+from distillery.curation.serve import serve as run
 
 
 @click.command()
@@ -24,7 +27,6 @@ def serve(model_dir: Path, host: str, port: int, model_name: str | None) -> None
         distillery serve ~/.local/share/distillery/finetunes/ftjob_.../merged --port 8788
         distillery eval run --dataset support-bot --model merged --base-url http://127.0.0.1:8788/v1 ...
     """
-    import importlib.util
 
     if (
         importlib.util.find_spec("vllm") is None
@@ -38,6 +40,5 @@ def serve(model_dir: Path, host: str, port: int, model_name: str | None) -> None
             f"{model_dir} holds no model (no config.json). A LoRA job's adapter is in model/; "
             "serve its merged/ directory (finetune create --merge)."
         )
-    from distillery.curation.serve import serve as run
 
     run(model_dir, host, port, model_name or model_dir.name)

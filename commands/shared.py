@@ -9,14 +9,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
+from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
-
-if TYPE_CHECKING:
-    from distillery.store.records import DatasetVersionRecord
+from distillery.store import datasets, open_store
+from distillery.store.query import parse_filters
+from distillery.store.records import DatasetVersionRecord
 
 
 class DefaultGroup(click.Group):
@@ -97,14 +98,11 @@ def filter_options(
 
 def build_filters(**options: Any) -> Any:
     """The filter options as the store's Filters (no --tenant: every tenant)."""
-    from distillery.store.query import parse_filters
 
     return parse_filters(**{**options, "tenants": options.get("tenants") or None})
 
 
 def open_cli_store(config: Path | None, database_url: str | None, must_exist: bool = True) -> Any:
-    from distillery.core.config import load_settings
-    from distillery.store import open_store
 
     settings = load_settings(config, {"storage.database_url": database_url})
     url = settings.storage.resolved_database_url()
@@ -151,7 +149,6 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 
 def resolve(store: Any, ref: str) -> DatasetVersionRecord:
-    from distillery.store import datasets
 
     name, version = parse_ref(ref)
     found = datasets.get(store, name, version)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from distillery.commands.shared import fail_on_errors, open_cli_store, store_options
+from distillery.commands.shared import fail_on_errors, open_cli_store, resolve, store_options
+from distillery.curation.training import student as make
 
 
 @click.group()
@@ -65,8 +66,6 @@ def create(
         distillery distill --name support-bot --tag app=support --teacher gpt-4o \\
             --student-base ./student --grader exact
     """
-    from distillery.commands.shared import resolve
-    from distillery.curation.training import student as make
 
     if (dataset_ref is None) == (from_file is None):
         raise click.UsageError("Give one of --dataset NAME[@VERSION] or --from-file FILE.")

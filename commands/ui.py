@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from aiohttp import web
 
 from distillery.commands.shared import fail_on_errors, store_options
+from distillery.core.config import load_settings
+from distillery.store import open_store
+from distillery.ui.app import mount
 
 
 @click.command()
@@ -23,11 +27,6 @@ def ui(config: Path | None, database_url: str | None, host: str, port: int) -> N
     Example:
         distillery ui --database-url postgresql://distillery@db/distillery --port 8789
     """
-    from aiohttp import web
-
-    from distillery.core.config import load_settings
-    from distillery.store import open_store
-    from distillery.ui.app import mount
 
     settings = load_settings(
         config,

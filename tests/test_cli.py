@@ -87,7 +87,10 @@ def test_key_fingerprint_reads_stdin() -> None:
 def _commands(
     group: click.Group, prefix: str = "distillery"
 ) -> Iterator[tuple[str, click.Command]]:
-    for name, command in group.commands.items():
+    context = click.Context(group)
+    for name in group.list_commands(context):  # the lazy top group imports each here
+        command = group.get_command(context, name)
+        assert command is not None, name
         yield f"{prefix} {name}", command
         if isinstance(command, click.Group):
             yield from _commands(command, f"{prefix} {name}")
@@ -98,6 +101,18 @@ def test_every_command_has_help_and_is_documented() -> None:
     for name, command in _commands(cli):
         assert command.help and command.help.strip(), f"{name} has no help text"
         assert re.search(rf"`{re.escape(name)}\b", readme), f"{name} is not in the README"
+
+
+def test_the_command_list_says_what_each_command_says() -> None:
+    """`distillery --help` lists the commands without importing them: each line it shows
+    is the command's own first line of help."""
+    from distillery.commands import COMMANDS
+
+    context = click.Context(cli)
+    for name, (_, _, line) in COMMANDS.items():
+        command = cli.get_command(context, name)
+        assert command is not None and command.name == name
+        assert command.get_short_help_str(limit=300) == line, name
 
 
 def test_cli_start_up_stays_light(tmp_path: Path) -> None:

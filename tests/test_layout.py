@@ -136,3 +136,23 @@ def test_the_wheel_holds_every_part_and_its_command_runs(tmp_path: Path) -> None
         timeout=120,
     )
     assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+
+
+def test_the_commands_import_at_the_top() -> None:
+    """A command module imports what it needs at its top (the lazy group keeps --help
+    light); only the training extra, which may not be installed, is imported where used."""
+    extra = re.compile(r"^(torch|transformers|trl|peft|datasets|vllm)(\.|$)")
+    inside = []
+    for path in modules("commands"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.Import | ast.ImportFrom):
+                        names = (
+                            [a.name for a in inner.names]
+                            if isinstance(inner, ast.Import)
+                            else [inner.module or ""]
+                        )
+                        if not all(extra.match(n) for n in names):
+                            inside.append(f"{path.name}:{inner.lineno} imports {', '.join(names)}")
+    assert inside == []
