@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,13 @@ from distillery.commands.shared import (
 )
 from distillery.core.config import load_settings
 from distillery.core.serialize import dumps
-from distillery.core.shadow import STUDENT_ANSWERED
 from distillery.curation.datasets import tokens
 from distillery.curation.datasets.build import NAME, BuildOptions, Rules
 from distillery.curation.datasets.build import build as run_build
 from distillery.curation.datasets.export import export_openai, export_parquet
 from distillery.curation.datasets.manifest import describe
+from distillery.curation.datasets.options import learnable
 from distillery.curation.datasets.validate import MIN_EXAMPLES, validate_file
-from distillery.curation.evals.generate import EVAL_TAG
 from distillery.store import datasets
 from distillery.store.query import parse_tag
 
@@ -222,11 +220,11 @@ def build(
         max_tokens=max_tokens,
     )
 
-    selection = build_filters(**filters)
-    if not include_eval_traffic:
-        selection = replace(selection, exclude_tags=(*selection.exclude_tags, EVAL_TAG))
-    if not include_student_answers:
-        selection = replace(selection, exclude_tags=(*selection.exclude_tags, STUDENT_ANSWERED))
+    selection = learnable(
+        build_filters(**filters),
+        eval_traffic=include_eval_traffic,
+        student_answers=include_student_answers,
+    )
     options = BuildOptions(
         name=name,
         filters=selection,

@@ -19,8 +19,10 @@ from distillery.core.config import EndpointSettings
 # The tags a routed call carries (upstream and in the store): its route, and who answered.
 ROUTE_TAG = "distillery_route"
 SERVED_BY_TAG = "distillery_served_by"
-# What a dataset never learns from unless asked: a student must not learn from itself.
+# What a dataset never learns from unless asked: a student must not learn from itself,
 STUDENT_ANSWERED = (SERVED_BY_TAG, "student")
+# nor from the evals' own calls (the candidates' answers, made to be graded).
+EVAL_TAG = ("distillery_eval", "1")
 
 
 @dataclass

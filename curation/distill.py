@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import DistilleryError
-from distillery.core.shadow import STUDENT_ANSWERED
 from distillery.curation.datasets.build import BuildOptions, build
+from distillery.curation.datasets.options import learnable
 from distillery.curation.endpoints import Endpoint
 from distillery.curation.evals import evaluate
 from distillery.curation.evals import items as eval_items
-from distillery.curation.evals.generate import EVAL_TAG, Candidate, Generator
+from distillery.curation.evals.generate import Candidate, Generator
 from distillery.curation.evals.graders import Context, Grader
 from distillery.curation.training.backends import (
     BackendContext,
@@ -194,9 +194,7 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
     if changed:
         echo("Settings changed since the last run: " + "; ".join(changed))
     rebuild = before is not None and before["data"] != wanted["data"]
-    selection = replace(
-        options.filters, exclude_tags=(*options.filters.exclude_tags, EVAL_TAG, STUDENT_ANSWERED)
-    )
+    selection = learnable(options.filters)
     built = build(
         store,
         BuildOptions(

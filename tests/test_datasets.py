@@ -640,3 +640,21 @@ def test_tokens_can_be_counted_with_the_students_tokenizer(db: str, tmp_path: Pa
         db, "build", "support", "--tag", "app=support", "--tokenizer", str(tmp_path / "empty")
     )
     assert result.exit_code == 1 and "Cannot load a tokenizer from" in result.output
+
+
+def test_what_a_dataset_may_learn_from_is_one_rule() -> None:
+    """Eval traffic and a student's own answers are left out unless asked for, and any
+    tag the filter already leaves out stays out (the CLI, the dashboard and distill all
+    select through this)."""
+    from distillery.core.shadow import EVAL_TAG, STUDENT_ANSWERED
+    from distillery.curation.datasets.options import learnable
+    from distillery.store.query import Filters
+
+    asked = Filters(exclude_tags=(("env", "staging"),))
+    assert learnable(asked).exclude_tags == (("env", "staging"), EVAL_TAG, STUDENT_ANSWERED)
+    assert learnable(asked, eval_traffic=True).exclude_tags == (
+        ("env", "staging"),
+        STUDENT_ANSWERED,
+    )
+    assert learnable(asked, student_answers=True).exclude_tags == (("env", "staging"), EVAL_TAG)
+    assert learnable(learnable(asked)) == learnable(asked)  # never twice

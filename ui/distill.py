@@ -24,7 +24,6 @@ from aiohttp import web
 from distillery.core.errors import DistilleryError
 from distillery.core.prices import AS_OF as PRICES_AS_OF
 from distillery.core.prices import training_cost
-from distillery.core.shadow import STUDENT_ANSWERED
 from distillery.curation.datasets.build import (
     BuildOptions,
     BuildResult,
@@ -32,8 +31,8 @@ from distillery.curation.datasets.build import (
     build_in_process,
     check_name,
 )
+from distillery.curation.datasets.options import learnable
 from distillery.curation.endpoints import Endpoint
-from distillery.curation.evals.generate import EVAL_TAG
 from distillery.curation.training.backends import (
     BackendContext,
     Hyperparameters,
@@ -217,7 +216,7 @@ async def run(request: web.Request) -> web.StreamResponse:
         return await dialog(request, str(exc), form)
     options = BuildOptions(
         name=name,
-        filters=replace(filters, tenants=None, exclude_tags=(EVAL_TAG, STUDENT_ANSWERED)),
+        filters=learnable(replace(filters, tenants=None)),
         rules=rules,
         exact_dedupe=not form.get("no_exact_dedupe"),
         near_dedupe=not form.get("no_near_dedupe"),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from distillery.core.shadow import EVAL_TAG, STUDENT_ANSWERED
 from distillery.curation.datasets.validate import DEFAULT_MAX_TOKENS
 from distillery.store import query
 
@@ -40,3 +41,18 @@ class BuildOptions:
     redact_patterns: tuple[tuple[str, str], ...] = ()
     epochs: int = 3
     tokenizer: str | None = None  # a local model directory: count with its tokenizer
+
+
+def learnable(
+    filters: query.Filters, *, eval_traffic: bool = False, student_answers: bool = False
+) -> query.Filters:
+    """The calls of ``filters`` a dataset may learn from: never the evals' own calls (the
+    candidates' answers, made to be graded) nor the calls a route's student answered (a
+    student learning from itself), unless asked for.  The one place this rule lives: the
+    CLI's build, the dashboard's Distill and ``distill`` all select through it."""
+    excluded = list(filters.exclude_tags)
+    if not eval_traffic:
+        excluded.append(EVAL_TAG)
+    if not student_answers:
+        excluded.append(STUDENT_ANSWERED)
+    return replace(filters, exclude_tags=tuple(dict.fromkeys(excluded)))

@@ -24,12 +24,12 @@ import openai
 import orjson
 
 from distillery.core.errors import DistilleryError
+from distillery.core.shadow import EVAL_TAG
 from distillery.curation.endpoints import Endpoint
 from distillery.store import Store, cache
 from distillery.store.records import Role
 
-EVAL_TAG = ("distillery_eval", "1")
-EVAL_HEADER = {"X-Distillery-Tag-distillery_eval": "1"}
+EVAL_HEADER = {f"X-Distillery-Tag-{EVAL_TAG[0]}": EVAL_TAG[1]}  # stored as the tag EVAL_TAG
 
 
 @dataclass(frozen=True)
