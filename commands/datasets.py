@@ -11,6 +11,7 @@ import click
 
 from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import (
+    Progress,
     build_filters,
     fail_on_errors,
     filter_options,
@@ -21,7 +22,7 @@ from distillery.commands.shared import (
 from distillery.core.config import load_settings
 from distillery.core.serialize import dumps
 from distillery.curation.datasets import tokens
-from distillery.curation.datasets.build import NAME, BuildOptions, Rules
+from distillery.curation.datasets.build import NAME, BuildOptions, BuildResult, Rules
 from distillery.curation.datasets.build import build as run_build
 from distillery.curation.datasets.export import export_openai, export_parquet
 from distillery.curation.datasets.manifest import describe
@@ -195,18 +196,7 @@ def build(
 
     if not NAME.fullmatch(name):
         raise click.UsageError("NAME may use letters, digits, '.', '_' and '-' (e.g. support-bot).")
-    patterns = []
-    for item in redact_patterns:
-        label, sep, regex = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--redact-pattern {item!r} must look like NAME=REGEX.")
-        try:
-            re.compile(regex)
-        except re.error as exc:
-            raise click.UsageError(
-                f"--redact-pattern {label}: bad regular expression: {exc}"
-            ) from None
-        patterns.append((label, regex))
+    patterns = _redact_patterns(redact_patterns)
     settings = load_settings(config, {"storage.database_url": database_url})
     store = open_cli_store(config, database_url)
     rules = Rules(
@@ -219,15 +209,13 @@ def build(
         min_tokens=min_tokens,
         max_tokens=max_tokens,
     )
-
-    selection = learnable(
-        build_filters(**filters),
-        eval_traffic=include_eval_traffic,
-        student_answers=include_student_answers,
-    )
     options = BuildOptions(
         name=name,
-        filters=selection,
+        filters=learnable(
+            build_filters(**filters),
+            eval_traffic=include_eval_traffic,
+            student_answers=include_student_answers,
+        ),
         rules=rules,
         exact_dedupe=not no_exact_dedupe,
         near_dedupe=not no_near_dedupe,
@@ -245,21 +233,14 @@ def build(
         epochs=epochs,
         tokenizer=tokenizer,
     )
-    bar: Any = None
-    hooks: dict[str, Any] = {}
-    if sys.stderr.isatty():
+    with Progress(f"Building {name}") as progress:
+        data_dir = settings.storage.resolved_data_dir()
+        result = run_build(store, options, data_dir, total=progress.start, progress=progress.update)
+    _report(result, as_json)
 
-        def start(total: int) -> None:
-            nonlocal bar
-            bar = click.progressbar(length=total, label=f"Building {name}", file=sys.stderr)
-            bar.__enter__()
 
-        hooks = {"total": start, "progress": lambda n: bar.update(n) if bar else None}
-    try:
-        result = run_build(store, options, settings.storage.resolved_data_dir(), **hooks)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+def _report(result: BuildResult, as_json: bool) -> None:
+    """What the build made: its manifest in words (or as JSON), or why it made nothing."""
     if result.version is None:
         click.echo(result.message, err=True)
         return
@@ -268,9 +249,25 @@ def build(
         click.echo(dumps(manifest, indent=True))
         return
     click.echo(result.message, err=True)
-
     for line in describe(manifest):
         click.echo(line)
+
+
+def _redact_patterns(given: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``--redact-pattern NAME=REGEX`` options, each checked: (name, regex) pairs."""
+    patterns = []
+    for item in given:
+        label, sep, regex = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--redact-pattern {item!r} must look like NAME=REGEX.")
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise click.UsageError(
+                f"--redact-pattern {label}: bad regular expression: {exc}"
+            ) from None
+        patterns.append((label, regex))
+    return patterns
 
 
 @dataset.command(name="list")

@@ -30,7 +30,8 @@ from distillery.curation.evals.generate import Candidate
 from distillery.curation.evals.graders import load_all
 from distillery.curation.evals.report import render
 from distillery.curation.training.backends import Hyperparameters
-from distillery.store import datasets, evals
+from distillery.store import Store, datasets, evals
+from distillery.store.records import EvalRunRecord
 
 
 @click.command()
@@ -166,15 +167,26 @@ def distill(
     result = loop.run(
         store, options, settings.storage.resolved_data_dir(), lambda m: click.echo(m, err=True)
     )
+    _report(store, options, result, limits, html_path)
+    gate(result["summary"], limits, max_error_rate, judged="tuned")
+    if not result["summary"]["candidates"]:
+        raise DistilleryError("Nothing was graded.")
+
+
+def _report(
+    store: Store,
+    options: loop.DistillOptions,
+    result: EvalRunRecord,
+    limits: dict[str, float],
+    html_path: Path | None,
+) -> None:
+    """The scores as a table (and by tag), the verdict, and the HTML report if asked."""
     write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
-    if by_tag:
+    if options.by_tag:
         print_breakdown(result["summary"])
     for line in loop.verdict(result["summary"], limits):
         click.echo(line)
     if html_path is not None:
-        version = datasets.latest(store, name)
-        items = loop.graded_items(store, version, limit, seed) if version else []
+        version = datasets.latest(store, options.name)
+        items = loop.graded_items(store, version, options.limit, options.seed) if version else []
         html_path.write_text(render(result, evals.samples(store, result["id"]), items))
-    gate(result["summary"], limits, max_error_rate, judged="tuned")
-    if not result["summary"]["candidates"]:
-        raise DistilleryError("Nothing was graded.")

@@ -11,6 +11,7 @@ import click
 
 from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import (
+    Progress,
     build_filters,
     by_tag_option,
     count_option,
@@ -28,12 +29,13 @@ from distillery.core.errors import DistilleryError
 from distillery.core.serialize import dumps
 from distillery.curation.endpoints import Endpoint, configured
 from distillery.curation.evals import evaluate
-from distillery.curation.evals import items as eval_items
 from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
-from distillery.curation.evals.generate import Generator, parse_candidates
-from distillery.curation.evals.graders import Context, load_all
+from distillery.curation.evals.generate import parse_candidates
+from distillery.curation.evals.graders import load_all
 from distillery.curation.evals.report import render
-from distillery.store import evals
+from distillery.curation.evals.request import Calls, EvalRequest, EvalResult, Source
+from distillery.curation.evals.request import run as run_eval
+from distillery.store import Store, evals
 from distillery.store.records import EvalRunRecord, Role, Summary
 
 
@@ -170,81 +172,40 @@ def run_command(
         distillery eval run --where --tag app=support --limit 200 --model my-student@local --grader rouge_l
     """
 
-    sources = [bool(dataset_ref), bool(jsonl), where]
-    if sum(sources) > 1:
+    if sum([bool(dataset_ref), bool(jsonl), where]) > 1:
         raise click.UsageError("Use one input: --dataset, --file or --where with filters.")
+    if not (dataset_ref or jsonl or where):
+        raise click.UsageError(
+            "Name what to grade: --dataset NAME, --file FILE.jsonl, or --where with filters."
+        )
     settings = load_settings(config, {"storage.database_url": database_url})
     graders = load_all(grader_specs)
     limits = thresholds(fail_under, graders)
     default = Endpoint.from_env("default", base_url, api_key_env)
     endpoints = configured(settings)
-    candidates = parse_candidates(models, endpoints, default)
     # A JSONL file needs no captured calls; the database still keeps the run and the cache.
     store = open_cli_store(config, database_url, must_exist=jsonl is None)
-    if jsonl:
-        items, source = eval_items.from_jsonl(jsonl), str(jsonl)
-    elif where:
-        items, source = eval_items.from_filters(store, build_filters(**filters)), "stored calls"
-    else:
-        if not dataset_ref:
-            raise click.UsageError(
-                "Name what to grade: --dataset NAME, --file FILE.jsonl, or --where with filters."
-            )
-        version = resolve(store, dataset_ref)
-        items = eval_items.from_dataset(store, version, split)
-        source = f"{version['name']}@{version['version']} ({split})"
-    items = eval_items.sample(items, limit, seed)
-    if not items:
-        raise DistilleryError(f"Nothing to grade in {source}.")
-    generator = Generator(
-        store, concurrency=concurrency, timeout=timeout, retries=retries, use_cache=not no_cache
+    request = EvalRequest(
+        source=Source(
+            dataset=resolve(store, dataset_ref) if dataset_ref else None,
+            split="train" if split == "train" else "val",
+            file=jsonl,
+            filters=build_filters(**filters) if where else None,
+        ),
+        candidates=parse_candidates(models, endpoints, default),
+        graders=graders,
+        endpoints=endpoints,
+        default=default,
+        prices=settings.prices,
+        limit=limit,
+        seed=seed,
+        by_tag=by_tag,
+        calls=Calls(concurrency, timeout, retries, use_cache=not no_cache),
     )
-    context = Context(generator, endpoints, default)
-    total = len(items) * len(candidates)
-    bar = (
-        click.progressbar(length=total, label="Evaluating", file=sys.stderr)
-        if sys.stderr.isatty()
-        else None
-    )
-    try:
-        if bar is not None:
-            bar.__enter__()
-        result = evaluate.run(
-            store,
-            items,
-            candidates,
-            graders,
-            generator,
-            context,
-            config={"source": source, "limit": limit, "seed": seed, "by": by_tag},
-            prices=dict(settings.prices),
-            by_tag=by_tag[4:] if by_tag else None,
-            progress=bar.update if bar is not None else None,
-        )
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
-    if html_path is not None:
-        html_path.write_text(render(result, evals.samples(store, result["id"]), items))
-    for model in sorted(generator.uncached):
-        click.echo(
-            f"Not cached: {model} (its endpoint's GET /models does not list it, so what "
-            "model answers cannot be told apart from another under that name).",
-            err=True,
-        )
-    if as_json:
-        click.echo(dumps(result, indent=True))
-    else:
-        click.echo(
-            f"Run {result['id']}: {len(items)} items from {source}; "
-            f"{result['summary']['calls']['made']} calls, {result['summary']['calls']['cached']} from cache.",
-            err=True,
-        )
-
-        write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
-        if by_tag:
-            print_breakdown(result["summary"])
-    gate(result["summary"], limits, max_error_rate)
+    with Progress("Evaluating") as progress:
+        done = run_eval(store, request, start=progress.start, progress=progress.update)
+    _report(store, request, done, html_path, as_json)
+    gate(done.run["summary"], limits, max_error_rate)
 
 
 def print_breakdown(summary: Summary) -> None:
@@ -365,3 +326,29 @@ def compare(
         fmt,
         ("grader", "a", "b", "items", "b_wins", "a_wins", "ties", "mean_difference", "ci_95"),
     )
+
+
+def _report(
+    store: Store, request: EvalRequest, done: EvalResult, html_path: Path | None, as_json: bool
+) -> None:
+    """The run as JSON or a table (and by tag), what could not be cached, the HTML report."""
+    result, items = done.run, done.items
+    if html_path is not None:
+        html_path.write_text(render(result, evals.samples(store, result["id"]), items))
+    for model in sorted(done.uncached):
+        click.echo(
+            f"Not cached: {model} (its endpoint's GET /models does not list it, so what "
+            "model answers cannot be told apart from another under that name).",
+            err=True,
+        )
+    if as_json:
+        click.echo(dumps(result, indent=True))
+    else:
+        click.echo(
+            f"Run {result['id']}: {len(items)} items from {request.source.label}; "
+            f"{result['summary']['calls']['made']} calls, {result['summary']['calls']['cached']} from cache.",
+            err=True,
+        )
+        write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
+        if request.by_tag:
+            print_breakdown(result["summary"])

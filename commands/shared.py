@@ -7,6 +7,7 @@ the command modules never import each other for plumbing.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,28 @@ by_tag_option = click.option(
     callback=_tag_key,
     help="Break scores down by a tag.",
 )
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal, nothing in a pipe; it starts once
+    the work knows its total (``start``), and ``with`` closes it however the work ends."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def start(self, total: int) -> None:
+        if sys.stderr.isatty():
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)

@@ -156,3 +156,17 @@ def test_the_commands_import_at_the_top() -> None:
                         if not all(extra.match(n) for n in names):
                             inside.append(f"{path.name}:{inner.lineno} imports {', '.join(names)}")
     assert inside == []
+
+
+def test_no_command_function_is_longer_than_80_lines() -> None:
+    """Commands parse, call and render; the work is the parts' (a long function here is
+    work that belongs in curation/ or store/)."""
+    long = [
+        f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in modules("commands")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert long == []

@@ -15,18 +15,17 @@ from aiohttp import web
 from distillery.core.errors import DistilleryError
 from distillery.curation.datasets.manifest import describe
 from distillery.curation.endpoints import Endpoint, configured
-from distillery.curation.evals import evaluate
-from distillery.curation.evals import items as eval_items
 from distillery.curation.evals.evaluate import result_rows, with_role
-from distillery.curation.evals.generate import Generator, parse_candidates
-from distillery.curation.evals.graders import BUILTIN, Context, load_all
+from distillery.curation.evals.generate import parse_candidates
+from distillery.curation.evals.graders import BUILTIN, load_all
 from distillery.curation.evals.report import bars, compare, disagreements
+from distillery.curation.evals.request import EvalRequest, Source
+from distillery.curation.evals.request import run as run_eval
 from distillery.curation.training import jobs
 from distillery.curation.training.backends import TERMINAL, BackendContext, JobEvent, open_backend
 from distillery.store import Store, datasets, evals, finetunes
 from distillery.store.records import (
     DatasetVersionRecord,
-    EvalRunRecord,
     EvalSampleRecord,
     FineTuneJobRecord,
 )
@@ -352,41 +351,27 @@ async def eval_start(request: web.Request) -> web.StreamResponse:
         )
         if version is None:
             raise DistilleryError(f"No dataset version {ref!r}.")
-        split = "train" if values.get("split") == "train" else "val"
         specs = [line.strip() for line in values.get("candidates", "").splitlines() if line.strip()]
         if not specs:
             raise DistilleryError("Name at least one candidate, one MODEL[@ENDPOINT] per line.")
-        candidates = parse_candidates(specs, configured(settings), Endpoint.from_env("default"))
-        graders = load_all(values["graders"].split())
-        if not graders:
-            raise DistilleryError("Choose at least one grader.")
-        limit = int(values.get("limit") or 0) or None
+        endpoints, default = configured(settings), Endpoint.from_env("default")
+        wanted = EvalRequest(
+            source=Source(
+                dataset=version, split="train" if values.get("split") == "train" else "val"
+            ),
+            candidates=parse_candidates(specs, endpoints, default),
+            graders=load_all(values["graders"].split()),
+            endpoints=endpoints,
+            default=default,
+            prices=settings.prices,
+            limit=int(values.get("limit") or 0) or None,
+        )
     except (DistilleryError, ValueError) as exc:
         return await eval_form(request, str(exc), values)
     store, prefix = request.app[STORE], url(request)
 
     async def work(task: Task) -> None:
-        def run() -> EvalRunRecord:
-            items = eval_items.sample(eval_items.from_dataset(store, version, split), limit, 0)
-            if not items:
-                raise DistilleryError(f"Nothing to grade in {ref} ({split}).")
-            generator = Generator(store)
-            context = Context(generator, configured(settings), Endpoint.from_env("default"))
-            return evaluate.run(
-                store,
-                items,
-                candidates,
-                graders,
-                generator,
-                context,
-                config={
-                    "source": f"{version['name']}@{version['version']} ({split})",
-                    "limit": limit,
-                },
-                prices=dict(settings.prices),
-            )
-
-        result = await asyncio.to_thread(run)
-        await task.update(done_url=f"{prefix}evals/{result['id']}")
+        done = await asyncio.to_thread(run_eval, store, wanted)
+        await task.update(done_url=f"{prefix}evals/{done.run['id']}")
 
     raise await tasks.start(request, f"Evaluating on {ref}", "grading", work)
