@@ -190,6 +190,12 @@ def _same_origin(request: web.Request) -> None:
         raise web.HTTPForbidden(text="A write from another site is refused.")
 
 
+def admin_only(request: web.Request, why: str) -> None:
+    """Refuse a session that is not an admin's, saying why the page is an admin's."""
+    if not request[SESSION].admin:
+        raise web.HTTPForbidden(text=f"{why}: sign in with an admin key ([auth] admin_keys).")
+
+
 def url(request: web.Request, path: str = "") -> str:
     return f"{request.app[PREFIX]}/{path}"
 

@@ -18,7 +18,7 @@ from distillery.core.errors import DistilleryError
 from distillery.curation import online
 from distillery.store import Store, query
 from distillery.store import routes as route_store
-from distillery.ui.app import SESSION, SETTINGS, in_thread, render, url
+from distillery.ui.app import SESSION, SETTINGS, admin_only, in_thread, render, url
 
 PAIRS = 20  # the newest pairs shown per route
 ACTIONS = {"promote": online.promote, "demote": online.demote, "off": online.switch_off}
@@ -30,11 +30,7 @@ def add_routes(app: web.Application) -> None:
 
 
 def _admin(request: web.Request) -> None:
-    if not request[SESSION].admin:
-        raise web.HTTPForbidden(
-            text="Routes answer every key's traffic: sign in with an admin key "
-            "([auth] admin_keys) to see and change them."
-        )
+    admin_only(request, "Routes answer every key's traffic")
 
 
 async def routes_page(request: web.Request) -> web.Response:

@@ -30,7 +30,7 @@ from distillery.store.records import (
     FineTuneJobRecord,
 )
 from distillery.ui import tasks
-from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
+from distillery.ui.app import SETTINGS, STORE, admin_only, in_thread, render, url
 from distillery.ui.tasks import Task
 
 SPLITS = {"train.jsonl", "val.jsonl"}
@@ -53,11 +53,7 @@ def add_routes(app: web.Application) -> None:
 
 
 def _admin(request: web.Request) -> None:
-    if not request[SESSION].admin:
-        raise web.HTTPForbidden(
-            text="Datasets, fine-tunes and evals are built from every key's traffic: "
-            "sign in with an admin key ([auth] admin_keys) to see them."
-        )
+    admin_only(request, "Datasets, fine-tunes and evals are built from every key's traffic")
 
 
 # -- datasets -------------------------------------------------------------------------
