@@ -170,3 +170,14 @@ def test_no_command_function_is_longer_than_80_lines() -> None:
         and node.end_lineno - node.lineno + 1 > 80
     ]
     assert long == []
+
+
+def test_the_dashboards_pages_never_import_the_app_that_wires_them() -> None:
+    """ui/app.py imports the pages; a page imports ui/base.py, never ui/app.py (the cycle
+    that imports inside functions used to close)."""
+    wrong = [
+        path.name
+        for path in modules("ui")
+        if path.name != "app.py" and "distillery.ui.app" in imports(path)
+    ]
+    assert wrong == []

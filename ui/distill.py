@@ -45,7 +45,7 @@ from distillery.curation.training.jobs import start_job
 from distillery.curation.training.openai_api import MIN_EXAMPLES
 from distillery.store import query
 from distillery.ui import tasks
-from distillery.ui.app import SESSION, SETTINGS, STORE, in_thread, render, url
+from distillery.ui.base import SESSION, SETTINGS, STORE, in_thread, render, url
 from distillery.ui.pages import FILTER_FIELDS, page_filters
 from distillery.ui.tasks import Task
 

@@ -7,7 +7,9 @@ which is time order: the next page is ``after=<last id>``, one indexed query.
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,11 +20,13 @@ from aiohttp import web
 
 from distillery.core.errors import DistilleryError
 from distillery.core.prices import AS_OF as PRICES_AS_OF
+from distillery.core.serialize import csv_cell, dumps
 from distillery.core.shapes import check_metadata
-from distillery.store import Store, dashboard, query
+from distillery.store import Store, dashboard, overview, query
 from distillery.store.records import StoredCompletion
-from distillery.ui import sessions
-from distillery.ui.app import (
+from distillery.store.stats import group_stats
+from distillery.ui import charts, sessions
+from distillery.ui.base import (
     SECRET,
     SESSION,
     SETTINGS,
@@ -114,7 +118,6 @@ async def home(request: web.Request) -> web.Response:
     series (by the hour for a window of up to three days, counted from the calls: exact;
     else by the day from the daily aggregates), by model, by app, and the prompt
     templates that cost the most.  Every bucket is drawn, the empty ones too."""
-    from distillery.store import overview
 
     since_text = request.query.get("since") or "7d"
     until_text = request.query.get("until") or ""
@@ -183,7 +186,6 @@ async def home(request: web.Request) -> web.Response:
 
 def _charts(series: list[Any], hourly: bool) -> dict[str, str]:
     """The series as four charts, one column (or point) per bucket, empty ones too."""
-    from distillery.ui import charts
 
     labels = [g.name.strftime("%d %Hh" if hourly else "%m-%d") for g in series]
     costs = [g.cost_usd for g in series]
@@ -222,7 +224,6 @@ def _charts(series: list[Any], hourly: bool) -> dict[str, str]:
 async def by_tag(request: web.Request) -> web.Response:
     """Calls per value of any tag over the window: exact, from the calls themselves (the
     aggregates know only the app tag), so the overview loads it apart, on demand."""
-    from distillery.store.stats import group_stats
 
     key = request.query.get("tag_key", "").strip()
     if not key:
@@ -282,7 +283,6 @@ async def completions(request: web.Request) -> web.Response:
     tenants = request[SESSION].tenants
 
     def pickers(store: Store) -> dict[str, list[str]]:
-        from distillery.store import overview
 
         return {**overview.stored_values(store, tenants), "tags": query.recent_tags(store, tenants)}
 
@@ -319,10 +319,6 @@ EXPORT_BATCH = 1000
 async def export(request: web.Request) -> web.StreamResponse:
     """Every call the page's filter matches, oldest first, as a download: JSON lines of
     whole records (what ``completions export`` writes) or CSV of the list's columns."""
-    import csv
-    import io
-
-    from distillery.core.serialize import csv_cell, dumps
 
     try:
         filters = page_filters(request)

@@ -18,7 +18,7 @@ from distillery.core.errors import DistilleryError
 from distillery.curation import online
 from distillery.store import Store, query
 from distillery.store import routes as route_store
-from distillery.ui.app import SESSION, SETTINGS, admin_only, in_thread, render, url
+from distillery.ui.base import SESSION, SETTINGS, admin_only, in_thread, render, url
 
 PAIRS = 20  # the newest pairs shown per route
 ACTIONS = {"promote": online.promote, "demote": online.demote, "off": online.switch_off}

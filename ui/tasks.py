@@ -27,7 +27,7 @@ from aiohttp import web
 from distillery.core.errors import DistilleryError
 from distillery.store import dashboard
 from distillery.store.db import Store
-from distillery.ui.app import SESSION, STORE, in_thread, render, url
+from distillery.ui.base import SESSION, STORE, in_thread, render, url
 
 log = structlog.get_logger()
 TASK_ID = re.compile(r"[0-9a-f]{16}")

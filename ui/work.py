@@ -30,7 +30,8 @@ from distillery.store.records import (
     FineTuneJobRecord,
 )
 from distillery.ui import tasks
-from distillery.ui.app import SETTINGS, STORE, admin_only, in_thread, render, url
+from distillery.ui.base import SETTINGS, STORE, admin_only, in_thread, render, url
+from distillery.ui.charts import lines
 from distillery.ui.tasks import Task
 
 SPLITS = {"train.jsonl", "val.jsonl"}
@@ -191,7 +192,6 @@ async def job_refresh(request: web.Request) -> web.Response:
 
 def _loss_chart(events: list[JobEvent]) -> str:
     """Each loss the events report, over steps (or epochs when there are no steps)."""
-    from distillery.ui.charts import lines
 
     series: dict[str, list[tuple[float, float | None]]] = {}
     for event in events:
