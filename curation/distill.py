@@ -21,7 +21,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,49 @@ def _state_path(data_dir: Path, name: str) -> Path:
     return data_dir / "distill" / name / "state.json"
 
 
+@dataclass
+class DistillState:
+    """Where a distill loop stands between runs (``DATA_DIR/distill/NAME/state.json``):
+    the dataset version it trained on, the settings it ran with, its fine-tune job and
+    the run that graded it."""
+
+    dataset_version: int | None = None
+    settings: dict[str, Any] | None = None
+    job: str | None = None
+    final_run: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> DistillState:
+        """The saved state (a fresh one when there is none); a field this version does not
+        know, or one of the wrong kind, is an error naming it, never silently dropped."""
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise DistilleryError(f"{path} is not JSON ({exc}): remove it to start over.") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not an object)"]
+        if unknown:
+            raise DistilleryError(
+                f"{path} has fields distill does not know: {', '.join(unknown)}. "
+                "Remove the file to start over."
+            )
+        state = cls(**data)
+        kinds = {"dataset_version": int, "settings": dict, "job": str, "final_run": str}
+        for name, kind in kinds.items():
+            value = getattr(state, name)
+            if value is not None and not isinstance(value, kind):
+                raise DistilleryError(f"{path}: {name} should be a {kind.__name__}, not {value!r}.")
+        return state
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(self), indent=2))
+        temporary.replace(path)
+
+
 def graded_items(
     store: Store, version: DatasetVersionRecord, limit: int | None, seed: int
 ) -> list[eval_items.Item]:
@@ -187,9 +230,9 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> EvalRunRecord:
     state_path = _state_path(data_dir, options.name)
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = DistillState.read(state_path)
     wanted = settings(options)
-    before = state.get("settings")
+    before = state.settings
     changed = changes(before, wanted) if before is not None else []
     if changed:
         echo("Settings changed since the last run: " + "; ".join(changed))
@@ -213,18 +256,18 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
     version = datasets.latest(store, options.name)
     if version is None:
         raise DistilleryError("No calls match the filters: nothing to distil yet.")
-    same = state.get("dataset_version") == version["version"]
-    if same and state.get("final_run") and not changed:
+    same = state.dataset_version == version["version"]
+    if same and state.final_run and not changed:
         echo(f"No new calls since {options.name}@{version['version']}; the last result stands.")
-        found = evals.get_run(store, state["final_run"])
+        found = evals.get_run(store, state.final_run)
         assert found is not None
         return found
     if not same or (before is not None and before["train"] != wanted["train"]):
-        state = {"dataset_version": version["version"]}  # train (again)
+        state = DistillState(dataset_version=version["version"])  # train (again)
     else:
-        state.pop("final_run", None)  # only grading changed: the same fine-tune, graded anew
-    state["settings"] = wanted
-    _save(state_path, state)
+        state.final_run = None  # only grading changed: the same fine-tune, graded anew
+    state.settings = wanted
+    state.save(state_path)
     job, backend = _finetune(store, options, version, state, state_path, data_dir, echo)
     items = graded_items(store, version, options.limit, options.seed)
     with _students(options, job, backend) as (base, tuned):
@@ -247,8 +290,8 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
             prices=options.prices,
             by_tag=options.by_tag,
         )
-    state["final_run"] = result["id"]
-    _save(state_path, state)
+    state.final_run = result["id"]
+    state.save(state_path)
     return result
 
 
@@ -281,16 +324,11 @@ def verdict(summary: Summary, limits: dict[str, float]) -> list[str]:
     return lines
 
 
-def _save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=2))
-
-
 def _finetune(
     store: Store,
     options: DistillOptions,
     version: DatasetVersionRecord,
-    state: dict[str, Any],
+    state: DistillState,
     state_path: Path,
     data_dir: Path,
     echo: Echo,
@@ -299,7 +337,7 @@ def _finetune(
         options.backend,
         BackendContext(data_dir, options.student_endpoint or Endpoint.from_env("default")),
     )
-    job = finetunes.get(store, state["job"]) if state.get("job") else None
+    job = finetunes.get(store, state.job) if state.job else None
     if job is None or job["status"] in ("failed", "cancelled"):
         spec = JobSpec(
             job_id=new_job_id(),
@@ -311,8 +349,8 @@ def _finetune(
             suffix=options.name[:40],
         )
         job = start_job(store, backend, spec)
-        state["job"] = job["id"]
-        _save(state_path, state)
+        state.job = job["id"]
+        state.save(state_path)
         echo(f"Fine-tuning {options.student_base} on {spec.label}: {job['id']}")
     else:
         echo(f"Resuming fine-tune {job['id']} ({job['status']})")

@@ -146,6 +146,14 @@ def test_an_interrupted_distill_resumes_its_fine_tune(
     assert f"Resuming fine-tune {state['job']}" in resumed.output
     assert len(tuning.created) == 1
     assert "final_run" in json.loads(state_path.read_text())
+    # The state is a typed record: a field it does not know fails at once, naming it,
+    # and so does a field of the wrong kind; nothing is fine-tuned on a guess.
+    for broken in ({**state, "dataset_versoin": 1}, {**state, "job": 7}):
+        state_path.write_text(json.dumps(broken))
+        refused = distill(db, url)
+        assert refused.exit_code == 1 and str(state_path) in refused.output, refused.output
+        assert "dataset_versoin" in refused.output or "job should be a str" in refused.output
+    assert len(tuning.created) == 1
 
 
 def test_fail_under_judges_the_fine_tuned_student(
