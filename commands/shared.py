@@ -16,8 +16,8 @@ import click
 
 from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
-from distillery.store import datasets, open_store
-from distillery.store.query import parse_filters
+from distillery.store import Store, datasets, open_store
+from distillery.store.query import Filters, parse_filters
 from distillery.store.records import DatasetVersionRecord
 
 
@@ -97,14 +97,14 @@ def filter_options(
     return command
 
 
-def build_filters(**options: Any) -> Any:
+def build_filters(**options: Any) -> Filters:
     """The filter options as the store's Filters (no --tenant: every tenant)."""
-
     return parse_filters(**{**options, "tenants": options.get("tenants") or None})
 
 
-def open_cli_store(config: Path | None, database_url: str | None, must_exist: bool = True) -> Any:
-
+def open_cli_store(config: Path | None, database_url: str | None, must_exist: bool = True) -> Store:
+    """The store the command works on, closed when the command ends; a SQLite file that is
+    not there is an error naming the fix (unless the command makes one)."""
     settings = load_settings(config, {"storage.database_url": database_url})
     url = settings.storage.resolved_database_url()
     if (
