@@ -27,6 +27,7 @@ from distillery.commands.shared import (
 from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
 from distillery.core.serialize import dumps
+from distillery.curation.datasets.options import learnable
 from distillery.curation.endpoints import Endpoint, configured
 from distillery.curation.evals import evaluate
 from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
@@ -190,7 +191,8 @@ def run_command(
             dataset=resolve(store, dataset_ref) if dataset_ref else None,
             split="train" if split == "train" else "val",
             file=jsonl,
-            filters=build_filters(**filters) if where else None,
+            # References are the teacher's: never a student's answer, nor an eval's own.
+            filters=learnable(build_filters(**filters)) if where else None,
         ),
         candidates=parse_candidates(models, endpoints, default),
         graders=graders,

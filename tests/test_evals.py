@@ -508,6 +508,36 @@ def test_eval_over_stored_calls_with_filters_and_a_seeded_sample(
     assert len(tools_sent) == len(sampled_tool_items)
 
 
+def test_eval_over_stored_calls_never_takes_a_students_or_an_evals_answer_as_reference(
+    models: FakeModels, db: str
+) -> None:
+    """`eval run --where` grades against the teacher's stored answers: calls a route's
+    student answered, and the evals' own calls, are left out as `dataset build` leaves them."""
+    from distillery.store import open_store
+
+    from helpers import base_records, record
+
+    store = open_store(db)
+    store.insert(base_records())
+    store.close()
+    args = ["--where", "--tag", "app=support", "--model", "teacher", *on(models), "--json"]
+    before = json.loads(eval_run(db, *args, "--grader", "exact").output)["summary"]["items"]
+    store = open_store(db)
+    store.insert(
+        [
+            record(
+                91,
+                "answered by the student",
+                tags={"app": "support", "distillery_served_by": "student"},
+            ),
+            record(92, "an eval probe", tags={"app": "support", "distillery_eval": "1"}),
+        ]
+    )
+    store.close()
+    after = json.loads(eval_run(db, *args, "--grader", "exact").output)["summary"]["items"]
+    assert before > 0 and after == before
+
+
 def test_yaml_grader_file(models: FakeModels, items_file: Path, db: str, tmp_path: Path) -> None:
     grader = tmp_path / "graders.yaml"
     grader.write_text(
