@@ -27,12 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import openai
 from aiohttp import web
+
+from distillery.proxy import process
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "ticket_extraction"))
@@ -61,18 +62,6 @@ def serve(app: web.Application) -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-def wait_for(url: str, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(600):
-        if process.poll() is not None:
-            raise SystemExit(f"the proxy exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up")
-
-
 def distillery(*args: str, env: dict[str, str]) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "distillery", *args], env=env, capture_output=True, text=True
@@ -85,25 +74,9 @@ def distillery(*args: str, env: dict[str, str]) -> str:
 def capture(task: Task, prompts: list[str], teacher: str, env: dict[str, str], db: str) -> None:
     """Send the training calls through the real proxy, as an app would."""
     port = free_port()
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            teacher,
-            "--database-url",
-            db,
-            "--no-access-log",
-        ],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
+    proxy = process.start(port, teacher, database_url=db, extra=["--no-access-log"], env=env)
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", proxy)
+        process.wait_ready(port, proxy, timeout=60)
         app = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1",
             api_key="sk-bench",

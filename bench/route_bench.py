@@ -34,6 +34,8 @@ from proxy_bench import (
     wait_listening,
 )
 
+from distillery.proxy.process import start as launch
+
 HERE = Path(__file__).parent
 ROUTE = """
 [endpoints.student]
@@ -55,27 +57,14 @@ def start_proxy(
     port = free_port()
     config_file = tmp / f"{name}.toml"
     config_file.write_text(config or "")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distillery",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            f"http://127.0.0.1:{teacher}/v1",
-            "--data-dir",
-            str(tmp / name),
-            "--database-url",
-            f"sqlite:///{tmp / (name + '.db')}",
-            "--config",
-            str(config_file),
-            "--log-json",
-        ],
-        stdout=(tmp / f"{name}.log").open("wb"),
-        stderr=subprocess.STDOUT,
+    process = launch(
+        port,
+        f"http://127.0.0.1:{teacher}/v1",
+        data_dir=tmp / name,
+        database_url=f"sqlite:///{tmp / (name + '.db')}",
+        extra=["--config", str(config_file), "--log-json"],
         env={**os.environ, "DISTILLERY_CONFIG": ""},
+        log=tmp / f"{name}.log",
     )
     wait_listening(port, process, name)
     return port, process
