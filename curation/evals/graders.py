@@ -18,8 +18,9 @@ cosine, json, tool_call; anything else is a registered type, a TOML/YAML grader 
 
 This module is the interface: :class:`Grader` (a grader as configured), :class:`Sample`
 (what it grades), :func:`register` (a new type).  The types above live in
-``builtin_graders.py`` and register themselves the same way a user's do, from a module
-named in a grader file's ``plugins`` or from a ``distillery.graders`` entry point.
+``builtin_graders.py`` and register themselves the same way a user's do (the package's
+``__init__`` imports them), as does a module named in a grader file's ``plugins`` or a
+``distillery.graders`` entry point.
 """
 
 from __future__ import annotations
@@ -171,8 +172,6 @@ def _load_plugins() -> None:
     with _plugins_lock:
         if _plugins_loaded:
             return
-        from distillery.curation.evals import builtin_graders  # noqa: F401  (registers them)
-
         for entry in entry_points(group="distillery.graders"):
             try:
                 entry.load()
