@@ -27,7 +27,6 @@ import multiprocessing.connection
 import os
 import queue
 import signal
-import struct
 import threading
 from typing import Any
 
@@ -38,13 +37,12 @@ from aiohttp import web
 from distillery.core import logs
 from distillery.core.config import Settings
 from distillery.core.shadow import JUDGE, Judge, Pair
+from distillery.curation.judge_wire import CLOSE_S, FRAME
 from distillery.store import Store
 from distillery.store.db import create_engine
 
 log = structlog.get_logger()
-CLOSE_S = 30.0  # how long a stop waits for the pairs being graded
 PAIR_BYTES = 16 * 2**20  # pairs handed over and not yet read by the judge, at most
-FRAME = struct.Struct("!I")  # a pair's length before it, in the pipe
 # The judge's CPU priority: the lowest.  Background work, yet never starved outright (a
 # judge starved while it held SQLite's write lock would stall the proxy's capture).
 JUDGE_NICENESS = 19

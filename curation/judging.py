@@ -41,7 +41,7 @@ from distillery.curation.endpoints import Endpoint, configured
 from distillery.curation.evals.generate import Candidate, Generation, Generator
 from distillery.curation.evals.graders import Context, Grader, load_all
 from distillery.curation.evals.items import REPLAYED, Item
-from distillery.curation.judge import CLOSE_S, FRAME
+from distillery.curation.judge_wire import CLOSE_S, FRAME
 from distillery.curation.online import decide
 from distillery.store import Store
 from distillery.store import routes as route_store
