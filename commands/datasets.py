@@ -25,7 +25,7 @@ from distillery.curation.datasets import tokens
 from distillery.curation.datasets.build import NAME, BuildOptions, BuildResult, Rules
 from distillery.curation.datasets.build import build as run_build
 from distillery.curation.datasets.export import export_openai, export_parquet
-from distillery.curation.datasets.manifest import describe
+from distillery.curation.datasets.manifest import Manifest, describe
 from distillery.curation.datasets.options import learnable
 from distillery.curation.datasets.validate import MIN_EXAMPLES, validate_file
 from distillery.store import datasets
@@ -249,7 +249,7 @@ def _report(result: BuildResult, as_json: bool) -> None:
         click.echo(dumps(manifest, indent=True))
         return
     click.echo(result.message, err=True)
-    for line in describe(manifest):
+    for line in describe(Manifest.of(result.version)):
         click.echo(line)
 
 
@@ -302,7 +302,7 @@ def show(config: Path | None, database_url: str | None, ref: str, as_json: bool)
         click.echo(dumps(version["manifest"], indent=True))
         return
 
-    for line in describe(version["manifest"]):
+    for line in describe(Manifest.of(version)):
         click.echo(line)
     click.echo(f"files: {version['path']}/train.jsonl, {version['path']}/val.jsonl")
 

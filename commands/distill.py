@@ -15,6 +15,7 @@ from distillery.commands.shared import (
     fail_on_errors,
     fail_under_option,
     filter_options,
+    hyperparameter,
     local_method_options,
     max_error_rate_option,
     open_cli_store,
@@ -66,16 +67,14 @@ from distillery.store.records import EvalRunRecord
 @fail_under_option("the fine-tuned student's")
 @max_error_rate_option
 @click.option("--no-cache", is_flag=True, help="Call every model afresh (no eval cache).")
-@click.option(
-    "--epochs",
-    type=click.IntRange(1, 500),
+@hyperparameter(
+    "epochs",
     help="Fine-tune epochs  [default: openai auto; local: until the validation loss stops "
     "improving, keeping the best epoch]",
 )
-@click.option("--batch-size", type=click.IntRange(1, 256))
-@click.option(
-    "--learning-rate",
-    type=click.FloatRange(min=0, min_open=True),
+@hyperparameter("batch_size")
+@hyperparameter(
+    "learning_rate",
     help="local  [default: chosen for the student; see `finetune create --help`]",
 )
 @local_method_options

@@ -11,6 +11,7 @@ from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import (
     count_option,
     fail_on_errors,
+    hyperparameter,
     local_method_options,
     open_cli_store,
     resolve,
@@ -27,9 +28,9 @@ from distillery.curation.training.backends import (
     JobEvent,
     JobSpec,
     new_job_id,
-    open_backend,
 )
 from distillery.curation.training.jobs import start_job
+from distillery.curation.training.registry import open_backend
 from distillery.store import finetunes
 from distillery.store.records import FineTuneJobRecord
 
@@ -95,31 +96,28 @@ def finetune() -> None:
     help="Fine-tuning API base URL  [default: OPENAI_BASE_URL]",
 )
 @click.option("--api-key-env", help="Env var with the API key  [default: OPENAI_API_KEY]")
-@click.option(
+@hyperparameter(
+    "epochs",
     "--epochs",
     "n_epochs",
-    type=click.IntRange(1, 50),
     help="Training epochs  [default: openai auto; local: until the validation loss stops "
     "improving, keeping the best epoch]",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, 256),
+@hyperparameter(
+    "batch_size",
     help="[default: openai auto; local: 8-32 from scratch (about 40 steps an epoch), "
     "16 small, 8 LoRA]",
 )
-@click.option(
-    "--learning-rate-multiplier",
-    type=click.FloatRange(min=0, min_open=True),
+@hyperparameter(
+    "learning_rate_multiplier",
     help="openai only  [default: auto]",
 )
-@click.option(
-    "--learning-rate",
-    type=click.FloatRange(min=0, min_open=True),
+@hyperparameter(
+    "learning_rate",
     help="local only  [default: 1e-3 from scratch, 1e-4 small, 2e-4 LoRA]",
 )
-@click.option("--lora-r", type=click.IntRange(1, 1024), help="local: LoRA rank  [default: 16]")
-@click.option("--lora-alpha", type=click.IntRange(1, 4096), help="local: LoRA alpha  [default: 32]")
+@hyperparameter("lora_r", help="local: LoRA rank  [default: 16]")
+@hyperparameter("lora_alpha", help="local: LoRA alpha  [default: 32]")
 @local_method_options
 @click.option(
     "--merge", is_flag=True, help="local: also save the base model with the LoRA adapter merged in."
@@ -159,8 +157,6 @@ def create(
 
     if full and lora:
         raise click.UsageError("Cannot use --full and --lora together.")
-    if suffix is not None and len(suffix) > 64:
-        raise click.UsageError("--suffix can be at most 64 characters.")
     store = open_cli_store(config, database_url)
     spec = JobSpec(
         job_id=new_job_id(),

@@ -10,15 +10,18 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
+from distillery.curation.training.backends import LIMITS
 from distillery.store import Store, datasets, open_store
 from distillery.store.query import Filters, parse_filters
 from distillery.store.records import DatasetVersionRecord
+
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 class DefaultGroup(click.Group):
@@ -159,9 +162,20 @@ def resolve(store: Any, ref: str) -> DatasetVersionRecord:
     return found
 
 
+def hyperparameter(name: str, *declarations: str, **kwargs: Any) -> Callable[[FC], FC]:
+    """The option for a hyperparameter, its range the one every backend is held to."""
+    limit = LIMITS[name]
+    kind: click.IntRange | click.FloatRange = (
+        click.IntRange(int(limit.low), None if limit.high is None else int(limit.high))
+        if limit.kind is int
+        else click.FloatRange(limit.low, limit.high, min_open=limit.open)
+    )
+    return click.option(*(declarations or (f"--{name.replace('_', '-')}",)), type=kind, **kwargs)
+
+
 def local_method_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--full, --lora and --threads, for `finetune create` and `distill` alike."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option(
             "--full",
             is_flag=True,
@@ -171,11 +185,7 @@ def local_method_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--lora", is_flag=True, help="local: train a LoRA adapter  [default: larger models]"
         ),
-        click.option(
-            "--threads",
-            type=click.IntRange(1, 256),
-            help="local: CPU threads  [default: half the cores, at most 8]",
-        ),
+        hyperparameter("threads", help="local: CPU threads  [default: half the cores, at most 8]"),
     ]
     for option in reversed(options):
         command = option(command)

@@ -21,11 +21,14 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict
+
 from distillery.core.errors import DistilleryError
+from distillery.core.records import Record
 from distillery.curation.datasets.build import BuildOptions, build
 from distillery.curation.datasets.options import learnable
 from distillery.curation.endpoints import Endpoint
@@ -40,9 +43,9 @@ from distillery.curation.training.backends import (
     JobSpec,
     Method,
     new_job_id,
-    open_backend,
 )
 from distillery.curation.training.jobs import start_job, wait
+from distillery.curation.training.registry import open_backend
 from distillery.store import Store, datasets, evals, finetunes, query
 from distillery.store.records import (
     DatasetVersionRecord,
@@ -128,11 +131,13 @@ def _state_path(data_dir: Path, name: str) -> Path:
     return data_dir / "distill" / name / "state.json"
 
 
-@dataclass
-class DistillState:
+class DistillState(Record):
     """Where a distill loop stands between runs (``DATA_DIR/distill/NAME/state.json``):
     the dataset version it trained on, the settings it ran with, its fine-tune job and
-    the run that graded it."""
+    the run that graded it.  A field this version does not know, or one of the wrong
+    kind, is an error naming it, never silently dropped."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
     dataset_version: int | None = None
     settings: dict[str, Any] | None = None
@@ -140,35 +145,13 @@ class DistillState:
     final_run: str | None = None
 
     @classmethod
-    def read(cls, path: Path) -> DistillState:
-        """The saved state (a fresh one when there is none); a field this version does not
-        know, or one of the wrong kind, is an error naming it, never silently dropped."""
-        if not path.exists():
-            return cls()
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            raise DistilleryError(f"{path} is not JSON ({exc}): remove it to start over.") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not an object)"]
-        if unknown:
-            raise DistilleryError(
-                f"{path} has fields distill does not know: {', '.join(unknown)}. "
-                "Remove the file to start over."
-            )
-        state = cls(**data)
-        kinds = {"dataset_version": int, "settings": dict, "job": str, "final_run": str}
-        for name, kind in kinds.items():
-            value = getattr(state, name)
-            if value is not None and not isinstance(value, kind):
-                raise DistilleryError(f"{path}: {name} should be a {kind.__name__}, not {value!r}.")
-        return state
+    def load(cls, path: Path) -> DistillState:
+        """The saved state, or a fresh one when there is none."""
+        return cls.read(path) if path.exists() else cls()
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2))
-        temporary.replace(path)
+        self.write(path)
 
 
 def graded_items(
@@ -230,7 +213,7 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> EvalRunRecord:
     state_path = _state_path(data_dir, options.name)
-    state = DistillState.read(state_path)
+    state = DistillState.load(state_path)
     wanted = settings(options)
     before = state.settings
     changed = changes(before, wanted) if before is not None else []

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlmodel import Session, select
 
 from distillery.cli import cli
 from distillery.curation.datasets.validate import validate_file
-from distillery.store import open_store
+from distillery.store import DatasetVersion, open_store
 
 from helpers import SYSTEM, TOOLS, TOPICS, base_records, record
 
@@ -125,6 +126,28 @@ def test_build_is_clean_deduplicated_validated_and_versioned(db: str, tmp_path: 
     assert [
         (d["name"], d["version"], d["train_examples"] + d["val_examples"]) for d in listing
     ] == [("support", 1, 17)]
+
+
+def test_the_manifest_is_a_typed_record(db: str, tmp_path: Path) -> None:
+    """The manifest on disk is the one the database keeps; read back, a field this version
+    does not know (a misspelling, a newer build's) fails `dataset show` naming the field,
+    never a KeyError and never a silent default."""
+    manifest = build(db)
+    on_disk = json.loads((files(manifest, tmp_path) / "manifest.json").read_text())
+    assert on_disk == manifest and manifest["counts"]["examples"] == (
+        manifest["counts"]["train"] + manifest["counts"]["val"]
+    )
+    store = open_store(db)
+    with Session(store.engine) as session:
+        row = session.exec(select(DatasetVersion)).one()
+        row.manifest = {**manifest, "warnigns": ["typo"]}
+        session.add(row)
+        session.commit()
+    store.close()
+    shown = run(db, "show", "support@1")
+    assert shown.exit_code == 1
+    assert "the manifest of support@1: warnigns: a field this version" in shown.output
+    assert "Traceback" not in shown.output
 
 
 def test_same_inputs_give_the_same_content_hash(db: str) -> None:

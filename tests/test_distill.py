@@ -152,7 +152,10 @@ def test_an_interrupted_distill_resumes_its_fine_tune(
         state_path.write_text(json.dumps(broken))
         refused = distill(db, url)
         assert refused.exit_code == 1 and str(state_path) in refused.output, refused.output
-        assert "dataset_versoin" in refused.output or "job should be a str" in refused.output
+        assert (
+            "dataset_versoin: a field this version" in refused.output
+            or "job: Input should be a valid string" in refused.output
+        )
     assert len(tuning.created) == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -245,13 +246,13 @@ def test_a_dataset_below_the_providers_minimum_is_refused_before_upload(
 @pytest.fixture
 def backend_registry() -> Iterator[ModuleType]:
     """Backends a test registers are its own: the registry is put back after."""
-    from distillery.curation.training import backends
+    from distillery.curation.training import registry
 
-    backends.names()  # the built-ins, loaded before the snapshot
-    saved = dict(backends._REGISTRY)
-    yield backends
-    backends._REGISTRY.clear()
-    backends._REGISTRY.update(saved)
+    registry.names()  # the built-ins and plugins, loaded before the snapshot
+    saved = dict(registry._REGISTRY)
+    yield registry
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
 
 
 def test_the_memory_backend_runs_a_job_through_the_cli(db: str) -> None:
@@ -381,11 +382,8 @@ def test_start_job_and_wait_record_a_failed_job_with_its_reason(db: str) -> None
 def test_the_readme_backend_example_is_a_backend(backend_registry: Any, tmp_path: Path) -> None:
     """The README's backend example implements the interface and registers under its name."""
     from distillery.curation.endpoints import Endpoint
-    from distillery.curation.training.backends import (
-        BackendContext,
-        FineTuneBackend,
-        open_backend,
-    )
+    from distillery.curation.training.backends import BackendContext, FineTuneBackend
+    from distillery.curation.training.registry import open_backend
 
     namespace: dict[str, Any] = {}
     exec(readme_code("Extending Distillery")[1], namespace)
@@ -393,3 +391,70 @@ def test_the_readme_backend_example_is_a_backend(backend_registry: Any, tmp_path
     backend = open_backend("mycloud", context)
     assert isinstance(backend, FineTuneBackend) and backend.name == "mycloud"
     assert "mycloud" in backend_registry.names()
+
+
+def test_a_local_jobs_files_are_typed_records(db: str, tmp_path: Path) -> None:
+    """The trainer's job.json and status.json are read through typed records: a field one
+    side misspells fails at once, naming the file and the field, instead of a KeyError
+    in the trainer or a job that looks queued for ever."""
+    from distillery.curation.training import trainer
+    from distillery.store import finetunes
+
+    directory = tmp_path / "data" / "finetunes" / "ftjob_typed"
+    directory.mkdir(parents=True)
+    job = {"base_model": "m", "dataset_dir": str(tmp_path), "dataset": "support@1"}
+    (directory / "job.json").write_text(json.dumps({**job, "hyperparamters": {"epochs": 2}}))
+    handler = signal.getsignal(signal.SIGTERM)  # the trainer takes SIGTERM; put it back
+    try:
+        assert trainer.run(directory) == 1  # fails before any model is loaded
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    status = json.loads((directory / "status.json").read_text())
+    assert status["status"] == "failed"
+    assert "job.json: hyperparamters: a field this version" in status["error"]["message"]
+    # A status.json with a field this version does not know is refused, naming it.
+    store = open_store(db)
+    finetunes.insert(
+        store,
+        {
+            "id": "ftjob_typed",
+            "backend": "local",
+            "base_url": None,
+            "provider_job_id": str(directory),
+            "dataset": "support",
+            "dataset_version": 1,
+            "base_model": "m",
+            "status": "running",
+            "hyperparameters": {},
+        },
+    )
+    store.close()
+    (directory / "status.json").write_text(json.dumps({"status": "running", "modle_dir": "x"}))
+    shown = ft(db, None, "status", "ftjob_typed")
+    assert shown.exit_code == 1 and "status.json: modle_dir: a field this version" in shown.output
+    assert "Traceback" not in shown.output
+
+
+def test_a_spec_is_checked_where_it_is_made_whoever_makes_it(db: str, api: FakeFineTuning) -> None:
+    """The hyperparameters' limits and the suffix's length are the spec's own rules: the
+    flags take their ranges from the same table, and a spec made in code is refused too.
+    Nothing reaches the provider."""
+    from distillery.curation.training.backends import (
+        LIMITS,
+        FineTuneError,
+        Hyperparameters,
+        JobSpec,
+    )
+
+    long_suffix = create(db, api, "gpt-4.1-mini", "--suffix", "s" * 65)
+    assert long_suffix.exit_code == 1
+    assert "The suffix can be at most 64 characters." in long_suffix.output
+    too_many = create(db, api, "gpt-4.1-mini", "--epochs", str(int(LIMITS["epochs"].high or 0) + 1))
+    assert too_many.exit_code == 2 and "1<=x<=500" in too_many.output
+    with pytest.raises(FineTuneError, match="batch size must be from 1 to 256, not 0"):
+        Hyperparameters(batch_size=0)
+    with pytest.raises(FineTuneError, match="learning rate multiplier must be above 0"):
+        Hyperparameters(learning_rate_multiplier=0.0)
+    with pytest.raises(FineTuneError, match="Name the base model"):
+        JobSpec("ftjob_x", {}, " ")  # type: ignore[typeddict-item]
+    assert api.files == {} and api.created == []

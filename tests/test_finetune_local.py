@@ -202,18 +202,19 @@ def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path: P
     """The marker `student create` writes is what makes a model "from scratch"; the same
     weights without it are a small pretrained model (its parameters counted from the
     config), and an explicit --lora is honoured."""
+    from distillery.curation.training.job_files import TrainerJob
     from distillery.curation.training.student import MARKER
     from distillery.curation.training.trainer import choose_settings
 
     model = build(tmp_path / "student", ["hello there", "the answer is 42"] * 10)
-    job: dict[str, Any] = {"base_model": str(model), "hyperparameters": {}, "lora": None}
+    job = TrainerJob(base_model=str(model), dataset_dir=str(tmp_path), dataset="d@1")
     scratch = choose_settings(job, 280, True, False)
     assert scratch["profile"].startswith("randomly initialised") and scratch["method"] == "full"
     assert scratch["batch_size"] == 8 and 10_000 < scratch["parameters"] < 30_000_000
     (model / MARKER).unlink()
     small = choose_settings(job, 280, True, False)
     assert small["profile"].startswith("small") and small["learning_rate"] == 1e-4
-    lora = choose_settings({**job, "lora": True}, 280, True, False)
+    lora = choose_settings(job.model_copy(update={"lora": True}), 280, True, False)
     assert lora["method"] == "lora" and lora["lora_r"] == 16
 
 

@@ -539,6 +539,9 @@ def test_distill_refuses_what_the_backend_would_before_anything_starts(
         ({"name": "no spaces", "base_model": "m"}, "use letters, digits"),
         ({"name": "ok", "base_model": ""}, "Name the base model"),
         ({"name": "ok", "base_model": "m", "epochs": "many"}, "epochs must be a number"),
+        # The same limits as `finetune create --epochs` and `distill --epochs`.
+        ({"name": "ok", "base_model": "m", "epochs": "501"}, "epochs must be from 1 to 500"),
+        ({"name": "ok", "base_model": "m", "learning_rate": "0"}, "learning rate must be above 0"),
         ({"name": "ok", "base_model": "m", "backend": "nope"}, "No fine-tuning backend"),
     ):
         refused = distill_form(admin, "tag=app%3Dsupport", **fields)

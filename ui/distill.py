@@ -34,15 +34,16 @@ from distillery.curation.datasets.build import (
 from distillery.curation.datasets.options import learnable
 from distillery.curation.endpoints import Endpoint
 from distillery.curation.training.backends import (
+    LIMITS,
     BackendContext,
     Hyperparameters,
     JobSpec,
-    names,
+    check_model,
     new_job_id,
-    open_backend,
 )
 from distillery.curation.training.jobs import start_job
 from distillery.curation.training.openai_api import MIN_EXAMPLES
+from distillery.curation.training.registry import names, open_backend
 from distillery.store import query
 from distillery.ui import tasks
 from distillery.ui.base import SESSION, SETTINGS, STORE, in_thread, render, url
@@ -184,18 +185,17 @@ async def run(request: web.Request) -> web.StreamResponse:
         check_name(name)
         backend_name = str(form.get("backend") or "")
         base_model = str(form.get("base_model") or "").strip()
-        if not base_model:
-            raise DistilleryError("Name the base model to fine-tune.")
         val_fraction = _number(form, "val_fraction", float, 0) or 0.0
         if val_fraction >= 1:
             raise DistilleryError("validation fraction must be below 1.")
         hyper = Hyperparameters(
-            epochs=_number(form, "epochs", int, 1),
-            batch_size=_number(form, "batch_size", int, 1),
-            learning_rate=_number(form, "learning_rate", float, 0),
-            learning_rate_multiplier=_number(form, "learning_rate_multiplier", float, 0),
-            lora_r=_number(form, "lora_r", int, 1),
+            **{
+                name: _number(form, name, LIMITS[name].kind)
+                for name in ("epochs", "batch_size", "learning_rate", "learning_rate_multiplier")
+            },
+            lora_r=_number(form, "lora_r", int),
         )
+        check_model(base_model)
         rules = Rules(
             no_refusals=not form.get("include_refusals"),
             min_tokens=_number(form, "min_tokens", int, 0) or 1,

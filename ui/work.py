@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from distillery.core.errors import DistilleryError
-from distillery.curation.datasets.manifest import describe
+from distillery.curation.datasets.manifest import Manifest, describe
 from distillery.curation.endpoints import Endpoint, configured
 from distillery.curation.evals.evaluate import result_rows, with_role
 from distillery.curation.evals.generate import parse_candidates
@@ -22,7 +22,8 @@ from distillery.curation.evals.report import bars, compare, disagreements
 from distillery.curation.evals.request import EvalRequest, Source
 from distillery.curation.evals.request import run as run_eval
 from distillery.curation.training import jobs
-from distillery.curation.training.backends import TERMINAL, BackendContext, JobEvent, open_backend
+from distillery.curation.training.backends import TERMINAL, BackendContext, JobEvent
+from distillery.curation.training.registry import open_backend
 from distillery.store import Store, datasets, evals, finetunes
 from distillery.store.records import (
     DatasetVersionRecord,
@@ -101,7 +102,7 @@ async def dataset_version(request: web.Request) -> web.Response:
         request,
         "version.html",
         version=version,
-        lines=describe(version["manifest"]),
+        lines=describe(Manifest.of(version)),
         changes=changes,
     )
 

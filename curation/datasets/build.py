@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import orjson
 
 from distillery.core.errors import DistilleryError
 from distillery.curation.datasets import tokens
 from distillery.curation.datasets.dedupe import find_duplicates
+from distillery.curation.datasets.manifest import Manifest
 from distillery.curation.datasets.options import BuildOptions, Rules
 from distillery.curation.datasets.scan import Segment, carry_over, scan, scan_store
 from distillery.curation.datasets.validate import MIN_EXAMPLES, Report
@@ -129,8 +129,8 @@ def _build_locked(
     try:
         segments = _scan(store, options, selection, previous, scratch, workers, progress, total)
         manifest = _assemble(segments, options, selection, previous, scratch)
-        manifest.update(name=options.name, version=number, watermark=watermark)
-        (scratch / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        manifest = manifest.model_copy(update={"version": number, "watermark": watermark})
+        manifest.write(scratch / "manifest.json")
         for segment in segments:
             shutil.rmtree(segment.directory)
         (scratch / "signatures.u32").unlink(missing_ok=True)
@@ -144,12 +144,12 @@ def _build_locked(
         "name": options.name,
         "version": number,
         "created_at": datetime.now(UTC),
-        "content_hash": manifest["content_hash"],
+        "content_hash": manifest.content_hash,
         "watermark": watermark,
-        "train_examples": manifest["counts"]["train"],
-        "val_examples": manifest["counts"]["val"],
+        "train_examples": manifest.counts.train,
+        "val_examples": manifest.counts.val,
         "path": str(final),
-        "manifest": manifest,
+        "manifest": manifest.to_json(),
     }
     version = datasets.record_version(store, values, _lineage(final))
     return BuildResult(version, f"Built {options.name}@{number} in {final}")
@@ -232,7 +232,8 @@ def _assemble(
     selection: query.Filters,
     previous: DatasetVersionRecord | None,
     scratch: Path,
-) -> dict[str, Any]:
+) -> Manifest:
+    """The version's manifest; its number and watermark are set once the files are in place."""
     facts = [segment.facts() for segment in segments]
     keys = np.concatenate([f["keys"] for f in facts])
     eligible = np.concatenate([f["eligible"] for f in facts])
@@ -274,7 +275,10 @@ def _assemble(
     summary.pop("errors"), summary.pop("warnings")
     summary["method"] = tokens.method(options.tokenizer)  # how the counts were made
     considered = sum(segment.considered for segment in segments)
-    return {
+    fields = {
+        "name": options.name,
+        "version": 0,
+        "watermark": None,
         "created_at": datetime.now(UTC).isoformat(),
         "previous_version": previous["version"] if previous else None,
         "filters": _describe(selection),
@@ -309,6 +313,7 @@ def _assemble(
         "content_hash": content_hash,
         "files": {"train": "train.jsonl", "val": "val.jsonl"},
     }
+    return Manifest.parse(fields, f"the manifest of {options.name}")
 
 
 def _describe(filters: query.Filters) -> dict[str, Any]:

@@ -1,29 +1,87 @@
-"""A dataset version's manifest, in words: what `dataset show` and the dashboard print."""
+"""A dataset version's manifest: what a build records about itself, as a typed record, and in
+words (what `dataset show` and the dashboard print).
+
+The build writes it to the version's ``manifest.json`` and the database keeps it with the
+version; everything that reads one goes through :meth:`Manifest.of`, so a field this version
+does not know is an error naming it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from distillery.core.records import Record
+from distillery.store.records import DatasetVersionRecord
 
-def describe(manifest: dict[str, Any]) -> list[str]:
+
+class Counts(Record):
+    considered: int
+    carried_over: int  # examples the previous version contributed (incremental builds)
+    dropped: dict[str, int] = {}  # rule or dedupe reason -> examples
+    train: int
+    val: int
+    examples: int  # train + val
+
+
+class Tokens(Record):
+    """The train split's token counts and the training estimate made from them."""
+
+    examples: int
+    tokens: int
+    min_tokens: int
+    mean_tokens: float
+    max_tokens: int
+    epochs: int
+    training_tokens: int
+    method: str = "estimated"  # how the counts were made (manifests before it was recorded)
+
+
+class Manifest(Record):
+    name: str
+    version: int
+    watermark: str | None  # the newest call the version read
+    created_at: str
+    previous_version: int | None
+    filters: dict[str, Any]
+    rules: dict[str, Any]
+    dedupe: dict[str, Any]
+    split: dict[str, Any]
+    pruning: dict[str, Any]
+    history_weight: float | None
+    redaction: dict[str, Any]
+    counts: Counts
+    tokens: Tokens
+    warnings: list[str] = []
+    content_hash: str
+    files: dict[str, str]
+
+    @classmethod
+    def of(cls, version: DatasetVersionRecord) -> Manifest:
+        """The manifest the database keeps for ``version``."""
+        return cls.parse(
+            version["manifest"], f"the manifest of {version['name']}@{version['version']}"
+        )
+
+
+def describe(manifest: Manifest) -> list[str]:
     """Counts, what each rule dropped, token totals and warnings, a line each."""
-    counts = manifest["counts"]
-    tokens = manifest["tokens"]
+    counts = manifest.counts
+    tokens = manifest.tokens
     lines = [
-        f"{manifest['name']}@{manifest['version']}  content {manifest['content_hash'][:16]}  "
-        f"watermark {manifest.get('watermark')}",
-        f"considered {counts['considered']}, carried over {counts['carried_over']}, "
-        f"train {counts['train']}, validation {counts['val']}",
+        f"{manifest.name}@{manifest.version}  content {manifest.content_hash[:16]}  "
+        f"watermark {manifest.watermark}",
+        f"considered {counts.considered}, carried over {counts.carried_over}, "
+        f"train {counts.train}, validation {counts.val}",
     ]
-    dropped = counts.get("dropped") or {}
-    if dropped:
-        lines.append("dropped: " + ", ".join(f"{reason} {n}" for reason, n in dropped.items()))
+    if counts.dropped:
+        lines.append(
+            "dropped: " + ", ".join(f"{reason} {n}" for reason, n in counts.dropped.items())
+        )
     lines.append(
-        f"train tokens: {tokens['tokens']} total, min {tokens['min_tokens']}, "
-        f"mean {tokens['mean_tokens']}, max {tokens['max_tokens']}; "
-        f"x {tokens['epochs']} epochs = {tokens['training_tokens']} training tokens "
-        f"({tokens.get('method', 'estimated')})"
+        f"train tokens: {tokens.tokens} total, min {tokens.min_tokens}, "
+        f"mean {tokens.mean_tokens}, max {tokens.max_tokens}; "
+        f"x {tokens.epochs} epochs = {tokens.training_tokens} training tokens "
+        f"({tokens.method})"
     )
-    for warning in manifest.get("warnings") or ():
-        lines.append(f"warning: {warning}")
+    lines.extend(f"warning: {warning}" for warning in manifest.warnings)
     return lines

@@ -1,4 +1,4 @@
-"""The interface every fine-tuning backend implements, and the registry that names them.
+"""The interface every fine-tuning backend implements (:mod:`.registry` names them).
 
 A backend turns a :class:`JobSpec` (a dataset version, a base model, the
 hyperparameters) into a running job somewhere, and reports on it later.  It
@@ -9,8 +9,10 @@ and the dashboard.
 Built in: ``openai`` (OpenAI's fine-tuning API or any provider speaking it),
 ``local`` (TRL + PEFT on this machine) and ``memory`` (in-process, for tests
 and for trying a pipeline).  A package adds its own through the
-``distillery.backends`` entry point group, or code calls :func:`register`;
-see "Extending Distillery" in the README.
+``distillery.backends`` entry point group, or code calls
+:func:`distillery.curation.training.registry.register`; see "Extending
+Distillery" in the README.  This module imports no backend, so a backend
+imports it freely.
 
     FineTuneError (DistilleryError)   a job could not be started, read or cancelled
 """
@@ -19,9 +21,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypedDict, runtime_checkable
 
@@ -42,11 +42,44 @@ def new_job_id() -> str:
 
 
 @dataclass(frozen=True)
+class Limit:
+    """The values a hyperparameter may take: ``low`` (excluded when ``open``) to ``high``."""
+
+    low: float
+    high: float | None = None
+    open: bool = False
+    kind: type[int] | type[float] = int
+
+    def admits(self, value: float) -> bool:
+        above = value > self.low if self.open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'above' if self.open else 'at least'} {self.low:g}"
+        return f"from {self.low:g} to {self.high:g}"
+
+
+# Whoever sets them (flags, the dashboard's form, a caller of the API), the same ranges.
+LIMITS = {
+    "epochs": Limit(1, 500),
+    "batch_size": Limit(1, 256),
+    "learning_rate": Limit(0, open=True, kind=float),
+    "learning_rate_multiplier": Limit(0, open=True, kind=float),
+    "lora_r": Limit(1, 1024),
+    "lora_alpha": Limit(1, 4096),
+    "threads": Limit(1, 256),
+}
+SUFFIX_LENGTH = 64  # OpenAI's limit on a fine-tuned model name's suffix
+
+
+@dataclass(frozen=True)
 class Hyperparameters:
     """What the user asked for; ``None`` leaves the choice to the backend.
 
     Each backend sends the ones it understands (OpenAI: epochs, batch size,
-    learning-rate multiplier and seed; local: all but the multiplier).
+    learning-rate multiplier and seed; local: all but the multiplier).  A value
+    outside :data:`LIMITS` is refused here, whoever asked for it.
     """
 
     epochs: int | None = None
@@ -58,11 +91,26 @@ class Hyperparameters:
     threads: int | None = None
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and not limit.admits(value):
+                raise FineTuneError(f"{name.replace('_', ' ')} must be {limit}, not {value}.")
+
     def given(self, *names: str) -> dict[str, Any]:
         """The values that were set, among ``names`` (all when none are named)."""
         return {
             k: v for k, v in asdict(self).items() if v is not None and (not names or k in names)
         }
+
+
+def check_model(base_model: str, suffix: str | None = None) -> None:
+    """What a :class:`JobSpec` refuses in its model and suffix (a form checks it before
+    the dataset the spec will name is built)."""
+    if not base_model.strip():
+        raise FineTuneError("Name the base model to fine-tune.")
+    if suffix is not None and len(suffix) > SUFFIX_LENGTH:
+        raise FineTuneError(f"The suffix can be at most {SUFFIX_LENGTH} characters.")
 
 
 @dataclass(frozen=True)
@@ -76,6 +124,9 @@ class JobSpec:
     method: Method = "auto"  # local: force full training or LoRA; auto lets the trainer choose
     merge: bool = False  # local: also save the base model with a LoRA adapter merged in
     suffix: str | None = None  # openai: added to the fine-tuned model's name
+
+    def __post_init__(self) -> None:
+        check_model(self.base_model, self.suffix)
 
     @property
     def label(self) -> str:
@@ -149,52 +200,3 @@ class BackendContext:
 
     data_dir: Path
     endpoint: Endpoint | None = None  # None: OPENAI_BASE_URL / OPENAI_API_KEY
-
-
-Factory = Callable[[BackendContext], FineTuneBackend]
-_REGISTRY: dict[str, Factory] = {}
-
-
-def register(name: str, factory: Factory) -> None:
-    """Make ``--backend NAME`` open a backend with ``factory(context)``."""
-    _REGISTRY[name] = factory
-
-
-def names() -> list[str]:
-    _load_plugins()
-    return sorted(_REGISTRY)
-
-
-def open_backend(name: str, context: BackendContext) -> FineTuneBackend:
-    """The backend called ``name``, opened for ``context``."""
-    _load_plugins()
-    if name in _BROKEN:
-        raise FineTuneError(_BROKEN[name])
-    if name not in _REGISTRY:
-        raise FineTuneError(
-            f"No fine-tuning backend {name!r}: use one of {', '.join(sorted(_REGISTRY))}, "
-            "or install a package that adds one (entry point group 'distillery.backends')."
-        )
-    return _REGISTRY[name](context)
-
-
-_plugins_loaded = False
-_BROKEN: dict[str, str] = {}  # plugins that failed to load: said when asked for, not before
-
-
-def _load_plugins() -> None:
-    """The built-ins, then every ``distillery.backends`` entry point (once per process)."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    from distillery.curation.training import local, memory, openai_api
-
-    register("openai", openai_api.OpenAIBackend.open)
-    register("local", local.LocalBackend.open)
-    register("memory", memory.InMemoryBackend.open)
-    for entry in entry_points(group="distillery.backends"):
-        try:
-            register(entry.name, entry.load())
-        except Exception as exc:  # a broken plugin must not break the built-ins
-            _BROKEN[entry.name] = f"The backend plugin {entry.value!r} failed to load: {exc}"

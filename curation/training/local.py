@@ -24,6 +24,12 @@ from distillery.curation.training.backends import (
     JobState,
     Started,
 )
+from distillery.curation.training.job_files import (
+    TrainerJob,
+    TrainerStatus,
+    job_path,
+    status_path,
+)
 from distillery.store.records import FineTuneJobRecord
 
 # Started through a short-lived launcher so the trainer is nobody's child: it outlives
@@ -64,17 +70,15 @@ class LocalBackend:
         given = spec.hyperparameters.given(
             "epochs", "batch_size", "learning_rate", "seed", "lora_r", "lora_alpha", "threads"
         )
-        job = {
-            "base_model": spec.base_model,
-            "dataset_dir": str(spec.directory),
-            "dataset": spec.label,
-            "hyperparameters": given,
-            # True/False force LoRA/full training; None lets the trainer choose.
-            "lora": None if spec.method == "auto" else spec.method == "lora",
-            "merge": spec.merge,
-        }
-        (directory / "job.json").write_text(json.dumps(job, indent=2))
-        (directory / "status.json").write_text(json.dumps({"status": "queued"}))
+        TrainerJob(
+            base_model=spec.base_model,
+            dataset_dir=str(spec.directory),
+            dataset=spec.label,
+            hyperparameters=given,
+            lora=None if spec.method == "auto" else spec.method == "lora",
+            merge=spec.merge,
+        ).write(job_path(directory))
+        TrainerStatus(status="queued").write(status_path(directory))
         started = subprocess.run(
             [sys.executable, "-c", LAUNCHER, str(directory), str(directory / "train.log")],
             capture_output=True,
@@ -100,9 +104,9 @@ class LocalBackend:
 
     def state(self, job: FineTuneJobRecord) -> JobState:
         directory = _directory(job)
-        status = json.loads((directory / "status.json").read_text())
-        state = status["status"]
-        error = status.get("error")
+        status = TrainerStatus.read(status_path(directory))
+        state: str = status.status
+        error = status.error
         if state in ("queued", "running") and not self._alive(directory):
             state, error = (
                 "failed",
@@ -110,17 +114,17 @@ class LocalBackend:
             )
         metrics = {
             k: v
-            for k, v in (status.get("metrics") or {}).items()
+            for k, v in (status.metrics or {}).items()
             if isinstance(v, (int, float)) or k == "device"
         }
         changes: JobState = {
             "status": state,
-            "fine_tuned_model": status.get("model_dir"),
+            "fine_tuned_model": status.model_dir,
             "metrics": metrics,
             "error": error,
         }
-        if status.get("settings"):  # what the trainer chose, defaults included
-            changes["hyperparameters"] = {**(job["hyperparameters"] or {}), **status["settings"]}
+        if status.settings:  # what the trainer chose, defaults included
+            changes["hyperparameters"] = {**(job["hyperparameters"] or {}), **status.settings}
         return changes
 
     def events(self, job: FineTuneJobRecord) -> list[JobEvent]:
@@ -141,13 +145,11 @@ class LocalBackend:
             deadline = time.monotonic() + 60
             while self._alive(directory) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        status = json.loads((directory / "status.json").read_text())["status"]
+        status = TrainerStatus.read(status_path(directory)).status
         if status in ("queued", "running"):
-            (directory / "status.json").write_text(
-                json.dumps({"status": "cancelled", "updated_at": time.time()})
-            )
+            TrainerStatus.now("cancelled").write(status_path(directory))
             return "cancelled"
-        return str(status)
+        return status
 
 
 def _directory(job: FineTuneJobRecord) -> Path:

@@ -28,195 +28,232 @@ import traceback
 from pathlib import Path
 from typing import Any, cast
 
+from distillery.curation.training import settings as train_settings
+from distillery.curation.training import student
+from distillery.curation.training.job_files import (
+    Status,
+    TrainedModel,
+    TrainerJob,
+    TrainerStatus,
+    job_path,
+    status_path,
+)
 
-def _write(path: Path, value: Any) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    temporary.replace(path)
+
+class Journal:
+    """The job's directory as the trainer keeps it: ``status.json``, ``events.jsonl``, and
+    whether SIGTERM asked it to stop."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cancelled = False
+        self._events = (directory / "events.jsonl").open("a")
+
+    def status(self, state: Status, **fields: Any) -> None:
+        TrainerStatus.now(state, **fields).write(status_path(self.directory))
+
+    def event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        line = {"time": time.time(), "level": level, "message": message, "data": data or {}}
+        self._events.write(json.dumps(line) + "\n")
+        self._events.flush()
+
+    def stop(self, *_: Any) -> None:
+        self.cancelled = True
+
+    def close(self) -> None:
+        self._events.close()
 
 
 def run(directory: Path) -> int:
-    job = json.loads((directory / "job.json").read_text())
-    status_path = directory / "status.json"
-    events = (directory / "events.jsonl").open("a")
-    cancelled = {"flag": False}
-
-    def status(state: str, **extra: Any) -> None:
-        _write(status_path, {"status": state, "updated_at": time.time(), **extra})
-
-    def event(message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        events.write(
-            json.dumps(
-                {"time": time.time(), "level": level, "message": message, "data": data or {}}
-            )
-            + "\n"
-        )
-        events.flush()
-
-    def stop(*_: Any) -> None:
-        cancelled["flag"] = True
-
-    signal.signal(signal.SIGTERM, stop)
-    status("running")
-    event("loading the base model and the dataset")
+    journal = Journal(directory)
+    signal.signal(signal.SIGTERM, journal.stop)
+    journal.status("running")
+    journal.event("loading the base model and the dataset")
     try:
-        import torch
-        from datasets import Dataset
-        from transformers import AutoTokenizer, EarlyStoppingCallback, TrainerCallback
-        from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
-
-        tokenizer = AutoTokenizer.from_pretrained(job["base_model"])
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-
-        # Loss on assistant tokens only: through the template's {% generation %} markers
-        # when it has them, else as prompt/completion pairs (the final assistant turn is
-        # the completion), which works with any chat template.
-        masks = "{% generation %}" in (tokenizer.chat_template or "")
-
-        def load(name: str) -> Any:
-            path = Path(job["dataset_dir"]) / f"{name}.jsonl"
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if not rows:
-                return None
-            if masks:
-                return Dataset.from_list([{"messages": row["messages"]} for row in rows])
-            return Dataset.from_list(
-                [
-                    {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
-                    for row in rows
-                ]
-            )
-
-        train, valid = load("train"), load("val")
-        settings = choose_settings(job, len(train), valid is not None, torch.cuda.is_available())
-        if settings["threads"]:
-            torch.set_num_threads(settings["threads"])
-        status("running", settings=settings)
-        event(f"settings: {settings['profile']}", "info", settings)
-        cuda = torch.cuda.is_available()
-        bf16 = cuda and torch.cuda.is_bf16_supported()
-        batch_size = settings["batch_size"]
-        steps = -(-len(train) // batch_size) * settings["max_epochs"]
-
-        class Report(TrainerCallback):  # type: ignore[misc]
-            def on_log(
-                self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any
-            ) -> None:
-                logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-                if "loss" in logs or "eval_loss" in logs:
-                    label = "valid" if "eval_loss" in logs else "train"
-                    loss = logs.get("eval_loss", logs.get("loss"))
-                    key = "valid_loss" if label == "valid" else "train_loss"
-                    event(
-                        f"step {state.global_step}: {label} loss {loss:.4f}",
-                        "info",
-                        {"step": state.global_step, key: loss, "epoch": logs.get("epoch")},
-                    )
-
-            def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-                if cancelled["flag"]:
-                    control.should_training_stop = True
-
-        per_epoch = "epoch" if valid is not None else "no"
-        config = SFTConfig(
-            output_dir=str(directory / "checkpoints"),
-            num_train_epochs=settings["max_epochs"],
-            per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=batch_size,
-            learning_rate=settings["learning_rate"],
-            lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": settings["min_learning_rate_ratio"]},
-            warmup_steps=max(1, round(steps * settings["warmup_ratio"])),
-            weight_decay=settings["weight_decay"],
-            seed=settings["seed"],
-            logging_steps=max(1, min(50, steps // 20)),
-            eval_strategy=per_epoch,
-            save_strategy="epoch",
-            save_total_limit=2,
-            load_best_model_at_end=valid is not None,
-            metric_for_best_model="eval_loss" if valid is not None else None,
-            greater_is_better=False if valid is not None else None,
-            assistant_only_loss=masks,
-            completion_only_loss=None if masks else True,
-            max_length=settings["max_length"],
-            bf16=bf16,
-            use_cpu=not cuda,
-            dataloader_num_workers=0,
-            report_to=[],
-            disable_tqdm=True,
-        )
-        callbacks: list[Any] = [Report()]
-        if settings["early_stopping"]:
-            callbacks.append(
-                _not_before(EarlyStoppingCallback, settings.get("min_epochs") or 0)(
-                    early_stopping_patience=settings["patience"]
-                )
-            )
-        peft_config = None
-        if settings["method"] == "lora":
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(
-                r=settings["lora_r"],
-                lora_alpha=settings["lora_alpha"],
-                lora_dropout=settings["lora_dropout"],
-                target_modules="all-linear",
-                task_type="CAUSAL_LM",
-            )
-        trainer = SFTTrainer(
-            model=job["base_model"],
-            args=config,
-            train_dataset=train,
-            eval_dataset=valid,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
-        started = time.time()
-        trainer.train()
-        if cancelled["flag"]:
-            event("cancelled", level="warning")
-            status("cancelled")
+        model = train(TrainerJob.read(job_path(directory)), journal)
+        if model is None:
+            journal.event("cancelled", level="warning")
+            journal.status("cancelled")
             return 0
-        metrics = trainer.evaluate() if valid is not None else {}
-        trainer.save_model(str(directory / "model"))
-        tokenizer.save_pretrained(str(directory / "model"))
-        output = directory / "model"
-        lora = settings["method"] == "lora"
-        if lora and job.get("merge"):
-            merged = cast(Any, trainer.model).merge_and_unload()
-            merged.save_pretrained(str(directory / "merged"))
-            tokenizer.save_pretrained(str(directory / "merged"))
-            output = directory / "merged"
-        history = [h for h in trainer.state.log_history if "loss" in h]
-        manifest = {
-            "base_model": job["base_model"],
-            "dataset": job["dataset"],
-            "lora": lora,
-            "settings": settings,
-            "best_epoch": _best_epoch(trainer.state),
-            "epochs_run": round(trainer.state.epoch or 0, 2),
-            "device": "cuda" if cuda else "cpu",
-            "bf16": bf16,
-            "train_seconds": round(time.time() - started, 1),
-            "first_train_loss": history[0]["loss"] if history else None,
-            "final_train_loss": history[-1]["loss"] if history else None,
-            "valid_loss": metrics.get("eval_loss"),
-            "model_dir": str(output),
-        }
-        _write(output / "manifest.json", manifest)
-        summary = {k: v for k, v in manifest.items() if isinstance(v, (int, float))}
-        event(f"done: {output}", "info", summary)
-        status("succeeded", model_dir=str(output), metrics=manifest)
+        summary = {k: v for k, v in model.model_dump().items() if isinstance(v, (int, float))}
+        journal.event(f"done: {model.model_dir}", "info", summary)
+        journal.status("succeeded", model_dir=model.model_dir, metrics=model.model_dump())
         return 0
     except Exception as exc:  # reported to the user through status.json, then re-raised in the log
-        event(f"failed: {exc}", level="error")
-        status("failed", error={"message": f"{type(exc).__name__}: {exc}"})
+        journal.event(f"failed: {exc}", level="error")
+        journal.status("failed", error={"message": f"{type(exc).__name__}: {exc}"})
         traceback.print_exc()
         return 1
     finally:
-        events.close()
+        journal.close()
+
+
+def train(job: TrainerJob, journal: Journal) -> TrainedModel | None:
+    """Train as ``job`` asks; the saved model's manifest, or None when cancelled."""
+    import torch
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer  # type: ignore[attr-defined]
+
+    tokenizer = AutoTokenizer.from_pretrained(job.base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Loss on assistant tokens only: through the template's {% generation %} markers
+    # when it has them, else as prompt/completion pairs (the final assistant turn is
+    # the completion), which works with any chat template.
+    masks = "{% generation %}" in (tokenizer.chat_template or "")
+    train_set, valid = _split(job, "train", masks), _split(job, "val", masks)
+    if train_set is None:
+        raise ValueError(f"{job.dataset_dir}/train.jsonl has no examples")
+    cuda = torch.cuda.is_available()
+    settings = choose_settings(job, len(train_set), valid is not None, cuda)
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    journal.status("running", settings=settings)
+    journal.event(f"settings: {settings['profile']}", "info", settings)
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    steps = -(-len(train_set) // settings["batch_size"]) * settings["max_epochs"]
+    trainer = SFTTrainer(
+        model=job.base_model,
+        args=_config(journal.directory, settings, steps, valid is not None, masks, cuda, bf16),
+        train_dataset=train_set,
+        eval_dataset=valid,
+        processing_class=tokenizer,
+        peft_config=_lora(settings),
+        callbacks=_callbacks(journal, settings),
+    )
+    started = time.time()
+    trainer.train()
+    if journal.cancelled:
+        return None
+    metrics = trainer.evaluate() if valid is not None else {}
+    output = journal.directory / "model"
+    trainer.save_model(str(output))
+    tokenizer.save_pretrained(str(output))
+    lora = settings["method"] == "lora"
+    if lora and job.merge:
+        output = journal.directory / "merged"
+        cast(Any, trainer.model).merge_and_unload().save_pretrained(str(output))
+        tokenizer.save_pretrained(str(output))
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    model = TrainedModel(
+        base_model=job.base_model,
+        dataset=job.dataset,
+        lora=lora,
+        settings=settings,
+        best_epoch=_best_epoch(trainer.state),
+        epochs_run=round(trainer.state.epoch or 0, 2),
+        device="cuda" if cuda else "cpu",
+        bf16=bf16,
+        train_seconds=round(time.time() - started, 1),
+        first_train_loss=history[0]["loss"] if history else None,
+        final_train_loss=history[-1]["loss"] if history else None,
+        valid_loss=metrics.get("eval_loss"),
+        model_dir=str(output),
+    )
+    model.write(output / "manifest.json")
+    return model
+
+
+def _split(job: TrainerJob, name: str, masks: bool) -> Any:
+    """One split as a datasets.Dataset, or None when it has no examples."""
+    from datasets import Dataset
+
+    path = Path(job.dataset_dir) / f"{name}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    if masks:
+        return Dataset.from_list([{"messages": row["messages"]} for row in rows])
+    return Dataset.from_list(
+        [{"prompt": row["messages"][:-1], "completion": row["messages"][-1:]} for row in rows]
+    )
+
+
+def _config(
+    directory: Path,
+    settings: dict[str, Any],
+    steps: int,
+    validated: bool,
+    masks: bool,
+    cuda: bool,
+    bf16: bool,
+) -> Any:
+    """TRL's SFTConfig for the chosen settings."""
+    from trl import SFTConfig  # type: ignore[attr-defined]
+
+    return SFTConfig(
+        output_dir=str(directory / "checkpoints"),
+        num_train_epochs=settings["max_epochs"],
+        per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=settings["batch_size"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": settings["min_learning_rate_ratio"]},
+        warmup_steps=max(1, round(steps * settings["warmup_ratio"])),
+        weight_decay=settings["weight_decay"],
+        seed=settings["seed"],
+        logging_steps=max(1, min(50, steps // 20)),
+        eval_strategy="epoch" if validated else "no",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=validated,
+        metric_for_best_model="eval_loss" if validated else None,
+        greater_is_better=False if validated else None,
+        assistant_only_loss=masks,
+        completion_only_loss=None if masks else True,
+        max_length=settings["max_length"],
+        bf16=bf16,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        report_to=[],
+        disable_tqdm=True,
+    )
+
+
+def _lora(settings: dict[str, Any]) -> Any:
+    """PEFT's LoraConfig when the settings train an adapter, else None."""
+    if settings["method"] != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings["lora_r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _callbacks(journal: Journal, settings: dict[str, Any]) -> list[Any]:
+    """Losses into the journal, SIGTERM honoured at the next step, early stopping if set."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Report(TrainerCallback):  # type: ignore[misc]
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            if "loss" in logs or "eval_loss" in logs:
+                label = "valid" if "eval_loss" in logs else "train"
+                loss = logs.get("eval_loss", logs.get("loss"))
+                key = "valid_loss" if label == "valid" else "train_loss"
+                journal.event(
+                    f"step {state.global_step}: {label} loss {loss:.4f}",
+                    "info",
+                    {"step": state.global_step, key: loss, "epoch": logs.get("epoch")},
+                )
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if journal.cancelled:
+                control.should_training_stop = True
+
+    callbacks: list[Any] = [Report()]
+    if settings["early_stopping"]:
+        callbacks.append(
+            _not_before(EarlyStoppingCallback, settings.get("min_epochs") or 0)(
+                early_stopping_patience=settings["patience"]
+            )
+        )
+    return callbacks
 
 
 def _not_before(early_stopping: Any, min_epochs: float) -> Any:
@@ -232,18 +269,15 @@ def _not_before(early_stopping: Any, min_epochs: float) -> Any:
 
 
 def choose_settings(
-    job: dict[str, Any], examples: int, has_validation: bool, cuda: bool
+    job: TrainerJob, examples: int, has_validation: bool, cuda: bool
 ) -> dict[str, Any]:
     """The run's settings (see :mod:`.settings`) for the job's base model."""
-    from distillery.curation.training import settings as train_settings
-    from distillery.curation.training import student
-
-    given = dict(job.get("hyperparameters") or {})
-    lora = job.get("lora")  # True/False when --lora/--full was given, None to choose
+    given = dict(job.hyperparameters)
+    lora = job.lora  # True/False when --lora/--full was given, None to choose
     return train_settings.choose(
-        parameters=_parameters(job["base_model"]),
+        parameters=_parameters(job.base_model),
         examples=examples,
-        from_scratch=student.from_scratch(job["base_model"]),
+        from_scratch=student.from_scratch(job.base_model),
         has_validation=has_validation,
         given=given,
         method=None if lora is None else ("lora" if lora else "full"),
