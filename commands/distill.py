@@ -16,6 +16,7 @@ from distillery.commands.shared import (
     fail_under_option,
     filter_options,
     hyperparameter,
+    local_method,
     local_method_options,
     max_error_rate_option,
     open_cli_store,
@@ -132,8 +133,6 @@ def distill(
             --student-base ./qwen2.5-0.5b-instruct --grader rouge_l --fail-under rouge_l=0.6
     """
 
-    if full and lora:
-        raise click.UsageError("Cannot use --full and --lora together.")
     settings = load_settings(config, {"storage.database_url": database_url})
     graders = load_all(grader_specs)
     limits = thresholds(fail_under, graders)
@@ -154,7 +153,7 @@ def distill(
         backend=backend,
         graders=graders,
         hyperparameters=hyper,
-        method="lora" if lora else ("full" if full else "auto"),
+        method=local_method(full, lora),
         student_endpoint=endpoint,
         limit=limit,
         seed=seed,

@@ -12,6 +12,7 @@ from distillery.commands.shared import (
     count_option,
     fail_on_errors,
     hyperparameter,
+    local_method,
     local_method_options,
     open_cli_store,
     resolve,
@@ -155,8 +156,6 @@ def create(
         distillery finetune watch ftjob_...
     """
 
-    if full and lora:
-        raise click.UsageError("Cannot use --full and --lora together.")
     store = open_cli_store(config, database_url)
     spec = JobSpec(
         job_id=new_job_id(),
@@ -172,7 +171,7 @@ def create(
             threads=threads,
             seed=seed,
         ),
-        method="lora" if lora else ("full" if full else "auto"),
+        method=local_method(full, lora),
         merge=merge,
         suffix=suffix,
     )

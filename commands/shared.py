@@ -16,7 +16,7 @@ import click
 
 from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
-from distillery.curation.training.backends import LIMITS
+from distillery.curation.training.backends import LIMITS, Method
 from distillery.store import Store, datasets, open_store
 from distillery.store.query import Filters, parse_filters
 from distillery.store.records import DatasetVersionRecord
@@ -171,6 +171,13 @@ def hyperparameter(name: str, *declarations: str, **kwargs: Any) -> Callable[[FC
         else click.FloatRange(limit.low, limit.high, min_open=limit.open)
     )
     return click.option(*(declarations or (f"--{name.replace('_', '-')}",)), type=kind, **kwargs)
+
+
+def local_method(full: bool, lora: bool) -> Method:
+    """What --full and --lora ask of a local fine-tune (neither: the trainer chooses)."""
+    if full and lora:
+        raise click.UsageError("Cannot use --full and --lora together.")
+    return "lora" if lora else ("full" if full else "auto")
 
 
 def local_method_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 from aiohttp import web
 
+from distillery.curation.judge import install_in_thread
 from distillery.store import routes as route_store
 
 from fake_openai import TEXT_PIECES
@@ -125,3 +128,43 @@ def samples(proxy: RunningProxy, route: str = "support") -> list[dict[str, Any]]
 def served(student: FakeStudent, servers: ServerThread) -> FakeStudent:
     student.url, _ = servers.serve(student.app)
     return student
+
+
+def route_config(student: FakeStudent, **route: Any) -> dict[str, Any]:
+    """Config with one route, ``support`` (calls tagged app=support), to ``student``;
+    ``route`` overrides the route's settings (``routes=`` replaces them all)."""
+    routes = route.pop("routes", None) or {
+        "support": {
+            "match": {"app": "support"},
+            "student": "tiny@student",
+            "graders": ["exact"],
+            "bar": 0.9,
+            "min_samples": 3,
+            **route,
+        }
+    }
+    return {"endpoints": {"student": {"base_url": student.url + "/v1"}}, "routes": routes}
+
+
+def routed(
+    start_proxy: Callable[..., RunningProxy], student: FakeStudent, **route: Any
+) -> RunningProxy:
+    """A proxy (in this process, its judge in a thread) with the ``support`` route."""
+    return start_proxy(route_config(student, **route), extensions=[install_in_thread])
+
+
+def config_file(directory: Path, student: FakeStudent, *more: str) -> Path:
+    """A config file with the ``support`` route to ``student``, as a user writes one."""
+    path = directory / "distillery.toml"
+    lines = [
+        "[endpoints.student]",
+        f'base_url = "{student.url}/v1"',
+        "[routes.support]",
+        'match = { app = "support" }',
+        'student = "tiny@student"',
+        'graders = ["exact"]',
+        "bar = 0.9",
+        *more,
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path

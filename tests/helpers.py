@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import string
 import threading
 import time
@@ -19,13 +20,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import openai
 import sqlalchemy as sa
 from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
 
 from distillery.core.config import Settings
 from distillery.proxy.app import Extension, make_app
 from distillery.proxy.http import ProxyRunner
-from distillery.store import Store
+from distillery.store import Store, open_store
 from distillery.store.db import create_engine
 from distillery.store.records import CaptureRecord
 
@@ -398,3 +401,54 @@ def wait_until(driver: Any, predicate: Callable[[Any], Any], what: str) -> Any:
         driver, 20, ignored_exceptions=(StaleElementReferenceException, WebDriverException)
     )
     return wait.until(predicate, message=f"timed out waiting for {what}")
+
+
+# -- capture: what the reliability tests ask and read back ----------------------------
+
+
+def ask_numbered(client: openai.OpenAI, i: int, stream: bool) -> str:
+    """Ask question ``i`` through the SDK; returns the completion id the client saw."""
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": f"question {i}"},
+    ]
+    if stream:
+        chunks = list(
+            client.chat.completions.create(model="fake-model", messages=messages, stream=True)
+        )
+        return chunks[0].id
+    return client.chat.completions.create(model="fake-model", messages=messages).id
+
+
+def stored_ids(database_url: str, column: str = "completion_id") -> list[str]:
+    store = open_store(database_url)
+    try:
+        with store.engine.connect() as conn:
+            return [row[0] for row in conn.execute(sa.text(f"SELECT {column} FROM completions"))]
+    finally:
+        store.close()
+
+
+def lock_database(database_url: str) -> Callable[[], None]:
+    """Make the database refuse writes; returns a function that undoes it."""
+    if database_url.startswith("sqlite"):
+        path = database_url.removeprefix("sqlite:///")
+        lite = sqlite3.connect(path, isolation_level=None)
+        lite.execute("BEGIN EXCLUSIVE")
+
+        def release() -> None:
+            lite.execute("ROLLBACK")
+            lite.close()
+
+        return release
+    store = open_store(database_url)
+    conn = store.engine.connect()
+    transaction = conn.begin()
+    conn.execute(sa.text("LOCK TABLE completions IN ACCESS EXCLUSIVE MODE"))
+
+    def release_pg() -> None:
+        transaction.rollback()
+        conn.close()
+        store.close()
+
+    return release_pg

@@ -24,32 +24,8 @@ from distillery.proxy.capture import Capture, new_record_id, read_segment
 from distillery.store import open_store
 
 from fake_openai import FakeOpenAI
-from helpers import RunningProxy, complete, wait_for
+from helpers import RunningProxy, ask_numbered, complete, lock_database, stored_ids, wait_for
 from proxy_process import ProxyProcess
-
-MESSAGES: list[ChatCompletionMessageParam] = [{"role": "system", "content": "Answer briefly."}]
-
-
-def ask(client: openai.OpenAI, i: int, stream: bool) -> str:
-    messages: list[ChatCompletionMessageParam] = [
-        *MESSAGES,
-        {"role": "user", "content": f"question {i}"},
-    ]
-    if stream:
-        chunks = list(
-            client.chat.completions.create(model="fake-model", messages=messages, stream=True)
-        )
-        return chunks[0].id
-    return client.chat.completions.create(model="fake-model", messages=messages).id
-
-
-def stored_ids(database_url: str, column: str = "completion_id") -> list[str]:
-    store = open_store(database_url)
-    try:
-        with store.engine.connect() as conn:
-            return [row[0] for row in conn.execute(sa.text(f"SELECT {column} FROM completions"))]
-    finally:
-        store.close()
 
 
 def test_database_down_spools_then_replays_exactly_once(
@@ -63,12 +39,12 @@ def test_database_down_spools_then_replays_exactly_once(
     db = tmp_path / "locked.db"
     proxy = start_proxy({"capture": {"queue_size": 5}}, database_url=f"sqlite:///{db}?timeout=0.05")
     client = sdk(proxy.base_url, api_key="sk-a")
-    ask(client, 0, stream=False)
+    ask_numbered(client, 0, stream=False)
     proxy.wait_stored(1)
 
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
-    ids = [ask(client, i, stream=bool(i % 2)) for i in range(1, 31)]
+    ids = [ask_numbered(client, i, stream=bool(i % 2)) for i in range(1, 31)]
     # One snapshot: the writer's read-only probe can see the locked database as back for a
     # moment (WAL lets readers past the lock) before the next write fails again.
     snapshots: list[dict[str, Any]] = []
@@ -167,11 +143,11 @@ def test_kill_9_loses_no_delivered_response(
         unused_tcp_port, upstream.url + "/v1", tmp_path / "data", database_url
     ).start()
     client = sdk(proxy.base_url, api_key="sk-a")
-    ids = [ask(client, i, stream=bool(i % 2)) for i in range(10)]
+    ids = [ask_numbered(client, i, stream=bool(i % 2)) for i in range(10)]
     wait_for(lambda: len(stored_ids(database_url)) == 10, what="first 10 stored")
 
     blocker = lock_database(database_url)
-    ids += [ask(client, i, stream=bool(i % 2)) for i in range(10, 40)]
+    ids += [ask_numbered(client, i, stream=bool(i % 2)) for i in range(10, 40)]
     proxy.signal(signal.SIGKILL)
     proxy.wait()
     blocker()
@@ -184,31 +160,6 @@ def test_kill_9_loses_no_delivered_response(
     assert restarted.wait() == 0
     stored = stored_ids(database_url)
     assert sorted(stored) == sorted(ids)
-
-
-def lock_database(database_url: str) -> Callable[[], None]:
-    """Make the database refuse writes; returns a function that undoes it."""
-    if database_url.startswith("sqlite"):
-        path = database_url.removeprefix("sqlite:///")
-        lite = sqlite3.connect(path, isolation_level=None)
-        lite.execute("BEGIN EXCLUSIVE")
-
-        def release() -> None:
-            lite.execute("ROLLBACK")
-            lite.close()
-
-        return release
-    store = open_store(database_url)
-    conn = store.engine.connect()
-    transaction = conn.begin()
-    conn.execute(sa.text("LOCK TABLE completions IN ACCESS EXCLUSIVE MODE"))
-
-    def release_pg() -> None:
-        transaction.rollback()
-        conn.close()
-        store.close()
-
-    return release_pg
 
 
 @pytest.mark.slow
@@ -275,7 +226,7 @@ def test_spool_files_are_private(
 ) -> None:
     proxy = start_proxy()
     client = sdk(proxy.base_url, api_key="sk-a")
-    ask(client, 1, stream=False)
+    ask_numbered(client, 1, stream=False)
     spool = tmp_path / "data" / "spool"
     assert oct(spool.stat().st_mode & 0o777) == "0o700"
     for path in spool.iterdir():

@@ -181,3 +181,25 @@ def test_the_dashboards_pages_never_import_the_app_that_wires_them() -> None:
         if path.name != "app.py" and "distillery.ui.app" in imports(path)
     ]
     assert wrong == []
+
+
+def test_tests_share_through_helper_modules_never_through_another_test() -> None:
+    """A test module imports fixtures and helpers from helper modules (helpers.py, fakes, a
+    folder's conftest.py or *_data.py), never from another test module: moving or splitting
+    one never breaks another."""
+    tests = ROOT / "tests"
+    wrong = []
+    for path in sorted(tests.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            wrong += [
+                f"{path.relative_to(ROOT)} imports {n}" for n in names if n.startswith("test_")
+            ]
+    assert wrong == []

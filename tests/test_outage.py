@@ -18,9 +18,8 @@ import sqlalchemy as sa
 from distillery.core.errors import StoreError
 
 from fake_openai import FakeOpenAI
-from helpers import ServerThread, wait_for
+from helpers import ServerThread, ask_numbered, lock_database, stored_ids, wait_for
 from proxy_process import ProxyProcess
-from test_capture import ask, lock_database, stored_ids
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +84,7 @@ def check_outage_then_recovery(
     stored: Callable[[], list[str]],
 ) -> None:
     client = sdk(proxy.base_url, api_key="sk-a")
-    ids = [ask(client, i, stream=bool(i % 2)) for i in range(4)]  # answered all the same
+    ids = [ask_numbered(client, i, stream=bool(i % 2)) for i in range(4)]  # answered all the same
     wait_for(lambda: health(proxy)["status"] == "degraded", what="/healthz degraded")
     assert health(proxy)["capture"]["database"] == "unavailable"
     page = dashboard(proxy)

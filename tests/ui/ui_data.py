@@ -1,17 +1,23 @@
 """What the dashboard's tests share: the keys, a stored call as the proxy writes one, an
-eval run's summary, and a proxy with one route to a fake student."""
+eval run's summary, a proxy with one route to a fake student, and a signed-in client and
+the forms it posts."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+from click.testing import CliRunner
+
+from distillery.cli import cli
 from distillery.core.config import key_fingerprint
 from distillery.curation.judge import install_in_thread
 from distillery.store.records import CaptureRecord
 
-from fake_student import FakeStudent, served
-from helpers import RunningProxy, ServerThread, capture_record
+from fake_student import FakeStudent, route_config, served
+from helpers import RunningProxy, ServerThread, capture_record, wait_for
 
 ALICE, BOB, ADMIN = "sk-alice", "sk-bob", "sk-admin"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 1">'
@@ -93,15 +99,72 @@ def routed_dashboard(
     student = served(FakeStudent(), servers)
     config = {
         "auth": {"admin_keys": [key_fingerprint(ADMIN)]},
-        "endpoints": {"student": {"base_url": student.url + "/v1"}},
-        "routes": {
-            "support": {
-                "match": {"app": "support"},
-                "student": "tiny@student",
-                "graders": ["exact"],
-                "bar": 0.9,
-                "min_samples": min_samples,
-            }
-        },
+        **route_config(student, min_samples=min_samples),
     }
     return start_proxy(config, dashboard=True, extensions=[install_in_thread])
+
+
+OPEN: list[httpx.Client] = []
+
+
+def browser(proxy: RunningProxy) -> httpx.Client:
+    """A cookie-keeping client (closed when the test ends)."""
+    client = httpx.Client(base_url=proxy.url, follow_redirects=False, timeout=10)
+    OPEN.append(client)
+    return client
+
+
+def sign_in(proxy: RunningProxy, key: str) -> httpx.Client:
+    client = browser(proxy)
+    page = client.get("/ui/sign-in")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token is not None
+    done = client.post("/ui/sign-in", data={"csrf": token.group(1), "key": key})
+    assert done.status_code == 303 and done.headers["location"] == "/ui/completions"
+    return client
+
+
+def ids_on(page: str) -> list[str]:
+    return re.findall(r'<tr class="call" data-id="([^"]+)"', page)
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
+# -- datasets, fine-tunes, evals ------------------------------------------------------
+
+
+def build_dataset(proxy: RunningProxy) -> None:
+    """`dataset build support` over the proxy's store, as a user runs it."""
+    url = proxy.settings.storage.resolved_database_url()
+    args = ["support", "--tag", "app=support", "--val-fraction", "0.2", "--incremental"]
+    done = CliRunner().invoke(
+        cli, ["dataset", "build", *args, "--database-url", url], catch_exceptions=False
+    )
+    assert done.exit_code == 0, done.output
+
+
+def distill_form(client: httpx.Client, query: str, **fields: str) -> httpx.Response:
+    page = client.get(f"/ui/distill?{query}")
+    assert page.status_code == 200, page.text
+    form = {"csrf": csrf_of(page.text), "val_fraction": "0.2", "backend": "openai"} | fields
+    return client.post(f"/ui/distill?{query}", data=form)
+
+
+def task_result(client: httpx.Client, task: str, what: str) -> str:
+    """Follow a background task's page until it sends the client on; returns where to.
+    A task that failed fails the test with its page."""
+    done = ""
+
+    def finished() -> bool:
+        nonlocal done
+        answer = client.get(task)
+        assert "task-error" not in answer.text, answer.text
+        done = answer.headers.get("location", "")
+        return answer.status_code == 303
+
+    wait_for(finished, 60, what)
+    return done

@@ -1,0 +1,249 @@
+"""Routes in real `distillery proxy` processes (slow): every worker grades, the judge
+process starts with the first routes, follows SIGHUP, ends with its proxy and is started
+again when it dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from distillery.store import open_store
+from distillery.store import routes as route_store
+
+from fake_openai import FakeOpenAI
+from fake_student import ALICE, FakeStudent, config_file, served
+from helpers import ServerThread, wait_for
+from proxy_process import ProxyProcess
+
+
+def proxy_command(
+    upstream: FakeOpenAI, tmp_path: Path, database_url: str, config: Path, *extra: str
+) -> ProxyProcess:
+    """`distillery proxy --config CONFIG`, a real process, on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ProxyProcess(
+        port,
+        upstream.url + "/v1",
+        tmp_path / "data",
+        database_url,
+        "--config",
+        str(config),
+        *extra,
+    ).start()
+
+
+def two_workers(
+    upstream: FakeOpenAI, tmp_path: Path, database_url: str, config: Path
+) -> tuple[ProxyProcess, str]:
+    """`distillery proxy --workers 2 --config CONFIG`, and its chat completions URL."""
+    proxy = proxy_command(upstream, tmp_path, database_url, config, "--workers", "2")
+    return proxy, proxy.base_url + "/chat/completions"
+
+
+@pytest.mark.slow
+def test_the_proxy_command_grades_its_routes_in_every_worker(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """`distillery proxy --workers 2` with a route: each worker calls the student and
+    grades its pairs (the judge is installed in the spawned workers too)."""
+    config = config_file(tmp_path, served(FakeStudent(), servers))
+    database_url = f"sqlite:///{tmp_path / 'routes.db'}"
+    proxy, url = two_workers(upstream, tmp_path, database_url, config)
+    for n in range(6):
+        answer = httpx.post(
+            url,
+            json={"model": "fake-model", "messages": [{"role": "user", "content": f"q {n}"}]},
+            headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support"},
+            timeout=10,
+        )
+        assert answer.headers["X-Distillery-Route"] == "support"
+    store = open_store(database_url)
+    try:
+        wait_for(lambda: len(route_store.recent(store, "support", 100)) == 6, 20, "six pairs")
+        assert {s["score"] for s in route_store.recent(store, "support", 100)} == {1.0}
+    finally:
+        store.close()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
+
+
+@pytest.mark.slow
+def test_the_proxy_command_starts_its_judge_with_the_first_routes(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """`distillery proxy` started without routes runs no judge; a SIGHUP that brings
+    routes starts one, and their pairs are graded."""
+    routed = config_file(tmp_path, served(FakeStudent(), servers))
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    database_url = f"sqlite:///{tmp_path / 'later.db'}"
+    proxy = proxy_command(upstream, tmp_path, database_url, config)
+    reader = open_store(database_url)
+    try:
+        assert ask_support(proxy.base_url) is False
+        assert "route judge started" not in proxy.log.read_text()
+        config.write_text(routed.read_text())
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: ask_support(proxy.base_url), 20, "the route")
+        wait_for(lambda: len(route_store.recent(reader, "support", 10)) >= 1, 20, "a pair")
+        assert running(judge_pid(proxy))
+    finally:
+        reader.close()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
+
+
+@pytest.mark.slow
+def test_sighup_reloads_the_routes_of_every_worker(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    config = config_file(tmp_path, served(FakeStudent(), servers))
+    database_url = f"sqlite:///{tmp_path / 'reload.db'}"
+    proxy, url = two_workers(upstream, tmp_path, database_url, config)
+
+    def route_of(app: str) -> str | None:
+        answer = httpx.post(
+            url,
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": app},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        route: str | None = answer.headers.get("X-Distillery-Route")
+        return route
+
+    assert route_of("support") == "support"
+    config.write_text(
+        config.read_text()
+        .replace('app = "support"', 'app = "billing"')
+        .replace('graders = ["exact"]', 'graders = ["exact", "json"]')
+    )
+    proxy.signal(signal.SIGHUP)
+    # Both workers (the kernel picks one per connection): 20 calls in a row see the change.
+    wait_for(
+        lambda: all(route_of("billing") == "support" for _ in range(20)),
+        20,
+        "every worker to route app=billing",
+    )
+    assert route_of("support") is None
+    # The judges (a process beside each worker) were told too: pairs graded with both.
+    reader = open_store(database_url)
+    try:
+        wait_for(
+            lambda: any(
+                set(s["scores"]) == {"exact", "json"}
+                for s in route_store.recent(reader, "support", 100)
+            ),
+            20,
+            "a pair graded with the reloaded graders",
+        )
+    finally:
+        reader.close()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
+
+
+@pytest.mark.slow
+def test_a_judge_process_ends_with_its_proxy(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The route's judge, a process of its own, ends when its proxy stops, and when the
+    proxy is killed outright (nothing left behind grading for a proxy that is gone)."""
+    config = config_file(tmp_path, served(FakeStudent(), servers))
+
+    def judge_ends_after(stop: signal.Signals, group: bool = False) -> None:
+        database_url = f"sqlite:///{tmp_path / f'judge-{stop.name}-{group}.db'}"
+        proxy = proxy_command(upstream, tmp_path, database_url, config)
+        assert ask_support(proxy.base_url)
+        reader = open_store(database_url)
+        try:
+            wait_for(lambda: len(route_store.recent(reader, "support", 10)) == 1, 20, "a pair")
+        finally:
+            reader.close()
+        judge = judge_pid(proxy)
+        assert proxy.process is not None
+        if group:  # as systemd stops a unit: every process of it at once
+            os.killpg(proxy.process.pid, stop)
+        else:
+            proxy.signal(stop)
+        code = proxy.wait()
+        assert stop == signal.SIGKILL or code == 0, proxy.log.read_text()
+        wait_for(lambda: not running(judge), 20, f"the judge to end after {stop.name}")
+
+    judge_ends_after(signal.SIGTERM)
+    judge_ends_after(signal.SIGTERM, group=True)
+    judge_ends_after(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_judge_process_that_dies_is_started_again(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    config = config_file(tmp_path, served(FakeStudent(), servers))
+    database_url = f"sqlite:///{tmp_path / 'judge.db'}"
+    proxy = proxy_command(upstream, tmp_path, database_url, config)
+    reader = open_store(database_url)
+
+    def graded_after(n: int) -> None:
+        """Ask until the route's pairs number ``n``: calls while no judge is up are
+        dropped, as when the student is slow."""
+        wait_for(
+            lambda: (
+                bool(ask_support(proxy.base_url))
+                and len(route_store.recent(reader, "support", 100)) >= n
+            ),
+            30,
+            f"{n} graded pairs",
+        )
+
+    try:
+        graded_after(1)
+        first = judge_pid(proxy)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: judge_pid(proxy) != first, 20, "another judge")
+        graded = len(route_store.recent(reader, "support", 100))
+        graded_after(graded + 1)
+    finally:
+        reader.close()
+    assert "route judge died; starting another" in proxy.log.read_text()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
+
+
+def ask_support(base_url: str) -> bool:
+    answer = httpx.post(
+        base_url + "/chat/completions",
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support"},
+        timeout=10,
+    )
+    return bool(answer.headers.get("X-Distillery-Route") == "support")
+
+
+def judge_pid(proxy: ProxyProcess) -> int:
+    """The pid of the newest route judge the proxy's log says it started."""
+    pids = [
+        int(json.loads(line)["pid"])
+        for line in proxy.log.read_text().splitlines()
+        if line.startswith("{") and json.loads(line).get("event") == "route judge started"
+    ]
+    assert pids, "no 'route judge started' line in the log"
+    return pids[-1]
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
