@@ -177,7 +177,7 @@ def render(record: Mapping[str, Any]) -> Iterator[str]:
         yield "  " + dumps(record["error"])
 
 
-def _or_dash(value: Any) -> Any:
+def _or_dash(value: object) -> object:
     return "-" if value is None else value
 
 

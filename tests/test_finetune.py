@@ -451,6 +451,9 @@ def test_a_spec_is_checked_where_it_is_made_whoever_makes_it(db: str, api: FakeF
     assert "The suffix can be at most 64 characters." in long_suffix.output
     too_many = create(db, api, "gpt-4.1-mini", "--epochs", str(int(LIMITS["epochs"].high or 0) + 1))
     assert too_many.exit_code == 2 and "1<=x<=500" in too_many.output
+    # The local trainer may run 500; OpenAI's API takes 50, said before anything is uploaded.
+    for_openai = create(db, api, "gpt-4.1-mini", "--epochs", "51")
+    assert for_openai.exit_code == 1 and "at most 50 epochs, not 51" in for_openai.output
     with pytest.raises(FineTuneError, match="batch size must be from 1 to 256, not 0"):
         Hyperparameters(batch_size=0)
     with pytest.raises(FineTuneError, match="learning rate multiplier must be above 0"):

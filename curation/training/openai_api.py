@@ -36,6 +36,7 @@ REFUSED = (
     "(--base-url)."
 )
 MIN_EXAMPLES = 10  # OpenAI's fine-tuning API refuses a training file with fewer
+MAX_EPOCHS = 50  # and n_epochs above this (its spec: 1 to 50)
 
 
 def _message(exc: openai.APIStatusError) -> str:
@@ -77,6 +78,11 @@ class OpenAIBackend:
             ) from None
 
     def start(self, spec: JobSpec) -> Started:
+        epochs = spec.hyperparameters.epochs
+        if epochs is not None and epochs > MAX_EPOCHS:
+            raise FineTuneError(
+                f"OpenAI's fine-tuning API takes at most {MAX_EPOCHS} epochs, not {epochs}."
+            )
         train = spec.directory / "train.jsonl"
         examples = _examples(train)
         if examples < MIN_EXAMPLES:
