@@ -13,8 +13,9 @@ from distillery.core import logs
 from distillery.core.config import Settings, config_file, key_fingerprint, load_settings
 from distillery.core.errors import DistilleryError
 from distillery.curation.judge import install as judge_routes
+from distillery.curation.judge import problem as route_problem
 from distillery.proxy.app import Extension
-from distillery.proxy.preflight import missing_upstream_key, run_checks
+from distillery.proxy.preflight import Check, missing_upstream_key, run_checks
 from distillery.proxy.server import serve
 from distillery.ui.app import mount as dashboard
 
@@ -129,6 +130,10 @@ def proxy(
             f"storing in {settings.storage.resolved_database_url()}"
         )
         checks = run_checks(settings, config_file(config))
+        if settings.routes:
+            trouble = route_problem(settings)
+            detail = trouble or f"{len(settings.routes)}: graders and student endpoints load"
+            checks.append(Check("routes", trouble is None, detail))
         for check in checks:
             click.echo(f"  {'ok' if check.ok else 'FAIL':4}  {check.name}: {check.detail}")
         if not all(check.ok for check in checks):

@@ -25,9 +25,10 @@ def routes() -> None:
 @output_options
 @fail_on_errors
 def status(config: Path | None, database_url: str | None, fmt: str) -> None:
-    """Every route: mode, graded pairs, score with its 95% interval against the bar,
-    win/tie/loss against the teacher, student errors, dropped shadow calls, latency and
-    cost of both.
+    """Every route: mode (pinned or not, why and since when), its student, the evidence
+    since the mode last changed (pairs, errors, score with anytime-valid bounds against
+    the bar, verdict), win/tie/loss against the teacher, fallbacks, dropped shadow calls,
+    latency and cost of both.
 
     \b
     Example:
@@ -53,11 +54,34 @@ def status(config: Path | None, database_url: str | None, fmt: str) -> None:
 def promote(config: Path | None, database_url: str | None, name: str, reason: str) -> None:
     """Move route NAME up one step: off, shadow, canary, on.
 
-    Into canary or on only on graded evidence: the lower bound of the score over at
-    least min_samples pairs clears the bar (for on, pairs graded since the canary
-    began). Every proxy on the database follows within seconds.
+    Into canary or on only on the evidence since the mode last changed: at least
+    min_samples pairs, errors within max_error_rate, and the score's lower bound at or
+    above the bar. Every proxy on the database follows within seconds.
     """
     _move(config, database_url, name, reason, up=True)
+
+
+@routes.command(name="set")
+@store_options
+@click.argument("name")
+@click.argument("mode", type=click.Choice(online.MODES))
+@click.option("--reason", default="by hand", show_default=True, help="Said in the log.")
+@fail_on_errors
+def set_command(
+    config: Path | None, database_url: str | None, name: str, mode: str, reason: str
+) -> None:
+    """Put route NAME in MODE at once, evidence or not: `off` is the kill switch (the
+    teacher answers everything). Every proxy on the database follows within seconds;
+    the automatic policy moves it again only on new evidence.
+
+    \b
+    Example:
+        distillery routes set support off --reason "answers look wrong"
+    """
+    settings = load_settings(config, {"storage.database_url": database_url})
+    store = open_cli_store(config, database_url)
+    was, now = online.set_mode(settings, store, name, mode, reason)
+    click.echo(f"Route {name}: {was} -> {now}.")
 
 
 @routes.command()

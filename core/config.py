@@ -226,6 +226,13 @@ class RouteMatch(_Section):
     fingerprint: str | None = None  # the prompt fingerprint (`prompt_fp`)
     model: str | None = None  # the model the client asked for
     tenants: list[str] = []  # API-key fingerprints; empty: any
+    all: bool = False  # say so to cover every call (an empty match is refused as a mistake)
+
+    def covers_everything(self) -> bool:
+        return not (self.app or self.tags or self.fingerprint or self.model or self.tenants)
+
+
+MIN_AUTO_HOLDOUT = 0.05  # of an `on` route's calls, kept by the teacher and graded
 
 
 class RouteSettings(_Section):
@@ -240,11 +247,22 @@ class RouteSettings(_Section):
     student: str = Field(description="MODEL@ENDPOINT, the endpoint from [endpoints.NAME]")
     graders: list[str] = Field(min_length=1)
     bar: float = Field(ge=0)
+    # How sure promotion and demotion must be: the chance that a student at or below the
+    # bar is ever promoted, watched for however long, is at most 1 - confidence.
+    confidence: float = Field(0.95, ge=0.5, lt=1)
+    # Failed student calls (errors, timeouts) score 0; beyond this share of the evidence
+    # the route is not promoted, and a serving one goes back to shadow.
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    # Keep the configured mode whatever the database says: commands and the automatic
+    # policy leave a pinned route alone, and a reload applies its mode at once.
+    pin: bool = False
     # The bar as a fraction of the teacher's score (the teacher's answer graded against
     # itself is 1 for every reference grader, so this is the same as an absolute bar there).
     relative: bool = False
     min_samples: int = Field(50, ge=1)
-    window: int = Field(500, ge=1, description="the newest graded pairs the score is over")
+    window: int = Field(
+        500, ge=1, description="the newest pairs for latency, cost and the drift detector"
+    )
     mode: Literal["shadow", "canary", "on", "off"] = "shadow"
     canary: float = Field(0.1, gt=0, le=1, description="the fraction the student answers")
     holdout: float = Field(0.05, ge=0, lt=1, description="the fraction the teacher keeps, on")
@@ -266,6 +284,26 @@ class RouteSettings(_Section):
             raise ValueError(
                 f"student {self.student!r} must be MODEL@ENDPOINT, with the endpoint in "
                 "[endpoints.NAME] (a route never sends the teacher's key to a student)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_likely_mistakes(self) -> RouteSettings:
+        """What parses but cannot be meant: each said with its fix."""
+        if self.bar > 1:
+            raise ValueError(
+                f"bar = {self.bar:g}: a bar is a score from 0 to 1 "
+                f"(bar = {self.bar / 100:g} for {self.bar:g}%)"
+            )
+        if self.match.covers_everything() and not self.match.all:
+            raise ValueError(
+                "match is empty, which covers every call: name what the route covers "
+                "(app, tags, fingerprint, model, tenants), or say match = { all = true }"
+            )
+        if self.auto and self.holdout < MIN_AUTO_HOLDOUT and not self.pin:
+            raise ValueError(
+                f"auto = true needs holdout >= {MIN_AUTO_HOLDOUT}: serving, only the holdout "
+                "is graded, and with less the policy cannot see a student get worse"
             )
         return self
 

@@ -9,12 +9,13 @@ under ``JUDGE``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from distillery.core.config import EndpointSettings
+from distillery.core.config import EndpointSettings, RouteSettings
 
 # The tags a routed call carries (upstream and in the store): its route, and who answered.
 ROUTE_TAG = "distillery_route"
@@ -39,6 +40,9 @@ class Pair:
     student: dict[str, Any] | None = None
     error: str | None = None  # the student's failure, when it gave no answer
     latency_ms: float | None = None
+    # Who answered: MODEL@ENDPOINT, and #files:HASH when the endpoint reports the files
+    # it serves (``distillery serve`` does); the evidence is this student's.
+    student_id: str | None = None
 
 
 # What became of a shadow pair, as the judge reports it back (and /metrics counts it).
@@ -82,3 +86,15 @@ def student_url(endpoint: EndpointSettings) -> str:
 def student_headers(endpoint: EndpointSettings) -> dict[str, str]:
     key = endpoint.api_key()
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def served_mode(route: RouteSettings, state: Mapping[str, Any] | None) -> str:
+    """The mode a route serves in: the config's when pinned or never changed, else the
+    database's -- unless that was decided for another student (the config names a new
+    one), which starts in shadow (or stays off)."""
+    if route.pin or state is None:
+        return route.mode
+    student = state.get("student")
+    if student is not None and str(student).partition("#")[0] != route.student:
+        return "off" if route.mode == "off" else "shadow"
+    return str(state["mode"])

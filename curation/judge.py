@@ -123,6 +123,15 @@ class _Host:
             self._pipe.close()  # the judge reads to the end, then sees it closed
 
 
+def problem(settings: Settings) -> str | None:
+    """What stops the routes' judge from starting, in words; None when nothing does."""
+    try:
+        _check(settings)
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
 def _check(settings: Settings) -> None:
     """Raise, naming the problem, when the routes' graders or endpoints do not load
     (without routes there is nothing to load, and nothing is imported)."""

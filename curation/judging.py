@@ -42,13 +42,14 @@ from distillery.curation.evals.generate import Candidate, Generation, Generator
 from distillery.curation.evals.graders import Context, Grader, load_all
 from distillery.curation.evals.items import REPLAYED, Item
 from distillery.curation.judge_wire import CLOSE_S, FRAME
-from distillery.curation.online import decide
+from distillery.curation.online import apply_pins, decide, observe
 from distillery.store import Store
 from distillery.store import routes as route_store
 
 log = structlog.get_logger()
 POLICY_S = 1.0  # the automatic policy looks at a route at most this often
 REPORT_S = 0.2  # how often the judge reports what became of its pairs
+IDENTIFY_S = 30.0  # how often a route's student is asked which files it serves
 
 Report = Callable[[str, str], None]
 
@@ -76,6 +77,10 @@ class Grading:
         endpoints = configured(settings)
         self.context = Context(Generator(self.store), endpoints, Endpoint.from_env("default"))
         self.settings, self.graders, self.endpoints = settings, graders, endpoints
+        try:
+            apply_pins(settings, self.store)
+        except Exception as exc:  # the database is away: the proxies follow the config anyway
+            log.warning("pinned route modes not written", error=str(exc))
 
     async def __call__(self, pair: Pair) -> None:
         settings = self.settings
@@ -106,6 +111,7 @@ class Grading:
                 "tenant": pair.tenant,
                 "created_at": _utc(pair.created_at),
                 "student_model": route.student.partition("@")[0],
+                "student": pair.student_id or route.student,
                 "status": "error" if pair.student is None else "ok",
                 "error": self.redact.text(pair.error) if pair.error else None,
                 "response": self.redact(pair.student),
@@ -121,6 +127,7 @@ class Grading:
                 "teacher_score": _mean(teacher),
             },
         )
+        observe(settings, self.store, pair.route, pair.student_id or route.student)
         if route.auto:
             self._decide(settings, pair.route)
 
@@ -171,9 +178,12 @@ class _Lane:
     headers: dict[str, str]
     size: int
     concurrency: int
+    student: str  # MODEL@ENDPOINT as configured
     timeout: float = field(compare=False)
     queue: asyncio.Queue[Pair] = field(init=False, compare=False)
     workers: list[asyncio.Task[None]] = field(default_factory=list, compare=False)
+    identity: str | None = field(default=None, compare=False)  # as the endpoint reports it
+    identified: float = field(default=float("-inf"), compare=False)  # monotonic, when
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.size)
@@ -188,6 +198,7 @@ def _lanes(settings: Settings) -> dict[str, _Lane]:
             student_headers(endpoint),
             route.queue,
             route.concurrency,
+            route.student,
             route.timeout,
         )
     return lanes
@@ -263,6 +274,7 @@ class Runtime:
         while True:
             pair = await lane.queue.get()
             try:
+                pair.student_id = await self._identify(lane)
                 await self._ask(lane, pair)
                 grading = asyncio.ensure_future(self.grading(pair))
                 self._busy.add(grading)
@@ -275,6 +287,33 @@ class Runtime:
                 log.exception("shadow pair failed", route=name)
                 outcome = STUDENT_ERROR if pair.error else FAILED
             self.report(name, outcome)
+
+    async def _identify(self, lane: _Lane) -> str:
+        """The student as its endpoint serves it now: ``MODEL@ENDPOINT``, with
+        ``#files:HASH`` when ``/models`` reports the served files' content hash (as
+        ``distillery serve`` does), so new files under the same name are a new student.
+        Asked again every IDENTIFY_S."""
+        if time.monotonic() - lane.identified < IDENTIFY_S and lane.identity is not None:
+            return lane.identity
+        assert self._session is not None
+        model = lane.student.partition("@")[0]
+        models_url = lane.url.removesuffix("/chat/completions") + "/models"
+        found = lane.student
+        try:
+            timeout = aiohttp.ClientTimeout(total=lane.timeout)
+            async with self._session.get(models_url, headers=lane.headers, timeout=timeout) as got:
+                listing = await got.json(content_type=None) if got.status == 200 else {}
+            for entry in listing.get("data") or [] if isinstance(listing, dict) else []:
+                if isinstance(entry, dict) and entry.get("id") == model:
+                    digest = entry.get("distillery_model_hash")
+                    if isinstance(digest, str) and digest:
+                        found = f"{lane.student}#files:{digest[:16]}"
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            found = lane.identity or lane.student  # unknown now: as last seen
+        if found != lane.identity and lane.identity is not None:
+            log.warning("route student changed", student=found, was=lane.identity)
+        lane.identity, lane.identified = found, time.monotonic()
+        return found
 
     async def _ask(self, lane: _Lane, pair: Pair) -> None:
         assert self._session is not None
@@ -393,9 +432,16 @@ def run(
 
 
 def check(settings: Settings) -> None:
-    """Raise, naming the problem, when the routes' graders or endpoints do not load."""
-    for route in settings.routes.values():
-        load_all(route.graders)
+    """Raise, naming the problem, when the routes' graders or endpoints do not load, or a
+    grader does not score 0..1 (a route's bar and bounds are on that scale)."""
+    for name, route in settings.routes.items():
+        for grader in load_all(route.graders):
+            low, high = grader.scale()
+            if (low, high) != (0, 1):
+                raise DistilleryError(
+                    f"Route {name!r}: grader {grader.name!r} scores {low:g}..{high:g}; a "
+                    "route's graders must score 0..1 (the bar and its bounds are on that scale)."
+                )
     configured(settings)
 
 

@@ -39,6 +39,7 @@ from distillery.core.shadow import (
     STUDENT_ERROR,
     Judge,
     Pair,
+    served_mode,
     student_headers,
     student_url,
 )
@@ -252,7 +253,7 @@ class Router:
             return
         for route in self.routes:
             state = states.get(route.name)
-            mode = state["mode"] if state else route.settings.mode
+            mode = served_mode(route.settings, state)
             if mode != route.mode:
                 log.info(
                     "route mode",

@@ -270,6 +270,9 @@ class RouteState(SQLModel, table=True):
     mode: str = Field(max_length=10)
     reason: str
     changed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # The student the mode was decided for (as route_samples.student); another student
+    # starts in shadow with no evidence.  Null: rows from before revision 0009.
+    student: str | None = Field(default=None, max_length=300)
 
 
 class RouteSample(SQLModel, table=True):
@@ -277,13 +280,19 @@ class RouteSample(SQLModel, table=True):
     student's answer to the same request, graded against the teacher's."""
 
     __tablename__ = "route_samples"
-    __table_args__ = (Index("ix_route_samples_route_id", "route", "id"),)
+    __table_args__ = (
+        Index("ix_route_samples_route_id", "route", "id"),
+        Index("ix_route_samples_route_student_id", "route", "student", "id"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)  # the teacher's call's record id
     route: str = Field(max_length=100)
     tenant: str = Field(max_length=64)
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     student_model: str
+    # Who answered: MODEL@ENDPOINT, and #files:HASH when the endpoint reports the served
+    # files' content hash; evidence counts for this student only (null before 0009).
+    student: str | None = Field(default=None, max_length=300)
     # ok: answered and graded; error: the student failed (its error says how)
     status: str = Field(max_length=10)
     error: str | None = None

@@ -21,8 +21,15 @@ def _insert(store: Store) -> Any:
     return (postgresql if store.engine.dialect.name == "postgresql" else sqlite).insert
 
 
-def set_mode(store: Store, name: str, mode: str, reason: str) -> None:
-    row = {"name": name, "mode": mode, "reason": reason, "changed_at": datetime.now(UTC)}
+def set_mode(store: Store, name: str, mode: str, reason: str, student: str | None) -> None:
+    """Write the route's mode, why, and the student it was decided for."""
+    row = {
+        "name": name,
+        "mode": mode,
+        "reason": reason,
+        "changed_at": datetime.now(UTC),
+        "student": student,
+    }
     insert = _insert(store)(STATES).values(**row)
     upsert = insert.on_conflict_do_update(
         index_elements=[STATES.c.name], set_={k: insert.excluded[k] for k in row if k != "name"}
@@ -32,7 +39,7 @@ def set_mode(store: Store, name: str, mode: str, reason: str) -> None:
 
 
 def states(store: Store) -> dict[str, dict[str, Any]]:
-    """Every route whose mode was changed: name -> {mode, reason, changed_at}."""
+    """Every route whose mode was changed: name -> {mode, reason, changed_at, student}."""
     with store.engine.connect() as conn:
         return {row["name"]: row for row in map(as_record, conn.execute(sa.select(STATES)))}
 
@@ -53,6 +60,31 @@ def recent(store: Store, route: str, limit: int) -> list[dict[str, Any]]:
     )
     with store.engine.connect() as conn:
         return [as_record(row) for row in conn.execute(query)]
+
+
+def evidence(
+    store: Store, route: str, student: str, since: datetime | None, limit: int
+) -> list[dict[str, Any]]:
+    """``student``'s pairs on the route since ``since`` (all when None), oldest first; at
+    most the newest ``limit``."""
+    query = sa.select(SAMPLES).where(SAMPLES.c.route == route, SAMPLES.c.student == student)
+    if since is not None:
+        query = query.where(SAMPLES.c.created_at >= since)
+    query = query.order_by(SAMPLES.c.id.desc()).limit(limit)
+    with store.engine.connect() as conn:
+        return [as_record(row) for row in conn.execute(query)][::-1]
+
+
+def newest_student(store: Store, route: str) -> str | None:
+    """The student that answered the route's newest pair."""
+    query = (
+        sa.select(SAMPLES.c.student)
+        .where(SAMPLES.c.route == route, SAMPLES.c.student.is_not(None))
+        .order_by(SAMPLES.c.id.desc())
+        .limit(1)
+    )
+    with store.engine.connect() as conn:
+        return conn.execute(query).scalar()
 
 
 def add_counts(store: Store, deltas: dict[tuple[str, str], int]) -> None:

@@ -32,8 +32,16 @@ class FakeStudent:
         self.behaviour = "good"
         self.requests: list[dict[str, Any]] = []
         self.release = threading.Event()
+        self.files: str | None = None  # the content hash /v1/models reports, as `serve` does
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
+        self.app.router.add_get("/v1/models", self.models)
+
+    async def models(self, request: web.Request) -> web.Response:
+        entry: dict[str, Any] = {"id": "tiny", "object": "model", "owned_by": "distillery"}
+        if self.files is not None:
+            entry["distillery_model_hash"] = self.files
+        return web.json_response({"object": "list", "data": [entry]})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

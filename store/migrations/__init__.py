@@ -7,5 +7,5 @@ it against the revision files.
 
 from pathlib import Path
 
-HEAD = "0008"
+HEAD = "0009"
 LOCATION = Path(__file__).parent

@@ -5,6 +5,7 @@ the student answered kept out of datasets (in this process, the judge in a threa
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,13 @@ def test_a_good_student_is_promoted_on_evidence_and_a_bad_one_never_is(
     )
     drive(proxy, lambda: mode(proxy) == "canary", "promoted to canary")
     [state] = [s for n, s in route_store.states(proxy.reader).items() if n == "support"]
-    assert state["reason"].startswith("automatic: score 1.000 [1.000, 1.000] over")
+    # Promoted once the anytime-valid lower bound reached the bar: a perfect student needs
+    # 38 pairs for a bar of 0.9 (a bootstrap said [1.000, 1.000] after 4).
+    found = re.match(
+        r"automatic: score 1\.000 \[(0\.\d+), 1\.000\] over (\d+) pairs", state["reason"]
+    )
+    assert found is not None, state["reason"]
+    assert float(found.group(1)) >= 0.9 and int(found.group(2)) >= 38
     # In canary some calls are the student's (said in the headers), the rest in its shadow.
     served_by: set[str] = set()
 
@@ -81,6 +88,8 @@ def test_a_good_student_is_promoted_on_evidence_and_a_bad_one_never_is(
         config.read_text()
         .replace("[routes.support]", "[routes.billing]")
         .replace('app = "support"', 'app = "billing"')
+        .replace("[endpoints.student]", "[endpoints.bad]")
+        .replace('student = "tiny@student"', 'student = "tiny@bad"')
     )
     refused = CliRunner().invoke(
         cli, ["routes", "promote", "billing", "-c", str(config), "--database-url", url]

@@ -300,18 +300,18 @@ def test_the_routes_page_shows_a_route_and_its_evidence(
     from fake_student import ask, samples
 
     routed = routed_dashboard(start_proxy, servers)
-    for n in range(3):
+    for n in range(40):  # enough perfect pairs for the lower bound to reach the bar of 0.9
         assert ask(routed, n).status_code == 200
-    wait_for(lambda: len(samples(routed)) == 3, 20, "three graded pairs")
-    routed.wait_stored(3)
+    wait_for(lambda: len(samples(routed)) == 40, 20, "forty graded pairs")
+    routed.wait_stored(40)
     sign_in(chrome, routed, ADMIN)
     chrome.find_element(By.LINK_TEXT, "Routes").click()
     wait_until(chrome, lambda d: d.find_elements(By.ID, "route-support"), "the routes page")
     assert chrome.find_element(By.ID, "mode-support").text == "shadow"
     section = chrome.find_element(By.ID, "route-support")
-    assert "1.000 [1.000, 1.000]" in section.find_element(By.CSS_SELECTOR, ".score").text
+    assert "1.000 [0.907, 1.000]" in section.find_element(By.CSS_SELECTOR, ".score").text
     assert section.find_element(By.CSS_SELECTOR, ".verdict-text").text == "clears the bar"
-    assert len(section.find_elements(By.CSS_SELECTOR, "tr.pair")) == 3
+    assert len(section.find_elements(By.CSS_SELECTOR, "tr.pair")) >= 3
     chrome.save_screenshot(str(shots / "routes.png"))
     chrome.find_element(By.ID, "off-support").click()
     wait_until(chrome, lambda d: d.find_elements(By.ID, "notice"), "the notice")

@@ -33,20 +33,21 @@ def test_the_routes_page_shows_evidence_and_pairs_and_moves_a_route(
     assert early.status_code == 303 and "failed=" in early.headers["location"]
     assert "stays in shadow" in admin.get(early.headers["location"]).text
 
-    for n in range(3):
+    # 40 perfect pairs: enough for the anytime-valid lower bound to reach the bar of 0.9.
+    for n in range(40):
         assert ask(proxy, n).status_code == 200
-    wait_for(lambda: len(samples(proxy)) == 3, 20, "three graded pairs")
-    proxy.wait_stored(3)  # the teacher's calls too (written apart from the pairs)
+    wait_for(lambda: len(samples(proxy)) == 40, 20, "forty graded pairs")
+    proxy.wait_stored(40)  # the teacher's calls too (written apart from the pairs)
     page = admin.get("/ui/routes").text
-    assert re.search(r'class="score">1\.000 <small>\[1\.000, 1\.000\]</small>', page)
+    assert re.search(r'class="score">1\.000 <small>\[0\.907, 1\.000\]</small>', page)
     assert "clears the bar" in page
     pairs = re.findall(
         r'<pre class="teacher">([^<]*)</pre></td>\s*<td><pre class="student">([^<]*)</pre>', page
     )
     # Both answers as stored: redacted (the teacher's text carries an e-mail address).
     redacted = TEACHER_TEXT.replace("bob@example.com", "[REDACTED:email]")
-    assert redacted != TEACHER_TEXT and pairs == [(redacted, redacted)] * 3
-    assert page.count('class="verdict pass">exact: 1<') == 3
+    assert redacted != TEACHER_TEXT and pairs and set(pairs) == {(redacted, redacted)}
+    assert page.count('class="verdict pass">exact: 1<') == len(pairs)
 
     def press(action: str) -> str:
         answer = admin.post(f"/ui/routes/support/{action}", data={"csrf": token})

@@ -1,0 +1,172 @@
+"""Taking a route in hand: the kill switch (`routes set`), a mode pinned in the config, a
+new student starting over, and the config mistakes refused before they cost anything."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from distillery.cli import cli
+from distillery.core.config import Settings, load_settings
+from distillery.core.errors import ConfigError
+from distillery.curation import judging, online
+from distillery.curation.judge import install_in_thread
+from distillery.store import routes as route_store
+
+from fake_student import FakeStudent, ask, config_file, route_config, routed, samples, served
+from helpers import RunningProxy, ServerThread, wait_for
+
+
+def routes_cli(proxy: RunningProxy, config: Path, *args: str) -> Any:
+    url = proxy.settings.storage.resolved_database_url()
+    return CliRunner().invoke(cli, ["routes", *args, "-c", str(config), "--database-url", url])
+
+
+def status_row(proxy: RunningProxy, config: Path) -> dict[str, Any]:
+    """`routes status --json`'s one row (the judge's thread may log beside it)."""
+    lines = routes_cli(proxy, config, "status", "--json").output.splitlines()
+    start = lines.index("[")
+    [row] = json.loads("\n".join(lines[start : lines.index("]", start) + 1]))
+    return dict(row)
+
+
+def served_by(proxy: RunningProxy, n: int) -> str:
+    return str(ask(proxy, n).headers.get("X-Distillery-Served-By", "none"))
+
+
+def test_routes_set_is_a_kill_switch_the_proxy_follows_within_seconds(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread, tmp_path: Path
+) -> None:
+    student = served(FakeStudent(), servers)
+    proxy = routed(start_proxy, student, min_samples=3)
+    config = config_file(tmp_path, student, "min_samples = 3")
+    # Any mode in one command, evidence or not: here straight to on...
+    moved = routes_cli(proxy, config, "set", "support", "on", "--reason", "trying it")
+    assert moved.exit_code == 0 and "Route support: shadow -> on." in moved.output
+    wait_for(lambda: served_by(proxy, 1) == "student", 10, "the student answering")
+    # ...and off, from on, at once: the teacher answers everything, nothing is shadowed.
+    killed = routes_cli(proxy, config, "set", "support", "off", "--reason", "answers look off")
+    assert killed.exit_code == 0 and "on -> off" in killed.output
+    wait_for(lambda: served_by(proxy, 2) == "none", 10, "the route off")
+    before = len(samples(proxy))
+    assert all(served_by(proxy, n) == "none" for n in range(3, 8))
+    assert len(samples(proxy)) == before
+    row = status_row(proxy, config)
+    assert row["mode"] == "off" and row["reason"] == "answers look off" and row["changed_at"]
+    wrong = routes_cli(proxy, config, "set", "support", "sideways")
+    assert wrong.exit_code == 2 and "'sideways' is not one of" in wrong.output
+
+
+def test_a_pinned_mode_wins_over_the_database_and_commands_leave_it_alone(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread, tmp_path: Path
+) -> None:
+    """`mode = "off"` with `pin = true` in the config, reloaded, takes the route off
+    whatever the database says (unpinned, the database's mode would win); commands and the
+    automatic policy leave a pinned route alone, and `routes status` says why."""
+    from distillery.proxy.app import reload_routes
+
+    student = served(FakeStudent(), servers)
+    current = {"config": route_config(student, min_samples=3)}
+    proxy = start_proxy(
+        current["config"],
+        extensions=[install_in_thread],
+        reload=lambda: Settings.model_validate(current["config"]),
+    )
+    config = config_file(tmp_path, student, "min_samples = 3")
+    assert routes_cli(proxy, config, "set", "support", "on").exit_code == 0
+    wait_for(lambda: served_by(proxy, 1) == "student", 10, "the student answering")
+    current["config"] = route_config(student, min_samples=3, mode="off", pin=True)
+    assert servers.call(reload_routes(proxy.app)) is True
+    assert served_by(proxy, 2) == "none"  # at once: the reload applies it
+    wait_for(
+        lambda: route_store.states(proxy.reader)["support"]["reason"] == "pinned in the config",
+        10,
+        "the pin written where `routes status` reads it",
+    )
+    pinned_config = config_file(tmp_path, student, 'mode = "off"', "pin = true")
+    refused = routes_cli(proxy, pinned_config, "set", "support", "on")
+    assert refused.exit_code == 1 and "pinned to off in the config" in refused.output
+    assert online.decide(load_settings(pinned_config), proxy.reader, "support") is None
+    row = status_row(proxy, pinned_config)
+    assert row["mode"] == "off" and row["pinned"] is True
+
+
+def test_a_new_student_starts_in_shadow_with_no_evidence(
+    start_proxy: Callable[..., RunningProxy],
+    servers: ServerThread,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """New files served under the same model name are a new student (the content hash its
+    endpoint reports): the route goes back to shadow and counts its evidence anew."""
+    monkeypatch.setattr(judging, "IDENTIFY_S", 0.0)  # asked at every pair, not every 30 s
+    student = served(FakeStudent(), servers)
+    student.files = "a" * 64
+    proxy = routed(start_proxy, student, min_samples=3)
+    config = config_file(tmp_path, student, "min_samples = 3")
+    for n in range(3):
+        ask(proxy, n)
+    wait_for(lambda: len(samples(proxy)) == 3, 10, "three pairs")
+    assert {s["student"] for s in samples(proxy)} == {"tiny@student#files:aaaaaaaaaaaaaaaa"}
+    assert routes_cli(proxy, config, "set", "support", "on").exit_code == 0
+    wait_for(lambda: served_by(proxy, 10) == "student", 10, "the student answering")
+    student.files = "b" * 64
+    wait_for(
+        lambda: (
+            served_by(proxy, 11) != "student"
+            and route_store.states(proxy.reader)["support"]["mode"] == "shadow"
+        ),
+        20,
+        "the new student in shadow",
+    )
+    state = route_store.states(proxy.reader)["support"]
+    assert state["student"] == "tiny@student#files:bbbbbbbbbbbbbbbb"
+    assert state["reason"].startswith("new student tiny@student#files:bbbb")
+    row = status_row(proxy, config)
+    assert row["student"] == state["student"] and row["mode"] == "shadow"
+    assert row["samples"] <= 2  # the old student's pairs are not this one's evidence
+
+
+@pytest.mark.parametrize(
+    ("lines", "says"),
+    [
+        (["bar = 95"], "a bar is a score from 0 to 1 (bar = 0.95 for 95%)"),
+        (["match = {}", "bar = 0.9"], "match is empty, which covers every call"),
+        (["bar = 0.9", "auto = true", "holdout = 0"], "auto = true needs holdout >= 0.05"),
+    ],
+)
+def test_config_mistakes_are_refused_saying_the_fix(
+    lines: list[str], says: str, tmp_path: Path
+) -> None:
+    match = [] if any(line.startswith("match") for line in lines) else ["match = { app = 'a' }"]
+    config = tmp_path / "distillery.toml"
+    config.write_text(
+        "[endpoints.student]\nbase_url = 'http://127.0.0.1:9/v1'\n[routes.support]\n"
+        + "\n".join(["student = 'tiny@student'", "graders = ['exact']", *match, *lines])
+        + "\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config)
+    assert says in str(refused.value)
+    checked = CliRunner().invoke(cli, ["proxy", "--check-config", "-c", str(config)])
+    assert checked.exit_code == 1 and says in checked.output
+    config.write_text(config.read_text().replace("match = {}", "match = { all = true }"))
+    if "match" in says:
+        assert load_settings(config).routes["support"].match.all
+
+
+def test_check_config_fails_on_a_grader_that_would_stop_the_proxy(tmp_path: Path) -> None:
+    config = tmp_path / "distillery.toml"
+    config.write_text(
+        "[endpoints.student]\nbase_url = 'http://127.0.0.1:9/v1'\n"
+        "[routes.support]\nmatch = { app = 'support' }\nstudent = 'tiny@student'\n"
+        "graders = ['no_such_grader']\nbar = 0.9\n"
+    )
+    checked = CliRunner().invoke(cli, ["proxy", "--check-config", "-c", str(config)])
+    assert checked.exit_code == 1 and "FAIL  routes:" in checked.output
+    assert "no_such_grader" in checked.output
