@@ -276,6 +276,9 @@ class RouteSettings(_Section):
     concurrency: int = Field(4, ge=1, description="student calls in flight for shadowing")
     queue: int = Field(100, ge=1, description="shadow calls waiting; beyond it they are dropped")
     timeout: float = Field(10, gt=0, description="seconds to connect, then between bytes")
+    total_timeout: float = Field(
+        120, gt=0, description="seconds for a student's whole answer, streamed or not"
+    )
 
     @model_validator(mode="after")
     def _student_names_an_endpoint(self) -> RouteSettings:

@@ -394,13 +394,17 @@ async def _relay_stream(
     call: Call,
     fields: dict[str, Any],
     first: bytes = b"",
+    student: Route | None = None,
 ) -> web.StreamResponse:
+    """Relay an SSE answer as it comes.  A ``student``'s is held to its route's timeouts
+    (between reads, and in all), and one that drops, stalls or breaks ends with the error
+    event OpenAI sends mid-stream, counted as the student's failure."""
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
         headers=call.response_headers(upstream.headers),
     )
-    relay = StreamRelay(strip_usage=call.strip_usage)
+    relay = StreamRelay(strip_usage=call.strip_usage, drop_unreadable=student is not None)
     error: dict[str, Any] | None = None
     client_gone = False
     try:
@@ -409,7 +413,7 @@ async def _relay_stream(
         except ConnectionResetError:
             client_gone = True
         if not client_gone:
-            async for data in _pieces(first, upstream):
+            async for data in _pieces(first, upstream, call, student):
                 call.size += len(data)
                 if call.ttft_ms is None:
                     call.ttft_ms = round((time.perf_counter() - call.started) * 1000, 3)
@@ -420,6 +424,8 @@ async def _relay_stream(
                     except ConnectionResetError:  # aiohttp's is a ClientError too
                         client_gone = True
                         break
+                if student is not None and relay.assembler.malformed is not None:
+                    break  # the student's stream broke: nothing more of it is relayed
     except (TimeoutError, aiohttp.ClientError) as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
         error = {"message": f"upstream stream {reason}", "type": "upstream_error"}
@@ -438,7 +444,15 @@ async def _relay_stream(
     if client_gone:
         log.info("client went away mid-stream")
         return response
+    broke = None if student is None else _broken(error, relay)
     try:
+        if student is not None and broke is not None:
+            request.app[PROXY].router.fell_back(student, broke)
+            log_fields(request)["fallback"] = broke
+            if broke != "stream_error":  # the student's own error event went out already
+                await response.write(_error_event(broke))
+            await response.write_eof()
+            return response
         if error is not None and error.get("type") == "upstream_error":
             tail = relay.finish()
             if tail:
@@ -452,11 +466,50 @@ async def _relay_stream(
     return response
 
 
-async def _pieces(first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _pieces(
+    first: bytes, upstream: aiohttp.ClientResponse, call: Call, student: Route | None = None
+) -> AsyncIterator[bytes]:
     if first:
         yield first
-    async for data in upstream.content.iter_any():
+    if student is None:  # the teacher's: as long as upstream.timeout allows
+        async for data in upstream.content.iter_any():
+            yield data
+        return
+    settings = student.settings
+    deadline = call.started + settings.total_timeout
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise TimeoutError
+        async with asyncio.timeout(min(settings.timeout, left)):
+            data = await upstream.content.readany()
+        if not data:
+            return
         yield data
+
+
+def _broken(error: dict[str, Any] | None, relay: StreamRelay) -> str | None:
+    """How a student's stream failed after its first byte, or ``None`` when it did not."""
+    if error is not None and error.get("type") == "upstream_error":
+        return "stream_timeout" if "timed out" in error["message"] else "stream_dropped"
+    if relay.assembler.malformed is not None:
+        return "stream_malformed"
+    if relay.assembler.error is not None:
+        return "stream_error"  # the student's own error event, relayed as it came
+    if not relay.done:
+        return "stream_dropped"  # ended without [DONE]
+    return None
+
+
+def _error_event(reason: str) -> bytes:
+    """The error event OpenAI sends in a stream that fails (the SDK raises APIError)."""
+    error = {
+        "message": f"The answer stopped: the model serving this route failed ({reason}).",
+        "type": "server_error",
+        "param": None,
+        "code": reason,
+    }
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
 
 async def _student_answers(
@@ -500,8 +553,10 @@ async def _student_answers(
                 raise _Refused("empty stream")
             proxy.router.answered(route)
             async with stack:
-                return await _relay_stream(request, upstream, call, fields, first)
-        content = first + await upstream.read()
+                return await _relay_stream(request, upstream, call, fields, first, route)
+        left = call.started + route.settings.total_timeout - time.perf_counter()
+        async with asyncio.timeout(max(left, 0.001)):
+            content = first + await upstream.read()
         problem = (
             "not_a_stream"
             if call.stream and not streaming and upstream.status < 400
@@ -553,9 +608,22 @@ def _refusal(
         answer = _parse_json(content, upstream.headers.get("Content-Encoding"))
         if not isinstance(answer, dict) or "error" in answer or malformed(answer) is not None:
             return "malformed"
+    if not _has_answer(answer):
+        return "no_answer"
     if must_parse and not _parses(answer):
         return "invalid_json"
     return None
+
+
+def _has_answer(answer: Any) -> bool:
+    """Whether a completion carries a message to give the client (not an empty choices)."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    return (
+        isinstance(choices, list)
+        and bool(choices)
+        and isinstance(choices[0], dict)
+        and isinstance(choices[0].get("message"), dict)
+    )
 
 
 def _parses(answer: Any) -> bool:

@@ -276,8 +276,10 @@ def _event_data(event: bytes) -> bytes | None:
 class StreamRelay:
     """Feeds upstream bytes through; returns what to forward to the client now."""
 
-    def __init__(self, *, strip_usage: bool) -> None:
+    def __init__(self, *, strip_usage: bool, drop_unreadable: bool = False) -> None:
         self.strip_usage = strip_usage
+        # A student's garbage is not relayed (the teacher's is: the proxy is transparent).
+        self.drop_unreadable = drop_unreadable
         self.assembler = StreamAssembler()
         self.done = False
         self._buffer = bytearray()
@@ -313,6 +315,8 @@ class StreamRelay:
         return b"".join(out)
 
     def _event(self, event: bytes, sep: bytes) -> bytes:
+        if self.drop_unreadable and self.assembler.malformed is not None:
+            return b""  # a broken stream: nothing after the break is relayed
         payload = _event_data(event[: -len(sep)])
         if payload is None:
             return event
@@ -325,7 +329,7 @@ class StreamRelay:
             # Relayed as it came; the stored answer would lack it, so it is not a success.
             if payload.strip():
                 self.assembler.unreadable(exc)
-            return event
+            return b"" if self.drop_unreadable else event
         if not isinstance(chunk, dict):
             return event
         self.assembler.add(chunk)

@@ -30,6 +30,9 @@ class FakeStudent:
 
     def __init__(self) -> None:
         self.behaviour = "good"
+        # How a stream breaks after its first text: "drop" (the connection cut), "garbage"
+        # (an event that is not JSON), "stall" (nothing more until released); None: it does not.
+        self.breaks: str | None = None
         self.requests: list[dict[str, Any]] = []
         self.release = threading.Event()
         self.files: str | None = None  # the content hash /v1/models reports, as `serve` does
@@ -53,12 +56,23 @@ class FakeStudent:
             )
         if self.behaviour == "held":  # until the test releases it (off the server's loop)
             await asyncio.to_thread(self.release.wait)
+        if self.behaviour == "empty" and not body.get("stream"):  # a 200 with no answer
+            return web.json_response(
+                {
+                    "id": "chatcmpl-student",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": body["model"],
+                    "choices": [],
+                }
+            )
         text = {
             "good": TEACHER_TEXT,
             "held": TEACHER_TEXT,
             "bad": "I don't know.",
             "chatty": "Write to carol@example.com",
             "json": '{"ok": true}',
+            "empty": TEACHER_TEXT,
         }[self.behaviour]
         if body.get("stream"):
             return await self.stream(request, body["model"], text)
@@ -90,7 +104,7 @@ class FakeStudent:
         half = len(text) // 2
         deltas = [{"role": "assistant", "content": ""}, {"content": text[:half]}]
         deltas.append({"content": text[half:]})
-        for delta in deltas:
+        for n, delta in enumerate(deltas):
             chunk = {
                 "id": "chatcmpl-student",
                 "object": "chat.completion.chunk",
@@ -100,6 +114,14 @@ class FakeStudent:
                 "usage": None,
             }
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if n == 1 and self.breaks == "drop":
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if n == 1 and self.breaks == "garbage":
+                await response.write(b"data: {this is not json\n\n")
+            if n == 1 and self.breaks == "stall":
+                await asyncio.to_thread(self.release.wait)
         last = {
             "id": "chatcmpl-student",
             "object": "chat.completion.chunk",
