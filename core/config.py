@@ -279,6 +279,11 @@ class RouteSettings(_Section):
     total_timeout: float = Field(
         120, gt=0, description="seconds for a student's whole answer, streamed or not"
     )
+    # Who answers a call, decided by a stable hash of: "conversation" (the first user
+    # message, so every turn of one conversation gets the same model), "user" (OpenAI's
+    # `user` field), "key" (the API key's fingerprint), "tag:KEY" (a tag's value), or
+    # "none" (a coin per call).  A call without the key is decided by its conversation.
+    sticky: str = Field("conversation", pattern=r"^(conversation|user|key|none|tag:.+)$")
 
     @model_validator(mode="after")
     def _student_names_an_endpoint(self) -> RouteSettings:

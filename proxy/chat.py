@@ -273,7 +273,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     call = Call(proxy, request, tenant, body, size)
     fields.update(model=call.model, stream=call.stream, tags=len(call.metadata))
     route = call.route
-    if route is not None and proxy.router.student_answers(route):
+    if route is not None and proxy.router.student_answers(route, body, tenant, call.metadata):
         answered = await _student_answers(request, call, route, fields)
         if answered is not None:
             return answered

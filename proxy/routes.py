@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import itertools
 import random
 import time
@@ -31,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 
 from distillery.core.config import EndpointSettings, RouteSettings, Settings
@@ -104,6 +106,33 @@ class Route:
         return student_headers(self.endpoint)
 
 
+def _draw(route: Route, body: Mapping[str, Any], tenant: str, metadata: Mapping[str, str]) -> float:
+    """A number in [0, 1) fixed by the call's sticky key (random for "none")."""
+    sticky = route.settings.sticky
+    key: str | None = None
+    if sticky == "none":
+        return random.random()
+    if sticky == "user":
+        user = body.get("user")
+        key = user if isinstance(user, str) and user else None
+    elif sticky == "key":
+        key = tenant or None
+    elif sticky.startswith("tag:"):
+        key = metadata.get(sticky[4:])
+    if key is None:
+        key = "conversation\0" + _first_user_message(body)
+    digest = hashlib.blake2b(f"{route.name}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _first_user_message(body: Mapping[str, Any]) -> str:
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict) and message.get("role") == "user":
+            return orjson.dumps(message.get("content")).decode()
+    return ""
+
+
 class Router:
     def __init__(self, settings: Settings, store: Store | None, metrics: Metrics) -> None:
         self.store = store
@@ -156,16 +185,22 @@ class Router:
                 return route
         return None
 
-    def student_answers(self, route: Route) -> bool:
-        """Whether the student takes this call: canary's fraction, all but on's holdout;
-        never while it is down."""
-        if route.down:
+    def student_answers(
+        self,
+        route: Route,
+        body: Mapping[str, Any] | None = None,
+        tenant: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Whether the student takes this call: canary's fraction, all but on's holdout,
+        drawn by the route's sticky key (one conversation, user or key: one model); never
+        while it is down."""
+        if route.down or route.mode not in ("canary", "on"):
             return False
+        draw = _draw(route, body or {}, tenant, metadata or {})
         if route.mode == "canary":
-            return random.random() < route.settings.canary
-        if route.mode == "on":
-            return random.random() >= route.settings.holdout
-        return False
+            return draw < route.settings.canary
+        return draw >= route.settings.holdout
 
     def served(self, route: Route, by: str) -> None:
         self.metrics.route_served.labels(route.name, by).inc()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
@@ -18,7 +19,7 @@ from distillery.curation import judging, online
 from distillery.curation.judge import install_in_thread
 from distillery.store import routes as route_store
 
-from fake_student import FakeStudent, ask, config_file, route_config, routed, samples, served
+from fake_student import ALICE, FakeStudent, ask, config_file, route_config, routed, samples, served
 from helpers import RunningProxy, ServerThread, wait_for
 
 
@@ -170,3 +171,43 @@ def test_check_config_fails_on_a_grader_that_would_stop_the_proxy(tmp_path: Path
     checked = CliRunner().invoke(cli, ["proxy", "--check-config", "-c", str(config)])
     assert checked.exit_code == 1 and "FAIL  routes:" in checked.output
     assert "no_such_grader" in checked.output
+
+
+def test_one_conversation_is_served_by_one_model(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread
+) -> None:
+    """In canary (half the calls the student's), each of 40 turns of a conversation is
+    answered by the same model, decided by its first user message; different conversations
+    are split between the two. With sticky = "user", OpenAI's `user` decides instead."""
+    student = served(FakeStudent(), servers)
+    proxy = routed(start_proxy, student, mode="canary", canary=0.5)
+
+    def turn(messages: list[dict[str, str]], **extra: str) -> str:
+        answer = httpx.post(
+            proxy.base_url + "/chat/completions",
+            json={"model": "fake-model", "messages": messages, **extra},
+            headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support"},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+        return str(answer.headers["X-Distillery-Served-By"])
+
+    firsts = {}
+    for conversation in range(12):
+        messages = [{"role": "user", "content": f"conversation {conversation} begins"}]
+        served_by = set()
+        for n in range(40 if conversation < 2 else 3):
+            served_by.add(turn(messages))
+            messages += [
+                {"role": "assistant", "content": f"answer {n}"},
+                {"role": "user", "content": f"turn {n}"},
+            ]
+        assert len(served_by) == 1, (conversation, served_by)
+        firsts[conversation] = served_by.pop()
+    assert set(firsts.values()) == {"student", "teacher"}  # split between conversations
+
+    by_user = routed(start_proxy, student, mode="canary", canary=0.5, sticky="user")
+    proxy = by_user
+    for user in ("u-1", "u-2", "u-3", "u-4"):
+        seen = {turn([{"role": "user", "content": f"question {n}"}], user=user) for n in range(6)}
+        assert len(seen) == 1, (user, seen)
