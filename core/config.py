@@ -284,6 +284,10 @@ class RouteSettings(_Section):
     # `user` field), "key" (the API key's fingerprint), "tag:KEY" (a tag's value), or
     # "none" (a coin per call).  A call without the key is decided by its conversation.
     sticky: str = Field("conversation", pattern=r"^(conversation|user|key|none|tag:.+)$")
+    # "tag:KEY": each value of the tag is a slice that must clear the bar on its own (a
+    # student wrong on one slice is not promoted for the whole route); demotion when any
+    # slice falls below it.
+    by: str | None = Field(None, pattern=r"^tag:.+$")
 
     @model_validator(mode="after")
     def _student_names_an_endpoint(self) -> RouteSettings:

@@ -124,7 +124,7 @@ def decide(settings: Settings, store: Store, name: str) -> tuple[str, str] | Non
         return None
     standing = _standing_now(settings, store, name, route)
     mode, verdict = standing["mode"], standing["verdict"]
-    if mode in ("canary", "on") and verdict in DEMOTING:
+    if mode in ("canary", "on") and verdict.startswith(DEMOTING):
         reason = f"automatic: {_evidence(standing)}, {verdict}"
         _write(store, name, "shadow", reason, standing["student"], mode)
         return mode, "shadow"
@@ -240,10 +240,10 @@ def _standing(
     mode = served_mode(route, state)
     decided_for_this = state is not None and state.get("student") in (None, student)
     since: datetime | None = state["changed_at"] if state and decided_for_this else None
-    samples = route_store.evidence(store, name, student, since, EVIDENCE_LIMIT)
+    slice_tag = route.by[4:] if route.by else None
+    samples = route_store.evidence(store, name, student, since, EVIDENCE_LIMIT, slice_tag)
     used = [s for s in samples if s["status"] == "error" or s["score"] is not None]
-    scores = [0.0 if s["status"] == "error" else float(s["score"]) for s in used]
-    errors = sum(1 for s in used if s["status"] == "error")
+    scores, errors = _scores(used)
     graded = [s for s in used if s["status"] != "error"]
     teacher_scores = [float(s["teacher_score"]) for s in graded if s["teacher_score"] is not None]
     alpha = 1 - route.confidence
@@ -252,6 +252,8 @@ def _standing(
     if route.relative:
         bar = round(route.bar * statistics.fmean(teacher_scores), 4) if teacher_scores else None
     verdict = _verdict(route, bounds, bar, errors, mode, scores)
+    slices = _slices(route, used, bar, mode) if slice_tag else {}
+    verdict = _with_slices(verdict, slices, slice_tag)
     recent = samples[-route.window :]
     return {
         "route": name,
@@ -267,11 +269,53 @@ def _standing(
         "ci_high": bounds.high,
         "bar": bar,
         "verdict": verdict,
+        **({"slices": slices} if slice_tag else {}),
         **_against_teacher(graded),
         "fallbacks": counts.get((name, "fallbacks"), 0),
         "dropped": counts.get((name, "dropped"), 0),
         **_latency_and_cost(route, recent, dict(settings.prices)),
     }
+
+
+def _scores(used: list[dict[str, Any]]) -> tuple[list[float], int]:
+    """The evidence's scores (a failed call scores 0), and how many calls failed."""
+    scores = [0.0 if s["status"] == "error" else float(s["score"]) for s in used]
+    return scores, sum(1 for s in used if s["status"] == "error")
+
+
+def _slices(
+    route: RouteSettings, used: list[dict[str, Any]], bar: float | None, mode: str
+) -> dict[str, dict[str, Any]]:
+    """Each slice's evidence, bounds and verdict (``by = "tag:KEY"``): the tag's value on
+    the teacher's call, "(untagged)" without one."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sample in used:
+        groups.setdefault(sample.get("slice") or "(untagged)", []).append(sample)
+    slices = {}
+    for value, members in sorted(groups.items()):
+        scores, errors = _scores(members)
+        bounds = route_policy.bounds(scores, 1 - route.confidence)
+        slices[value] = {
+            "samples": bounds.n,
+            "student_errors": errors,
+            "score": None if bounds.mean is None else round(bounds.mean, 4),
+            "ci_low": bounds.low,
+            "ci_high": bounds.high,
+            "verdict": _verdict(route, bounds, bar, errors, mode, scores),
+        }
+    return slices
+
+
+def _with_slices(verdict: str, slices: dict[str, dict[str, Any]], tag: str | None) -> str:
+    """The route's verdict once each slice has had its say: it clears the bar only when
+    every slice does; any slice that fails, or is still short, is named."""
+    if not slices or verdict.startswith(DEMOTING):
+        return verdict
+    for wanted in (DEMOTING, ("needs", "undecided", "no evidence")):
+        for value, standing in slices.items():
+            if standing["verdict"].startswith(wanted):
+                return f"{standing['verdict']} in {tag}={value}"
+    return verdict
 
 
 def _verdict(

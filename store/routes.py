@@ -10,11 +10,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from distillery.store.db import Store, as_record
-from distillery.store.models import RouteCounter, RouteSample, RouteState
+from distillery.store.models import CompletionTag, RouteCounter, RouteSample, RouteState
 
 STATES: sa.Table = RouteState.__table__  # type: ignore[attr-defined]
 SAMPLES: sa.Table = RouteSample.__table__  # type: ignore[attr-defined]
 COUNTERS: sa.Table = RouteCounter.__table__  # type: ignore[attr-defined]
+TAGS: sa.Table = CompletionTag.__table__  # type: ignore[attr-defined]
 
 
 def _insert(store: Store) -> Any:
@@ -63,11 +64,25 @@ def recent(store: Store, route: str, limit: int) -> list[dict[str, Any]]:
 
 
 def evidence(
-    store: Store, route: str, student: str, since: datetime | None, limit: int
+    store: Store,
+    route: str,
+    student: str,
+    since: datetime | None,
+    limit: int,
+    slice_tag: str | None = None,
 ) -> list[dict[str, Any]]:
     """``student``'s pairs on the route since ``since`` (all when None), oldest first; at
-    most the newest ``limit``."""
-    query = sa.select(SAMPLES).where(SAMPLES.c.route == route, SAMPLES.c.student == student)
+    most the newest ``limit``.  With ``slice_tag``, each pair's ``slice`` is the value of
+    that tag on the teacher's captured call (None when it has none, or is not stored)."""
+    if slice_tag is None:
+        query = sa.select(SAMPLES)
+    else:
+        tag = TAGS.alias("slice_tag")
+        joined = SAMPLES.outerjoin(
+            tag, sa.and_(tag.c.completion_id == SAMPLES.c.id, tag.c.key == slice_tag)
+        )
+        query = sa.select(SAMPLES, tag.c.value.label("slice")).select_from(joined)
+    query = query.where(SAMPLES.c.route == route, SAMPLES.c.student == student)
     if since is not None:
         query = query.where(SAMPLES.c.created_at >= since)
     query = query.order_by(SAMPLES.c.id.desc()).limit(limit)

@@ -33,6 +33,7 @@ class FakeStudent:
         # How a stream breaks after its first text: "drop" (the connection cut), "garbage"
         # (an event that is not JSON), "stall" (nothing more until released); None: it does not.
         self.breaks: str | None = None
+        self.wrong_on: str | None = None  # a prompt containing this is answered wrongly
         self.requests: list[dict[str, Any]] = []
         self.release = threading.Event()
         self.files: str | None = None  # the content hash /v1/models reports, as `serve` does
@@ -74,6 +75,8 @@ class FakeStudent:
             "json": '{"ok": true}',
             "empty": TEACHER_TEXT,
         }[self.behaviour]
+        if self.wrong_on is not None and self.wrong_on in json.dumps(body.get("messages")):
+            text = "I don't know."
         if body.get("stream"):
             return await self.stream(request, body["model"], text)
         answer = web.json_response(

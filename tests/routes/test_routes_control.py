@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from distillery.cli import cli
 from distillery.core.config import Settings, load_settings
 from distillery.core.errors import ConfigError
-from distillery.curation import judging, online
+from distillery.curation import judging, online, route_policy
 from distillery.curation.judge import install_in_thread
 from distillery.store import routes as route_store
 
@@ -211,3 +211,42 @@ def test_one_conversation_is_served_by_one_model(
     for user in ("u-1", "u-2", "u-3", "u-4"):
         seen = {turn([{"role": "user", "content": f"question {n}"}], user=user) for n in range(6)}
         assert len(seen) == 1, (user, seen)
+
+
+def test_each_slice_must_clear_the_bar_on_its_own(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread, tmp_path: Path
+) -> None:
+    """With by = "tag:topic", a student right on 100 order questions and wrong on every one
+    of 8 refund questions (7% of the traffic) clears the bar of 0.8 overall, but the route
+    says which slice does not, and is not promoted."""
+    student = served(FakeStudent(), servers)
+    student.wrong_on = "refund"
+    proxy = routed(start_proxy, student, bar=0.8, min_samples=3, by="tag:topic")
+
+    def asked(n: int, topic: str) -> None:
+        answer = httpx.post(
+            proxy.base_url + "/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": f"{topic} {n}"}]},
+            headers={
+                "Authorization": f"Bearer {ALICE}",
+                "X-Distillery-Tag-app": "support",
+                "X-Distillery-Tag-topic": topic,
+            },
+            timeout=10,
+        )
+        assert answer.status_code == 200
+
+    for n in range(108):
+        asked(n, "refund" if n % 13 == 5 else "order")
+    wait_for(lambda: len(samples(proxy)) == 108, 20, "108 pairs")
+    proxy.wait_stored(108)  # the teacher's calls, whose tags name the slices
+    [row] = online.status(proxy.settings, proxy.reader)
+    overall = route_policy.bounds([0.0 if n % 13 == 5 else 1.0 for n in range(108)], 0.05)
+    assert row["ci_low"] == overall.low and (overall.low or 0) >= 0.8  # overall: it would clear
+    assert row["verdict"] == "below the bar in topic=refund"
+    assert row["slices"]["order"]["verdict"] == "clears the bar"
+    assert row["slices"]["refund"]["samples"] == 8 and row["slices"]["refund"]["score"] == 0.0
+    config = config_file(tmp_path, student, "bar = 0.8", "min_samples = 3", 'by = "tag:topic"')
+    config.write_text(config.read_text().replace("bar = 0.9\n", ""))
+    refused = routes_cli(proxy, config, "promote", "support")
+    assert refused.exit_code == 1 and "below the bar in topic=refund" in refused.output
