@@ -50,6 +50,7 @@ GRADED = "graded"  # the student answered; graded and stored
 STUDENT_ERROR = "student_error"  # the student failed (stored as such)
 FAILED = "failed"  # the student answered but grading or storing failed (a bug, logged)
 DROPPED = "dropped"  # no room in the route's queue: never asked
+LOST = "lost"  # handed to a judge that crashed or stopped before settling it: never graded
 
 
 class Judge(Protocol):

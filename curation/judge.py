@@ -36,9 +36,10 @@ from aiohttp import web
 
 from distillery.core import logs
 from distillery.core.config import Settings
-from distillery.core.shadow import JUDGE, Judge, Pair
+from distillery.core.shadow import GRADED, JUDGE, LOST, STUDENT_ERROR, Judge, Pair
 from distillery.curation.judge_wire import CLOSE_S, FRAME
 from distillery.store import Store
+from distillery.store import routes as route_store
 from distillery.store.db import create_engine
 
 log = structlog.get_logger()
@@ -76,6 +77,10 @@ class _Host:
         self.settings = settings
         self.store = store
         self._pipe: asyncio.WriteTransport | None = None
+        # Pairs handed over and not yet settled (record id -> route): what a judge that
+        # crashes or stops takes with it, counted as lost rather than forgotten.
+        self._unsettled: dict[str, str] = {}
+        self._leftover: list[tuple[str, str]] = []
 
     async def _open_pipe(self) -> int:
         """A new pipe; its write end on this loop; the read end's fd, for the judge."""
@@ -96,16 +101,42 @@ class _Host:
         except orjson.JSONEncodeError:  # e.g. an integer past 64 bits: not for the student
             return False
         pipe.write(FRAME.pack(len(frame)) + frame)
+        self._unsettled[pair.record_id] = pair.route
         return True
 
     async def collect(self) -> list[tuple[str, str]]:
-        settled: list[tuple[str, str]] = []
+        settled, self._leftover = self._leftover, []
         if self.outcome_queue is None:
             return settled
         with contextlib.suppress(queue.Empty):
             while True:
-                settled.extend(self.outcome_queue.get_nowait())
+                for route, outcome, record_id in self.outcome_queue.get_nowait():
+                    self._unsettled.pop(record_id, None)
+                    settled.append((route, outcome))
         return settled
+
+    async def _settle_the_rest(self) -> list[tuple[str, str]]:
+        """The judge is gone: each pair it was handed and never reported is graded when
+        its pair was stored (it died between storing and saying so), else lost."""
+        unsettled, self._unsettled = self._unsettled, {}
+        if not unsettled:
+            return []
+        found = await asyncio.to_thread(route_store.stored, self.store, list(unsettled))
+        as_stored = {"ok": GRADED, "error": STUDENT_ERROR}
+        settled = [
+            (route, as_stored.get(found.get(record_id, ""), LOST))
+            for record_id, route in unsettled.items()
+        ]
+        lost = sum(1 for _, outcome in settled if outcome == LOST)
+        if lost:
+            log.warning("route pairs lost with the judge", pairs=lost)
+        return settled
+
+    async def _settle_at_close(self) -> None:
+        """After the judge stopped: what it reported, then the rest (collected at the
+        router's last refresh)."""
+        settled = await _Host.collect(self)
+        self._leftover = settled + await self._settle_the_rest()
 
     def standings(self) -> list[dict[str, Any]]:
         from distillery.curation.online import status
@@ -169,6 +200,7 @@ class ThreadJudge(_Host):
             self.control.put(None)
             self._close_pipe()
             await asyncio.to_thread(self._thread.join, CLOSE_S + 5)
+            await self._settle_at_close()
 
 
 class ProcessJudge(_Host):
@@ -214,6 +246,8 @@ class ProcessJudge(_Host):
         process = self._process
         if process is not None and not self._closing and not process.is_alive():
             log.error("route judge died; starting another", code=process.exitcode)
+            settled += await _Host.collect(self)  # what it said before it died
+            settled += await self._settle_the_rest()
             self._close_pipe()
             await self.start()  # new queues too: it may have died holding a lock
         return settled
@@ -228,6 +262,7 @@ class ProcessJudge(_Host):
             self.control.put(None)
         self._close_pipe()
         await asyncio.to_thread(self._stop, process, ready)
+        await self._settle_at_close()
 
     @staticmethod
     def _stop(process: Any, ready: bool) -> None:

@@ -51,7 +51,7 @@ POLICY_S = 1.0  # the automatic policy looks at a route at most this often
 REPORT_S = 0.2  # how often the judge reports what became of its pairs
 IDENTIFY_S = 30.0  # how often a route's student is asked which files it serves
 
-Report = Callable[[str, str], None]
+Report = Callable[[str, str, str], None]  # (route, outcome, the pair's record id)
 
 
 class Grading:
@@ -225,7 +225,7 @@ class Runtime:
         try:
             lane.queue.put_nowait(pair)
         except asyncio.QueueFull:
-            self.report(pair.route, DROPPED)
+            self.report(pair.route, DROPPED, pair.record_id)
 
     def reconfigure(self, settings: Settings) -> None:
         """A reloaded config: a route whose student, queue and concurrency did not change
@@ -286,7 +286,7 @@ class Runtime:
             except Exception:  # a bug in grading or a database away: logged, and on
                 log.exception("shadow pair failed", route=name)
                 outcome = STUDENT_ERROR if pair.error else FAILED
-            self.report(name, outcome)
+            self.report(name, outcome, pair.record_id)
 
     async def _identify(self, lane: _Lane) -> str:
         """The student as its endpoint serves it now: ``MODEL@ENDPOINT``, with
@@ -376,8 +376,8 @@ def run(
         loop = uvloop.new_event_loop()
 
     async def main() -> None:
-        settled: list[tuple[str, str]] = []
-        runtime = Runtime(settings, store, lambda route, outcome: settled.append((route, outcome)))
+        settled: list[tuple[str, str, str]] = []
+        runtime = Runtime(settings, store, lambda *outcome: settled.append(outcome))
         await runtime.start()
         stop = asyncio.Event()
         running = threading.Event()

@@ -162,7 +162,7 @@ class Metrics:
         self.route_shadow = Counter(
             "distillery_route_shadow",
             "Shadow calls to a route's student: graded, student_error, dropped (queue full), "
-            "failed (grading broke).",
+            "lost (the judge crashed or stopped first), failed (grading broke).",
             ["route", "outcome"],
             registry=own,
         )

@@ -38,6 +38,7 @@ import structlog
 from distillery.core.config import EndpointSettings, RouteSettings, Settings
 from distillery.core.shadow import (
     DROPPED,
+    LOST,
     STUDENT_ERROR,
     Judge,
     Pair,
@@ -235,7 +236,7 @@ class Router:
 
     def _settled(self, name: str, outcome: str) -> None:
         self.metrics.route_shadow.labels(name, outcome).inc()
-        if outcome == DROPPED:
+        if outcome in (DROPPED, LOST):
             self._unwritten[name, "dropped"] += 1
             return
         route = next((r for r in self.routes if r.name == name), None)

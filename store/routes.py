@@ -90,6 +90,18 @@ def evidence(
         return [as_record(row) for row in conn.execute(query)][::-1]
 
 
+def stored(store: Store, ids: list[str]) -> dict[str, str]:
+    """Which of these pairs are stored: record id -> status (ok or error)."""
+    found: dict[str, str] = {}
+    for start in range(0, len(ids), 500):
+        query = sa.select(SAMPLES.c.id, SAMPLES.c.status).where(
+            SAMPLES.c.id.in_(ids[start : start + 500])
+        )
+        with store.engine.connect() as conn:
+            found.update({row.id: row.status for row in conn.execute(query)})
+    return found
+
+
 def newest_student(store: Store, route: str) -> str | None:
     """The student that answered the route's newest pair."""
     query = (

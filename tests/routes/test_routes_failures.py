@@ -79,3 +79,26 @@ def test_a_student_200_without_an_answer_falls_back_to_the_teacher(
     assert answer.status_code == 200 and answer.headers["X-Distillery-Served-By"] == "teacher"
     assert answer.json()["choices"][0]["message"]["content"] == TEACHER_TEXT
     wait_for(lambda: fallbacks(proxy, "no_answer") == 1.0, 5, "the fallback counted")
+
+
+def test_pairs_a_stopping_judge_never_graded_are_counted_as_lost(
+    start_proxy: Callable[..., RunningProxy], servers: ServerThread
+) -> None:
+    """Five pairs handed to the judge, one in flight to a student that does not answer and
+    four queued: the proxy stops; none was graded, and all five are counted (the route's
+    dropped counter, /metrics' outcome="lost") instead of vanishing."""
+    from distillery.store import routes as route_store
+
+    student = served(FakeStudent(), servers)
+    student.behaviour = "held"
+    proxy = routed(start_proxy, student, concurrency=1, queue=10)
+    try:
+        for n in range(5):
+            assert ask(proxy, n).status_code == 200  # the teacher answers at once
+        wait_for(lambda: len(student.requests) == 1, 10, "the pair in flight")
+        proxy.wait_stored(5)
+        proxy.stop()  # the judge stops: the held pair and the queued ones are never graded
+    finally:
+        student.release.set()
+    assert route_store.recent(proxy.reader, "support", 10) == []
+    assert route_store.counts(proxy.reader)[("support", "dropped")] == 5

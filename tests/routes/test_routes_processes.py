@@ -188,35 +188,42 @@ def test_a_judge_process_ends_with_its_proxy(
 def test_a_judge_process_that_dies_is_started_again(
     servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
 ) -> None:
+    """kill -9 of the judge: another starts, and every call the route covered is accounted
+    for once the proxy stops -- a graded pair, or counted as dropped (queue full, no judge)
+    or lost (handed to the judge that died, or still queued at the stop)."""
     config = config_file(tmp_path, served(FakeStudent(), servers))
     database_url = f"sqlite:///{tmp_path / 'judge.db'}"
     proxy = proxy_command(upstream, tmp_path, database_url, config)
     reader = open_store(database_url)
+    calls = 0
 
     def graded_after(n: int) -> None:
         """Ask until the route's pairs number ``n``: calls while no judge is up are
         dropped, as when the student is slow."""
-        wait_for(
-            lambda: (
-                bool(ask_support(proxy.base_url))
-                and len(route_store.recent(reader, "support", 100)) >= n
-            ),
-            30,
-            f"{n} graded pairs",
-        )
+
+        def asked() -> bool:
+            nonlocal calls
+            answered = ask_support(proxy.base_url)
+            calls += 1
+            return bool(answered) and len(route_store.recent(reader, "support", 1000)) >= n
+
+        wait_for(asked, 30, f"{n} graded pairs")
 
     try:
         graded_after(1)
         first = judge_pid(proxy)
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: judge_pid(proxy) != first, 20, "another judge")
-        graded = len(route_store.recent(reader, "support", 100))
+        graded = len(route_store.recent(reader, "support", 1000))
         graded_after(graded + 1)
+        assert "route judge died; starting another" in proxy.log.read_text()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait() == 0
+        pairs = len(route_store.recent(reader, "support", 1000))
+        dropped = route_store.counts(reader).get(("support", "dropped"), 0)
     finally:
         reader.close()
-    assert "route judge died; starting another" in proxy.log.read_text()
-    proxy.signal(signal.SIGTERM)
-    assert proxy.wait() == 0
+    assert pairs + dropped == calls, (pairs, dropped, calls)
 
 
 def ask_support(base_url: str) -> bool:
