@@ -50,6 +50,11 @@ class FakeStudent:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        if self.behaviour == "flaky" and len(self.requests) % 2:  # every other call fails
+            return web.json_response(
+                {"error": {"message": "the student fell over", "type": "server_error"}},
+                status=500,
+            )
         if self.behaviour == "broken":
             return web.json_response(
                 {"error": {"message": "the student fell over", "type": "server_error"}},
@@ -74,6 +79,7 @@ class FakeStudent:
             "chatty": "Write to carol@example.com",
             "json": '{"ok": true}',
             "empty": TEACHER_TEXT,
+            "flaky": TEACHER_TEXT,
         }[self.behaviour]
         if self.wrong_on is not None and self.wrong_on in json.dumps(body.get("messages")):
             text = "I don't know."

@@ -9,7 +9,9 @@ import json
 import os
 import signal
 import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -254,3 +256,142 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def call(url: str, content: str, **extra: str) -> httpx.Response:
+    return httpx.post(
+        url,
+        json={"model": "fake-model", "messages": [{"role": "user", "content": content}]},
+        headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support", **extra},
+        timeout=10,
+    )
+
+
+def routes_command(config: Path, database_url: str, *args: str) -> str:
+    from click.testing import CliRunner
+
+    from distillery.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["routes", *args, "-c", str(config), "--database-url", database_url]
+    )
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.slow
+def test_routes_set_off_reaches_every_worker_and_a_new_student_starts_over(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """`distillery proxy --workers 2`: `routes set support on` puts every worker's calls on
+    the student, `routes set support off` takes every worker off within the poll interval
+    (2 s); a config naming another student, reloaded with SIGHUP, starts it in shadow with
+    no evidence."""
+    from distillery.proxy.routes import REFRESH_S
+
+    student = served(FakeStudent(), servers)
+    config = config_file(tmp_path, student, "min_samples = 3", "holdout = 0")
+    database_url = f"sqlite:///{tmp_path / 'switch.db'}"
+    proxy, url = two_workers(upstream, tmp_path, database_url, config)
+    try:
+        assert "shadow -> on" in routes_command(config, database_url, "set", "support", "on")
+        wait_for(
+            lambda: all(
+                call(url, f"q {n}").headers.get("X-Distillery-Served-By") == "student"
+                for n in range(12)
+            ),
+            10,
+            "every worker serving the student",
+        )
+        assert "on -> off" in routes_command(config, database_url, "set", "support", "off")
+        switched = time.monotonic()
+        wait_for(
+            lambda: all("X-Distillery-Route" not in call(url, f"r {n}").headers for n in range(12)),
+            10,
+            "every worker off",
+        )
+        assert time.monotonic() - switched < 2 * REFRESH_S + 2
+        # Another student in the config: it starts in shadow, with none of the old evidence.
+        routes_command(config, database_url, "set", "support", "on")
+        config.write_text(config.read_text().replace('"tiny@student"', '"other@student"'))
+        proxy.signal(signal.SIGHUP)
+        wait_for(
+            lambda: all(
+                call(url, f"s {n}").headers.get("X-Distillery-Served-By") == "teacher"
+                for n in range(12)
+            ),
+            10,
+            "the new student in shadow on every worker",
+        )
+        [row] = json.loads(routes_command(config, database_url, "status", "--json"))
+        assert row["student"] == "other@student" and row["mode"] == "shadow"
+    finally:
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait() == 0
+
+
+@pytest.mark.slow
+def test_a_flaky_student_stays_in_shadow_and_a_conversation_keeps_its_model(
+    servers: ServerThread, upstream: FakeOpenAI, tmp_path: Path, sdk: Any
+) -> None:
+    """A student failing every other call, with `auto`, is never promoted (its failures are
+    evidence against it); in canary, a 40-turn conversation is answered by one model on
+    every worker; a student's stream that drops mid-way reaches the client as OpenAI's
+    error event."""
+    import openai
+
+    student = served(FakeStudent(), servers)
+    student.behaviour = "flaky"
+    config = config_file(tmp_path, student, "min_samples = 3", "auto = true")
+    database_url = f"sqlite:///{tmp_path / 'flaky.db'}"
+    proxy, url = two_workers(upstream, tmp_path, database_url, config)
+    reader = open_store(database_url)
+    try:
+        for n in range(60):
+            assert call(url, f"q {n}").status_code == 200
+        wait_for(lambda: len(route_store.recent(reader, "support", 100)) >= 50, 20, "50 pairs")
+        [row] = json.loads(routes_command(config, database_url, "status", "--json"))
+        assert row["mode"] == "shadow" and row["verdict"] == "too many errors"
+        # Canary, good student: one conversation, one model, whichever worker takes a turn.
+        student.behaviour = "good"
+        routes_command(config, database_url, "set", "support", "canary")
+        config.write_text(config.read_text().replace("auto = true", "canary = 0.5"))
+        proxy.signal(signal.SIGHUP)
+        for conversation in range(2):
+            messages = [{"role": "user", "content": f"conversation {conversation}"}]
+            served_by = set()
+            for n in range(40):
+                answer = httpx.post(
+                    url,
+                    json={"model": "fake-model", "messages": messages},
+                    headers={"Authorization": f"Bearer {ALICE}", "X-Distillery-Tag-app": "support"},
+                    timeout=10,
+                )
+                served_by.add(answer.headers["X-Distillery-Served-By"])
+                messages += [
+                    {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": f"turn {n}"},
+                ]
+            assert len(served_by) == 1, served_by
+        # On, and the student's stream drops after its first text.
+        routes_command(config, database_url, "set", "support", "on")
+        config.write_text(config.read_text() + "holdout = 0\n")
+        proxy.signal(signal.SIGHUP)
+        student.breaks = "drop"
+        client = sdk(proxy.base_url, ALICE, default_headers={"X-Distillery-Tag-app": "support"})
+
+        def dropped() -> bool:
+            try:
+                for _ in client.chat.completions.create(
+                    model="fake-model", messages=[{"role": "user", "content": "x"}], stream=True
+                ):
+                    pass
+            except openai.APIError as exc:
+                return "stream_dropped" in str(exc)
+            return False
+
+        wait_for(dropped, 10, "the error event")
+    finally:
+        reader.close()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait() == 0
