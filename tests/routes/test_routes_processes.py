@@ -1,6 +1,7 @@
 """Routes in real `distillery proxy` processes (slow): every worker grades, the judge
 process starts with the first routes, follows SIGHUP, ends with its proxy and is started
-again when it dies.
+again when it dies (every call accounted for); the kill switch reaches every worker, a new
+student starts over, a flaky one stays in shadow, a conversation keeps its model.
 """
 
 from __future__ import annotations
