@@ -152,6 +152,7 @@ def _pairs(store: Any) -> None:
                 "tenant": call["tenant"],
                 "created_at": datetime.now(UTC),
                 "student_model": "ft:gpt-4.1-mini:acme:support",
+                "student": "ft:gpt-4.1-mini:acme:support@student",
                 "status": "ok",
                 "error": None,
                 "response": {
