@@ -48,6 +48,7 @@ from distillery.store import routes as route_store
 
 log = structlog.get_logger()
 POLICY_S = 1.0  # the automatic policy looks at a route at most this often
+POLICY_SHARE = 10  # ...and waits ten times as long as its last look took
 REPORT_S = 0.2  # how often the judge reports what became of its pairs
 IDENTIFY_S = 30.0  # how often a route's student is asked which files it serves
 
@@ -132,15 +133,17 @@ class Grading:
             self._decide(settings, pair.route)
 
     def _decide(self, settings: Settings, name: str) -> None:
-        """The automatic policy, at most every POLICY_S per route (it reads the window)."""
+        """The automatic policy, at most every POLICY_S per route, and never more than a
+        tenth of the judge's time: it reads the route's whole evidence, which grows."""
         now = time.monotonic()
-        if now - self._decided.get(name, float("-inf")) < POLICY_S:
+        if now < self._decided.get(name, float("-inf")):
             return
-        self._decided[name] = now
         try:
             decide(settings, self.store, name)
         except DistilleryError as exc:  # e.g. promotion refused after a race: said, not raised
             log.info("route policy", route=name, outcome=str(exc))
+        took = time.monotonic() - now
+        self._decided[name] = now + max(POLICY_S, POLICY_SHARE * took)
 
     async def _grade(
         self, pair: Pair, graders: list[Grader]

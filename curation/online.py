@@ -241,7 +241,9 @@ def _standing(
     decided_for_this = state is not None and state.get("student") in (None, student)
     since: datetime | None = state["changed_at"] if state and decided_for_this else None
     slice_tag = route.by[4:] if route.by else None
-    samples = route_store.evidence(store, name, student, since, EVIDENCE_LIMIT, slice_tag)
+    samples = route_store.evidence(
+        store, name, student, since, EVIDENCE_LIMIT, slice_tag, scores_only=True
+    )
     used = [s for s in samples if s["status"] == "error" or s["score"] is not None]
     scores, errors = _scores(used)
     graded = [s for s in used if s["status"] != "error"]
@@ -254,7 +256,7 @@ def _standing(
     verdict = _verdict(route, bounds, bar, errors, mode, scores)
     slices = _slices(route, used, bar, mode) if slice_tag else {}
     verdict = _with_slices(verdict, slices, slice_tag)
-    recent = samples[-route.window :]
+    recent = route_store.evidence(store, name, student, since, route.window)
     return {
         "route": name,
         "mode": mode,
