@@ -131,7 +131,7 @@ async def test_a_reload_keeps_a_routes_queue_unless_its_student_or_sizes_change(
         )
 
     store = open_store(f"sqlite:///{tmp_path / 'lanes.db'}")
-    runtime = Runtime(settings(), store, lambda route, outcome: None)
+    runtime = Runtime(settings(), store, lambda route, outcome, record_id: None)
     await runtime.start()
     try:
         first = runtime.lanes["support"].queue
