@@ -7,10 +7,16 @@ same run measures the stub directly and through the proxy:
 * added latency (p50/p99) at concurrency 1, non-streaming and streaming
   (time to first body byte), and at a fixed request rate;
 * the maximum sustained request rate through the proxy with capture on;
-* captured rows in the database vs chat requests sent (must be equal).
+* captured rows in the database vs chat requests sent (must be equal);
+* against the floor (``floor_forwarder.py``: a minimal aiohttp + uvloop forwarder, no
+  capture), in the same run: requests/s and p50 at c=1 and c=32, streaming and not, for
+  the proxy without capture, with capture on SQLite (1 and 2 workers) and on Postgres
+  (with ``--postgres-url``), each as a ratio to the floor.  The targets take turns, a
+  slice at a time over several rounds, so a machine that drifts drifts under all alike.
 
     python bench/proxy_bench.py [--requests 2000] [--rate 500] [--seconds 10]
                                 [--concurrency 64] [--database-url URL]
+                                [--floor-rounds 4] [--postgres-url URL]
 """
 
 from __future__ import annotations
@@ -250,6 +256,79 @@ def count_rows(database_url: str) -> int:
         store.close()
 
 
+FLOOR_SCENARIOS = (
+    ("non-streaming", False),
+    ("streaming", True),
+)
+
+
+def against_floor(
+    stub_port: int, tmp: Path, rounds: int, requests: int, seconds: float, postgres: str | None
+) -> list[str]:
+    """The proxy's throughput and p50 as ratios to the floor's, measured side by side."""
+    import uvloop
+
+    upstream = f"http://127.0.0.1:{stub_port}/v1"
+    targets: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    port = free_port()
+    targets["floor (aiohttp forwarder)"] = (
+        port,
+        subprocess.Popen([sys.executable, str(HERE / "floor_forwarder.py"), str(port), upstream]),
+    )
+    variants = [
+        ("distillery --no-capture", f"sqlite:///{tmp / 'floor-none.db'}", ["--no-capture"]),
+        ("capture, SQLite", f"sqlite:///{tmp / 'floor-1.db'}", []),
+        ("capture, SQLite, --workers 2", f"sqlite:///{tmp / 'floor-2.db'}", ["--workers", "2"]),
+    ]
+    if postgres:
+        variants.append(("capture, Postgres", postgres, []))
+    for label, url, extra in variants:
+        port = free_port()
+        data = tmp / f"data-{port}"
+        targets[label] = (port, spawn_proxy(port, upstream, data, url, tmp / f"{port}.log", *extra))
+    try:
+        for label, (port, proc) in targets.items():
+            wait_listening(port, proc, label)
+        results: dict[tuple[str, str, int], list[float]] = {}
+        counts: dict[tuple[str, str, int], tuple[int, float]] = {}
+        chat = "/v1/chat/completions"
+        for _ in range(rounds):
+            for scenario, stream in FLOOR_SCENARIOS:
+                payload = request_bytes(chat, STREAM_BODY if stream else REQUEST_BODY)
+                for label, (port, _) in targets.items():
+                    one = uvloop.run(sequential(port, payload, requests // rounds))
+                    results.setdefault((label, scenario, 1), []).extend(one.total)
+                    n, _rate = uvloop.run(saturate(port, payload, 32, seconds / rounds))
+                    done, spent = counts.get((label, scenario, 32), (0, 0.0))
+                    counts[label, scenario, 32] = (done + n, spent + seconds / rounds)
+    finally:
+        for _, proc in targets.values():
+            proc.send_signal(signal.SIGTERM)
+        for _, proc in targets.values():
+            proc.wait(60)
+    floor = next(iter(targets))
+    header = f"{'target':<30} {'scenario':<14} {'c=1 req/s':>10} {'ratio':>6} "
+    header += f"{'c=1 p50 ms':>11} {'ratio':>6} {'c=32 req/s':>11} {'ratio':>6}"
+    lines = [f"\nAgainst the floor, {rounds} rounds (ratio: the floor's = 1.00)", header]
+    lines.append("-" * len(header))
+    for scenario, _ in FLOOR_SCENARIOS:
+        base_lat = results[floor, scenario, 1]
+        base_rps1 = len(base_lat) / sum(base_lat)
+        base_p50 = pct(base_lat, 50)
+        n, spent = counts[floor, scenario, 32]
+        base_rps32 = n / spent
+        for label in targets:
+            lat = results[label, scenario, 1]
+            rps1, p50 = len(lat) / sum(lat), pct(lat, 50)
+            n, spent = counts[label, scenario, 32]
+            rps32 = n / spent
+            lines.append(
+                f"{label:<30} {scenario:<14} {rps1:>10,.0f} {rps1 / base_rps1:>6.2f} "
+                f"{p50:>11.3f} {p50 / base_p50:>6.2f} {rps32:>11,.0f} {rps32 / base_rps32:>6.2f}"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -265,6 +344,10 @@ def main() -> None:
         "--concurrency", type=int, default=64, help="connections for the saturation run"
     )
     parser.add_argument("--database-url", help="default: a SQLite file in a temp dir")
+    parser.add_argument(
+        "--floor-rounds", type=int, default=4, help="rounds against the floor (0: skip it)"
+    )
+    parser.add_argument("--postgres-url", help="also measure capture on this Postgres")
     parser.add_argument(
         "--proxy-arg",
         action="append",
@@ -327,6 +410,13 @@ def main() -> None:
     finally:
         proxy.send_signal(signal.SIGTERM)
         proxy.wait(60)
+    floor: list[str] = []
+    try:
+        if args.floor_rounds:
+            floor = against_floor(
+                stub_port, tmp, args.floor_rounds, args.requests, args.seconds, args.postgres_url
+            )
+    finally:
         stub.terminate()
         stub.wait()
     captured = count_rows(database_url)
@@ -346,6 +436,7 @@ def main() -> None:
         f"\nmax sustained rate, c={args.concurrency}: stub direct {direct_rps:,.0f} req/s, "
         f"through proxy with capture {proxy_rps:,.0f} req/s over {args.seconds:.0f} s"
     )
+    print("\n".join(floor))
     if "--no-capture" in args.proxy_arg:
         return
     lost = sent_through_proxy - captured
