@@ -56,8 +56,7 @@ STATUS_COLUMNS = (
     "teacher_cost_usd",
 )
 EVIDENCE_LIMIT = 100_000  # the most pairs a decision reads (the newest)
-MODES = ("off", "shadow", "canary", "on")
-LADDER = MODES
+MODES = ("off", "shadow", "canary", "on")  # the ladder, bottom to top
 DEMOTING = ("below the bar", "drifted below the bar", "too many errors", "scores changed")
 
 
@@ -71,7 +70,7 @@ def promote(settings: Settings, store: Store, name: str, reason: str) -> tuple[s
     _unpinned(route, name)
     if was == "on":
         raise DistilleryError(f"Route {name!r} is already on.")
-    now = LADDER[LADDER.index(was) + 1]
+    now = MODES[MODES.index(was) + 1]
     if now in ("canary", "on") and standing["verdict"] != "clears the bar":
         raise DistilleryError(
             f"Route {name!r} stays in {was}: {standing['verdict']} ({_evidence(standing)}). "
@@ -91,7 +90,7 @@ def demote(settings: Settings, store: Store, name: str, reason: str) -> tuple[st
     _unpinned(route, name)
     if was == "off":
         raise DistilleryError(f"Route {name!r} is already off.")
-    now = LADDER[LADDER.index(was) - 1]
+    now = MODES[MODES.index(was) - 1]
     _write(store, name, now, reason, standing["student"], was)
     return was, now
 
@@ -129,7 +128,7 @@ def decide(settings: Settings, store: Store, name: str) -> tuple[str, str] | Non
         _write(store, name, "shadow", reason, standing["student"], mode)
         return mode, "shadow"
     if mode in ("shadow", "canary") and verdict == "clears the bar":
-        now = LADDER[LADDER.index(mode) + 1]
+        now = MODES[MODES.index(mode) + 1]
         _write(store, name, now, f"automatic: {_evidence(standing)}", standing["student"], mode)
         return mode, now
     return None
@@ -161,7 +160,7 @@ def apply_pins(settings: Settings, store: Store) -> None:
 
 def _write(store: Store, name: str, mode: str, reason: str, student: str | None, was: str) -> None:
     route_store.set_mode(store, name, mode, reason, student)
-    event = "route promoted" if LADDER.index(mode) > LADDER.index(was) else "route demoted"
+    event = "route promoted" if MODES.index(mode) > MODES.index(was) else "route demoted"
     if mode == was:
         event = "route mode set"
     (log.warning if mode == "off" or event == "route demoted" else log.info)(

@@ -438,13 +438,15 @@ async def _relay_stream(
         error = {"error": relay.assembler.error}
     elif relay.assembler.malformed is not None and error is None:
         error = {"type": "upstream_malformed", "message": relay.assembler.malformed}
+    broke = None if student is None or client_gone else _broken(error, relay)
+    if broke is not None and error is None:  # e.g. ended without [DONE]: stored as failed
+        error = {"type": "upstream_error", "message": f"student stream {broke}"}
     fields["capture"] = await call.settle(
         upstream.status, relay.assembler.result(), error, upstream.headers
     )
     if client_gone:
         log.info("client went away mid-stream")
         return response
-    broke = None if student is None else _broken(error, relay)
     try:
         if student is not None and broke is not None:
             request.app[PROXY].router.fell_back(student, broke)

@@ -30,7 +30,8 @@ class FakeStudent:
 
     def __init__(self) -> None:
         self.behaviour = "good"
-        # How a stream breaks after its first text: "drop" (the connection cut), "garbage"
+        # How a stream breaks after its first text: "drop" (the connection cut), "truncate"
+        # (ended cleanly, without [DONE]), "garbage"
         # (an event that is not JSON), "stall" (nothing more until released); None: it does not.
         self.breaks: str | None = None
         self.wrong_on: str | None = None  # a prompt containing this is answered wrongly
@@ -126,6 +127,9 @@ class FakeStudent:
             if n == 1 and self.breaks == "drop":
                 assert request.transport is not None
                 request.transport.abort()
+                return response
+            if n == 1 and self.breaks == "truncate":  # a clean end, without [DONE]
+                await response.write_eof()
                 return response
             if n == 1 and self.breaks == "garbage":
                 await response.write(b"data: {this is not json\n\n")

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from distillery.cli import cli
 from distillery.core.config import Settings, load_settings
-from distillery.core.errors import ConfigError
+from distillery.core.errors import ConfigError, DistilleryError
 from distillery.curation import judging, online, route_policy
 from distillery.curation.judge import install_in_thread
 from distillery.store import routes as route_store
@@ -92,7 +92,8 @@ def test_a_pinned_mode_wins_over_the_database_and_commands_leave_it_alone(
     pinned_config = config_file(tmp_path, student, 'mode = "off"', "pin = true")
     refused = routes_cli(proxy, pinned_config, "set", "support", "on")
     assert refused.exit_code == 1 and "pinned to off in the config" in refused.output
-    assert online.decide(load_settings(pinned_config), proxy.reader, "support") is None
+    with pytest.raises(DistilleryError, match="pinned to off in the config"):
+        online.promote(load_settings(pinned_config), proxy.reader, "support", "by hand")
     row = status_row(proxy, pinned_config)
     assert row["mode"] == "off" and row["pinned"] is True
 

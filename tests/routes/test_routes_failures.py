@@ -33,7 +33,12 @@ def fallbacks(proxy: RunningProxy, reason: str) -> float:
 
 @pytest.mark.parametrize(
     ("breaks", "reason"),
-    [("drop", "stream_dropped"), ("garbage", "stream_malformed"), ("stall", "stream_timeout")],
+    [
+        ("drop", "stream_dropped"),
+        ("truncate", "stream_dropped"),
+        ("garbage", "stream_malformed"),
+        ("stall", "stream_timeout"),
+    ],
 )
 def test_a_student_stream_that_fails_midway_ends_with_openais_error_event(
     start_proxy: Callable[..., RunningProxy],
