@@ -9,14 +9,18 @@ same run measures the stub directly and through the proxy:
 * the maximum sustained request rate through the proxy with capture on;
 * captured rows in the database vs chat requests sent (must be equal);
 * against the floor (``floor_forwarder.py``: a minimal aiohttp + uvloop forwarder, no
-  capture), in the same run: requests/s and p50 at c=1 and c=32, streaming and not, for
-  the proxy without capture, with capture on SQLite (1 and 2 workers) and on Postgres
-  (with ``--postgres-url``), each as a ratio to the floor.  The targets take turns, a
-  slice at a time over several rounds, so a machine that drifts drifts under all alike.
+  capture), in the same run: requests/s and p50 at c=1 and c=32 and p50/p99 at a fixed
+  rate, streaming and not, for the proxy without capture, with capture on SQLite (1 and 2
+  workers) and on Postgres (with ``--postgres-url``), each as a ratio to the floor, and
+  each target's RSS (its processes together: workers, the writer) at the end.
+  The targets take turns, a slice at a time over several rounds, so a machine that
+  drifts drifts under all alike;
+* with ``--rss-requests N``, RSS of proxy + writer every N/10 calls over N calls.
 
     python bench/proxy_bench.py [--requests 2000] [--rate 500] [--seconds 10]
                                 [--concurrency 64] [--database-url URL]
                                 [--floor-rounds 4] [--postgres-url URL]
+                                [--rss-requests 100000]
 """
 
 from __future__ import annotations
@@ -256,6 +260,80 @@ def count_rows(database_url: str) -> int:
         store.close()
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and every process under it (workers, the writer)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def rss_over(stub_port: int, tmp: Path, requests: int, every: int) -> list[str]:
+    """RSS of proxy + writer (capture on SQLite) every ``every`` calls over ``requests``."""
+    import uvloop
+
+    port = free_port()
+    url = f"sqlite:///{tmp / 'rss.db'}"
+    proc = spawn_proxy(
+        port, f"http://127.0.0.1:{stub_port}/v1", tmp / "rss-data", url, tmp / "rss.log"
+    )
+    samples: list[tuple[int, int]] = []
+    payload = request_bytes("/v1/chat/completions", REQUEST_BODY)
+    stream = request_bytes("/v1/chat/completions", STREAM_BODY)
+    try:
+        wait_listening(port, proc, "proxy (RSS)")
+        done = 0
+        while done < requests:
+            uvloop.run(counted(port, (payload, stream), 32, every))
+            done += every
+            samples.append((done, tree_rss(proc.pid)))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    stored = count_rows(url)
+    lines = [f"\nRSS of proxy + writer, capture on SQLite, c=32, half streamed ({stored:,} stored)"]
+    lines.append(f"{'requests':>10} {'RSS MB':>8}")
+    lines += [f"{n:>10,} {rss / 2**20:>8.1f}" for n, rss in samples]
+    base = samples[min(1, len(samples) - 1)][1]
+    lines.append(f"last / after the first {every:,}: {samples[-1][1] / base:.2f}")
+    if stored != requests:
+        lines.append(f"LOST: {requests - stored} of {requests} not stored")
+    return lines
+
+
+async def counted(port: int, payloads: tuple[bytes, ...], concurrency: int, n: int) -> None:
+    """Exactly ``n`` requests over ``concurrency`` connections, taking turns at ``payloads``."""
+    conns = [await connect(port) for _ in range(concurrency)]
+    left = n
+
+    async def worker(conn: Connection) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await conn.send(payloads[left % len(payloads)])
+
+    await asyncio.gather(*(worker(c) for c in conns))
+    for conn in conns:
+        conn.transport.close()  # type: ignore[union-attr]
+
+
 FLOOR_SCENARIOS = (
     ("non-streaming", False),
     ("streaming", True),
@@ -263,7 +341,13 @@ FLOOR_SCENARIOS = (
 
 
 def against_floor(
-    stub_port: int, tmp: Path, rounds: int, requests: int, seconds: float, postgres: str | None
+    stub_port: int,
+    tmp: Path,
+    rounds: int,
+    requests: int,
+    seconds: float,
+    postgres: str | None,
+    rate: float,
 ) -> list[str]:
     """The proxy's throughput and p50 as ratios to the floor's, measured side by side."""
     import uvloop
@@ -301,6 +385,9 @@ def against_floor(
                     n, _rate = uvloop.run(saturate(port, payload, 32, seconds / rounds))
                     done, spent = counts.get((label, scenario, 32), (0, 0.0))
                     counts[label, scenario, 32] = (done + n, spent + seconds / rounds)
+                    paced = uvloop.run(fixed_rate(port, payload, rate, seconds / rounds))
+                    results.setdefault((label, scenario, 0), []).extend(paced.total)
+        rss = {label: tree_rss(proc.pid) for label, (_, proc) in targets.items()}
     finally:
         for _, proc in targets.values():
             proc.send_signal(signal.SIGTERM)
@@ -308,7 +395,8 @@ def against_floor(
             proc.wait(60)
     floor = next(iter(targets))
     header = f"{'target':<30} {'scenario':<14} {'c=1 req/s':>10} {'ratio':>6} "
-    header += f"{'c=1 p50 ms':>11} {'ratio':>6} {'c=32 req/s':>11} {'ratio':>6}"
+    header += f"{'c=1 p50 ms':>11} {'ratio':>6} {'c=32 req/s':>11} {'ratio':>6} "
+    header += f"{f'{rate:.0f}/s p50':>10} {'ratio':>6} {'p99 ms':>7} {'RSS MB':>7}"
     lines = [f"\nAgainst the floor, {rounds} rounds (ratio: the floor's = 1.00)", header]
     lines.append("-" * len(header))
     for scenario, _ in FLOOR_SCENARIOS:
@@ -317,14 +405,18 @@ def against_floor(
         base_p50 = pct(base_lat, 50)
         n, spent = counts[floor, scenario, 32]
         base_rps32 = n / spent
+        base_paced = pct(results[floor, scenario, 0], 50)
         for label in targets:
             lat = results[label, scenario, 1]
             rps1, p50 = len(lat) / sum(lat), pct(lat, 50)
             n, spent = counts[label, scenario, 32]
             rps32 = n / spent
+            paced = results[label, scenario, 0]
             lines.append(
                 f"{label:<30} {scenario:<14} {rps1:>10,.0f} {rps1 / base_rps1:>6.2f} "
-                f"{p50:>11.3f} {p50 / base_p50:>6.2f} {rps32:>11,.0f} {rps32 / base_rps32:>6.2f}"
+                f"{p50:>11.3f} {p50 / base_p50:>6.2f} {rps32:>11,.0f} {rps32 / base_rps32:>6.2f} "
+                f"{pct(paced, 50):>10.3f} {pct(paced, 50) / base_paced:>6.2f} "
+                f"{pct(paced, 99):>7.2f} {rss[label] / 2**20:>7.0f}"
             )
     return lines
 
@@ -348,6 +440,12 @@ def main() -> None:
         "--floor-rounds", type=int, default=4, help="rounds against the floor (0: skip it)"
     )
     parser.add_argument("--postgres-url", help="also measure capture on this Postgres")
+    parser.add_argument(
+        "--rss-requests",
+        type=int,
+        default=0,
+        help="also send this many calls (100000 for the README) and print RSS as they go",
+    )
     parser.add_argument(
         "--proxy-arg",
         action="append",
@@ -414,8 +512,16 @@ def main() -> None:
     try:
         if args.floor_rounds:
             floor = against_floor(
-                stub_port, tmp, args.floor_rounds, args.requests, args.seconds, args.postgres_url
+                stub_port,
+                tmp,
+                args.floor_rounds,
+                args.requests,
+                args.seconds,
+                args.postgres_url,
+                args.rate,
             )
+        if args.rss_requests:
+            floor += rss_over(stub_port, tmp, args.rss_requests, max(args.rss_requests // 10, 1))
     finally:
         stub.terminate()
         stub.wait()

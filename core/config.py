@@ -160,6 +160,8 @@ class CaptureSettings(_Section):
     enabled: bool = True
     sample_rate: float = Field(1.0, ge=0, le=1)
     sample: list[SampleRule] = []
+    # No longer used (the writer process reads the spool, there is no queue); accepted so
+    # that a config written for an earlier version still loads.
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(500, ge=1)
     flush_interval: float = Field(0.05, gt=0)

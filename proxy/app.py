@@ -8,29 +8,35 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import orjson
 import structlog
 from aiohttp import web
 
+from distillery.core import logs
 from distillery.core.api_errors import APIError, from_http_exception, unhandled
 from distillery.core.config import Settings
 from distillery.core.redact import Redactor
 from distillery.core.shadow import JUDGE
 from distillery.proxy import stored
-from distillery.proxy.capture import Capture, new_record_id
+from distillery.proxy.capture import Capture
 from distillery.proxy.chat import chat_completions
 from distillery.proxy.forward import passthrough, unreadable_body
 from distillery.proxy.metrics import Metrics
+from distillery.proxy.spool import new_record_id
 from distillery.proxy.state import AFTER_RESPONSE, LOG_FIELDS, PROXY, REQUEST_ID, Proxy
 from distillery.proxy.tagging import Tagger
+from distillery.proxy.writer import WriterProcess, spool_dir
 from distillery.store import Store
 
 log = structlog.get_logger()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Writer = Literal["thread", "process", "supervisor"]
+WRITER = web.AppKey("writer", WriterProcess)
+WRITER_CHECK_S = 0.5
 DRAIN_SECONDS = 10.0  # aiohttp's own lingering time
 
 
@@ -83,8 +89,7 @@ async def canonical_request(request: web.Request, handler: Handler) -> web.Strea
         work()
     elapsed = time.perf_counter() - started
     route = _route_name(request)
-    proxy.metrics.requests.labels(route, str(response.status)).inc()
-    proxy.metrics.latency.labels(route).observe(elapsed)
+    proxy.metrics.answered(route, response.status, elapsed)
     if proxy.settings.proxy.access_log and route not in ("healthz", "metrics"):
         log.info(
             "request",
@@ -149,15 +154,22 @@ def make_app(
     store: Store | None,
     extensions: Sequence[Extension] = (),
     reload: Callable[[], Settings] | None = None,
+    writer: Writer = "thread",
 ) -> web.Application:
-    """Build the proxy; ``store=None`` (or capture disabled) forwards without recording."""
+    """Build the proxy; ``store=None`` (or capture disabled) forwards without recording.
+
+    Captured calls go to the database through ``writer``: a ``"process"`` the app starts,
+    watches and stops with it (``distillery proxy``); a ``"thread"`` of this process
+    (tests); or one started by someone else (``"supervisor"``: the workers' supervisor).
+    """
     capture = None
     redactor = Redactor.from_settings(
         settings.redact.defaults, [(p.name, p.pattern) for p in settings.redact.patterns]
     )
     if store is not None and settings.capture.enabled:
-        spool_dir = Path(settings.storage.resolved_data_dir()) / "spool"
-        capture = Capture(store, spool_dir, settings.capture, redactor)
+        directory = spool_dir(settings)
+        own = store if writer == "thread" else None
+        capture = Capture(own, directory, settings.capture, redactor, database=store.url)
     proxy = Proxy(
         settings=settings,
         tagger=Tagger(settings),
@@ -170,13 +182,16 @@ def make_app(
     serve_stored = store is not None and settings.proxy.stored_completions == "local"
     if capture is not None:
         capture.on_event = proxy.metrics.capture_event
-        capture.on_levels = proxy.metrics.capture_levels
+        capture.on_buffered = proxy.metrics.buffered
+        proxy.metrics.watch_writer(capture.directory)
 
     app = web.Application(
         middlewares=[canonical_request],
         client_max_size=int(settings.proxy.max_body_mb * 1024 * 1024),
     )
     app[PROXY] = proxy
+    if capture is not None and writer == "process":
+        app[WRITER] = WriterProcess(settings, dict(logs.CONFIGURED))
     app.on_shutdown.append(_cut_at_timeout)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/healthz", healthz, name="healthz")
@@ -234,6 +249,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     if proxy.capture is not None:
         proxy.capture.start()
+    writer = app.get(WRITER)
+    watch = None
+    if writer is not None:
+        writer.start()
+        watch = asyncio.get_running_loop().create_task(_watch(writer))
     proxy.router.judge = app.get(JUDGE)
     await proxy.router.start()
     if proxy.reload is not None and threading.current_thread() is threading.main_thread():
@@ -246,9 +266,21 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     await proxy.router.stop()
     await proxy.session.close()
+    if watch is not None:
+        watch.cancel()
     if proxy.capture is not None:
         await asyncio.to_thread(proxy.capture.close)
+    if writer is not None:
+        await asyncio.to_thread(writer.stop)
+    if proxy.capture is not None:
         log.info("capture flushed", **proxy.capture.health())
+
+
+async def _watch(writer: WriterProcess) -> None:
+    """Start the writer again whenever it dies (the spool keeps what it had not stored)."""
+    while True:
+        await asyncio.sleep(WRITER_CHECK_S)
+        writer.check()
 
 
 async def reload_routes(app: web.Application) -> bool:

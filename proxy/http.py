@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from distillery.core.api_errors import APIError
-from distillery.proxy.capture import new_record_id
+from distillery.proxy.spool import new_record_id
 from distillery.proxy.state import PROXY
 
 log = structlog.get_logger()
@@ -112,7 +112,7 @@ async def serve_forever(
             address=f"http://{bound_host}:{bound_port}/v1",
             upstream=proxy.upstream_url,
             capture="on" if proxy.capture else "off",
-            database=proxy.capture.store.url if proxy.capture else None,
+            database=proxy.capture.database if proxy.capture else None,
             dashboard=f"http://{bound_host}:{bound_port}{proxy.dashboard}"
             if proxy.dashboard
             else None,

@@ -12,8 +12,9 @@ worker writes its values to memory-mapped files there and any worker's
 ``process_*`` metrics are left out in that mode, since they would describe only
 the worker that happened to answer.
 
-Everything that counts events is a counter (``_total``); levels (queue depth,
-spool bytes, records held in memory) are gauges the capture writer sets.
+Everything that counts events is a counter (``_total``); levels (records held in
+memory) are gauges.  The capture writer is one process for all workers: its counters
+and the spool's size are read from its status file at each scrape, never summed.
 Labels that come from traffic (model, app) are bounded: past 64 distinct values
 in a process, new ones are counted as ``other``.
 """
@@ -21,6 +22,9 @@ in a process, new ones are counted as ``other``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,19 +34,16 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MAX_LABEL_VALUES = 64
 
-# What the capture writer counts, by Capture's attribute name: (metric, help).
+# What the request path counts, by Capture's attribute name: (metric, help).
 CAPTURE_EVENTS = {
-    "stored": ("distillery_capture_stored", "Records the writer has stored in the database."),
-    "write_errors": (
-        "distillery_capture_write_errors",
-        "Database writes that failed (records stay spooled).",
-    ),
     "spool_write_errors": (
         "distillery_spool_write_errors",
         "Records the spool could not write (disk full?); they wait in memory.",
@@ -50,6 +51,18 @@ CAPTURE_EVENTS = {
     "dropped": (
         "distillery_capture_dropped",
         "Records lost: the spool failed and the memory buffer was full.",
+    ),
+    "repaired": (
+        "distillery_capture_flattened",
+        "Records nested too deeply to write as they were: the deep part kept as text.",
+    ),
+}
+# What the writer process counts (read from its status file at each scrape).
+WRITER_COUNTERS = {
+    "stored": ("distillery_capture_stored", "Records the writer has stored in the database."),
+    "write_errors": (
+        "distillery_capture_write_errors",
+        "Database writes that failed (records stay spooled).",
     ),
     "repaired": (
         "distillery_capture_repaired",
@@ -113,7 +126,7 @@ class Metrics:
         )
         self.captured = Counter(
             "distillery_captured",
-            "Chat completions handed to storage: queued, spooled, buffered, dropped, sampled out.",
+            "Chat completions handed to storage: spooled, buffered, dropped, sampled out, failed.",
             ["outcome"],
             registry=own,
         )
@@ -141,18 +154,6 @@ class Metrics:
             name: Counter(metric, help_text, registry=own)
             for name, (metric, help_text) in CAPTURE_EVENTS.items()
         }
-        self.queue_depth = Gauge(
-            "distillery_capture_queue_depth",
-            "Records waiting for the database writer.",
-            multiprocess_mode="livesum",
-            registry=own,
-        )
-        self.spool_bytes = Gauge(
-            "distillery_spool_bytes",
-            "Bytes in spool segments not yet deleted.",
-            multiprocess_mode="livesum",
-            registry=own,
-        )
         self.memory_buffered = Gauge(
             "distillery_capture_memory_buffered",
             "Records held in memory because the spool could not take them.",
@@ -194,14 +195,28 @@ class Metrics:
         )
         self._model = _Bounded()
         self._app = _Bounded()
+        # Children by label values (bounded: routes and statuses, and _Bounded's values).
+        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._chat: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
 
     def capture_event(self, name: str, count: int) -> None:
         self.capture_events[name].inc(count)
 
-    def capture_levels(self, queue_depth: int, spool_bytes: int, memory_buffered: int) -> None:
-        self.queue_depth.set(queue_depth)
-        self.spool_bytes.set(spool_bytes)
-        self.memory_buffered.set(memory_buffered)
+    def buffered(self, count: int) -> None:
+        self.memory_buffered.set(count)
+
+    def watch_writer(self, spool: Path) -> None:
+        """Serve the writer's counters, and the spool's size, from ``spool``."""
+        self.registry.register(_WriterCollector(spool))
+
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        """One request answered: counted by route and status, timed by route."""
+        children = self._answered.get((route, status))
+        if children is None:  # labels() is a lock and a lookup each time: once per pair
+            children = (self.requests.labels(route, str(status)), self.latency.labels(route))
+            self._answered[route, status] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def chat(
         self,
@@ -214,12 +229,47 @@ class Metrics:
     ) -> None:
         """One chat completion's latency, time to first token and tokens."""
         labels = (self._model(model), self._app(app))
-        self.chat_latency.labels(*labels).observe(seconds)
+        children = self._chat.get(labels)
+        if children is None:
+            children = (
+                self.chat_latency.labels(*labels),
+                self.ttft.labels(*labels),
+                self.tokens.labels(*labels, "prompt"),
+                self.tokens.labels(*labels, "completion"),
+            )
+            self._chat[labels] = children
+        latency, ttft, prompt, completion = children
+        latency.observe(seconds)
         if ttft_seconds is not None:
-            self.ttft.labels(*labels).observe(ttft_seconds)
-        for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
-            if count:
-                self.tokens.labels(*labels, kind).inc(count)
+            ttft.observe(ttft_seconds)
+        if prompt_tokens:
+            prompt.inc(prompt_tokens)
+        if completion_tokens:
+            completion.inc(completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WriterCollector(Collector):
+    """The writer process's counters, as its status file has them, and the spool's size:
+    one writer and one spool for every worker, so never summed over workers."""
+
+    def __init__(self, spool: Path) -> None:
+        self.spool = spool
+
+    def collect(self) -> Iterator[Metric]:
+        from distillery.proxy.spool import pending_bytes
+        from distillery.proxy.writer import WriterStatus
+
+        status = WriterStatus.of(self.spool)
+        if status is not None:
+            for name, (metric, help_text) in WRITER_COUNTERS.items():
+                family = CounterMetricFamily(metric, help_text)
+                family.add_metric([], getattr(status, name))
+                yield family
+        yield GaugeMetricFamily(
+            "distillery_spool_bytes",
+            "Bytes in spool segments not yet deleted (records not yet known to be stored).",
+            value=pending_bytes(self.spool),
+        )

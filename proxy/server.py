@@ -3,13 +3,14 @@
 The server runs as aiohttp's ``run_app`` would (see ``http.py`` for why not
 ``run_app`` itself), which already does what a graceful stop needs: on a signal it
 stops accepting, waits up to ``shutdown_timeout`` for in-flight requests
-(streams included) and then runs the app's cleanup, where the capture writer
-flushes its queue to the database (or leaves it in the spool).
+(streams included) and then runs the app's cleanup, where the spool is closed and
+the capture writer process stores what is left (or leaves it in the spool).
 
 With ``--workers N`` a supervisor migrates the schema once, then starts N
 processes that each bind the port with ``SO_REUSEPORT`` (the kernel spreads
-connections over them), each with its own writer and its own spool segments.
-SIGTERM/SIGINT go to every worker; a worker that dies is started again.
+connections over them), each with its own spool segments, and one capture writer
+process for them all.  SIGTERM/SIGINT go to every worker; a worker or the writer
+that dies is started again; the writer stops after the last worker.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from sqlalchemy.engine import Engine
 from distillery.core.config import Settings
 from distillery.core.errors import DistilleryError
 from distillery.proxy import http
-from distillery.proxy.app import Extension, make_app
+from distillery.proxy.app import Extension, Writer, make_app
 from distillery.proxy.metrics import MULTIPROC_ENV
+from distillery.proxy.writer import WriterProcess
 from distillery.store import Store
 from distillery.store.db import create_engine, migrate
 
@@ -81,6 +83,7 @@ def _serve_one(
     reuse_port: bool,
     extensions: Sequence[Extension] = (),
     reload: Callable[[], Settings] | None = None,
+    writer: Writer = "process",
 ) -> None:
     try:
         import uvloop
@@ -88,9 +91,9 @@ def _serve_one(
         loop = asyncio.new_event_loop()
     else:
         loop = uvloop.new_event_loop()
-    # The writer thread holds the GIL in bursts while it inserts a batch; a
-    # short switch interval (default 5 ms) bounds how long the event loop can
-    # wait for it, which is what p99 latency feels.
+    # Threads of this process (the spool's retry, the routes' refresh) hold the GIL in
+    # bursts; a short switch interval (default 5 ms) bounds how long the event loop can
+    # wait for one, which is what p99 latency feels.
     sys.setswitchinterval(0.0005)
     needs_store = (
         settings.capture.enabled
@@ -103,7 +106,7 @@ def _serve_one(
         # Until the app installs its reload handler, a SIGHUP must not end the process (its
         # default): the app reads the config once more when it is up.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    app = make_app(settings, store, extensions, reload)
+    app = make_app(settings, store, extensions, reload, writer=writer)
     try:
         http.run(
             http.serve_forever(
@@ -140,7 +143,9 @@ def _worker(
 
     logs.configure(**logging)
     try:
-        _serve_one(settings, reuse_port=True, extensions=extensions, reload=reload)
+        _serve_one(
+            settings, reuse_port=True, extensions=extensions, reload=reload, writer="supervisor"
+        )
     except DistilleryError as exc:
         log.error("worker cannot serve", error=str(exc))
         sys.exit(3)
@@ -196,6 +201,9 @@ def _run_workers(
 
     for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(handled, note)
+    writer = WriterProcess(settings, logging) if settings.capture.enabled else None
+    if writer is not None:
+        writer.start()
     processes = [start() for _ in range(workers)]
     log.info("workers started", workers=workers, pids=[p.pid for p, _ in processes])
     while True:
@@ -219,6 +227,8 @@ def _run_workers(
                     os.kill(process.pid, signal.SIGTERM)
             if all(not p.is_alive() for p, _ in processes):
                 break
+        elif writer is not None:
+            writer.check()
         for index, (process, _) in enumerate(processes):
             process.join(timeout=0.2)
             if process.exitcode is None or stopping:
@@ -232,6 +242,8 @@ def _run_workers(
             multiprocess.mark_process_dead(process.pid, shared_metrics)  # type: ignore[no-untyped-call]
             time.sleep(0.5)
             processes[index] = start()
+    if writer is not None:
+        writer.stop()  # after the last worker: it stores what they spooled
     if cannot_serve:
         raise DistilleryError("A worker could not listen; see the log above.")
     log.info("workers stopped")

@@ -21,6 +21,7 @@ from distillery.proxy.tagging import Tagger
 from distillery.store import Store
 
 ANONYMOUS = "anonymous"
+MAX_IDENTITIES = 4096
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Proxy:
         self.router = Router(self.settings, self.store, self.metrics)
         self.upstream_url = self.settings.upstream.url
         self.upstream_key = self.settings.upstream.resolved_api_key()
+        self._identities: dict[str, tuple[str, bool] | None] = {}
         self._samples = [
             (rule.tag.split("=", 1)[0], rule.tag.split("=", 1)[1], rule.rate)
             for rule in self.settings.capture.sample
@@ -79,7 +81,7 @@ class Proxy:
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         key = key.strip() if scheme.lower() == "bearer" else ""
-        identity = self.settings.identify(key)
+        identity = self._identify(key)
         if self.upstream_key is None:
             tenant, admin = identity or (ANONYMOUS, False)
             return Caller(tenant, header or None, admin)
@@ -91,6 +93,17 @@ class Proxy:
             )
         tenant, admin = identity
         return Caller(tenant, f"Bearer {self.upstream_key}", admin)
+
+    def _identify(self, key: str) -> tuple[str, bool] | None:
+        """``Settings.identify``, remembered per key: two SHA-256s a call otherwise.  In
+        memory only, bounded; [auth] is read once per process (a reload does not change it)."""
+        try:
+            return self._identities[key]
+        except KeyError:
+            if len(self._identities) >= MAX_IDENTITIES:
+                self._identities.clear()
+            identity = self._identities[key] = self.settings.identify(key)
+            return identity
 
     def sample_rate(self, tags: dict[str, str]) -> float:
         for key, value, rate in self._samples:

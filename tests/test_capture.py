@@ -20,7 +20,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from distillery.core.config import CaptureSettings
 from distillery.core.redact import Redactor
-from distillery.proxy.capture import Capture, new_record_id, read_segment
+from distillery.proxy.capture import Capture
+from distillery.proxy.spool import new_record_id, read_segment
 from distillery.store import open_store
 
 from fake_openai import FakeOpenAI
@@ -110,7 +111,7 @@ def test_torn_last_line_is_skipped_and_orphans_replayed(tmp_path: Path) -> None:
     assert sorted(stored_ids(url, "id")) == sorted(r["id"] for r in records)
     with store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM completion_tags")).scalar_one() == 3
-    assert list(spool.iterdir()) == []
+    assert [path.name for path in spool.iterdir()] == ["writer.json"]  # no segment, no lock
     # Replaying the same records again changes nothing.
     store.insert(records)
     assert store.count() == 3

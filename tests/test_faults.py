@@ -26,7 +26,8 @@ from structlog.testing import capture_logs
 
 from distillery.core.config import CaptureSettings, key_fingerprint
 from distillery.core.redact import Redactor
-from distillery.proxy.capture import Capture, new_record_id
+from distillery.proxy.capture import Capture
+from distillery.proxy.spool import new_record_id
 from distillery.store import open_store
 from distillery.store.records import CaptureRecord
 from distillery.store.repair import REPAIRED_TAG, RecordRefused
@@ -139,7 +140,8 @@ def test_unrepairable_record_goes_to_the_dead_letter_file(tmp_path: Path) -> Non
     capture.close()
     stored = {row[0] for row in _select(store, "SELECT id FROM completions")}
     assert stored == {r["id"] for i, r in enumerate(records) if i != 2}
-    assert capture.dead_lettered == 1 and capture.repaired == 0
+    health = capture.health()
+    assert health["dead_lettered"] == 1 and health["repaired"] == 0
     [letter_file] = (tmp_path / "data" / "dead-letter").iterdir()
     assert stat.S_IMODE(letter_file.stat().st_mode) == 0o600
     [letter] = [orjson.loads(line) for line in letter_file.read_bytes().splitlines()]
@@ -193,7 +195,7 @@ def test_a_poisoned_spool_left_by_an_older_proxy_is_replayed(tmp_path: Path) -> 
     assert {row[0] for row in _select(store, "SELECT id FROM completions")} == {
         r["id"] for r in records
     }
-    assert capture.repaired == 1 and list(spool.glob("*.jsonl")) == []
+    assert capture.health()["repaired"] == 1 and list(spool.glob("*.jsonl")) == []
     store.close()
 
 

@@ -493,10 +493,14 @@ def test_healthz_and_metrics(
     _, proxied = clients(proxy)
     proxied.chat.completions.create(model="fake-model", messages=MESSAGES)
     proxy.wait_stored(1)
+    # The writer says what it stored right after the insert: wait for its word.
+    wait_for(
+        lambda: httpx.get(proxy.url + "/healthz").json()["capture"]["stored"] == 1,
+        what="the writer's count",
+    )
     health = httpx.get(proxy.url + "/healthz").json()
     assert health["status"] == "ok"
-    assert health["capture"]["database"] == "ok"
-    assert health["capture"]["stored"] == 1
+    assert health["capture"]["database"] == "ok" and health["capture"]["writer"] == "running"
     # Counted after the response is delivered, so give it a moment.
     wait_for(
         lambda: (
@@ -506,8 +510,8 @@ def test_healthz_and_metrics(
         what="the request to be counted",
     )
     text = httpx.get(proxy.url + "/metrics").text
-    assert 'distillery_captured_total{outcome="queued"} 1.0' in text
-    assert "distillery_capture_queue_depth 0.0" in text
+    assert 'distillery_captured_total{outcome="spooled"} 1.0' in text
+    assert "distillery_spool_bytes " in text
     assert "distillery_request_duration_seconds_bucket" in text
     # Counters end in _total; latency and tokens by model and app; this process's own metrics.
     wait_for(
@@ -583,7 +587,7 @@ def test_one_canonical_log_line_per_request(
         "fake-model",
         200,
         2,
-        "queued",
+        "spooled",
     )
     assert chat["latency_ms"] > 0 and chat["log_level"] == "info"
     assert models["path"] == "/v1/models" and models["status"] == 200
