@@ -15,12 +15,13 @@ same run measures the stub directly and through the proxy:
   each target's RSS (its processes together: workers, the writer) at the end.
   The targets take turns, a slice at a time over several rounds, so a machine that
   drifts drifts under all alike;
-* with ``--rss-requests N``, RSS of proxy + writer every N/10 calls over N calls.
+* with ``--rss-requests N``, RSS of proxy + writer every N/10 calls over N calls;
+* with ``--stalled-writer``, c=1 latency with the writer running and stopped (SIGSTOP).
 
     python bench/proxy_bench.py [--requests 2000] [--rate 500] [--seconds 10]
                                 [--concurrency 64] [--database-url URL]
                                 [--floor-rounds 4] [--postgres-url URL]
-                                [--rss-requests 100000]
+                                [--rss-requests 100000] [--stalled-writer]
 """
 
 from __future__ import annotations
@@ -262,15 +263,7 @@ def count_rows(database_url: str) -> int:
 
 def tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and every process under it (workers, the writer)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
+    children = _children()
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
@@ -316,6 +309,65 @@ def rss_over(stub_port: int, tmp: Path, requests: int, every: int) -> list[str]:
     if stored != requests:
         lines.append(f"LOST: {requests - stored} of {requests} not stored")
     return lines
+
+
+def stalled_writer(stub_port: int, tmp: Path, requests: int) -> list[str]:
+    """p50/p99 at c=1 with the writer running, then with it stopped (SIGSTOP): the proxy
+    must not feel it (the spool grows instead), and every call is stored once it moves."""
+    import uvloop
+
+    port = free_port()
+    url = f"sqlite:///{tmp / 'stalled.db'}"
+    proc = spawn_proxy(
+        port, f"http://127.0.0.1:{stub_port}/v1", tmp / "stalled-data", url, tmp / "stalled.log"
+    )
+    payload = request_bytes("/v1/chat/completions", REQUEST_BODY)
+    lines = ["\nThe writer stalled (SIGSTOP), capture on SQLite, c=1 (ms)"]
+    try:
+        wait_listening(port, proc, "proxy (stalled writer)")
+        writer = writer_pid(port)
+        for label, stop in (("writer running", False), ("writer stopped", True)):
+            if stop:
+                os.kill(writer, signal.SIGSTOP)
+            sample = uvloop.run(sequential(port, payload, requests))
+            lines.append(
+                f"{label:<16} p50 {pct(sample.total, 50):.3f}  p99 {pct(sample.total, 99):.3f}"
+            )
+        os.kill(writer, signal.SIGCONT)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    sent, stored = 2 * (requests + 200), count_rows(url)
+    lines.append(f"stored after it moved again: {stored:,} of {sent:,}")
+    return lines
+
+
+def writer_pid(port: int) -> int:
+    """The proxy's writer process, as /healthz names it once it runs."""
+    import urllib.request
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as answer:
+            pid = orjson.loads(answer.read())["capture"]["writer_pid"]
+        if pid:
+            return int(pid)
+        time.sleep(0.1)
+    sys.exit("the writer did not start")
+
+
+def _children() -> dict[int, list[int]]:
+    """Every process's children, by its pid."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
 
 
 async def counted(port: int, payloads: tuple[bytes, ...], concurrency: int, n: int) -> None:
@@ -441,6 +493,11 @@ def main() -> None:
     )
     parser.add_argument("--postgres-url", help="also measure capture on this Postgres")
     parser.add_argument(
+        "--stalled-writer",
+        action="store_true",
+        help="also measure c=1 latency with the writer process stopped (SIGSTOP)",
+    )
+    parser.add_argument(
         "--rss-requests",
         type=int,
         default=0,
@@ -522,6 +579,8 @@ def main() -> None:
             )
         if args.rss_requests:
             floor += rss_over(stub_port, tmp, args.rss_requests, max(args.rss_requests // 10, 1))
+        if args.stalled_writer:
+            floor += stalled_writer(stub_port, tmp, args.requests)
     finally:
         stub.terminate()
         stub.wait()

@@ -38,6 +38,7 @@ def test_database_down_spools_then_replays_exactly_once(
     """A locked database (another writer holding it) is 'down': calls keep succeeding,
     land in the spool, and are replayed once it is free again, with no duplicates."""
     db = tmp_path / "locked.db"
+    # queue_size is no longer used (there is no queue); an older config that sets it loads.
     proxy = start_proxy({"capture": {"queue_size": 5}}, database_url=f"sqlite:///{db}?timeout=0.05")
     client = sdk(proxy.base_url, api_key="sk-a")
     ask_numbered(client, 0, stream=False)
@@ -61,7 +62,7 @@ def test_database_down_spools_then_replays_exactly_once(
     health = snapshots[-1]["capture"]
     assert health["spool_dirty_segments"] >= 1 and health["spool_bytes"] > 0
     metrics = httpx.get(proxy.url + "/metrics").text
-    assert 'distillery_captured_total{outcome="spooled"}' in metrics  # the queue overflowed too
+    assert 'distillery_captured_total{outcome="spooled"}' in metrics
     blocker.execute("ROLLBACK")
     blocker.close()
 
