@@ -245,7 +245,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.timeout
         ),
         auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
     )
     if proxy.capture is not None:
         proxy.capture.start()

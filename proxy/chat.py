@@ -31,6 +31,7 @@ from distillery.proxy.forward import (
     abort,
     request_headers,
     response_headers,
+    skip_user_agent,
     unreadable_body,
     upstream_url,
 )
@@ -289,6 +290,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             data=payload,
             headers=headers,
             allow_redirects=False,
+            skip_auto_headers=skip_user_agent(headers),
         ) as upstream:
             del payload  # the request can be large: hold one copy, not two
             if (
@@ -364,8 +366,11 @@ async def _read_body(request: web.Request, settings: ProxySettings) -> tuple[dic
     """The request's JSON object and its size, or an OpenAI-shaped 4xx naming what is wrong
     with it.  A large body is parsed in a thread: the loop serves other clients meanwhile."""
     try:
-        async with asyncio.timeout(settings.body_timeout):
+        if request.content.is_eof():  # all here with the headers: nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_timeout):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise APIError(
             413,
@@ -542,6 +547,7 @@ async def _student_answers(
                         **route.headers(),
                     },
                     allow_redirects=False,
+                    skip_auto_headers=("User-Agent",),
                 )
             )
             streaming = (

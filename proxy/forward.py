@@ -43,6 +43,12 @@ RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 OWN_PREFIX = "x-distillery-"
 
 
+def skip_user_agent(headers: CIMultiDict[str]) -> tuple[str, ...] | None:
+    """What aiohttp must not add to a request: its own User-Agent, where the client sent
+    none.  Asked per request, since skipping costs aiohttp a copy of the headers."""
+    return None if "User-Agent" in headers else ("User-Agent",)
+
+
 # What OpenAI's API uses; TRACE and CONNECT (and anything else) never reach the upstream.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -140,6 +146,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             headers=headers,
             data=data,
             allow_redirects=False,
+            skip_auto_headers=skip_user_agent(headers),
         ) as upstream:
             response = web.StreamResponse(
                 status=upstream.status,

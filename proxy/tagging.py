@@ -19,6 +19,7 @@ order above.  Whatever does not fit is dropped and reported, never sent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -56,7 +57,14 @@ def prompt_fingerprint(body: Mapping[str, Any]) -> str | None:
         parts.append("tools:" + ",".join(names))
     if not parts:
         return None
-    text = _SPACE.sub(" ", _DIGITS.sub("0", "\n".join(parts))).strip()
+    return _fingerprint("\n".join(parts))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(template: str) -> str:
+    """Remembered: an app sends the same few system prompts, often thousands of characters
+    long, and two regular expressions and a SHA-256 over them on every call add up."""
+    text = _SPACE.sub(" ", _DIGITS.sub("0", template)).strip()
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

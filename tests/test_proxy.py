@@ -553,6 +553,39 @@ def test_client_leaving_mid_stream_is_logged_and_stored(
     assert httpx.get(proxy.url + "/healthz").json()["status"] == "ok"
 
 
+def test_the_clients_user_agent_goes_upstream_and_the_proxy_adds_none(
+    start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
+) -> None:
+    """A client's User-Agent reaches the upstream as sent, on chat and pass-through; a
+    client that sends none is not given aiohttp's."""
+    import socket
+
+    proxy = start_proxy()
+    body = orjson.dumps({"model": "fake-model", "messages": MESSAGES})
+    port = int(proxy.url.rsplit(":", 1)[1])
+    for path, method, payload in (
+        ("/v1/chat/completions", "POST", body),
+        ("/v1/models", "GET", b""),
+    ):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                % (method.encode(), path.encode(), len(payload), payload)
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        seen = {name.lower() for name in upstream.requests[-1]["headers"]}
+        assert "user-agent" not in seen, path
+        httpx.request(
+            method, proxy.url + path, content=payload, headers={"User-Agent": "my-app/1.0"}
+        )
+        sent = {k.lower(): v for k, v in upstream.requests[-1]["headers"].items()}
+        assert sent["user-agent"] == "my-app/1.0", path
+
+
 def test_hop_by_hop_headers_are_not_forwarded(
     start_proxy: Callable[..., RunningProxy], upstream: FakeOpenAI
 ) -> None:
