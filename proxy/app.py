@@ -169,7 +169,14 @@ def make_app(
     if store is not None and settings.capture.enabled:
         directory = spool_dir(settings)
         own = store if writer == "thread" else None
-        capture = Capture(own, directory, settings.capture, redactor, database=store.url)
+        capture = Capture(
+            own,
+            directory,
+            settings.capture,
+            redactor,
+            database=store.url,
+            database_ok=store.migrated,
+        )
     proxy = Proxy(
         settings=settings,
         tagger=Tagger(settings),

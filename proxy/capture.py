@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import structlog
 from distillery.core.config import CaptureSettings
 from distillery.core.redact import Redactor
 from distillery.proxy.spool import Spool, pending_bytes
-from distillery.proxy.writer import Writer, WriterStatus, WriterThread
+from distillery.proxy.writer import STALE_AFTER_S, Writer, WriterStatus, WriterThread
 from distillery.store import Store
 from distillery.store.records import CaptureRecord
 from distillery.store.repair import repair
@@ -61,6 +62,7 @@ class Capture:
         settings: CaptureSettings,
         redactor: Redactor,
         database: str | None = None,
+        database_ok: bool = True,
     ) -> None:
         self.settings = settings
         self.redactor = redactor
@@ -68,6 +70,8 @@ class Capture:
         self.spool = Spool(spool_dir)
         self.writer = WriterThread(Writer(store, spool_dir, settings)) if store else None
         self.database = database or (store.url if store is not None else None)
+        self.database_ok_at_start = database_ok
+        self.started_at = time.monotonic()
         # Records no spool segment holds (the disk refused the write), in order, with
         # their line; guarded by _lock.  Bounded by memory_buffer_mb.
         self.unspooled: dict[str, bytes] = {}
@@ -181,10 +185,16 @@ class Capture:
     def health(self) -> dict[str, Any]:
         status = self.writer_status()
         running = status is not None and status.fresh()
+        # A writer process takes a second or two to start: not yet a problem.
+        starting = not running and time.monotonic() - self.started_at < STALE_AFTER_S
+        if running and status is not None:
+            database = "ok" if status.database_ok else "unavailable"
+        else:  # what this process found at its start, until the writer says
+            database = "unknown" if self.database_ok_at_start else "unavailable"
         problems = []
-        if not running:
+        if not running and not starting:
             problems.append("capture writer not running: records wait in the spool")
-        elif status is not None and not status.database_ok:
+        if database == "unavailable":
             problems.append("database unavailable: records wait in the spool")
         if self.spool_error is not None:
             problems.append(f"spool not writable ({self.spool_error}): records wait in memory")
@@ -193,10 +203,9 @@ class Capture:
                 f"dead-letter file not writable ({status.dead_letter_error}): "
                 f"{status.held_back} refused records held back in the spool"
             )
-        database = "ok" if status is not None and status.database_ok else "unavailable"
         return {
-            "database": database if running else "unknown",
-            "writer": "running" if running else "not running",
+            "database": database,
+            "writer": "running" if running else ("starting" if starting else "not running"),
             "writer_pid": status.pid if status is not None and running else None,
             "spool": "ok" if self.spool_error is None else "failing",
             "problems": problems,

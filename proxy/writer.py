@@ -112,7 +112,9 @@ class Writer:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dead_letter_dir = directory.parent / "dead-letter"
         self.name = f"writer-{os.getpid()}"
+        # Not known until the first look (a store not yet migrated is asked first).
         self.db_ok = store.migrated
+        self._said_down = False
         self.stored = self.write_errors = self.repaired = self.dead_lettered = 0
         previous = WriterStatus.of(directory)
         if previous is not None:  # counters carry on: Prometheus sees no reset
@@ -164,6 +166,10 @@ class Writer:
         every record in it is stored now (False: the database is down, a record is held
         back)."""
         state = self._segments.setdefault(path.name, _Segment())
+        if not state.complete and time.monotonic() >= self._dead_letter_retry_at:
+            # A record in it was held back: read it again from the start (what is stored
+            # already is keyed by id), whether or not the proxy still appends to it.
+            state = self._segments[path.name] = _Segment()
         try:
             lines = spool.read_lines(path, state.offset, closed)
         except FileNotFoundError:
@@ -182,15 +188,12 @@ class Writer:
             else:
                 state.complete = False
         state.offset = lines.offset
-        if not closed:
-            return True
-        if state.complete:
+        if not state.complete:
+            return False
+        if closed:
             path.unlink(missing_ok=True)
             self._segments.pop(path.name, None)
-            return True
-        if time.monotonic() >= self._dead_letter_retry_at:
-            self._segments[path.name] = _Segment()  # read it again: a held-back record
-        return False
+        return True
 
     # -- inserting -------------------------------------------------------------
 
@@ -264,15 +267,17 @@ class Writer:
 
     def _failed(self, exc: Exception) -> None:
         self._count("write_errors")
-        if self.db_ok:
+        if not self._said_down:
             log.error("database write failed; spooling until it is back", error=str(exc))
+            self._said_down = True
         self.db_ok = False
         self._next_try = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, MAX_BACKOFF)
 
     def _ok(self) -> None:
-        if not self.db_ok:
-            log.info("database is back; replaying the spool")
+        if self._said_down:
+            log.info("database is back; storing the spool")
+            self._said_down = False
         self.db_ok = True
         self._backoff = 0.25
 
@@ -382,7 +387,7 @@ def _main(settings: Settings, logging: dict[str, Any], parent: int, stop: Stop) 
     """A writer process: stand by until ``writer.lock`` is free, then write until ``stop``
     is set or the proxy that started it is gone."""
     from distillery.core import logs
-    from distillery.proxy.server import open_capture_store
+    from distillery.store.db import create_engine
 
     logs.configure(**logging)
     # A stop for the whole group (Ctrl-C, systemd's SIGTERM to every process of the unit) is
@@ -400,7 +405,9 @@ def _main(settings: Settings, logging: dict[str, Any], parent: int, stop: Stop) 
         lock = spool.claim(directory / LOCK_FILE)
         if lock is None and (stop.wait(0.5) or orphaned()):
             return
-    store = open_capture_store(settings)
+    # Not migrated here: the proxy did at its start, or the store does at its first insert
+    # (a database down now must not keep the writer from saying so).
+    store = Store(create_engine(settings.storage.resolved_database_url()))
     try:
         Writer(store, directory, settings.capture).run(stop, orphaned)
     finally:
