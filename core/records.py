@@ -52,10 +52,13 @@ class Record(BaseModel):
         except ValidationError as exc:
             raise RecordError(f"{path}: {_explain(exc)}") from None
 
-    def write(self, path: Path) -> None:
-        """Write atomically: a reader sees the old record or the new one, never half."""
+    def write(self, path: Path, private: bool = False) -> None:
+        """Write atomically: a reader sees the old record or the new one, never half.
+        ``private``: readable by this user only (0600), from the first byte."""
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(self.model_dump_json(indent=2))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.model_dump_json(indent=2))
         temporary.replace(path)
 
     def to_json(self) -> dict[str, Any]:

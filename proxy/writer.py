@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -95,11 +96,27 @@ COUNTERS = ("stored", "write_errors", "repaired", "dead_lettered")
 
 
 class Stop(Protocol):
-    """A ``threading.Event``, or a ``multiprocessing`` one set by the proxy."""
+    """A ``threading.Event``, or, in the writer process, :class:`_Told`."""
 
     def is_set(self) -> bool: ...
-    def set(self) -> None: ...
     def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class _Told:
+    """Set once the proxy closes its end of a pipe.  Not a ``multiprocessing.Event``: a
+    writer killed inside ``Event.wait`` (it waits there between rounds) leaves the event's
+    lock taken, and the proxy's ``set()`` then waits for ever at its stop."""
+
+    def __init__(self, pipe: Connection) -> None:
+        self.pipe = pipe
+        self.told = False
+
+    def is_set(self) -> bool:
+        return self.wait(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.told = self.told or self.pipe.poll(timeout)
+        return self.told
 
 
 class Writer:
@@ -179,13 +196,10 @@ class Writer:
             self._failed(exc)
             return False
         for start in range(0, len(lines.records), self.settings.batch_size):
-            batch = lines.records[start : start + self.settings.batch_size]
-            stored = self._store(batch)
+            stored = self._store(lines.records[start : start + self.settings.batch_size])
             if not self.db_ok:
                 return False  # from this segment's offset again, once it is back
-            if stored:
-                self._count("stored", len(batch))
-            else:
+            if not stored:
                 state.complete = False
         state.offset = lines.offset
         if not state.complete:
@@ -202,7 +216,7 @@ class Writer:
         record could not be dead-lettered.  A batch the database refuses is split until
         each refused record is found, so one bad record never holds back the rest."""
         try:
-            self.store.insert(records)
+            self._count("stored", self.store.insert(records))  # new ones: a re-read counts 0
             self._ok()
             return True
         except RecordRefused as exc:
@@ -222,13 +236,14 @@ class Writer:
         """Repair a refused record and store it, or move it to the dead-letter file."""
         try:
             fixed, changes = repair(record)
-            self.store.insert([fixed])
+            new = self.store.insert([fixed])
         except RecordRefused as exc:
             return self._dead_letter(record, f"{refusal}; after repair: {exc}")
         except Exception as exc:
             self._failed(exc)
             return False
-        self._count("repaired")
+        self._count("repaired", new)
+        self._count("stored", new)
         log.warning(
             "capture record repaired",
             record_id=record.get("id"),
@@ -316,14 +331,8 @@ class Writer:
         if not force and said == self._said and now < self._status_at:
             return
         self._said, self._status_at = said, now + STATUS_EVERY_S
-        temporary = self.directory / f".{STATUS_FILE}.{os.getpid()}.tmp"
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, status.model_dump_json().encode())
-            finally:
-                os.close(fd)
-            temporary.replace(self.directory / STATUS_FILE)
+            status.write(self.directory / STATUS_FILE, private=True)
         except OSError as exc:  # a full disk: said on /healthz by the spool's own state
             log.debug("cannot write the writer's status", error=str(exc))
 
@@ -383,7 +392,7 @@ class WriterThread:
 # -- the process ---------------------------------------------------------------
 
 
-def _main(settings: Settings, logging: dict[str, Any], parent: int, stop: Stop) -> None:
+def _main(settings: Settings, logging: dict[str, Any], parent: int, pipe: Connection) -> None:
     """A writer process: stand by until ``writer.lock`` is free, then write until ``stop``
     is set or the proxy that started it is gone."""
     from distillery.core import logs
@@ -396,6 +405,8 @@ def _main(settings: Settings, logging: dict[str, Any], parent: int, stop: Stop) 
         signal.signal(signum, signal.SIG_IGN)
     directory = spool_dir(settings)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    stop = _Told(pipe)
 
     def orphaned() -> bool:
         return os.getppid() != parent
@@ -431,16 +442,19 @@ class WriterProcess:
         self._stop: Any = None
 
     def start(self) -> None:
-        # An event, not a signal: the writer ignores the group's signals (see _main), and
-        # one still starting would die of a signal before it could ignore it.
-        self._stop = self._context.Event()
+        # A pipe, not a signal: the writer ignores the group's signals (see _main), and one
+        # still starting would die of a signal before it could ignore it.
+        if self._stop is not None:
+            self._stop.close()  # the last writer's, dead
+        told, self._stop = self._context.Pipe(duplex=False)
         self.process = self._context.Process(
             target=_main,
-            args=(self.settings, self.logging, os.getpid(), self._stop),
+            args=(self.settings, self.logging, os.getpid(), told),
             name="distillery-writer",
             daemon=False,
         )
         self.process.start()
+        told.close()  # the writer's end is the writer's
 
     def check(self) -> bool:
         """Start the writer again if it died; whether it had to be."""
@@ -456,10 +470,11 @@ class WriterProcess:
 
     def stop(self, timeout: float = 35.0) -> None:
         """Ask it to store what is left and exit; killed if it takes longer than ``timeout``."""
-        process = self.process
-        if process is None:
+        if self.process is None:
             return
-        self._stop.set()
+        self.check()  # one that died just now is started again: it stores what is left
+        process = self.process
+        self._stop.close()  # end of file at the writer: it stores what is left and exits
         process.join(timeout)
         if process.is_alive():
             log.error("capture writer did not stop; killed (the spool keeps its records)")

@@ -302,6 +302,7 @@ class Store:
 
     def insert(self, records: Iterable[CaptureRecord]) -> int:
         """Insert capture records (the ones the proxy builds); duplicates by id are skipped.
+        Returns how many were not stored before (a spool read twice counts once).
 
         Records carry ``created_at`` as epoch seconds: cheap to mint on the
         request path and JSON-safe in the spool.
@@ -344,7 +345,7 @@ class Store:
             if refused(exc, dialect):
                 raise RecordRefused(f"{type(exc).__name__}: {exc}") from exc
             raise
-        return len(records)
+        return len(fresh)
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

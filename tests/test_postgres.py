@@ -78,7 +78,7 @@ def test_replaying_records_twice_inserts_once(postgres_url: str) -> None:
         }
     )
     assert store.insert([record]) == 1
-    store.insert([record, record])
+    assert store.insert([record, record]) == 0  # stored already: none new
     assert store.count() == 1
     with store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM completion_tags")).scalar_one() == 2

@@ -44,6 +44,19 @@ def proxy_command(
     ).start()
 
 
+def every_call(url: str, prefix: str, served_by: str, what: str) -> None:
+    """Until 12 calls in a row (the kernel spreads them over the workers) are all answered
+    by ``served_by``."""
+    wait_for(
+        lambda: all(
+            call(url, f"{prefix} {n}").headers.get("X-Distillery-Served-By") == served_by
+            for n in range(12)
+        ),
+        10,
+        what,
+    )
+
+
 def two_workers(
     upstream: FakeOpenAI, tmp_path: Path, database_url: str, config: Path
 ) -> tuple[ProxyProcess, str]:
@@ -296,14 +309,7 @@ def test_routes_set_off_reaches_every_worker_and_a_new_student_starts_over(
     proxy, url = two_workers(upstream, tmp_path, database_url, config)
     try:
         assert "shadow -> on" in routes_command(config, database_url, "set", "support", "on")
-        wait_for(
-            lambda: all(
-                call(url, f"q {n}").headers.get("X-Distillery-Served-By") == "student"
-                for n in range(12)
-            ),
-            10,
-            "every worker serving the student",
-        )
+        every_call(url, "q", "student", "every worker serving the student")
         assert "on -> off" in routes_command(config, database_url, "set", "support", "off")
         switched = time.monotonic()
         wait_for(
@@ -316,14 +322,7 @@ def test_routes_set_off_reaches_every_worker_and_a_new_student_starts_over(
         routes_command(config, database_url, "set", "support", "on")
         config.write_text(config.read_text().replace('"tiny@student"', '"other@student"'))
         proxy.signal(signal.SIGHUP)
-        wait_for(
-            lambda: all(
-                call(url, f"s {n}").headers.get("X-Distillery-Served-By") == "teacher"
-                for n in range(12)
-            ),
-            10,
-            "the new student in shadow on every worker",
-        )
+        every_call(url, "s", "teacher", "the new student in shadow on every worker")
         [row] = json.loads(routes_command(config, database_url, "status", "--json"))
         assert row["student"] == "other@student" and row["mode"] == "shadow"
     finally:
