@@ -41,6 +41,9 @@ STRUCTURAL_KEYS = frozenset(
 )
 
 
+_SCALARS = frozenset({int, float, bool})
+
+
 @dataclass(frozen=True)
 class Pattern:
     name: str
@@ -157,15 +160,28 @@ class Redactor:
         return self._walk(value)
 
     def _walk(self, value: Any) -> Any:
+        # On every captured call: exact types first (what JSON parses to), and a string
+        # under a dict key handled in the loop rather than in a call of its own.
+        kind = type(value)
+        if kind is dict or (kind is not list and isinstance(value, dict)):
+            out = {}
+            for key, item in value.items():
+                if type(item) is str:
+                    if key in STRUCTURAL_KEYS:
+                        out[key] = item
+                    elif len(item) <= CACHED_CHARS:
+                        out[key] = self._cached(item)
+                    else:
+                        out[key] = self._text(item)
+                elif item is None or type(item) in _SCALARS:
+                    out[key] = item
+                else:
+                    out[key] = self._walk(item)
+            return out
+        if kind is list or isinstance(value, list):
+            return [self._walk(item) for item in value]
         if isinstance(value, str):
             return self.text(value)
-        if isinstance(value, dict):
-            return {
-                key: item if key in STRUCTURAL_KEYS and isinstance(item, str) else self._walk(item)
-                for key, item in value.items()
-            }
-        if isinstance(value, list):
-            return [self._walk(item) for item in value]
         return value
 
 

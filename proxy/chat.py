@@ -260,7 +260,7 @@ class Call:
         except Exception:  # a bug: the call is still answered
             log.exception("capture failed", record_id=self.id)
             outcome = "failed"
-        self.proxy.metrics.captured.labels(outcome).inc()
+        self.proxy.metrics.capture_outcome(outcome)
         return outcome
 
 

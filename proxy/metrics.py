@@ -198,6 +198,7 @@ class Metrics:
         # Children by label values (bounded: routes and statuses, and _Bounded's values).
         self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._chat: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        self._captured: dict[str, Any] = {}
 
     def capture_event(self, name: str, count: int) -> None:
         self.capture_events[name].inc(count)
@@ -217,6 +218,13 @@ class Metrics:
             self._answered[route, status] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def capture_outcome(self, outcome: str) -> None:
+        """One chat completion handed to capture (or not): counted by outcome."""
+        child = self._captured.get(outcome)
+        if child is None:
+            child = self._captured[outcome] = self.captured.labels(outcome)
+        child.inc()
 
     def chat(
         self,

@@ -17,6 +17,7 @@ Percentiles from the histogram are upper bounds at its edges, shown as such.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -134,19 +135,25 @@ def bucket(latency_ms: float) -> int:
 
 def apply(conn: Connection, rows: Rows) -> None:
     """Add ``rows`` to the aggregates (negative counts subtract); emptied rows go."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     for table in (APPS, TASKS):
         changes = rows.get(table.name) or {}
         if not changes:
             continue
-        insert = dialect.insert(table)
-        upsert = insert.on_conflict_do_update(
-            index_elements=list(KEYS[table.name]),
-            set_={name: table.c[name] + insert.excluded[name] for name in COUNTS},
-        )
-        conn.execute(upsert, list(changes.values()))
+        conn.execute(_upsert(conn.dialect.name, table), list(changes.values()))
         if any(row["calls"] < 0 for row in changes.values()):
             conn.execute(table.delete().where(table.c.calls <= 0))
+
+
+@functools.cache
+def _upsert(dialect_name: str, table: sa.Table) -> Any:
+    """The statement that adds counts to ``table``'s rows: built once (building it cost the
+    writer more than the inserts it follows)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    insert = dialect.insert(table)
+    return insert.on_conflict_do_update(
+        index_elements=list(KEYS[table.name]),
+        set_={name: table.c[name] + insert.excluded[name] for name in COUNTS},
+    )
 
 
 def stored_calls(conn: Connection, completions: sa.Table, ids: Sequence[str]) -> list[Call]:
