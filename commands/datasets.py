@@ -156,6 +156,11 @@ def dataset() -> None:
     is_flag=True,
     help="Also learn from calls a route's student answered (a student learning from itself).",
 )
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Exit 0 when nothing new is selected (no version is written): for scheduled builds.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @fail_on_errors
 def build(
@@ -183,15 +188,16 @@ def build(
     output: Path | None,
     include_eval_traffic: bool,
     include_student_answers: bool,
+    allow_empty: bool,
     as_json: bool,
     **filters: Any,
 ) -> None:
-    """Build a new version of dataset NAME from captured calls.
+    """Build a new version of dataset NAME from captured calls (nothing new: exit 1).
 
     \b
     Examples:
         distillery dataset build support-bot --tag app=support
-        distillery dataset build support-bot --tag app=support --incremental   # hourly cron
+        distillery dataset build support-bot --tag app=support --incremental --allow-empty  # cron
     """
 
     if not NAME.fullmatch(name):
@@ -236,13 +242,16 @@ def build(
     with Progress(f"Building {name}") as progress:
         data_dir = settings.storage.resolved_data_dir()
         result = run_build(store, options, data_dir, total=progress.start, progress=progress.update)
-    _report(result, as_json)
+    _report(result, as_json, allow_empty)
 
 
-def _report(result: BuildResult, as_json: bool) -> None:
-    """What the build made: its manifest in words (or as JSON), or why it made nothing."""
+def _report(result: BuildResult, as_json: bool, allow_empty: bool) -> None:
+    """What the build made: its manifest in words (or as JSON), or why it made nothing
+    (exit 1, unless that is allowed)."""
     if result.version is None:
         click.echo(result.message, err=True)
+        if not allow_empty:
+            sys.exit(1)
         return
     manifest = result.version["manifest"]
     if as_json:

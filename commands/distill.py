@@ -90,6 +90,11 @@ from distillery.store.records import EvalRunRecord
     help="Seconds between fine-tune status checks.",
 )
 @click.option(
+    "--allow-train-eval",
+    is_flag=True,
+    help="With no validation split, grade on training examples anyway (the score flatters).",
+)
+@click.option(
     "--html",
     "html_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -119,6 +124,7 @@ def distill(
     by_tag: str | None,
     seed: int,
     poll_interval: float,
+    allow_train_eval: bool,
     html_path: Path | None,
     **filters: Any,
 ) -> None:
@@ -161,6 +167,7 @@ def distill(
         prices=dict(settings.prices),
         use_cache=not no_cache,
         by_tag=by_tag[4:] if by_tag else None,
+        allow_train_eval=allow_train_eval,
     )
     result = loop.run(
         store, options, settings.storage.resolved_data_dir(), lambda m: click.echo(m, err=True)
@@ -186,5 +193,9 @@ def _report(
         click.echo(line)
     if html_path is not None:
         version = datasets.latest(store, options.name)
-        items = loop.graded_items(store, version, options.limit, options.seed) if version else []
+        items = (
+            loop.graded_items(store, version, options.limit, options.seed, options.allow_train_eval)
+            if version
+            else []
+        )
         html_path.write_text(render(result, evals.samples(store, result["id"]), items))

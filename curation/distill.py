@@ -14,6 +14,7 @@ the new student is actually called when the others were graded before.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -76,6 +77,7 @@ class DistillOptions:
     prices: dict[str, Any] = field(default_factory=dict)
     use_cache: bool = True
     by_tag: str | None = None  # break scores down by this tag's values
+    allow_train_eval: bool = False  # no validation split: grade on training examples anyway
 
 
 def _free_port() -> int:
@@ -154,16 +156,38 @@ class DistillState(Record):
         self.write(path)
 
 
+# Below this many graded examples a verdict carries a warning with its interval.
+FEW_GRADED = 30
+
+
 def graded_items(
-    store: Store, version: DatasetVersionRecord, limit: int | None, seed: int
+    store: Store,
+    version: DatasetVersionRecord,
+    limit: int | None,
+    seed: int,
+    allow_train: bool = False,
 ) -> list[eval_items.Item]:
-    """What the loop grades: the validation split (seeded sample), else part of train."""
+    """What the loop grades: the validation split (seeded sample); part of train only when
+    allowed (``--allow-train-eval``: a score on what the student learned from)."""
     items = eval_items.sample(eval_items.from_dataset(store, version, "val"), limit, seed)
-    if not items:
+    if not items and allow_train:
         items = eval_items.sample(
             eval_items.from_dataset(store, version, "train"), limit or 50, seed
         )
     return items
+
+
+def _check_gradable(version: DatasetVersionRecord, allow_train: bool) -> None:
+    """Refuse to train a student that could only be graded on its own training examples."""
+    if version["val_examples"] or allow_train:
+        return
+    ref = f"{version['name']}@{version['version']}"
+    raise DistilleryError(
+        f"{ref} has no validation split ({version['train_examples']} train examples): a "
+        "student graded on the examples it trained on says nothing about new calls. Capture "
+        f"more calls, or build it with one (`distillery dataset build {version['name']} "
+        "--val-fraction 0.2` with the same filters), or pass --allow-train-eval."
+    )
 
 
 def settings(options: DistillOptions) -> dict[str, dict[str, Any]]:
@@ -235,24 +259,28 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
         ),
         data_dir,
     )
-    echo(built.message)
     version = datasets.latest(store, options.name)
     if version is None:
-        raise DistilleryError("No calls match the filters: nothing to distil yet.")
+        raise DistilleryError(f"{built.message} Nothing to distil yet.")
     same = state.dataset_version == version["version"]
     if same and state.final_run and not changed:
         echo(f"No new calls since {options.name}@{version['version']}; the last result stands.")
         found = evals.get_run(store, state.final_run)
         assert found is not None
         return found
-    if not same or (before is not None and before["train"] != wanted["train"]):
+    retrain = not same or (before is not None and before["train"] != wanted["train"])
+    _check_gradable(version, options.allow_train_eval)
+    echo(_plan(built.message if built.version else None, version, same, retrain, state))
+    if retrain:
         state = DistillState(dataset_version=version["version"])  # train (again)
     else:
         state.final_run = None  # only grading changed: the same fine-tune, graded anew
     state.settings = wanted
     state.save(state_path)
     job, backend = _finetune(store, options, version, state, state_path, data_dir, echo)
-    items = graded_items(store, version, options.limit, options.seed)
+    items = graded_items(
+        store, version, options.limit, options.seed, allow_train=options.allow_train_eval
+    )
     with _students(options, job, backend) as (base, tuned):
         generator = Generator(store, use_cache=options.use_cache)
         context = Context(generator, {}, options.teacher.endpoint)
@@ -278,6 +306,30 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
     return result
 
 
+def _plan(
+    built: str | None,
+    version: DatasetVersionRecord,
+    same: bool,
+    retrain: bool,
+    state: DistillState,
+) -> str:
+    """What this run will do and why, said before it does it (and nothing it will not)."""
+    ref = f"{version['name']}@{version['version']}"
+    size = f"{version['train_examples']} train and {version['val_examples']} validation examples"
+    if built is not None:
+        return f"{built}: {size}; fine-tuning the student on it."
+    if not same:
+        return (
+            f"No new calls since {ref}; fine-tuning the student on it ({size}): "
+            "no distill run has used it yet."
+        )
+    if retrain:
+        return f"No new calls since {ref}; fine-tuning again: the training settings changed."
+    if state.job and state.final_run is None:
+        return f"No new calls since {ref}; picking up the fine-tune and grading it."
+    return f"No new calls since {ref}; grading the same fine-tune again: the eval settings changed."
+
+
 def verdict(summary: Summary, limits: dict[str, float]) -> list[str]:
     """One line per grader: the fine-tuned student's score, its share of the teacher's,
     and whether it met its ``--fail-under`` bar or by how much it missed."""
@@ -288,11 +340,11 @@ def verdict(summary: Summary, limits: dict[str, float]) -> list[str]:
         return []
     lines = []
     for name, stats in candidates[tuned]["graders"].items():
-        score = stats["mean"]
+        score, n = stats["mean"], stats["n"]
         if score is None:
-            lines.append(f"Verdict ({name}): the fine-tuned student has no score.")
+            lines.append(f"Verdict ({name}, n={n}): the fine-tuned student has no score.")
             continue
-        line = f"Verdict ({name}): the fine-tuned student scores {score:.3f}"
+        line = f"Verdict ({name}, n={n}): the fine-tuned student scores {score:.3f}"
         teacher_stats = candidates[teacher]["graders"].get(name) if teacher else None
         reference = teacher_stats["mean"] if teacher_stats else None
         if reference:
@@ -304,7 +356,28 @@ def verdict(summary: Summary, limits: dict[str, float]) -> list[str]:
             else:
                 line += f"; it misses the bar of {bar:g} by {bar - score:.3f}"
         lines.append(line + ".")
+        if n < FEW_GRADED:
+            low, high = wilson(score, n, stats["scale"])
+            lines.append(
+                f"Warning: {name} graded {n} examples (95% interval {low:.3f}-{high:.3f}): "
+                f"too few to trust; grade {FEW_GRADED} or more (a larger validation split, "
+                "or no --limit)."
+            )
     return lines
+
+
+def wilson(mean: float, n: int, scale: list[float]) -> tuple[float, float]:
+    """The 95% Wilson score interval of a mean of ``n`` scores on ``scale`` (its ends).
+
+    The eval's bootstrap interval collapses to a point when a few scores are all alike
+    (2 of 2 correct: "1.000-1.000"); Wilson's does not (0.342-1.000), and it holds for any
+    score bounded by the scale, since none varies more than a pass/fail at the same mean."""
+    low, high = (scale[0], scale[-1]) if len(scale) >= 2 and scale[-1] > scale[0] else (0.0, 1.0)
+    p = min(max((mean - low) / (high - low), 0.0), 1.0)
+    z2 = 1.959963984540054**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = math.sqrt(z2 * p * (1 - p) / n + z2 * z2 / (4 * n * n)) / (1 + z2 / n)
+    return low + (centre - half) * (high - low), low + (centre + half) * (high - low)
 
 
 def _finetune(

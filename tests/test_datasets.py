@@ -191,8 +191,32 @@ def test_incremental_builds_add_only_new_calls(db: str, tmp_path: Path) -> None:
         ("added", "cap_0000000000000000000000000030")
     ]
     result = run(db, "build", "support", "--tag", "app=support", "--incremental")
-    assert result.exit_code == 0 and "nothing to do" in result.output
+    assert result.exit_code == 1
+    assert "No calls captured since support@2: no new version (support@2 stands)." in result.output
+    result = run(db, "build", "support", "--tag", "app=support", "--incremental", "--allow-empty")
+    assert result.exit_code == 0 and "support@2 stands" in result.output
     assert [d["version"] for d in json.loads(run(db, "list", "--json").output)] == [2]
+
+
+def test_a_build_that_selects_nothing_exits_1_and_writes_no_version(
+    db: str, tmp_path: Path
+) -> None:
+    """No matching calls, or every one left out: exit 1 and say why; --allow-empty (a
+    scheduled build) exits 0; neither writes a version or a directory."""
+    nothing = run(db, "build", "support", "--tag", "app=nobody")
+    assert nothing.exit_code == 1
+    assert "No calls match the filters: no version of support written." in nothing.output
+    allowed = run(db, "build", "support", "--tag", "app=nobody", "--allow-empty")
+    assert allowed.exit_code == 0 and "no version of support written" in allowed.output
+    # Matching calls, every one of them left out by the rules.
+    dropped = run(db, "build", "support", "--tag", "app=support", "--min-tokens", "100000")
+    assert dropped.exit_code == 1
+    assert "All 22 matching calls were left out (" in dropped.output
+    assert "no version of support written." in dropped.output
+    assert json.loads(run(db, "list", "--json").output) == []
+    assert not (tmp_path / "data" / "datasets" / "support").exists() or not any(
+        path.name.startswith("v") for path in (tmp_path / "data" / "datasets" / "support").iterdir()
+    )
 
 
 @pytest.mark.slow
@@ -207,6 +231,7 @@ def test_concurrent_incremental_builds_never_double_count(db: str, tmp_path: Pat
         "--tag",
         "app=support",
         "--incremental",
+        "--allow-empty",
         "--database-url",
         db,
     ]
@@ -218,7 +243,7 @@ def test_concurrent_incremental_builds_never_double_count(db: str, tmp_path: Pat
     outputs = [p.communicate(timeout=120)[0].decode() for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs
     assert sum("Built support@" in out for out in outputs) == 1
-    assert sum("nothing to do" in out for out in outputs) == 2
+    assert sum("no new version (support@1 stands)" in out for out in outputs) == 2
     listing = json.loads(run(db, "list", "--json").output)
     assert [d["version"] for d in listing] == [1]
 

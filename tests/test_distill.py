@@ -83,6 +83,9 @@ def test_distill_closes_the_gap_and_is_idempotent(
     first = distill(db, url, "--fail-under", "0.9")
     assert first.exit_code == 0, first.output
     assert "Fine-tuned: ft:weak:acme:support:abc123" in first.output
+    # What it will do, said before it does it.
+    assert "Built support@1 in " in first.output
+    assert "validation examples; fine-tuning the student on it." in first.output
     table = first.output
     assert (
         "teacher:teacher" in table
@@ -113,6 +116,11 @@ def test_a_rerun_with_changed_settings_redoes_what_they_affect(
     assert retrained.exit_code == 0, retrained.output
     assert "Settings changed since the last run: train.hyperparameters" in retrained.output
     assert (
+        "No new calls since support@1; fine-tuning again: the training settings changed."
+        in retrained.output
+    )
+    assert "Built" not in retrained.output
+    assert (
         len(tuning.created) == 2
         and tuning.created[1]["method"]["supervised"]["hyperparameters"]["n_epochs"] == 2
     )
@@ -121,6 +129,7 @@ def test_a_rerun_with_changed_settings_redoes_what_they_affect(
     regraded = distill(db, url, "--epochs", "2", "--grader", "rouge_l")
     assert regraded.exit_code == 0, regraded.output
     assert "eval.graders" in regraded.output and len(tuning.created) == 2
+    assert "grading the same fine-tune again: the eval settings changed." in regraded.output
     assert "rouge_l" in regraded.output
 
     same = distill(db, url, "--epochs", "2", "--grader", "rouge_l")
@@ -144,6 +153,9 @@ def test_an_interrupted_distill_resumes_its_fine_tune(
     resumed = distill(db, url)
     assert resumed.exit_code == 0, resumed.output
     assert f"Resuming fine-tune {state['job']}" in resumed.output
+    assert "No new calls since support@1; picking up the fine-tune and grading it." in (
+        resumed.output
+    )
     assert len(tuning.created) == 1
     assert "final_run" in json.loads(state_path.read_text())
     # The state is a typed record: a field it does not know fails at once, naming it,
@@ -181,9 +193,11 @@ def test_distill_explains_its_scores_by_tag_and_in_one_line(
     assert {row[0] for row in breakdown} >= {"teacher:teacher", "base:weak"}
     assert any(" even " in line for line in result.output.splitlines())
     assert (
-        "Verdict (exact): the fine-tuned student scores 1.000, 100% of the teacher's 1.000; "
+        "Verdict (exact, n=2): the fine-tuned student scores 1.000, 100% of the teacher's 1.000; "
         "it reaches the bar of 0.9 (+0.100)." in result.output
     )
+    # Two graded examples: a verdict not to trust, said with its (Wilson) interval.
+    assert "Warning: exact graded 2 examples (95% interval 0.342-1.000): too few" in result.output
     wrong = distill(db, url, "--by", "kind")
     assert wrong.exit_code == 2 and "--by takes tag:KEY" in wrong.output
 
@@ -203,3 +217,77 @@ def test_the_distill_report_shows_prompts_and_references(
     header, *rows = parser.tables[-1]
     assert header[:2] == ["prompt", "reference"] and rows
     assert all(prompt.strip() and reference.strip() for prompt, reference, *_ in rows)
+
+
+def test_distill_says_what_it_will_do_with_a_version_it_did_not_build(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels], tmp_path: Path
+) -> None:
+    """A version `dataset build` made (no new calls since): distill trains on it and says so,
+    rather than "nothing to do" followed by a fine-tune; with no calls at all it refuses."""
+    url, tuning, _ = provider
+    built = CliRunner().invoke(
+        cli, ["dataset", "build", "support", "--tag", "app=support", "--database-url", db]
+    )
+    assert built.exit_code == 0, built.output
+    result = distill(db, url)
+    assert result.exit_code == 0, result.output
+    assert "No new calls since support@1; fine-tuning the student on it (" in result.output
+    assert "no distill run has used it yet." in result.output
+    assert "nothing to do" not in result.output and len(tuning.created) == 1
+
+
+def test_distill_with_no_calls_fine_tunes_nothing(
+    provider: tuple[str, FakeFineTuning, FakeModels], tmp_path: Path
+) -> None:
+    url, tuning, _ = provider
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    open_store(empty).close()
+    refused = distill(empty, url)
+    assert refused.exit_code == 1 and not tuning.created
+    assert "No calls match the filters: no version of support written." in refused.output
+    assert "Nothing to distil yet." in refused.output
+
+
+@pytest.mark.parametrize(
+    ("mean", "n", "scale", "expected"),
+    [
+        # Published Wilson intervals (Newcombe 1998, table I: 81/263 and 15/148; 0/20; 2/2).
+        (81 / 263, 263, [0.0, 1.0], (0.2553, 0.3662)),
+        (15 / 148, 148, [0.0, 1.0], (0.0624, 0.1605)),
+        (0.0, 20, [0.0, 1.0], (0.0, 0.1611)),
+        (1.0, 2, [0.0, 1.0], (0.3424, 1.0)),
+        # A judge's 1-10 scale: the same interval, stretched over the scale.
+        (10.0, 2, [1.0, 10.0], (1 + 0.342380 * 9, 10.0)),
+    ],
+)
+def test_the_small_sample_warning_interval_is_wilsons(
+    mean: float, n: int, scale: list[float], expected: tuple[float, float]
+) -> None:
+    from distillery.curation.distill import wilson
+
+    low, high = wilson(mean, n, scale)
+    assert low == pytest.approx(expected[0], abs=1e-4)
+    assert high == pytest.approx(expected[1], abs=1e-4)
+
+
+def test_distill_refuses_to_grade_on_training_examples(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels]
+) -> None:
+    """No validation split: refused before anything trains, naming the fixes;
+    --allow-train-eval grades on training examples and says how few."""
+    url, tuning, _ = provider
+    built = CliRunner().invoke(
+        cli,
+        [
+            *("dataset", "build", "support", "--tag", "app=support"),
+            *("--val-fraction", "0", "--database-url", db),
+        ],
+    )
+    assert built.exit_code == 0, built.output
+    refused = distill(db, url)
+    assert refused.exit_code == 1 and not tuning.created
+    assert "support@1 has no validation split (30 train examples)" in refused.output
+    assert "--val-fraction 0.2" in refused.output and "--allow-train-eval" in refused.output
+    allowed = distill(db, url, "--allow-train-eval")
+    assert allowed.exit_code == 0, allowed.output
+    assert len(tuning.created) == 1 and "Verdict (exact, n=30)" in allowed.output

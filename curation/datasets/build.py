@@ -37,7 +37,7 @@ import numpy as np
 from distillery.core.errors import DistilleryError
 from distillery.curation.datasets import tokens
 from distillery.curation.datasets.dedupe import find_duplicates
-from distillery.curation.datasets.manifest import Manifest
+from distillery.curation.datasets.manifest import Counts, Manifest
 from distillery.curation.datasets.options import BuildOptions, Rules
 from distillery.curation.datasets.scan import Segment, carry_over, scan, scan_store
 from distillery.curation.datasets.validate import MIN_EXAMPLES, Report
@@ -115,7 +115,8 @@ def _build_locked(
     if previous is not None and watermark is None:
         return BuildResult(
             None,
-            f"No completions captured since {options.name}@{previous['version']}; nothing to do.",
+            f"No calls captured since {options.name}@{previous['version']}: "
+            f"no new version ({options.name}@{previous['version']} stands).",
         )
     selection = replace(selection, upto_id=watermark)
     # Decided once so workers and manifest agree; one that will not load fails here.
@@ -129,6 +130,9 @@ def _build_locked(
     try:
         segments = _scan(store, options, selection, previous, scratch, workers, progress, total)
         manifest = _assemble(segments, options, selection, previous, scratch)
+        if manifest.counts.examples == manifest.counts.carried_over:  # nothing new in it
+            shutil.rmtree(scratch, ignore_errors=True)
+            return BuildResult(None, _nothing_selected(options.name, manifest.counts, previous))
         manifest = manifest.model_copy(update={"version": number, "watermark": watermark})
         manifest.write(scratch / "manifest.json")
         for segment in segments:
@@ -153,6 +157,23 @@ def _build_locked(
     }
     version = datasets.record_version(store, values, _lineage(final))
     return BuildResult(version, f"Built {options.name}@{number} in {final}")
+
+
+def _nothing_selected(name: str, counts: Counts, previous: DatasetVersionRecord | None) -> str:
+    """Why a build made no new examples, in words: no calls, or what left each one out."""
+    since = f" since {name}@{previous['version']}" if previous else ""
+    outcome = (
+        f"no new version ({name}@{previous['version']} stands)"
+        if previous
+        else (f"no version of {name} written")
+    )
+    if not counts.considered:
+        return f"No calls match the filters{since}: {outcome}."
+    reasons = ", ".join(f"{count} {reason}" for reason, count in counts.dropped.items())
+    return (
+        f"All {counts.considered} matching calls{since} were left out "
+        f"({reasons or 'by the rules'}): {outcome}."
+    )
 
 
 def _newest_id(store: Store, filters: query.Filters) -> str | None:
