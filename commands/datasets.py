@@ -137,7 +137,14 @@ def dataset() -> None:
     help="Extra redaction (repeatable).",
 )
 @click.option(
-    "--epochs", type=int, default=3, show_default=True, help="For the training-token estimate."
+    "--epochs",
+    type=int,
+    help="For the training-token estimate  [default: --student's trainer's, else 3]",
+)
+@click.option(
+    "--student",
+    type=click.Path(exists=True, file_okay=False),
+    help="A local student (model directory): estimate with the epochs its trainer will run.",
 )
 @tokenizer_option
 @click.option(
@@ -183,7 +190,8 @@ def build(
     strip_system_prompt: bool,
     history_weight: int | None,
     redact_patterns: tuple[str, ...],
-    epochs: int,
+    epochs: int | None,
+    student: str | None,
     tokenizer: str | None,
     output: Path | None,
     include_eval_traffic: bool,
@@ -207,9 +215,7 @@ def build(
     store = open_cli_store(config, database_url)
     rules = Rules(
         successful_only=not include_failed,
-        finish_reasons=None
-        if "any" in finish_reasons
-        else (finish_reasons or ("stop", "tool_calls")),
+        finish_reasons=_finish_reasons(finish_reasons),
         no_refusals=not include_refusals,
         non_empty=not include_empty,
         min_tokens=min_tokens,
@@ -236,13 +242,20 @@ def build(
         redact_defaults=settings.redact.defaults,
         redact_patterns=tuple((p.name, p.pattern) for p in settings.redact.patterns)
         + tuple(patterns),
-        epochs=epochs,
-        tokenizer=tokenizer,
+        epochs=epochs or 3,
+        student=student if epochs is None else None,  # --epochs given: that count
+        tokenizer=tokenizer or student,
     )
     with Progress(f"Building {name}") as progress:
         data_dir = settings.storage.resolved_data_dir()
         result = run_build(store, options, data_dir, total=progress.start, progress=progress.update)
     _report(result, as_json, allow_empty)
+
+
+def _finish_reasons(given: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``--accept-finish-reason``: the reasons kept (``any``: every one; none given: the two
+    that mean a whole answer)."""
+    return None if "any" in given else (given or ("stop", "tool_calls"))
 
 
 def _report(result: BuildResult, as_json: bool, allow_empty: bool) -> None:

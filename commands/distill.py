@@ -10,6 +10,7 @@ import click
 from distillery.commands.evals import gate, print_breakdown
 from distillery.commands.output import write_rows
 from distillery.commands.shared import (
+    TrainingProgress,
     build_filters,
     by_tag_option,
     fail_on_errors,
@@ -90,6 +91,11 @@ from distillery.store.records import EvalRunRecord
     help="Seconds between fine-tune status checks.",
 )
 @click.option(
+    "--keep-checkpoints",
+    is_flag=True,
+    help="local: keep the fine-tune's per-epoch checkpoints (removed once it succeeds).",
+)
+@click.option(
     "--allow-train-eval",
     is_flag=True,
     help="With no validation split, grade on training examples anyway (the score flatters).",
@@ -124,6 +130,7 @@ def distill(
     by_tag: str | None,
     seed: int,
     poll_interval: float,
+    keep_checkpoints: bool,
     allow_train_eval: bool,
     html_path: Path | None,
     **filters: Any,
@@ -168,10 +175,11 @@ def distill(
         use_cache=not no_cache,
         by_tag=by_tag[4:] if by_tag else None,
         allow_train_eval=allow_train_eval,
+        keep_checkpoints=keep_checkpoints,
     )
-    result = loop.run(
-        store, options, settings.storage.resolved_data_dir(), lambda m: click.echo(m, err=True)
-    )
+    with TrainingProgress() as progress:  # what it says goes below the status line
+        data_dir = settings.storage.resolved_data_dir()
+        result = loop.run(store, options, data_dir, progress.say, progress)
     _report(store, options, result, limits, html_path)
     gate(result["summary"], limits, max_error_rate, judged="tuned")
     if not result["summary"]["candidates"]:

@@ -9,6 +9,7 @@ import click
 
 from distillery.commands.output import output_options, write_rows
 from distillery.commands.shared import (
+    TrainingProgress,
     count_option,
     fail_on_errors,
     hyperparameter,
@@ -26,13 +27,12 @@ from distillery.curation.training.backends import (
     BackendContext,
     FineTuneBackend,
     Hyperparameters,
-    JobEvent,
     JobSpec,
     new_job_id,
 )
 from distillery.curation.training.jobs import start_job
 from distillery.curation.training.registry import open_backend
-from distillery.store import finetunes
+from distillery.store import Store, finetunes
 from distillery.store.records import FineTuneJobRecord
 
 JOB_COLUMNS = (
@@ -125,6 +125,17 @@ def finetune() -> None:
 )
 @click.option("--suffix", help="openai: up to 64 characters added to the fine-tuned model's name.")
 @click.option("--seed", type=int, help="For reproducible jobs.")
+@click.option(
+    "--keep-checkpoints",
+    is_flag=True,
+    help="local: keep the per-epoch checkpoints once the job succeeds (removed by default).",
+)
+@click.option(
+    "--watch",
+    "follow",
+    is_flag=True,
+    help="Follow the job until it ends, as `finetune watch` does (exit 1 unless it succeeds).",
+)
 @fail_on_errors
 def create(
     config: Path | None,
@@ -146,6 +157,8 @@ def create(
     merge: bool,
     suffix: str | None,
     seed: int | None,
+    keep_checkpoints: bool,
+    follow: bool,
 ) -> None:
     """Start a fine-tune of --base-model on a dataset version; prints the job id.
 
@@ -174,13 +187,17 @@ def create(
         method=local_method(full, lora),
         merge=merge,
         suffix=suffix,
+        keep_checkpoints=keep_checkpoints,
     )
-    job = start_job(store, _open(backend, config, base_url, api_key_env), spec)
+    opened = _open(backend, config, base_url, api_key_env)
+    job = start_job(store, opened, spec)
     click.echo(
         f"Started {job['id']} ({job['provider_job_id']}) on {spec.label}: {job['status']}.",
         err=True,
     )
     click.echo(job["id"])
+    if follow:
+        _follow(store, job, opened, 2.0 if backend == "local" else 10.0, as_json=False)
 
 
 @finetune.command(name="list")
@@ -244,6 +261,7 @@ def status(
     show_default=True,
     help="Seconds between polls.",
 )
+@click.option("--json", "as_json", is_flag=True, help="Every event as a JSON line on stdout.")
 @fail_on_errors
 def watch(
     config: Path | None,
@@ -251,21 +269,25 @@ def watch(
     job_id: str,
     api_key_env: str | None,
     interval: float,
+    as_json: bool,
 ) -> None:
-    """Follow a job until it ends: new events (with losses) as they appear.
+    """Follow a job until it ends: on a terminal one line with the epoch, step, losses and
+    time left; in a pipe a line per epoch; --json every event.
 
     Exits 0 when the job succeeds and 1 when it fails or is cancelled.
     """
 
     store = open_cli_store(config, database_url)
     job = jobs.find(store, job_id)
+    _follow(store, job, _backend_for(job, config, api_key_env), interval, as_json)
 
-    def show(event: JobEvent) -> None:
-        data = event["data"] or {}
-        losses = ", ".join(f"{k}={v}" for k, v in data.items() if "loss" in k or k == "step")
-        click.echo(f"{event['level']:<5} {event['message']}" + (f"  ({losses})" if losses else ""))
 
-    job = jobs.wait(store, job, _backend_for(job, config, api_key_env), interval, show)
+def _follow(
+    store: Store, job: FineTuneJobRecord, backend: FineTuneBackend, interval: float, as_json: bool
+) -> None:
+    """Show a job's progress until it ends; exit 1 unless it succeeded."""
+    with TrainingProgress(as_json) as progress:
+        job = jobs.wait(store, job, backend, interval, progress)
     click.echo(
         f"{job['id']} {job['status']}"
         + (f": {job['fine_tuned_model']}" if job["fine_tuned_model"] else ""),

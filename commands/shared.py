@@ -10,13 +10,14 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
 from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
-from distillery.curation.training.backends import LIMITS, Method
+from distillery.core.serialize import dumps
+from distillery.curation.training.backends import LIMITS, JobEvent, Method
 from distillery.store import Store, datasets, open_store
 from distillery.store.query import Filters, parse_filters
 from distillery.store.records import DatasetVersionRecord
@@ -287,3 +288,87 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+
+
+class TrainingProgress:
+    """A fine-tune's events as its user wants them: on a terminal, one line kept current
+    (epoch, step, losses, time left); in a pipe, a line per epoch and the other messages
+    as they come; with ``as_json``, every event as a JSON line on stdout, for machines.
+
+    Time left comes from the events' own times (the trainer's clock), so following a job
+    that started earlier, or replaying one that ended, says the same."""
+
+    def __init__(self, as_json: bool = False, terminal: bool | None = None) -> None:
+        self.as_json = as_json
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.first: tuple[float, int] | None = None  # (time, step) of the first step seen
+        self.train_loss: float | None = None
+        self.valid_loss: float | None = None
+        self.drawn = False  # a status line is on the terminal, to be overwritten
+
+    def __call__(self, event: JobEvent) -> None:
+        if self.as_json:
+            click.echo(dumps(event))
+            return
+        data = event["data"] or {}
+        if "step" not in data or "max_steps" not in data:  # a message, or another backend's
+            losses = ", ".join(f"{k}={v}" for k, v in data.items() if "loss" in k or k == "step")
+            suffix = f"  ({losses})" if losses else ""
+            self.say(f"{event['level']:<5} {event['message']}{suffix}")
+            return
+        self.train_loss = data.get("train_loss", self.train_loss)
+        self.valid_loss = data.get("valid_loss", self.valid_loss)
+        when = cast(dict[str, Any], event).get("time")  # the trainer's clock, where it has one
+        line = self.line(data, when if isinstance(when, (int, float)) else None)
+        if self.terminal:
+            click.echo("\r\x1b[2K" + line, nl=False, err=True, color=True)
+            self.drawn = True
+        elif data.get("epoch_end"):
+            click.echo(line, err=True)
+
+    def line(self, data: dict[str, Any], when: float | None) -> str:
+        step, steps = int(data["step"]), int(data["max_steps"])
+        epochs = data.get("epochs")
+        epoch = data.get("epoch") or 0
+        where = f"epoch {round(epoch, 2):g}" + (f"/{epochs:g}" if epochs else "")
+        parts = [where, f"step {step}/{steps}"]
+        if self.train_loss is not None:
+            parts.append(f"train loss {self.train_loss:.4f}")
+        if self.valid_loss is not None:
+            parts.append(f"val loss {self.valid_loss:.4f}")
+        left = self._left(step, steps, when)
+        if left is not None:
+            parts.append(f"{left} left at most")
+        return ", ".join(parts)
+
+    def _left(self, step: int, steps: int, when: float | None) -> str | None:
+        if when is None:
+            return None
+        if self.first is None or step < self.first[1]:
+            self.first = (when, step)
+            return None
+        started, first_step = self.first
+        if step == first_step:
+            return None
+        seconds = (when - started) / (step - first_step) * max(steps - step, 0)
+        minutes, seconds = divmod(round(seconds), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s"
+
+    def say(self, text: str) -> None:
+        """A line of its own on stderr (below the status line, on a terminal)."""
+        if self.drawn:
+            click.echo("", err=True)  # keep the status line; the message goes below it
+            self.drawn = False
+        click.echo(text, err=True)
+
+    def close(self) -> None:
+        if self.drawn:
+            click.echo("", err=True)
+            self.drawn = False
+
+    def __enter__(self) -> TrainingProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -41,6 +41,7 @@ from distillery.curation.training.backends import (
     BackendContext,
     FineTuneBackend,
     Hyperparameters,
+    JobEvent,
     JobSpec,
     Method,
     new_job_id,
@@ -78,6 +79,7 @@ class DistillOptions:
     use_cache: bool = True
     by_tag: str | None = None  # break scores down by this tag's values
     allow_train_eval: bool = False  # no validation split: grade on training examples anyway
+    keep_checkpoints: bool = False  # local: keep the fine-tune's per-epoch checkpoints
 
 
 def _free_port() -> int:
@@ -235,7 +237,15 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return out
 
 
-def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> EvalRunRecord:
+def run(
+    store: Store,
+    options: DistillOptions,
+    data_dir: Path,
+    echo: Echo,
+    on_event: Callable[[JobEvent], None] | None = None,
+) -> EvalRunRecord:
+    """The loop, saying what it does through ``echo`` and the fine-tune's progress through
+    ``on_event`` (each of its events once, in order)."""
     state_path = _state_path(data_dir, options.name)
     state = DistillState.load(state_path)
     wanted = settings(options)
@@ -245,6 +255,11 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
         echo("Settings changed since the last run: " + "; ".join(changed))
     rebuild = before is not None and before["data"] != wanted["data"]
     selection = learnable(options.filters)
+    local = (
+        options.student_base
+        if options.backend == "local" and Path(options.student_base).is_dir()
+        else None
+    )
     built = build(
         store,
         BuildOptions(
@@ -252,10 +267,11 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
             filters=selection,
             incremental=not rebuild,  # other filters: a version of its own, from scratch
             seed=options.seed,
-            # A local student counts tokens with its own tokenizer, when it is a directory.
-            tokenizer=options.student_base
-            if options.backend == "local" and Path(options.student_base).is_dir()
-            else None,
+            # A local student counts tokens with its own tokenizer, and the estimate
+            # uses its trainer's epochs, when it is a directory.
+            tokenizer=local,
+            student=local if options.hyperparameters.epochs is None else None,
+            epochs=options.hyperparameters.epochs or 3,
         ),
         data_dir,
     )
@@ -277,7 +293,7 @@ def run(store: Store, options: DistillOptions, data_dir: Path, echo: Echo) -> Ev
         state.final_run = None  # only grading changed: the same fine-tune, graded anew
     state.settings = wanted
     state.save(state_path)
-    job, backend = _finetune(store, options, version, state, state_path, data_dir, echo)
+    job, backend = _finetune(store, options, version, state, state_path, data_dir, echo, on_event)
     items = graded_items(
         store, version, options.limit, options.seed, allow_train=options.allow_train_eval
     )
@@ -388,6 +404,7 @@ def _finetune(
     state_path: Path,
     data_dir: Path,
     echo: Echo,
+    on_event: Callable[[JobEvent], None] | None = None,
 ) -> tuple[FineTuneJobRecord, FineTuneBackend]:
     backend = open_backend(
         options.backend,
@@ -403,6 +420,7 @@ def _finetune(
             method=options.method,
             merge=True,  # a local model is served for the final eval: a LoRA adapter merged in
             suffix=options.name[:40],
+            keep_checkpoints=options.keep_checkpoints,
         )
         job = start_job(store, backend, spec)
         state.job = job["id"]
@@ -410,7 +428,7 @@ def _finetune(
         echo(f"Fine-tuning {options.student_base} on {spec.label}: {job['id']}")
     else:
         echo(f"Resuming fine-tune {job['id']} ({job['status']})")
-    job = wait(store, job, backend, options.poll)
+    job = wait(store, job, backend, options.poll, on_event)
     if job["status"] != "succeeded":
         raise DistilleryError(
             f"Fine-tune {job['id']} {job['status']}: {(job['error'] or {}).get('message')}"

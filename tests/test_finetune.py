@@ -461,3 +461,96 @@ def test_a_spec_is_checked_where_it_is_made_whoever_makes_it(db: str, api: FakeF
     with pytest.raises(FineTuneError, match="Name the base model"):
         JobSpec("ftjob_x", {}, " ")  # type: ignore[typeddict-item]
     assert api.files == {} and api.created == []
+
+
+def trainer_events(epochs: int = 3, steps_per_epoch: int = 4, seconds: float = 2.0) -> list[Any]:
+    """What the local trainer journals: messages, train losses, a validation loss per epoch,
+    each at its time (a step every ``seconds``)."""
+    total = epochs * steps_per_epoch
+    events: list[Any] = [
+        {"id": "0", "level": "info", "message": "loading the base model", "data": {}, "time": 0.0}
+    ]
+    for step in range(1, total + 1):
+        where = {"step": step, "max_steps": total, "epochs": epochs, "epoch": step / 4}
+        when = 100 + seconds * step
+        events.append(
+            {
+                "id": f"t{step}",
+                "level": "info",
+                "message": f"step {step}: train loss",
+                "data": {**where, "train_loss": 2.0 / step},
+                "time": when,
+            }
+        )
+        if step % steps_per_epoch == 0:
+            events.append(
+                {
+                    "id": f"v{step}",
+                    "level": "info",
+                    "message": f"step {step}: valid loss",
+                    "data": {**where, "valid_loss": 1.5 / step, "epoch_end": True},
+                    "time": when,
+                }
+            )
+    events.append({"id": "end", "level": "info", "message": "done: /m", "data": {}, "time": 200})
+    return events
+
+
+def test_training_progress_in_a_pipe_is_a_line_per_epoch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from distillery.commands.shared import TrainingProgress
+
+    progress = TrainingProgress(terminal=False)
+    for event in trainer_events():
+        progress(event)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "info  loading the base model",
+        # A step every 2 s from step 1 on: 8 steps left at step 4 are 16 s.
+        "epoch 1/3, step 4/12, train loss 0.5000, val loss 0.3750, 0m 16s left at most",
+        "epoch 2/3, step 8/12, train loss 0.2500, val loss 0.1875, 0m 08s left at most",
+        "epoch 3/3, step 12/12, train loss 0.1667, val loss 0.1250, 0m 00s left at most",
+        "info  done: /m",
+    ]
+
+
+def test_training_progress_on_a_terminal_and_as_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from distillery.commands.shared import TrainingProgress
+
+    progress = TrainingProgress(terminal=True)
+    for event in trainer_events(epochs=1, steps_per_epoch=4, seconds=90.0):
+        progress(event)
+    progress.close()
+    err = capsys.readouterr().err
+    # One line rewritten in place at every step, mid-epoch too; messages below it.
+    assert err.count("\r\x1b[2K") == 5
+    assert "\r\x1b[2Kepoch 0.5/1, step 2/4, train loss 1.0000, 3m 00s left at most" in err
+    assert err.endswith("0m 00s left at most\ninfo  done: /m\n")
+
+    progress = TrainingProgress(as_json=True, terminal=True)
+    events = trainer_events(epochs=1)
+    for event in events:
+        progress(event)
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.splitlines()] == events and out.err == ""
+
+
+def test_the_epoch_range_is_where_early_stopping_can_end() -> None:
+    """The fewest epochs: `patience` epochs with no better loss after the first, never
+    before min_epochs; the most: max_epochs; a fixed count or no validation: exactly that."""
+    from distillery.curation.training.settings import choose, epoch_range
+
+    def run(**kwargs: Any) -> tuple[int, int]:
+        base = {"parameters": 10**9, "examples": 400, "from_scratch": False}
+        return epoch_range(choose(**{**base, "has_validation": True, "given": {}, **kwargs}))
+
+    assert run(from_scratch=True) == (45, 60)  # min_epochs 45, patience 10
+    assert run(parameters=10**6) == (4, 20)  # small: patience 3, no floor
+    assert run() == (3, 5)  # LoRA: patience 2, at most 5
+    assert run(has_validation=False) == (3, 3)
+    assert run(has_validation=False, from_scratch=True) == (20, 20)
+    assert run(given={"epochs": 7}) == (7, 7)

@@ -92,7 +92,7 @@ def create_local(db: str, model: Any, *args: Any) -> str:
         *args,
     )
     assert result.exit_code == 0, result.output
-    return result.output.strip().splitlines()[-1]
+    return result.stdout.strip().splitlines()[-1]  # the id; progress (--watch) is on stderr
 
 
 def ft(db: str, *args: Any) -> Result:
@@ -119,9 +119,21 @@ def test_local_lora_trains_merges_and_answers(setup: Any) -> None:
     )
     watched = ft(db, "watch", job_id, "--interval", "0.5")
     assert watched.exit_code == 0, watched.output
-    assert "train loss" in watched.output and "valid loss" in watched.output
+    # In a pipe: a line per epoch, each with its step, both losses and the time left.
+    epochs = [line for line in watched.output.splitlines() if line.startswith("epoch ")]
+    assert [line.split(",")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("train loss " in line and "val loss " in line for line in epochs), epochs
+    steps = [int(line.split("step ")[1].split("/")[0]) for line in epochs]
+    total = int(epochs[-1].split("step ")[1].split("/")[1].split(",")[0])
+    assert steps == sorted(steps) and steps[-1] == total and steps[0] == total // 3
+    assert "left at most" in epochs[0] and "0m 00s left at most" in epochs[-1]
+    # --json: every event, for machines, on stdout.
+    events = [json.loads(line) for line in ft(db, "watch", job_id, "--json").stdout.splitlines()]
+    assert sum(bool(e["data"].get("epoch_end")) for e in events) == 3
+    assert all(e["data"]["max_steps"] == total for e in events if "step" in e["data"])
     job = json.loads(ft(db, "status", job_id, "--json").output)
     assert job["status"] == "succeeded"
+    assert not (Path(job["provider_job_id"]) / "checkpoints").exists()  # gone on success
     merged = Path(job["fine_tuned_model"])
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["first_train_loss"] > manifest["final_train_loss"]  # it learned something
@@ -236,6 +248,7 @@ def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(
     )
     assert made.exit_code == 0, made.output
     assert "parameters" in made.output
+    assert "Writing model shards" not in made.output  # a progress bar, in a pipe
     # A learning rate far too high: the validation loss rises after its best epoch.
     job_id = create_local(db, tmp_path / "student", "--learning-rate", "1.0")
     watched = ft(db, "watch", job_id, "--interval", "0.5")
@@ -326,8 +339,62 @@ def test_templates_without_generation_markers_train_on_the_completion(
         "{% endgeneration %}", ""
     )
     tokenizer.save_pretrained(model)
-    job_id = create_local(db, model, "--epochs", "2", "--batch-size", "8", "--full")
-    assert ft(db, "watch", job_id, "--interval", "0.5").exit_code == 0
+    job_id = create_local(
+        db,
+        model,
+        *("--epochs", "2", "--batch-size", "8", "--full", "--watch", "--keep-checkpoints"),
+    )
     job = json.loads(ft(db, "status", job_id, "--json").output)
+    # Kept when asked: the weights of the last two epochs, without the optimizer's state.
+    kept = sorted((Path(job["provider_job_id"]) / "checkpoints").glob("checkpoint-*"))
+    assert len(kept) == 2 and all((c / "model.safetensors").exists() for c in kept)
+    assert not any((c / "optimizer.pt").exists() for c in kept)
     manifest = json.loads((Path(job["fine_tuned_model"]) / "manifest.json").read_text())
     assert manifest["lora"] is False and manifest["final_train_loss"] < manifest["first_train_loss"]
+
+
+def test_the_dataset_estimate_uses_the_trainers_epochs(setup: Any, tmp_path: Path) -> None:
+    """`dataset build --student DIR` counts the epochs the trainer will run for that student
+    (the settings a job chooses), not a flat 3; a run of it lands in that range."""
+    db, _ = setup
+    student = tmp_path / "student"
+    made = CliRunner().invoke(
+        cli,
+        [
+            *("student", "create", str(student), "--dataset", "tickets"),
+            *("--hidden", "64", "--layers", "2", "--database-url", db),
+        ],
+        catch_exceptions=False,
+    )
+    assert made.exit_code == 0, made.output
+    built = CliRunner().invoke(
+        cli,
+        [
+            *("dataset", "build", "tickets", "--tag", "app=support", "--val-fraction", "0.2"),
+            *("--student", str(student), "--json", "--database-url", db),
+        ],
+        catch_exceptions=False,
+    )
+    assert built.exit_code == 0, built.output
+    tokens = json.loads(built.stdout)["tokens"]
+    from distillery.curation.training.settings import SCRATCH
+
+    assert (tokens["min_epochs"], tokens["epochs"]) == (
+        SCRATCH["min_epochs"],
+        SCRATCH["max_epochs"],
+    )
+    assert tokens["training_tokens"] == tokens["tokens"] * SCRATCH["max_epochs"]
+    assert (
+        "45-60 epochs, at most (the local trainer's, for this student)"
+        in CliRunner().invoke(cli, ["dataset", "show", "tickets", "--database-url", db]).output
+    )
+    # The same numbers the trainer chooses for a job on this version (what a run obeys: see
+    # the test above, which trains one to its early stop).
+    from distillery.curation.training.job_files import TrainerJob
+    from distillery.curation.training.settings import epoch_range
+    from distillery.curation.training.trainer import choose_settings
+
+    job = TrainerJob(base_model=str(student), dataset_dir="", dataset="tickets@2")
+    chosen = choose_settings(job, tokens["examples"], True, cuda=False)
+    assert epoch_range(chosen) == (tokens["min_epochs"], tokens["epochs"])
+    assert (chosen["min_epochs"], chosen["max_epochs"]) == (45, 60)

@@ -44,6 +44,7 @@ from distillery.curation.training.backends import (
 from distillery.curation.training.jobs import start_job
 from distillery.curation.training.openai_api import MIN_EXAMPLES
 from distillery.curation.training.registry import names, open_backend
+from distillery.curation.training.trainer import estimate_epochs
 from distillery.store import query
 from distillery.ui import tasks
 from distillery.ui.base import SESSION, SETTINGS, STORE, in_thread, render, url
@@ -51,6 +52,7 @@ from distillery.ui.pages import FILTER_FIELDS, page_filters
 from distillery.ui.tasks import Task
 
 POOL = web.AppKey("distill_pool", concurrent.futures.ProcessPoolExecutor)
+TRAINER_EPOCHS_WAIT = 15.0  # seconds: the pool's first use starts a process and loads torch
 
 
 def setup(app: web.Application) -> None:
@@ -142,7 +144,13 @@ async def estimate(request: web.Request) -> web.Response:
     except DistilleryError:
         epochs = None
     base_model = str(form.get("base_model") or "").strip()
-    trained = found.tokens * (epochs or 3)
+    fewest = most = epochs or 3
+    trainers = None  # the local trainer's epochs for a student directory, when it can tell
+    if epochs is None and form.get("backend") == "local" and Path(base_model).is_dir():
+        trainers = await _trainer_epochs(request, base_model, found.calls, form)
+        if trainers is not None:
+            fewest, most = trainers
+    trained = found.tokens * most
     price = (
         training_cost(base_model, trained, request.app[SETTINGS].prices)
         if base_model and form.get("backend") == "openai"
@@ -153,12 +161,35 @@ async def estimate(request: web.Request) -> web.Response:
         "_estimate.html",
         estimate=found,
         epochs=epochs,
+        fewest=fewest,
+        most=most,
+        trainers=trainers is not None,
         trained=trained,
         price=price,
         base_model=base_model,
         backend=str(form.get("backend") or ""),
         prices_as_of=PRICES_AS_OF,
     )
+
+
+async def _trainer_epochs(
+    request: web.Request, student: str, examples: int, form: Any
+) -> tuple[int, int] | None:
+    """The fewest and most epochs the local trainer runs for ``student`` (as a job would
+    choose), worked out in the pool's process (it loads torch); None when it cannot tell."""
+    try:
+        split = _number(form, "val_fraction", float, 0)
+    except DistilleryError:
+        split = None
+    split = 0.1 if split is None else split
+    work = asyncio.get_running_loop().run_in_executor(
+        request.app[POOL], estimate_epochs, student, max(examples, 1), split > 0
+    )
+    try:
+        # The pool builds one dataset at a time: behind a build, the flat guess answers.
+        return await asyncio.wait_for(work, TRAINER_EPOCHS_WAIT)
+    except Exception:  # no training extra, not a model, busy: the flat guess, said as one
+        return None
 
 
 def _number(form: Any, name: str, kind: type, low: float | None = None) -> Any:
@@ -226,6 +257,10 @@ async def run(request: web.Request) -> web.StreamResponse:
         redact_defaults=settings.redact.defaults,
         redact_patterns=tuple((p.name, p.pattern) for p in settings.redact.patterns),
         epochs=hyper.epochs or 3,
+        # A local student's own trainer says how many epochs, unless the form did.
+        student=base_model
+        if backend_name == "local" and hyper.epochs is None and Path(base_model).is_dir()
+        else None,
     )
     app, prefix = request.app, url(request)
 

@@ -159,6 +159,23 @@ def _build_locked(
     return BuildResult(version, f"Built {options.name}@{number} in {final}")
 
 
+def _epochs(options: BuildOptions, examples: int, has_validation: bool) -> tuple[int, int]:
+    """The epochs the estimate counts: ``--epochs``, or what the local trainer will run
+    for ``options.student`` (the same settings a job would choose)."""
+    if options.student is None:
+        return options.epochs, options.epochs
+    try:
+        from distillery.curation.training.trainer import estimate_epochs
+
+        return estimate_epochs(options.student, examples, has_validation)
+    except ImportError:
+        raise BuildError(
+            "--student needs the training extra: pip install torch==2.13.0 'distillery[train]'."
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"--student {options.student}: not a model directory ({exc}).") from None
+
+
 def _nothing_selected(name: str, counts: Counts, previous: DatasetVersionRecord | None) -> str:
     """Why a build made no new examples, in words: no calls, or what left each one out."""
     since = f" since {name}@{previous['version']}" if previous else ""
@@ -292,8 +309,11 @@ def _assemble(
         )
     if options.val_fraction and not counts["val"]:
         warnings.append("no validation examples: too few prompt groups for --val-fraction")
-    summary = Report(examples=counts["train"], tokens=train_tokens).summary(options.epochs)
+    fewest, most = _epochs(options, counts["train"], counts["val"] > 0)
+    summary = Report(examples=counts["train"], tokens=train_tokens).summary(most)
     summary.pop("errors"), summary.pop("warnings")
+    if options.student is not None:
+        summary.update(min_epochs=fewest, epochs_from="the local trainer's, for this student")
     summary["method"] = tokens.method(options.tokenizer)  # how the counts were made
     considered = sum(segment.considered for segment in segments)
     fields = {

@@ -31,9 +31,11 @@ class Tokens(Record):
     min_tokens: int
     mean_tokens: float
     max_tokens: int
-    epochs: int
+    epochs: int  # the most epochs the estimate counts (training_tokens is for these)
     training_tokens: int
     method: str = "estimated"  # how the counts were made (manifests before it was recorded)
+    min_epochs: int | None = None  # the fewest, where the trainer stops early
+    epochs_from: str = "--epochs"  # where the epochs came from (a local student's trainer)
 
 
 class Manifest(Record):
@@ -80,8 +82,17 @@ def describe(manifest: Manifest) -> list[str]:
     lines.append(
         f"train tokens: {tokens.tokens} total, min {tokens.min_tokens}, "
         f"mean {tokens.mean_tokens}, max {tokens.max_tokens}; "
-        f"x {tokens.epochs} epochs = {tokens.training_tokens} training tokens "
+        f"x {_epochs(tokens)} = {tokens.training_tokens} training tokens "
         f"({tokens.method})"
     )
     lines.extend(f"warning: {warning}" for warning in manifest.warnings)
     return lines
+
+
+def _epochs(tokens: Tokens) -> str:
+    """``3 epochs``, or ``45-60 epochs (the local trainer's, for this student; at most)``."""
+    if tokens.min_epochs is None or tokens.min_epochs == tokens.epochs:
+        text = f"{tokens.epochs} epochs"
+    else:
+        text = f"{tokens.min_epochs}-{tokens.epochs} epochs, at most"
+    return text if tokens.epochs_from == "--epochs" else f"{text} ({tokens.epochs_from})"

@@ -39,7 +39,8 @@ class BuildOptions:
     output_dir: Path | None = None
     redact_defaults: bool = True
     redact_patterns: tuple[tuple[str, str], ...] = ()
-    epochs: int = 3
+    epochs: int = 3  # for the training-token estimate, unless a local student is named
+    student: str | None = None  # a local student (model directory): its trainer's epochs
     tokenizer: str | None = None  # a local model directory: count with its tokenizer
 
 

@@ -124,6 +124,7 @@ class JobSpec:
     method: Method = "auto"  # local: force full training or LoRA; auto lets the trainer choose
     merge: bool = False  # local: also save the base model with a LoRA adapter merged in
     suffix: str | None = None  # openai: added to the fine-tuned model's name
+    keep_checkpoints: bool = False  # local: keep the per-epoch checkpoints after success
 
     def __post_init__(self) -> None:
         check_model(self.base_model, self.suffix)

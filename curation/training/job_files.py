@@ -26,6 +26,7 @@ class TrainerJob(Record):
     hyperparameters: dict[str, int | float] = {}  # only what the user gave
     lora: bool | None = None  # True/False force LoRA/full training; None lets the trainer choose
     merge: bool = False  # also save the base model with a LoRA adapter merged in
+    keep_checkpoints: bool = False  # keep DIR/checkpoints once the job succeeds
 
 
 class TrainerStatus(Record):

@@ -77,6 +77,7 @@ class LocalBackend:
             hyperparameters=given,
             lora=None if spec.method == "auto" else spec.method == "lora",
             merge=spec.merge,
+            keep_checkpoints=spec.keep_checkpoints,
         ).write(job_path(directory))
         TrainerStatus(status="queued").write(status_path(directory))
         started = subprocess.run(

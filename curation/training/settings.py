@@ -139,3 +139,14 @@ def choose(
         for key in ("lora_r", "lora_alpha", "lora_dropout"):
             settings.pop(key, None)
     return settings
+
+
+def epoch_range(settings: dict[str, Any]) -> tuple[int, int]:
+    """The fewest and most epochs a run with ``settings`` can train: with early stopping, it
+    stops once ``patience`` epochs pass without a better validation loss, never before
+    ``min_epochs``, and at ``max_epochs`` at the latest; without, it runs ``max_epochs``."""
+    most = int(settings["max_epochs"])
+    if not settings.get("early_stopping"):
+        return most, most
+    fewest = max(int(settings.get("min_epochs") or 0), int(settings["patience"]) + 1)
+    return min(fewest, most), most

@@ -18,6 +18,7 @@ a learning rate for training from scratch.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,16 @@ def create(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    from transformers import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # its "Writing model shards" bar: for terminals only
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     fast.save_pretrained(directory)
     made = {
         "initialised": "random",

@@ -6,8 +6,9 @@ chosen from the model (:mod:`distillery.curation.training.settings`) and written
 defaults included, to ``DIR/status.json`` before training starts.  The process
 appends every logged step and evaluation to ``DIR/events.jsonl``, keeps
 ``DIR/status.json`` current (running / succeeded / failed / cancelled), saves
-a checkpoint per epoch under ``DIR/checkpoints``, the best epoch's adapter (or
-full model) under ``DIR/model`` and, when asked, the merged model under
+a checkpoint per epoch under ``DIR/checkpoints`` (weights only; removed once the job
+succeeds unless ``keep_checkpoints``), the best epoch's adapter (or full model) under
+``DIR/model`` and, when asked, the merged model under
 ``DIR/merged``, with a ``manifest.json`` naming the base model, dataset
 version, settings, the epoch kept and final metrics.
 
@@ -21,6 +22,7 @@ step and marks the job cancelled.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -70,11 +72,14 @@ def run(directory: Path) -> int:
     journal.status("running")
     journal.event("loading the base model and the dataset")
     try:
-        model = train(TrainerJob.read(job_path(directory)), journal)
+        job = TrainerJob.read(job_path(directory))
+        model = train(job, journal)
         if model is None:
             journal.event("cancelled", level="warning")
             journal.status("cancelled")
             return 0
+        if not job.keep_checkpoints:  # the kept model is in DIR/model (or DIR/merged)
+            shutil.rmtree(directory / "checkpoints", ignore_errors=True)
         summary = {k: v for k, v in model.model_dump().items() if isinstance(v, (int, float))}
         journal.event(f"done: {model.model_dir}", "info", summary)
         journal.status("succeeded", model_dir=model.model_dir, metrics=model.model_dump())
@@ -196,6 +201,9 @@ def _config(
         eval_strategy="epoch" if validated else "no",
         save_strategy="epoch",
         save_total_limit=2,
+        # The weights alone: the best epoch's are what is kept, and a job is never resumed
+        # from a checkpoint, so the optimizer's state (6x a small model) is not written.
+        save_only_model=True,
         load_best_model_at_end=validated,
         metric_for_best_model="eval_loss" if validated else None,
         greater_is_better=False if validated else None,
@@ -230,17 +238,42 @@ def _callbacks(journal: Journal, settings: dict[str, Any]) -> list[Any]:
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class Report(TrainerCallback):  # type: ignore[misc]
+        """Each logged loss as an event, with where the run is (step of max_steps, epoch of
+        epochs); an epoch's end is marked (``epoch_end``) on its validation loss, or, with no
+        validation split, on an event of its own: the CLI prints a line per epoch from it.
+        The best weights' evaluation after training is no epoch's end."""
+
+        training = True
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.training = False
+
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             if "loss" in logs or "eval_loss" in logs:
                 label = "valid" if "eval_loss" in logs else "train"
                 loss = logs.get("eval_loss", logs.get("loss"))
                 key = "valid_loss" if label == "valid" else "train_loss"
-                journal.event(
-                    f"step {state.global_step}: {label} loss {loss:.4f}",
-                    "info",
-                    {"step": state.global_step, key: loss, "epoch": logs.get("epoch")},
-                )
+                data = {"step": state.global_step, key: loss, "epoch": logs.get("epoch")}
+                data.update(max_steps=state.max_steps, epochs=args.num_train_epochs)
+                if label == "valid" and self.training:
+                    data["epoch_end"] = True
+                journal.event(f"step {state.global_step}: {label} loss {loss:.4f}", "info", data)
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if args.eval_strategy != "no":
+                return  # its validation loss, logged next, marks the end
+            journal.event(
+                f"epoch {round(state.epoch or 0)} done",
+                "info",
+                {
+                    "step": state.global_step,
+                    "epoch": state.epoch,
+                    "max_steps": state.max_steps,
+                    "epochs": args.num_train_epochs,
+                    "epoch_end": True,
+                },
+            )
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             if journal.cancelled:
@@ -283,6 +316,22 @@ def choose_settings(
         method=None if lora is None else ("lora" if lora else "full"),
         cuda=cuda,
     )
+
+
+def estimate_epochs(
+    base_model: str,
+    examples: int,
+    has_validation: bool,
+    given: dict[str, Any] | None = None,
+    lora: bool | None = None,
+) -> tuple[int, int]:
+    """The fewest and most epochs this trainer will run on ``base_model`` for a dataset of
+    ``examples`` train examples: what ``dataset build`` and the Distill dialog estimate with,
+    from the same settings a job would choose."""
+    job = TrainerJob(
+        base_model=base_model, dataset_dir="", dataset="", hyperparameters=given or {}, lora=lora
+    )
+    return train_settings.epoch_range(choose_settings(job, examples, has_validation, cuda=False))
 
 
 def _parameters(base_model: str) -> int:

@@ -5,6 +5,9 @@ the version is built and the job started, the estimate priced.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 from distillery.core.config import key_fingerprint
 from distillery.store import open_store
@@ -101,3 +104,39 @@ def test_the_distill_estimate_prices_the_training_tokens(
     unpriced = estimate(backend="openai", base_model="my-model")
     assert '<strong id="price">—</strong>' in unpriced and "36,000" in unpriced  # 3 epochs
     assert "no API price" in estimate(backend="local", base_model="./student")
+    # A student directory this proxy cannot read as a model: the flat guess, said as one.
+    assert "times 3 epochs (if auto picks 3)" in estimate(backend="local", base_model="/")
+
+
+@pytest.mark.slow
+@pytest.mark.train
+def test_the_distill_estimate_for_a_local_student_uses_its_trainers_epochs(
+    start_proxy: Callable[..., RunningProxy], tmp_path: Path
+) -> None:
+    pytest.importorskip("trl", reason="the training extra is not installed")
+    from distillery.curation.training.settings import SCRATCH
+    from distillery.curation.training.student import create
+
+    student = tmp_path / "student"
+    create(student, ["hi there", "the answer is 42"], hidden=64, layers=2, vocab_size=300)
+    proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}, dashboard=True)
+    store = open_store(proxy.settings.storage.resolved_database_url())
+    store.insert(
+        [
+            capture_record(f"cap_{n:028d}", total_tokens=1000, metadata={"app": "x"})
+            for n in range(12)
+        ]
+    )
+    store.close()
+    admin = sign_in(proxy, ADMIN)
+    headers = {"X-CSRF-Token": csrf_of(admin.get("/ui/distill?tag=app%3Dx").text)}
+    answer = admin.post(
+        "/ui/distill/estimate?tag=app%3Dx",
+        data={"backend": "local", "base_model": str(student)},
+        headers=headers,
+    )
+    text = " ".join(answer.text.split())
+    low, high = SCRATCH["min_epochs"], SCRATCH["max_epochs"]
+    # 12 calls x 1,000 tokens x the most epochs the trainer runs for a student from scratch.
+    assert f"About <strong>{12 * 1000 * high:,}</strong> training tokens" in text
+    assert f"times {low}-{high} epochs, the most (the local trainer's for this student" in text
