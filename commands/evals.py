@@ -138,6 +138,12 @@ def eval_group() -> None:
     is_flag=True,
     help="Call every model afresh (answers are not read from or kept in the cache).",
 )
+@click.option(
+    "--allow-train-eval",
+    is_flag=True,
+    help="Grade a fine-tune on examples it was trained on (refused by default: the score "
+    "flatters).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @fail_on_errors
 def run_command(
@@ -161,6 +167,7 @@ def run_command(
     fail_under: tuple[str, ...],
     max_error_rate: float,
     no_cache: bool,
+    allow_train_eval: bool,
     as_json: bool,
     **filters: Any,
 ) -> None:
@@ -203,6 +210,7 @@ def run_command(
         seed=seed,
         by_tag=by_tag,
         calls=Calls(concurrency, timeout, retries, use_cache=not no_cache),
+        allow_train_eval=allow_train_eval,
     )
     with Progress("Evaluating") as progress:
         done = run_eval(store, request, start=progress.start, progress=progress.update)

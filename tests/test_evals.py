@@ -921,3 +921,71 @@ def test_two_graders_under_one_name_are_refused(db: str, tmp_path: Path) -> None
         db, "--file", __file__, "--model", "m", "--grader", "exact", "--grader", "exact"
     )
     assert result.exit_code == 1 and "Two graders share a name (exact)" in result.output
+
+
+def test_a_fine_tune_is_never_graded_on_its_own_training_examples(
+    models: FakeModels, db: str
+) -> None:
+    """A model this store fine-tuned, graded on examples of its training split (from the
+    dataset or from stored calls), is refused, saying so; its validation split, another
+    model, or --allow-train-eval are graded."""
+    from distillery.store import finetunes, open_store
+
+    from helpers import base_records
+
+    store = open_store(db)
+    store.insert(base_records())
+    built = CliRunner().invoke(
+        cli,
+        [
+            *("dataset", "build", "support", "--tag", "app=support", "--val-fraction", "0.3"),
+            *("--json", "--database-url", db),
+        ],
+        catch_exceptions=False,
+    )
+    counts = json.loads(built.stdout)["counts"]
+    tuned = "ft:weak:acme:support:abc123"
+    finetunes.insert(
+        store,
+        {
+            "id": "ftjob_mine",
+            "backend": "openai",
+            "base_url": None,
+            "provider_job_id": "ftjob-abc123",
+            "dataset": "support",
+            "dataset_version": 1,
+            "base_model": "weak",
+            "status": "succeeded",
+            "hyperparameters": {},
+        },
+    )
+    finetunes.update(store, "ftjob_mine", fine_tuned_model=tuned)
+    store.close()
+    grade = ("--grader", "exact", *on(models))
+
+    refused = eval_run(db, "--dataset", "support", "--split", "train", "--model", tuned, *grade)
+    assert refused.exit_code == 1
+    assert (
+        f"{tuned} was fine-tuned on support@1 (ftjob_mine): {counts['train']} of the "
+        f"{counts['train']} items are its training examples" in refused.output
+    )
+    assert "--allow-train-eval" in refused.output
+    where = eval_run(db, "--where", "--tag", "app=support", "--model", tuned, *grade)
+    assert where.exit_code == 1 and f"{counts['train']} of the " in where.output
+    assert eval_run(db, "--dataset", "support", "--model", tuned, *grade).exit_code == 0  # val
+    other = eval_run(db, "--dataset", "support", "--split", "train", "--model", "weak", *grade)
+    assert other.exit_code == 0, other.output
+    allowed = eval_run(
+        db,
+        "--dataset",
+        "support",
+        "--split",
+        "train",
+        "--model",
+        tuned,
+        *grade,
+        "--allow-train-eval",
+        "--json",
+    )
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.stdout)["summary"]["items"] == counts["train"]

@@ -17,7 +17,7 @@ from distillery.curation.evals import items as eval_items
 from distillery.curation.evals.generate import Candidate, Generator
 from distillery.curation.evals.graders import Context, Grader
 from distillery.curation.evals.items import Item
-from distillery.store import Store, query
+from distillery.store import Store, datasets, finetunes, query
 from distillery.store.records import DatasetVersionRecord, EvalRunRecord
 
 
@@ -75,6 +75,7 @@ class EvalRequest:
     seed: int = 0
     by_tag: str | None = None  # "tag:KEY": a breakdown by that tag
     calls: Calls = field(default_factory=Calls)
+    allow_train_eval: bool = False  # grade a fine-tune on its own training examples anyway
 
     def __post_init__(self) -> None:
         if not self.candidates:
@@ -102,6 +103,8 @@ def run(
     items = eval_items.sample(request.source.items(store), request.limit, request.seed)
     if not items:
         raise DistilleryError(f"Nothing to grade in {request.source.label}.")
+    if not request.allow_train_eval:
+        refuse_training_examples(store, request.candidates, items)
     if start is not None:
         start(len(items) * len(request.candidates))
     calls = request.calls
@@ -132,3 +135,31 @@ def run(
         progress=progress,
     )
     return EvalResult(stored, items, set(generator.uncached))
+
+
+def refuse_training_examples(store: Store, candidates: list[Candidate], items: list[Item]) -> None:
+    """Refuse to grade a fine-tune this store knows on the examples it was trained on: its
+    score there says how well it learned them, not how it answers new calls."""
+    sources = {item.source for item in items if item.source is not None}
+    if not sources:
+        return  # items from a file: nothing says where they came from
+    models = {candidate.model: candidate.label for candidate in candidates}
+    for job in finetunes.list_jobs(store, None):
+        label = models.get(job["fine_tuned_model"] or "")
+        version = datasets.get(store, job["dataset"], job["dataset_version"]) if label else None
+        if label is None or version is None:
+            continue
+        trained = {
+            source
+            for source, split in datasets.example_ids(store, version["id"]).items()
+            if split == "train"
+        }
+        seen = len(sources & trained)
+        if seen:
+            raise DistilleryError(
+                f"{label} was fine-tuned on {version['name']}@{version['version']} "
+                f"({job['id']}): {seen} of the {len(items)} items are its training examples, "
+                "and a score on them says how well it learned them, not how it answers new "
+                "calls. Grade the validation split (--split val) or calls captured since, or "
+                "pass --allow-train-eval."
+            )
