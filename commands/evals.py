@@ -362,3 +362,5 @@ def _report(
         write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
         if request.by_tag:
             print_breakdown(result["summary"])
+        for line in evaluate.few_graded(result["summary"]):
+            click.echo(line, err=True)

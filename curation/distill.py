@@ -14,7 +14,6 @@ the new student is actually called when the others were graded before.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import subprocess
 import sys
@@ -156,10 +155,6 @@ class DistillState(Record):
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.write(path)
-
-
-# Below this many graded examples a verdict carries a warning with its interval.
-FEW_GRADED = 30
 
 
 def graded_items(
@@ -372,28 +367,14 @@ def verdict(summary: Summary, limits: dict[str, float]) -> list[str]:
             else:
                 line += f"; it misses the bar of {bar:g} by {bar - score:.3f}"
         lines.append(line + ".")
-        if n < FEW_GRADED:
-            low, high = wilson(score, n, stats["scale"])
+        if n < evaluate.FEW_GRADED:
+            low, high = evaluate.wilson(score, n, stats["scale"])
             lines.append(
                 f"Warning: {name} graded {n} examples (95% interval {low:.3f}-{high:.3f}): "
-                f"too few to trust; grade {FEW_GRADED} or more (a larger validation split, "
+                f"too few to trust; grade {evaluate.FEW_GRADED} or more (a larger validation split, "
                 "or no --limit)."
             )
     return lines
-
-
-def wilson(mean: float, n: int, scale: list[float]) -> tuple[float, float]:
-    """The 95% Wilson score interval of a mean of ``n`` scores on ``scale`` (its ends).
-
-    The eval's bootstrap interval collapses to a point when a few scores are all alike
-    (2 of 2 correct: "1.000-1.000"); Wilson's does not (0.342-1.000), and it holds for any
-    score bounded by the scale, since none varies more than a pass/fail at the same mean."""
-    low, high = (scale[0], scale[-1]) if len(scale) >= 2 and scale[-1] > scale[0] else (0.0, 1.0)
-    p = min(max((mean - low) / (high - low), 0.0), 1.0)
-    z2 = 1.959963984540054**2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = math.sqrt(z2 * p * (1 - p) / n + z2 * z2 / (4 * n * n)) / (1 + z2 / n)
-    return low + (centre - half) * (high - low), low + (centre + half) * (high - low)
 
 
 def _finetune(

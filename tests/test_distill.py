@@ -263,7 +263,7 @@ def test_distill_with_no_calls_fine_tunes_nothing(
 def test_the_small_sample_warning_interval_is_wilsons(
     mean: float, n: int, scale: list[float], expected: tuple[float, float]
 ) -> None:
-    from distillery.curation.distill import wilson
+    from distillery.curation.evals.evaluate import wilson
 
     low, high = wilson(mean, n, scale)
     assert low == pytest.approx(expected[0], abs=1e-4)

@@ -989,3 +989,18 @@ def test_a_fine_tune_is_never_graded_on_its_own_training_examples(
     )
     assert allowed.exit_code == 0, allowed.output
     assert json.loads(allowed.stdout)["summary"]["items"] == counts["train"]
+
+
+def test_few_graded_items_are_said_with_wilsons_interval(
+    models: FakeModels, items_file: Path, db: str
+) -> None:
+    result = eval_run(
+        db, "--file", str(items_file), "--model", "teacher", *on(models), "--grader", "exact"
+    )
+    assert result.exit_code == 0, result.output
+    # Six items, all exact: the bootstrap says [1.000, 1.000]; Wilson's interval does not.
+    assert (
+        "Warning: teacher (exact) scored on 6 items, 95% interval 0.610-1.000: too few to "
+        "trust a difference; grade 30 or more." in result.stderr
+    )
+    assert "Warning" not in result.stdout  # the table stays clean for a pipe

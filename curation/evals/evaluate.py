@@ -8,6 +8,7 @@ and comparisons between runs are paired per item.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from collections import Counter
@@ -361,3 +362,38 @@ def result_rows(summary: Summary) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+# Below this many graded items a score carries a warning with its (Wilson) interval.
+FEW_GRADED = 30
+
+
+def wilson(mean: float, n: int, scale: list[float]) -> tuple[float, float]:
+    """The 95% Wilson score interval of a mean of ``n`` scores on ``scale`` (its ends).
+
+    The eval's bootstrap interval collapses to a point when a few scores are all alike
+    (2 of 2 correct: "1.000-1.000"); Wilson's does not (0.342-1.000), and it holds for any
+    score bounded by the scale, since none varies more than a pass/fail at the same mean."""
+    low, high = (scale[0], scale[-1]) if len(scale) >= 2 and scale[-1] > scale[0] else (0.0, 1.0)
+    p = min(max((mean - low) / (high - low), 0.0), 1.0)
+    z2 = 1.959963984540054**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = math.sqrt(z2 * p * (1 - p) / n + z2 * z2 / (4 * n * n)) / (1 + z2 / n)
+    return low + (centre - half) * (high - low), low + (centre + half) * (high - low)
+
+
+def few_graded(summary: Summary) -> list[str]:
+    """A warning per candidate and grader scored on fewer than FEW_GRADED items, with the
+    score's Wilson interval: what a table of means alone does not say."""
+    lines = []
+    for label, entry in summary["candidates"].items():
+        for name, stats in entry["graders"].items():
+            n, mean = stats["n"], stats["mean"]
+            if mean is None or not n or n >= FEW_GRADED:
+                continue
+            low, high = wilson(mean, n, stats["scale"])
+            lines.append(
+                f"Warning: {label} ({name}) scored on {n} items, 95% interval "
+                f"{low:.3f}-{high:.3f}: too few to trust a difference; grade {FEW_GRADED} or more."
+            )
+    return lines
