@@ -26,17 +26,19 @@ class _Timestamp:
     a datetime per line cost the proxy 2% of a call."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # (second, its text) as one value: threads log too, and a second paired with another
+        # second's text would be a wrong time.
+        self._formatted = (-1, "")
 
     def __call__(
         self, logger: Any, name: str, event: structlog.typing.EventDict
     ) -> structlog.typing.EventDict:
         second, micro = divmod(round(time.time() * 1_000_000), 1_000_000)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        event["timestamp"] = f"{self._prefix}.{micro:06d}Z"
+        formatted = self._formatted
+        if formatted[0] != second:
+            formatted = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._formatted = formatted
+        event["timestamp"] = f"{formatted[1]}.{micro:06d}Z"
         return event
 
 

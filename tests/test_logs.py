@@ -40,3 +40,37 @@ def test_timestamp_moves_on_with_the_second(monkeypatch: pytest.MonkeyPatch) -> 
         stamp = stamper(None, "info", {})["timestamp"]
         assert stamp == expected
         assert datetime.fromisoformat(stamp).timestamp() == pytest.approx(now, abs=1e-6)
+
+
+def test_timestamps_from_many_threads_are_each_their_own_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Threads log at once (the capture retry thread, the writer thread): every stamp is
+    the time its own thread read, never another second's date paired with its fraction."""
+    import threading
+
+    stamper = logs._Timestamp()
+    clock = threading.local()
+    monkeypatch.setattr(time, "time", lambda: clock.now)
+    wrong: list[tuple[float, str]] = []
+
+    def log(offset: int) -> None:
+        for i in range(2000):
+            clock.now = 1_764_780_000 + (i + offset) % 7 + 0.25
+            stamp = stamper(None, "info", {})["timestamp"]
+            if abs(datetime.fromisoformat(stamp).timestamp() - clock.now) > 1e-6:
+                wrong.append((clock.now, stamp))
+
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two statements
+    try:
+        threads = [threading.Thread(target=log, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert wrong == []
