@@ -178,12 +178,11 @@ def _epochs(options: BuildOptions, examples: int, has_validation: bool) -> tuple
 
 def _nothing_selected(name: str, counts: Counts, previous: DatasetVersionRecord | None) -> str:
     """Why a build made no new examples, in words: no calls, or what left each one out."""
-    since = f" since {name}@{previous['version']}" if previous else ""
-    outcome = (
-        f"no new version ({name}@{previous['version']} stands)"
-        if previous
-        else (f"no version of {name} written")
-    )
+    if previous is None:
+        since, outcome = "", f"no version of {name} written"
+    else:
+        ref = f"{name}@{previous['version']}"
+        since, outcome = f" since {ref}", f"no new version ({ref} stands)"
     if not counts.considered:
         return f"No calls match the filters{since}: {outcome}."
     reasons = ", ".join(f"{count} {reason}" for reason, count in counts.dropped.items())

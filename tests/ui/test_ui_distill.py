@@ -77,9 +77,9 @@ def test_distill_builds_the_version_and_starts_the_job(
     assert ">valid_loss</text>" in done and 'id="checkpoints"' in done
 
 
-def test_the_distill_estimate_prices_the_training_tokens(
-    start_proxy: Callable[..., RunningProxy],
-) -> None:
+def estimates(start_proxy: Callable[..., RunningProxy]) -> Callable[..., str]:
+    """The Distill dialog's estimate for 12 stored calls of 1,000 tokens (tag app=x), asked
+    by an admin with the given form fields; its text, whitespace folded."""
     proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}, dashboard=True)
     store = open_store(proxy.settings.storage.resolved_database_url())
     store.insert(
@@ -97,6 +97,13 @@ def test_the_distill_estimate_prices_the_training_tokens(
         assert answer.status_code == 200, answer.text
         return " ".join(answer.text.split())
 
+    return estimate
+
+
+def test_the_distill_estimate_prices_the_training_tokens(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    estimate = estimates(start_proxy)
     priced = estimate(backend="openai", base_model="gpt-4o-mini", epochs="2")
     # 12 calls x 1,000 tokens x 2 epochs at gpt-4o-mini's $3.00 per million trained tokens.
     assert "About <strong>24,000</strong> training tokens" in priced
@@ -119,23 +126,7 @@ def test_the_distill_estimate_for_a_local_student_uses_its_trainers_epochs(
 
     student = tmp_path / "student"
     create(student, ["hi there", "the answer is 42"], hidden=64, layers=2, vocab_size=300)
-    proxy = start_proxy({"auth": {"admin_keys": [key_fingerprint(ADMIN)]}}, dashboard=True)
-    store = open_store(proxy.settings.storage.resolved_database_url())
-    store.insert(
-        [
-            capture_record(f"cap_{n:028d}", total_tokens=1000, metadata={"app": "x"})
-            for n in range(12)
-        ]
-    )
-    store.close()
-    admin = sign_in(proxy, ADMIN)
-    headers = {"X-CSRF-Token": csrf_of(admin.get("/ui/distill?tag=app%3Dx").text)}
-    answer = admin.post(
-        "/ui/distill/estimate?tag=app%3Dx",
-        data={"backend": "local", "base_model": str(student)},
-        headers=headers,
-    )
-    text = " ".join(answer.text.split())
+    text = estimates(start_proxy)(backend="local", base_model=str(student))
     low, high = SCRATCH["min_epochs"], SCRATCH["max_epochs"]
     # 12 calls x 1,000 tokens x the most epochs the trainer runs for a student from scratch.
     assert f"About <strong>{12 * 1000 * high:,}</strong> training tokens" in text
