@@ -545,7 +545,7 @@ def test_the_epoch_range_is_where_early_stopping_can_end() -> None:
     from distillery.curation.training.settings import choose, epoch_range
 
     def run(**kwargs: Any) -> tuple[int, int]:
-        base = {"parameters": 10**9, "examples": 400, "from_scratch": False}
+        base = {"parameters": 10**9, "examples": 280, "from_scratch": False}
         return epoch_range(choose(**{**base, "has_validation": True, "given": {}, **kwargs}))
 
     assert run(from_scratch=True) == (45, 60)  # min_epochs 45, patience 10
@@ -554,3 +554,76 @@ def test_the_epoch_range_is_where_early_stopping_can_end() -> None:
     assert run(has_validation=False) == (3, 3)
     assert run(has_validation=False, from_scratch=True) == (20, 20)
     assert run(given={"epochs": 7}) == (7, 7)
+
+
+def test_a_student_from_scratch_runs_as_many_updates_whatever_its_epoch_holds() -> None:
+    """The scratch profile's 45-60 epochs were measured at 35 updates an epoch (280 examples
+    in batches of 8); a dataset with more updates an epoch runs the same updates in fewer
+    epochs, never more epochs; a count given, or no validation split, is kept as it is."""
+    from distillery.curation.training.settings import SCRATCH, choose, epoch_range
+
+    def scratch(examples: int, **kwargs: Any) -> dict[str, Any]:
+        kwargs = {"has_validation": True, "given": {}, **kwargs}
+        return choose(parameters=10**6, examples=examples, from_scratch=True, **kwargs)
+
+    assert SCRATCH["epoch_updates"] == 35 and -(-280 // 8) == 35
+    assert epoch_range(scratch(280)) == (45, 60)
+    assert epoch_range(scratch(100)) == (45, 60)  # 13 updates an epoch: never more epochs
+    for examples in (400, 1188, 1350, 5000):
+        settings = scratch(examples)
+        updates = -(-examples // settings["batch_size"])
+        low, high = epoch_range(settings)
+        assert (low, high) == (-(-45 * 35 // updates), -(-60 * 35 // updates))
+        assert 60 * 35 <= high * updates < 60 * 35 + updates  # the same updates, to an epoch
+    assert epoch_range(scratch(1350)) == (37, 49)  # batches of 32, 43 updates an epoch
+    assert epoch_range(scratch(1350, given={"epochs": 60})) == (60, 60)
+    assert epoch_range(scratch(1350, has_validation=False)) == (20, 20)
+    assert "epoch_updates" not in scratch(1350)  # a measurement, not a setting of the run
+
+
+def test_only_a_large_model_recomputes_activations_in_the_backward_pass() -> None:
+    """Gradient checkpointing (TRL's default) trades a third more compute a step for memory:
+    off for a model under SMALL_MODEL parameters, on for larger ones, whatever the method."""
+    from distillery.curation.training.settings import SMALL_MODEL, choose
+
+    def checkpointing(parameters: int, method: str | None = None) -> bool:
+        chosen = choose(parameters=parameters, examples=500, from_scratch=False,
+                        has_validation=True, given={}, method=method)  # fmt: skip
+        return bool(chosen["gradient_checkpointing"])
+
+    assert not checkpointing(SMALL_MODEL - 1) and not checkpointing(SMALL_MODEL - 1, "lora")
+    assert checkpointing(SMALL_MODEL) and checkpointing(10**9, "full")
+
+
+def test_length_grouped_batches_pad_less_and_still_shuffle() -> None:
+    """Each epoch every example once; batches of about one length (less padding than a plain
+    shuffle's); another order every epoch, the same for the same seed and epoch."""
+    import random
+
+    from distillery.curation.training.trainer import LengthGrouped
+
+    draw = random.Random(1)
+    lengths = [draw.randint(40, 62) for _ in range(1188)]
+    batch = 32
+
+    def padded(order: list[int]) -> int:
+        return sum(
+            max(lengths[i] for i in order[k : k + batch]) * len(order[k : k + batch])
+            for k in range(0, len(order), batch)
+        )
+
+    sampler = LengthGrouped(lengths, batch, seed=0)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+        assert sorted(epochs[-1]) == list(range(len(lengths))) and len(sampler) == len(lengths)
+    assert len({tuple(order) for order in epochs}) == 3
+    sampler.set_epoch(1)
+    assert list(sampler) == epochs[1]
+    shuffled = list(range(len(lengths)))
+    draw.shuffle(shuffled)
+    waste = padded(shuffled) - sum(lengths)
+    assert padded(epochs[0]) - sum(lengths) < waste / 2
+    # Still mixed: a batch's examples come from across the dataset, not from one stretch.
+    assert max(epochs[0][:batch]) - min(epochs[0][:batch]) > len(lengths) / 4

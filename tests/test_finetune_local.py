@@ -210,6 +210,79 @@ def test_settings_fit_the_student() -> None:
     )
 
 
+def test_a_prefix_the_batch_shares_computed_once_gives_the_same_loss_and_gradients(
+    tmp_path: Path,
+) -> None:
+    """The trainer computes the tokens every row of a batch starts with (system prompt,
+    template) once and repeats their keys and values: the loss and every gradient are
+    TRL's own for the whole batch (its compute_loss is the oracle).  The prefix ends where
+    the rows differ, and before the first scored token; no saving, no prefix."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+
+    from distillery.curation.training.trainer import recomputing, shared_prefix, trainer_class
+
+    rng = random.Random(0)
+    pairs = [task(rng, i) for i in range(32)]
+    system = "Extract the customer's name, the product and the order number as JSON."
+    model_dir = build(tmp_path / "tiny", [text for pair in pairs for text in pair] + [system])
+    rows = [
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                      {"role": "assistant", "content": answer}]}
+        for user, answer in pairs
+    ]  # fmt: skip
+    config = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        assistant_only_loss=True,
+        use_cpu=True,
+        **recomputing(False),
+        report_to=[],
+    )
+    trainer = trainer_class(SFTTrainer)(
+        model=str(model_dir),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ids, labels = batch["input_ids"], batch["labels"]
+    length = shared_prefix(batch)
+    assert length > len(system) // 8  # the system turn at least, in a few tokens a word
+    assert (ids[:, :length] == ids[:1, :length]).all()
+    assert not (ids[:, length] == ids[0, length]).all()  # where the users' texts differ
+    assert (labels[:, : length + 1] == -100).all()
+
+    model = trainer.model
+    model.train()
+
+    def loss_and_gradients(compute_loss: Callable[..., Any]) -> tuple[float, list[Any]]:
+        model.zero_grad()
+        loss = compute_loss(model, dict(batch))
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
+
+    trl_loss: Callable[..., Any] = SFTTrainer.compute_loss  # TRL's own, the oracle
+    plain, plain_grads = loss_and_gradients(lambda m, b: trl_loss(trainer, m, b))
+    shared, shared_grads = loss_and_gradients(trainer.compute_loss)
+    assert shared == pytest.approx(plain, rel=1e-5)
+    for got, want in zip(shared_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+    # Rows that differ from the first token share nothing; two rows save too little.
+    other = {**batch, "input_ids": ids.clone()}
+    other["input_ids"][1, 0] = ids[0, 0] + 1
+    assert shared_prefix(other) == 0
+    assert shared_prefix({key: value[:2] for key, value in batch.items()}) == 0
+    # Identical rows: the prefix stops before the first token scored (its prediction is
+    # made from the position before it, which must be each row's own).
+    same = {key: value[:1].repeat(16, 1) for key, value in batch.items()}
+    first = int((same["labels"][0] != -100).nonzero()[0])
+    assert shared_prefix(same) == first - 1
+
+
 def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path: Path) -> None:
     """The marker `student create` writes is what makes a model "from scratch"; the same
     weights without it are a small pretrained model (its parameters counted from the
@@ -262,6 +335,7 @@ def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(
     assert settings["method"] == "full" and manifest["lora"] is False
     assert settings["profile"].startswith("randomly initialised")
     assert settings["threads"] >= 1 and settings["warmup_ratio"] > 0
+    assert settings["gradient_checkpointing"] is False  # a third more compute, for nothing
     log = (Path(job["provider_job_id"]) / "events.jsonl").read_text().splitlines()
     events = [json.loads(line)["data"] for line in log]
     valid = [(e["valid_loss"], e["epoch"]) for e in events if "valid_loss" in e and "step" in e]

@@ -15,6 +15,9 @@ an order of magnitude:
 A model trained from scratch learns from the number of updates more than from the
 number of epochs, so its batch follows the dataset: about 40 steps an epoch, between 8
 and 32 examples a batch (280 examples train in batches of 8, 1,350 in batches of 32).
+Its epochs follow the updates too: the ceiling and the floor below were measured at 35
+updates an epoch (the example's 280 tickets), and a dataset whose epoch is more updates
+runs as many updates in fewer epochs (1,350 examples, 43 updates an epoch: 37 to 49).
 
 In both the number of epochs is not guessed: training evaluates the validation
 split every epoch, stops when its loss has not improved for ``patience`` epochs
@@ -50,6 +53,8 @@ SCRATCH: dict[str, Any] = {
     # And no stop before three quarters of the ceiling, the plateau being what patience
     # would stop on (a CI run stopped with patience 10 scored 0.152).
     "min_epochs": 45,
+    # The updates an epoch those counts were measured at (see the module's docstring).
+    "epoch_updates": 35,
 }
 SMALL_PRETRAINED: dict[str, Any] = {
     **SCRATCH,
@@ -58,6 +63,7 @@ SMALL_PRETRAINED: dict[str, Any] = {
     "max_epochs": 20,
     "patience": 3,
     "min_epochs": 0,
+    "epoch_updates": None,
 }
 PRETRAINED: dict[str, Any] = {
     "method": "lora",
@@ -118,6 +124,9 @@ def choose(
     if settings["method"] == "full":
         settings["batch_size"] = min(settings["batch_size"], scratch_batch(examples))
     settings["profile"] = why
+    # Recomputing activations in the backward pass (TRL's default) saves memory a small
+    # model does not need, at a third more compute a step.
+    settings["gradient_checkpointing"] = parameters >= SMALL_MODEL
     settings["parameters"] = parameters
     settings["examples"] = examples
     for key, value in given.items():
@@ -132,6 +141,7 @@ def choose(
         if not has_validation:
             settings["max_epochs"] = NO_VALIDATION_EPOCHS[settings["method"]]
     settings.pop("epochs", None)
+    _epochs_by_updates(settings, examples)
     settings.setdefault("seed", 0)
     settings.setdefault("max_length", 1024)
     settings["threads"] = None if cuda else (given.get("threads") or default_threads())
@@ -139,6 +149,17 @@ def choose(
         for key in ("lora_r", "lora_alpha", "lora_dropout"):
             settings.pop(key, None)
     return settings
+
+
+def _epochs_by_updates(settings: dict[str, Any], examples: int) -> None:
+    """Fewer epochs, as many updates, where an epoch is more updates than the profile's
+    epoch counts were measured at (``epoch_updates``); never more epochs."""
+    measured = settings.pop("epoch_updates", None)
+    updates = -(-examples // settings["batch_size"])
+    if not measured or not settings["early_stopping"] or updates <= measured:
+        return
+    for key in ("max_epochs", "min_epochs"):
+        settings[key] = -(-settings[key] * measured // updates)
 
 
 def epoch_range(settings: dict[str, Any]) -> tuple[int, int]:
