@@ -26,6 +26,7 @@ from distillery.commands.shared import (
 )
 from distillery.core.config import load_settings
 from distillery.core.errors import DistilleryError
+from distillery.core.serialize import dumps
 from distillery.curation import distill as loop
 from distillery.curation.endpoints import Endpoint
 from distillery.curation.evals.evaluate import RESULT_COLUMNS, result_rows
@@ -106,6 +107,12 @@ from distillery.store.records import EvalRunRecord
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the HTML report too.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="The fine-tune's events, then the eval run, as JSON lines on stdout.",
+)
 @fail_on_errors
 def distill(
     config: Path | None,
@@ -133,6 +140,7 @@ def distill(
     keep_checkpoints: bool,
     allow_train_eval: bool,
     html_path: Path | None,
+    as_json: bool,
     **filters: Any,
 ) -> None:
     """Build (incrementally), baseline, fine-tune, evaluate and report, in one command.
@@ -177,10 +185,10 @@ def distill(
         allow_train_eval=allow_train_eval,
         keep_checkpoints=keep_checkpoints,
     )
-    with TrainingProgress() as progress:  # what it says goes below the status line
+    with TrainingProgress(as_json) as progress:  # what it says goes below the status line
         data_dir = settings.storage.resolved_data_dir()
         result = loop.run(store, options, data_dir, progress.say, progress)
-    _report(store, options, result, limits, html_path)
+    _report(store, options, result, limits, html_path, as_json)
     gate(result["summary"], limits, max_error_rate, judged="tuned")
     if not result["summary"]["candidates"]:
         raise DistilleryError("Nothing was graded.")
@@ -192,13 +200,20 @@ def _report(
     result: EvalRunRecord,
     limits: dict[str, float],
     html_path: Path | None,
+    as_json: bool = False,
 ) -> None:
-    """The scores as a table (and by tag), the verdict, and the HTML report if asked."""
-    write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
-    if options.by_tag:
-        print_breakdown(result["summary"])
-    for line in loop.verdict(result["summary"], limits):
-        click.echo(line)
+    """The scores as a table (and by tag) and the verdict, or with ``as_json`` the run as a
+    JSON line (``{"run": ..., "verdict": [...]}``, the verdict on stderr too); the HTML
+    report if asked."""
+    verdict = loop.verdict(result["summary"], limits)
+    if as_json:
+        click.echo(dumps({"run": result, "verdict": verdict}))
+    else:
+        write_rows(result_rows(result["summary"]), "table", RESULT_COLUMNS)
+        if options.by_tag:
+            print_breakdown(result["summary"])
+    for line in verdict:
+        click.echo(line, err=as_json)
     if html_path is not None:
         version = datasets.latest(store, options.name)
         items = (

@@ -291,3 +291,33 @@ def test_distill_refuses_to_grade_on_training_examples(
     allowed = distill(db, url, "--allow-train-eval")
     assert allowed.exit_code == 0, allowed.output
     assert len(tuning.created) == 1 and "Verdict (exact, n=30)" in allowed.output
+
+
+def test_distill_json_is_the_fine_tunes_events_then_the_run(
+    db: str, provider: tuple[str, FakeFineTuning, FakeModels]
+) -> None:
+    """`--json`: stdout is JSON lines only, the fine-tune's events in order (each once),
+    then the eval run with the verdict; what distill says, and the verdict, on stderr."""
+    url, _, _ = provider
+    result = distill(db, url, "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    *events, last = lines
+    messages = [event["message"] for event in events]
+    assert messages.index("Validating training file") < messages.index(
+        "The job has successfully completed"
+    )
+    assert len(messages) == len(set(messages))
+    assert [e["data"]["train_loss"] for e in events if e["data"]] == [1.2, 0.4]
+    run = last["run"]
+    shown = CliRunner().invoke(cli, ["eval", "show", run["id"], "--json", "--database-url", db])
+    assert json.loads(shown.stdout)["summary"] == run["summary"]  # the run it stored
+    assert set(run["summary"]["candidates"]) == {
+        "teacher:teacher",
+        "base:weak",
+        "tuned:ft:weak:acme:support:abc123",
+    }
+    verdict = last["verdict"]  # the line, and under 30 items its interval's warning
+    assert verdict[0].startswith("Verdict (exact, n=")
+    assert all(line in result.stderr for line in verdict)
+    assert "Built support@1 in " in result.stderr
