@@ -304,6 +304,7 @@ class TrainingProgress:
         self.first: tuple[float, int] | None = None  # (time, step) of the first step seen
         self.train_loss: float | None = None
         self.valid_loss: float | None = None
+        self.valid_accuracy: float | None = None
         self.drawn = False  # a status line is on the terminal, to be overwritten
 
     def __call__(self, event: JobEvent) -> None:
@@ -318,6 +319,7 @@ class TrainingProgress:
             return
         self.train_loss = data.get("train_loss", self.train_loss)
         self.valid_loss = data.get("valid_loss", self.valid_loss)
+        self.valid_accuracy = data.get("valid_accuracy", self.valid_accuracy)
         when = cast(dict[str, Any], event).get("time")  # the trainer's clock, where it has one
         line = self.line(data, when if isinstance(when, (int, float)) else None)
         if self.terminal:
@@ -336,6 +338,8 @@ class TrainingProgress:
             parts.append(f"train loss {self.train_loss:.4f}")
         if self.valid_loss is not None:
             parts.append(f"val loss {self.valid_loss:.4f}")
+        if self.valid_accuracy is not None:
+            parts.append(f"val token accuracy {self.valid_accuracy:.3f}")
         left = self._left(step, steps, when)
         if left is not None:
             parts.append(f"{left} left at most")

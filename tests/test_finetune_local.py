@@ -247,7 +247,17 @@ def test_a_prefix_the_batch_shares_computed_once_gives_the_same_loss_and_gradien
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loader = trainer.get_train_dataloader()
+    epochs = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)  # as the Trainer does: another order every epoch
+        epochs.append([b["input_ids"].tolist() for b in loader])
+    assert epochs[0] != epochs[1]
+    # 32 examples are one group of batches: sorted by length, then cut into two batches.
+    lengths = [b["attention_mask"].sum(dim=1).tolist() for b in loader]
+    short, long = sorted(lengths, key=max)
+    assert max(short) <= min(long)
+    batch = trainer._prepare_inputs(next(iter(loader)))
     ids, labels = batch["input_ids"], batch["labels"]
     length = shared_prefix(batch)
     assert length > len(system) // 8  # the system turn at least, in a few tokens a word
@@ -307,8 +317,9 @@ def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(
     setup: Any, tmp_path: Path
 ) -> None:
     """`student create` makes a randomly initialised student; the trainer sees it, trains
-    every weight, stops once the validation loss has not improved for `patience`
-    epochs (never before `min_epochs`) and keeps the best epoch's weights.  The settings it used, defaults
+    every weight, stops once the validation score (token accuracy, then loss) has not
+    improved for `patience` epochs (never before `min_epochs`) and keeps the best epoch's
+    weights.  The settings it used, defaults
     included, are in the manifest and shown by `finetune status`."""
     db, _ = setup
     made = CliRunner().invoke(
@@ -338,19 +349,30 @@ def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(
     assert settings["gradient_checkpointing"] is False  # a third more compute, for nothing
     log = (Path(job["provider_job_id"]) / "events.jsonl").read_text().splitlines()
     events = [json.loads(line)["data"] for line in log]
-    valid = [(e["valid_loss"], e["epoch"]) for e in events if "valid_loss" in e and "step" in e]
-    best_loss, best_epoch = min(valid)
-    # The rule, replayed on the losses the trainer reported: stop at the first epoch, not
-    # before min_epochs, after `patience` epochs without a better loss; else run them all.
-    expected, best, waited = settings["max_epochs"], float("inf"), 0
-    for loss, epoch in sorted(valid, key=lambda pair: pair[1]):
-        best, waited = (loss, 0) if loss < best else (best, waited + 1)
+    from distillery.curation.training.trainer import ACCURACY_STEP, score
+
+    valid = [
+        (score(e["valid_accuracy"], e["valid_loss"]), e["epoch"], e["valid_loss"])
+        for e in events
+        if "valid_loss" in e and "step" in e
+    ]
+    # The best: the highest score (token accuracy, then the lower loss), its first epoch.
+    best_score, best_epoch, best_loss = max(valid, key=lambda v: (v[0], -v[1]))
+    assert best_score > 0  # token accuracy is reported, and the student got some right
+    # The rule, replayed on what the trainer reported: stop at the first epoch, not before
+    # min_epochs, after `patience` epochs without a better accuracy (a lower loss alone is
+    # not progress); else run them all.
+    expected, best, waited = settings["max_epochs"], float("-inf"), 0
+    for value, epoch, _ in sorted(valid, key=lambda v: v[1]):
+        waited = 0 if value - best > ACCURACY_STEP else waited + 1
+        best = max(best, value)
         if waited >= settings["patience"] and epoch >= settings["min_epochs"]:
             expected = epoch
             break
     assert settings["min_epochs"] <= manifest["epochs_run"] == expected
     assert manifest["best_epoch"] == best_epoch
     assert manifest["valid_loss"] == pytest.approx(best_loss, rel=1e-4)  # the best epoch's weights
+    assert score(manifest["valid_accuracy"], manifest["valid_loss"]) == pytest.approx(best_score)
 
 
 def test_cancel_stops_a_local_job(setup: Any) -> None:

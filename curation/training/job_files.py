@@ -60,6 +60,7 @@ class TrainedModel(Record):
     final_train_loss: float | None
     valid_loss: float | None
     model_dir: str
+    valid_accuracy: float | None = None  # the answer tokens predicted right, teacher-forced
 
 
 def job_path(directory: Path) -> Path:
