@@ -627,3 +627,18 @@ def test_length_grouped_batches_pad_less_and_still_shuffle() -> None:
     assert padded(epochs[0]) - sum(lengths) < waste / 2
     # Still mixed: a batch's examples come from across the dataset, not from one stretch.
     assert max(epochs[0][:batch]) - min(epochs[0][:batch]) > len(lengths) / 4
+
+
+def test_what_counts_as_progress_and_which_epoch_is_best() -> None:
+    """Early stopping's progress: a better validation token accuracy, or the same at a lower
+    loss while some answer tokens are wrong; once all are right, the loss no longer counts.
+    The kept epoch: the best accuracy, the lower loss breaking ties; never the loss alone (on a
+    split whose held-apart prompts drive the loss up, the loss would keep a first epoch)."""
+    from distillery.curation.training.trainer import progress, score
+
+    assert progress(0.90, 0.5) > progress(0.80, 0.1)  # accuracy first
+    assert progress(0.90, 0.4) > progress(0.90, 0.5)  # then the loss, while under 1
+    assert not progress(1.0, 0.001) > progress(1.0, 0.002)  # all right: the loss is no reason
+    assert progress(None, 0.4) > progress(None, 0.5)  # no accuracy reported: the loss
+    assert score(0.95, 1.8) > score(0.60, 0.9)  # epoch 2 over epoch 1 on a rising loss
+    assert score(1.0, 0.001) > score(1.0, 0.002) > score(0.9999, 0.0)

@@ -349,23 +349,23 @@ def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(
     assert settings["gradient_checkpointing"] is False  # a third more compute, for nothing
     log = (Path(job["provider_job_id"]) / "events.jsonl").read_text().splitlines()
     events = [json.loads(line)["data"] for line in log]
-    from distillery.curation.training.trainer import ACCURACY_STEP, score
+    from distillery.curation.training.trainer import progress, score
 
     valid = [
-        (score(e["valid_accuracy"], e["valid_loss"]), e["epoch"], e["valid_loss"])
+        (score(e["valid_accuracy"], e["valid_loss"]), e["epoch"], e["valid_loss"],
+         progress(e["valid_accuracy"], e["valid_loss"]))
         for e in events
         if "valid_loss" in e and "step" in e
-    ]
+    ]  # fmt: skip
     # The best: the highest score (token accuracy, then the lower loss), its first epoch.
-    best_score, best_epoch, best_loss = max(valid, key=lambda v: (v[0], -v[1]))
+    best_score, best_epoch, best_loss, _ = max(valid, key=lambda v: (v[0], -v[1]))
     assert best_score > 0  # token accuracy is reported, and the student got some right
     # The rule, replayed on what the trainer reported: stop at the first epoch, not before
-    # min_epochs, after `patience` epochs without a better accuracy (a lower loss alone is
-    # not progress); else run them all.
-    expected, best, waited = settings["max_epochs"], float("-inf"), 0
-    for value, epoch, _ in sorted(valid, key=lambda v: v[1]):
-        waited = 0 if value - best > ACCURACY_STEP else waited + 1
-        best = max(best, value)
+    # min_epochs, after `patience` epochs without progress (a better accuracy, or the same
+    # at a lower loss while it is under 1); else run them all.
+    expected, best, waited = settings["max_epochs"], None, 0
+    for _, epoch, _, now in sorted(valid, key=lambda v: v[1]):
+        best, waited = (now, 0) if best is None or now > best else (best, waited + 1)
         if waited >= settings["patience"] and epoch >= settings["min_epochs"]:
             expected = epoch
             break

@@ -20,7 +20,7 @@ updates an epoch (the example's 280 tickets), and a dataset whose epoch is more 
 runs as many updates in fewer epochs (1,350 examples, 43 updates an epoch: 37 to 49).
 
 In both the number of epochs is not guessed: training evaluates the validation
-split every epoch, stops when its loss has not improved for ``patience`` epochs
+split every epoch, stops when its token accuracy has not improved for ``patience`` epochs
 (never before ``min_epochs``) and keeps the best checkpoint (``max_epochs`` is the
 ceiling).  Without a
 validation split there is nothing to stop on, and ``epochs`` runs in full.
@@ -164,7 +164,7 @@ def _epochs_by_updates(settings: dict[str, Any], examples: int) -> None:
 
 def epoch_range(settings: dict[str, Any]) -> tuple[int, int]:
     """The fewest and most epochs a run with ``settings`` can train: with early stopping, it
-    stops once ``patience`` epochs pass without a better validation loss, never before
+    stops once ``patience`` epochs pass without a better validation accuracy, never before
     ``min_epochs``, and at ``max_epochs`` at the latest; without, it runs ``max_epochs``."""
     most = int(settings["max_epochs"])
     if not settings.get("early_stopping"):
