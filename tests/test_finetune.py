@@ -595,40 +595,6 @@ def test_only_a_large_model_recomputes_activations_in_the_backward_pass() -> Non
     assert checkpointing(SMALL_MODEL) and checkpointing(10**9, "full")
 
 
-def test_length_grouped_batches_pad_less_and_still_shuffle() -> None:
-    """Each epoch every example once; batches of about one length (less padding than a plain
-    shuffle's); another order every epoch, the same for the same seed and epoch."""
-    import random
-
-    from distillery.curation.training.trainer import LengthGrouped
-
-    draw = random.Random(1)
-    lengths = [draw.randint(40, 62) for _ in range(1188)]
-    batch = 32
-
-    def padded(order: list[int]) -> int:
-        return sum(
-            max(lengths[i] for i in order[k : k + batch]) * len(order[k : k + batch])
-            for k in range(0, len(order), batch)
-        )
-
-    sampler = LengthGrouped(lengths, batch, seed=0)
-    epochs = []
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        epochs.append(list(sampler))
-        assert sorted(epochs[-1]) == list(range(len(lengths))) and len(sampler) == len(lengths)
-    assert len({tuple(order) for order in epochs}) == 3
-    sampler.set_epoch(1)
-    assert list(sampler) == epochs[1]
-    shuffled = list(range(len(lengths)))
-    draw.shuffle(shuffled)
-    waste = padded(shuffled) - sum(lengths)
-    assert padded(epochs[0]) - sum(lengths) < waste / 2
-    # Still mixed: a batch's examples come from across the dataset, not from one stretch.
-    assert max(epochs[0][:batch]) - min(epochs[0][:batch]) > len(lengths) / 4
-
-
 def test_what_counts_as_progress_and_which_epoch_is_best() -> None:
     """Early stopping's progress: a better validation token accuracy, or the same at a lower
     loss while some answer tokens are wrong; once all are right, the loss no longer counts.

@@ -293,55 +293,12 @@ def with_shared_prefix(model: Any, inputs: dict[str, Any], length: int) -> dict[
             name: cache}  # fmt: skip
 
 
-# Batches are formed from this many batches' worth of shuffled examples sorted by length:
-# most of the padding goes (on the benchmark's tasks, from 3-21% of the tokens a batch
-# computes to 1-7%) while every batch still mixes examples from across the dataset.
-LENGTH_GROUP = 4
-
-
-class LengthGrouped:
-    """A training sampler: each epoch, the examples shuffled (seeded by ``seed`` and the
-    epoch), cut into groups of ``LENGTH_GROUP`` batches, each group sorted by length and cut
-    into batches, the batches shuffled.  Yields indices, ``batch`` at a time per batch."""
-
-    def __init__(self, lengths: list[int], batch: int, seed: int) -> None:
-        self.lengths, self.batch, self.seed, self.epoch = lengths, batch, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Any:
-        import random
-
-        order = random.Random(self.seed * 1_000_003 + self.epoch)
-        indices = list(range(len(self.lengths)))
-        order.shuffle(indices)
-        group = self.batch * LENGTH_GROUP
-        batches = []
-        for start in range(0, len(indices), group):
-            chunk = sorted(indices[start : start + group], key=self.lengths.__getitem__)
-            batches += [chunk[i : i + self.batch] for i in range(0, len(chunk), self.batch)]
-        order.shuffle(batches)
-        return iter([index for batch in batches for index in batch])
-
-
 def trainer_class(sft_trainer: Any) -> Any:
-    """TRL's SFTTrainer, computing less for the same updates: batches of examples of about
-    the same length (:class:`LengthGrouped`), and a prefix every row of a batch shares (a
-    task's system prompt and the template around it: a third of the tokens of a short task)
-    computed once instead of once per row (:func:`with_shared_prefix`)."""
+    """TRL's SFTTrainer, computing less for the same updates: a prefix every row of a batch
+    shares (a task's system prompt and the template around it: a third of the tokens of a
+    short task) computed once instead of once per row (:func:`with_shared_prefix`)."""
 
     class Trainer(sft_trainer):  # type: ignore[misc,valid-type]
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            if "input_ids" not in getattr(dataset, "column_names", ()):
-                return super()._get_train_sampler(train_dataset)
-            lengths = [len(ids) for ids in dataset["input_ids"]]
-            return LengthGrouped(lengths, self.args.train_batch_size, self.args.seed)
-
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "eval_loss" in logs:  # an evaluation: its score, for the best epoch and stopping
                 right = self._metrics["eval"].get("mean_token_accuracy") or []
