@@ -284,6 +284,98 @@ def test_a_prefix_the_batch_shares_computed_once_gives_the_same_loss_and_gradien
     assert shared_prefix(same) == first - 1
 
 
+def test_a_batch_in_parts_of_similar_length_gives_the_same_loss_gradients_and_metrics(
+    tmp_path: Path,
+) -> None:
+    """Rows of very different lengths are computed in parts, each padded only to its own
+    longest: the loss, every gradient and the logged token accuracy and entropy are TRL's own
+    for the whole batch in one call (its compute_loss is the oracle), whether the trainer
+    passes the batch's token count or not, in training and in evaluation."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+
+    from distillery.curation.training.trainer import length_parts, recomputing, trainer_class
+
+    rng = random.Random(1)
+    pairs = [task(rng, i) for i in range(32)]
+    # A third of the requests ramble on: without parts, every row pads to theirs.
+    tail = " it was working fine until last week and now it makes a strange noise" * 3
+    pairs = [
+        (user + tail if i % 3 == 0 else user, answer) for i, (user, answer) in enumerate(pairs)
+    ]
+    system = "Extract the customer's name, the product and the order number as JSON."
+    texts = [text for pair in pairs for text in pair] + [system]
+    model_dir = build(tmp_path / "tiny", texts)
+    rows = [
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                      {"role": "assistant", "content": answer}]}
+        for user, answer in pairs
+    ]  # fmt: skip
+    config = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=32,
+        assistant_only_loss=True,
+        use_cpu=True,
+        **recomputing(False),
+        report_to=[],
+    )
+    trainer = trainer_class(SFTTrainer)(
+        model=str(model_dir),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    mask = batch["attention_mask"]
+    parts = length_parts(batch)
+    assert len(parts) >= 2
+    assert sorted(int(row) for part in parts for row in part) == list(range(len(mask)))
+    lengths = mask.sum(dim=1)
+    computed = sum(len(part) * int(lengths[part].max()) for part in parts)
+    assert computed < 0.8 * mask.numel()  # the padding the whole batch would compute
+    rambling = lengths > (lengths.max() + lengths.min()) / 2
+    assert int(rambling.sum()) == len([pair for pair in pairs if tail in pair[0]])
+    assert all(len(set(rambling[part].tolist())) == 1 for part in parts)  # never mixed
+
+    model = trainer.model
+    trl_loss: Callable[..., Any] = SFTTrainer.compute_loss  # TRL's own, the oracle
+
+    def run(
+        compute_loss: Callable[..., Any], count: Any
+    ) -> tuple[float, list[Any], dict[str, Any]]:
+        model.zero_grad()
+        mode = "train" if model.training else "eval"
+        trainer._metrics[mode].clear()
+        loss = compute_loss(model, dict(batch), num_items_in_batch=count)
+        if model.training:
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return float(loss.detach()), grads, dict(trainer._metrics[mode])
+
+    count = (batch["labels"][:, 1:] != -100).sum()
+    for training in (True, False):
+        model.train(training)
+        for items in (None, count):
+            want, want_grads, want_logged = run(
+                lambda m, b, **kw: trl_loss(trainer, m, b, **kw), items
+            )
+            got, got_grads, got_logged = run(trainer.compute_loss, items)
+            assert got == pytest.approx(want, rel=1e-5)
+            assert len(got_grads) == len(want_grads)
+            for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+                torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+            for key in ("mean_token_accuracy", "entropy"):
+                assert len(got_logged[key]) == 1  # one entry for the batch, as one call logs
+                assert got_logged[key][0] == pytest.approx(want_logged[key][0], rel=1e-5)
+
+    # Rows of one length, or a batch with more than a padded batch's keys: one part.
+    assert len(length_parts({key: value[:1].repeat(8, 1) for key, value in batch.items()})) == 1
+    positions = torch.arange(mask.shape[1]).repeat(len(mask), 1)
+    assert len(length_parts({**batch, "position_ids": positions})) == 1
+
+
 def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path: Path) -> None:
     """The marker `student create` writes is what makes a model "from scratch"; the same
     weights without it are a small pretrained model (its parameters counted from the
