@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from collections.abc import Callable
@@ -377,31 +376,6 @@ def test_a_batch_in_parts_of_similar_length_gives_the_same_loss_gradients_and_me
     assert len(length_parts({**batch, "position_ids": positions})) == 1
 
 
-def test_the_learning_rate_reaches_its_floor_where_early_stopping_may_first_stop() -> None:
-    """Up to its horizon the schedule is transformers' cosine with a floor (the oracle); the
-    horizon is ``min_epochs`` for a run that stops early, so a run stopping there stops
-    annealed, and the rate stays at the floor after it (transformers' cosine would rise)."""
-    from transformers.optimization import (
-        _get_cosine_schedule_with_warmup_lr_lambda as cosine,  # type: ignore[attr-defined]
-    )
-
-    from distillery.curation.training.trainer import decay_epochs, learning_rate_factor
-
-    warmup, horizon, floor = 20, 370, 0.1
-    for step in range(0, horizon + 1, 7):
-        want = cosine(step, num_warmup_steps=warmup, num_training_steps=horizon,
-                      num_cycles=0.5, min_lr_rate=floor)  # fmt: skip
-        got = learning_rate_factor(step, warmup=warmup, horizon=horizon, floor=floor)
-        assert got == pytest.approx(want, abs=1e-12)
-    after = [learning_rate_factor(s, warmup=warmup, horizon=horizon, floor=floor)
-             for s in range(horizon, 2 * horizon)]  # fmt: skip
-    assert after == pytest.approx([floor] * horizon)
-    scratch = {"early_stopping": True, "min_epochs": 37, "max_epochs": 49}
-    assert decay_epochs(scratch) == 37
-    assert decay_epochs({**scratch, "early_stopping": False}) == 49  # a fixed count: the end
-    assert decay_epochs({**scratch, "min_epochs": 0}) == 49  # may stop any time: the end
-
-
 def test_the_trainer_tells_a_student_made_here_from_a_pretrained_one(tmp_path: Path) -> None:
     """The marker `student create` writes is what makes a model "from scratch"; the same
     weights without it are a small pretrained model (its parameters counted from the
@@ -482,22 +456,6 @@ def test_a_student_made_here_trains_fully_and_stops_at_its_best_epoch(
     assert manifest["best_epoch"] == best_epoch
     assert manifest["valid_loss"] == pytest.approx(best_loss, rel=1e-4)  # the best epoch's weights
     assert score(manifest["valid_accuracy"], manifest["valid_loss"]) == pytest.approx(best_score)
-    # The rate each logged step trained at: a cosine down to the floor at min_epochs' end,
-    # then the floor (replayed from the settings).
-    from distillery.curation.training.trainer import learning_rate_factor
-
-    trained = [e for e in events if "train_loss" in e and "learning_rate" in e]
-    steps = trained[0]["max_steps"]
-    factor = functools.partial(
-        learning_rate_factor,
-        warmup=max(1, round(steps * settings["warmup_ratio"])),
-        horizon=steps * settings["min_epochs"] // settings["max_epochs"],
-        floor=settings["min_learning_rate_ratio"],
-    )
-    assert len(trained) >= 10 and trained[-1]["epoch"] > settings["min_epochs"] - 1
-    for event in trained:
-        want = settings["learning_rate"] * factor(event["step"] - 1)  # its update's rate
-        assert event["learning_rate"] == pytest.approx(want, rel=1e-6), event
 
 
 def test_cancel_stops_a_local_job(setup: Any) -> None:

@@ -21,9 +21,7 @@ step and marks the job cancelled.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import shutil
 import signal
 import sys
@@ -128,7 +126,6 @@ def train(job: TrainerJob, journal: Journal) -> TrainedModel | None:
         peft_config=_lora(settings),
         callbacks=_callbacks(journal, settings),
     )
-    trainer.decay_steps = steps * decay_epochs(settings) // settings["max_epochs"]
     started = time.time()
     trainer.train()
     if journal.cancelled:
@@ -222,28 +219,6 @@ def _config(
         **recomputing(settings["gradient_checkpointing"]),
         disable_tqdm=True,
     )
-
-
-def decay_epochs(settings: dict[str, Any]) -> int:
-    """When the learning rate reaches its floor: the first epoch early stopping may stop at
-    (``min_epochs``), else the last.  A run stopping there stops with its weights annealed,
-    as a schedule planned for the ceiling would not (on the benchmark's `extract`, stopped
-    at epoch 37 of 49 at a quarter of the rate, the student miscopied one digit of 200
-    held-out answers that the reference loop, annealed to zero, copied right); one that goes
-    on trains at the floor."""
-    fewest = int(settings.get("min_epochs") or 0) if settings.get("early_stopping") else 0
-    most = int(settings["max_epochs"])
-    return min(fewest, most) if fewest > 0 else most
-
-
-def learning_rate_factor(step: int, *, warmup: int, horizon: int, floor: float) -> float:
-    """The rate at ``step``, as a fraction of the full one: a linear warm-up, a cosine down to
-    ``floor`` at step ``horizon``, then the floor (transformers' cosine-with-floor schedule
-    when ``horizon`` is the last step)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # What picks the best epoch and stops training: the validation split's token accuracy (the
@@ -380,23 +355,6 @@ def trainer_class(sft_trainer: Any) -> Any:
     (:func:`with_shared_prefix`)."""
 
     class Trainer(sft_trainer):  # type: ignore[misc,valid-type]
-        decay_steps: int | None = None  # where the rate reaches its floor; None: the last step
-        lr_scheduler: Any
-
-        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            if self.lr_scheduler is None:
-                from torch.optim.lr_scheduler import LambdaLR
-
-                factor = functools.partial(
-                    learning_rate_factor,
-                    warmup=self.args.get_warmup_steps(num_training_steps),
-                    horizon=min(self.decay_steps or num_training_steps, num_training_steps),
-                    floor=(self.args.lr_scheduler_kwargs or {}).get("min_lr_rate", 0.0),
-                )
-                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
-                self._created_lr_scheduler = True
-            return self.lr_scheduler
-
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "eval_loss" in logs:  # an evaluation: its score, for the best epoch and stopping
                 right = self._metrics["eval"].get("mean_token_accuracy") or []
@@ -496,8 +454,6 @@ def _callbacks(journal: Journal, settings: dict[str, Any]) -> list[Any]:
                 loss = logs.get("eval_loss", logs.get("loss"))
                 key = "valid_loss" if label == "valid" else "train_loss"
                 data = {"step": state.global_step, key: loss, "epoch": logs.get("epoch")}
-                if label == "train" and "learning_rate" in logs:
-                    data["learning_rate"] = logs["learning_rate"]
                 if label == "valid" and "eval_mean_token_accuracy" in logs:
                     data["valid_accuracy"] = logs["eval_mean_token_accuracy"]
                 data.update(max_steps=state.max_steps, epochs=args.num_train_epochs)
