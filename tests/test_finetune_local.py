@@ -210,32 +210,27 @@ def test_settings_fit_the_student() -> None:
     )
 
 
-def test_a_prefix_the_batch_shares_computed_once_gives_the_same_loss_and_gradients(
-    tmp_path: Path,
-) -> None:
-    """The trainer computes the tokens every row of a batch starts with (system prompt,
-    template) once and repeats their keys and values: the loss and every gradient are
-    TRL's own for the whole batch (its compute_loss is the oracle).  The prefix ends where
-    the rows differ, and before the first scored token; no saving, no prefix."""
-    import torch
+SYSTEM = "Extract the customer's name, the product and the order number as JSON."
+
+
+def first_batch(directory: Path, pairs: list[tuple[str, str]], batch_size: int) -> tuple[Any, Any]:
+    """Our trainer (TRL's SFTTrainer subclassed) on a tiny student built for these
+    (request, answer) pairs, and its first collated training batch."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
-    from distillery.curation.training.trainer import recomputing, shared_prefix, trainer_class
+    from distillery.curation.training.trainer import recomputing, trainer_class
 
-    rng = random.Random(0)
-    pairs = [task(rng, i) for i in range(32)]
-    system = "Extract the customer's name, the product and the order number as JSON."
-    model_dir = build(tmp_path / "tiny", [text for pair in pairs for text in pair] + [system])
+    model_dir = build(directory / "tiny", [text for pair in pairs for text in pair] + [SYSTEM])
     rows = [
-        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+        {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
                       {"role": "assistant", "content": answer}]}
         for user, answer in pairs
     ]  # fmt: skip
     config = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=16,
+        output_dir=str(directory / "out"),
+        per_device_train_batch_size=batch_size,
         assistant_only_loss=True,
         use_cpu=True,
         **recomputing(False),
@@ -247,11 +242,26 @@ def test_a_prefix_the_batch_shares_computed_once_gives_the_same_loss_and_gradien
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
-    loader = trainer.get_train_dataloader()
-    batch = trainer._prepare_inputs(next(iter(loader)))
+    return trainer, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_a_prefix_the_batch_shares_computed_once_gives_the_same_loss_and_gradients(
+    tmp_path: Path,
+) -> None:
+    """The trainer computes the tokens every row of a batch starts with (system prompt,
+    template) once and repeats their keys and values: the loss and every gradient are
+    TRL's own for the whole batch (its compute_loss is the oracle).  The prefix ends where
+    the rows differ, and before the first scored token; no saving, no prefix."""
+    import torch
+    from trl import SFTTrainer  # type: ignore[attr-defined]
+
+    from distillery.curation.training.trainer import shared_prefix
+
+    rng = random.Random(0)
+    trainer, batch = first_batch(tmp_path, [task(rng, i) for i in range(32)], 16)
     ids, labels = batch["input_ids"], batch["labels"]
     length = shared_prefix(batch)
-    assert length > len(system) // 8  # the system turn at least, in a few tokens a word
+    assert length > len(SYSTEM) // 8  # the system turn at least, in a few tokens a word
     assert (ids[:, :length] == ids[:1, :length]).all()
     assert not (ids[:, length] == ids[0, length]).all()  # where the users' texts differ
     assert (labels[:, : length + 1] == -100).all()
@@ -292,11 +302,9 @@ def test_a_batch_in_parts_of_similar_length_gives_the_same_loss_gradients_and_me
     for the whole batch in one call (its compute_loss is the oracle), whether the trainer
     passes the batch's token count or not, in training and in evaluation."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+    from trl import SFTTrainer  # type: ignore[attr-defined]
 
-    from distillery.curation.training.trainer import length_parts, recomputing, trainer_class
+    from distillery.curation.training.trainer import length_parts
 
     rng = random.Random(1)
     pairs = [task(rng, i) for i in range(32)]
@@ -305,29 +313,7 @@ def test_a_batch_in_parts_of_similar_length_gives_the_same_loss_gradients_and_me
     pairs = [
         (user + tail if i % 3 == 0 else user, answer) for i, (user, answer) in enumerate(pairs)
     ]
-    system = "Extract the customer's name, the product and the order number as JSON."
-    texts = [text for pair in pairs for text in pair] + [system]
-    model_dir = build(tmp_path / "tiny", texts)
-    rows = [
-        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
-                      {"role": "assistant", "content": answer}]}
-        for user, answer in pairs
-    ]  # fmt: skip
-    config = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=32,
-        assistant_only_loss=True,
-        use_cpu=True,
-        **recomputing(False),
-        report_to=[],
-    )
-    trainer = trainer_class(SFTTrainer)(
-        model=str(model_dir),
-        args=config,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-    )
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer, batch = first_batch(tmp_path, pairs, 32)
     mask = batch["attention_mask"]
     parts = length_parts(batch)
     assert len(parts) >= 2
@@ -355,13 +341,24 @@ def test_a_batch_in_parts_of_similar_length_gives_the_same_loss_gradients_and_me
         return float(loss.detach()), grads, dict(trainer._metrics[mode])
 
     count = (batch["labels"][:, 1:] != -100).sum()
+    seen: list[int] = []  # the rows of each call to the model
+    embed = model.get_input_embeddings()
+    sizes = sorted(len(part) for part in parts if len(part) > 1)
+    assert len(sizes) >= 2
     for training in (True, False):
         model.train(training)
         for items in (None, count):
             want, want_grads, want_logged = run(
                 lambda m, b, **kw: trl_loss(trainer, m, b, **kw), items
             )
-            got, got_grads, got_logged = run(trainer.compute_loss, items)
+            # The model is given the parts, a call each (and a one-row call per shared prefix).
+            seen.clear()
+            hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(len(args[0])))
+            try:
+                got, got_grads, got_logged = run(trainer.compute_loss, items)
+            finally:
+                hook.remove()
+            assert sorted(rows for rows in seen if rows > 1) == sizes
             assert got == pytest.approx(want, rel=1e-5)
             assert len(got_grads) == len(want_grads)
             for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
