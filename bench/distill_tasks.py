@@ -7,8 +7,14 @@ from scratch by `distillery student create`; then, from that same student and da
 with default settings.  Every model is scored the same way, greedy decoding on
 held-out prompts that were never captured, and a table is printed:
 
-    python bench/distill_tasks.py                       # the full run (~1 h on 2 cores)
+    python bench/distill_tasks.py                       # the full run (~1.5 h on 2 cores)
     python bench/distill_tasks.py --tasks dates --calls 300 --heldout 50 --ref-epochs 8
+
+Each side trains ``--seeds`` times on the same data (seeds 0, 1, ...; the product's first
+run is `distill`, the next ones `finetune create --seed N` with its defaults) and a task's
+score and time are the means.  One run is not enough to rank two trainers that both get
+199 or 200 of 200 right: on `extract`, seed 0 gave the reference 200 and the product 199,
+seed 1 the other way round.
 
 Training uses one CPU thread for both (the trainer's default on a 2-core machine).
 """
@@ -137,18 +143,39 @@ def run_task(task: Task, args: argparse.Namespace, work: Path) -> dict[str, Any]
     student = work / "student"
     cli("student", "create", str(student), "--dataset", task.name)
 
-    started = time.time()
-    reference = reference_loop.train(student, dataset / "train.jsonl", work / "reference",
-                                     args.ref_epochs, seed=args.seed)  # fmt: skip
-    reference_seconds = time.time() - started
+    runs = []
+    for seed in range(args.seeds):
+        started = time.time()
+        reference = reference_loop.train(student, dataset / "train.jsonl",
+                                         work / f"reference-{seed}", args.ref_epochs,
+                                         seed=seed)  # fmt: skip
+        reference_seconds = time.time() - started
+        started = time.time()
+        if seed == 0:  # the product as a user runs it: `distill` with no training options
+            cli("distill", "--name", task.name, "--tag", f"app={task.name}", "--teacher",
+                "teacher", "--base-url", teacher, "--student-base", str(student),
+                "--grader", "exact", "--poll-interval", "1")  # fmt: skip
+            job = json.loads(cli("finetune", "list", "--json"))[0]
+        else:  # the same trainer and defaults on another draw (distill has no --seed)
+            job_id = cli("finetune", "create", "--dataset", f"{task.name}@1",
+                         "--backend", "local", "--base-model", str(student),
+                         "--seed", str(seed)).strip()  # fmt: skip
+            cli("finetune", "watch", job_id, "--interval", "1")
+            [job] = [j for j in json.loads(cli("finetune", "list", "--json")) if j["id"] == job_id]
+        product_seconds = time.time() - started
+        trained = json.loads((Path(job["fine_tuned_model"]) / "manifest.json").read_text())
+        runs.append({
+            "seed": seed,
+            "reference": exact(reference, task, held_out),
+            "product": exact(Path(job["fine_tuned_model"]), task, held_out),
+            "reference_s": reference_seconds,
+            "product_train_s": trained["train_seconds"],
+            "product_s": product_seconds,  # `distill` in full for seed 0, the fine-tune after
+            "epochs": f"{trained.get('best_epoch')}/{trained.get('epochs_run')}",
+        })  # fmt: skip
 
-    started = time.time()
-    cli("distill", "--name", task.name, "--tag", f"app={task.name}", "--teacher", "teacher",
-        "--base-url", teacher, "--student-base", str(student), "--grader", "exact",
-        "--poll-interval", "1")  # fmt: skip
-    distill_seconds = time.time() - started
-    job = json.loads(cli("finetune", "list", "--json"))[0]
-    trained = json.loads((Path(job["fine_tuned_model"]) / "manifest.json").read_text())
+    def mean(key: str) -> float:  # rounded, so that equal scores compare equal
+        return round(sum(run[key] for run in runs) / len(runs), 9)
 
     return {
         "task": task.name,
@@ -156,12 +183,13 @@ def run_task(task: Task, args: argparse.Namespace, work: Path) -> dict[str, Any]
         "val": manifest["counts"]["val"],
         "teacher": teacher_exact(task, teacher, held_out),
         "untrained": exact(student, task, held_out),
-        "reference": exact(reference, task, held_out),
-        "product": exact(Path(job["fine_tuned_model"]), task, held_out),
-        "reference_s": reference_seconds,
-        "product_train_s": trained["train_seconds"],
-        "distill_s": distill_seconds,
-        "epochs": f"{trained.get('best_epoch')}/{trained.get('epochs_run')}",
+        "reference": mean("reference"),
+        "product": mean("product"),
+        "reference_s": mean("reference_s"),
+        "product_train_s": mean("product_train_s"),
+        "distill_s": runs[0]["product_s"],
+        "epochs": " ".join(run["epochs"] for run in runs),
+        "runs": runs,
     }
 
 
@@ -173,7 +201,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1500, help="training calls per task")
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--ref-epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the calls and held-out prompts")
+    parser.add_argument("--seeds", type=int, default=2,
+                        help="training runs per task, seeds 0..N-1, each side; scores and "
+                             "times are their mean")  # fmt: skip
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -187,9 +218,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"\nheld-out exact match, {args.calls} calls per task, {args.heldout} held out;")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch threads 1; reference: {args.ref_epochs} epochs\n")  # fmt: skip
+          f"torch threads 1; reference: {args.ref_epochs} epochs; "
+          f"the mean of {args.seeds} training seeds each\n")  # fmt: skip
     header = ("task", "train", "val", "teacher", "untrained", "reference", "product", "ratio",
-              "ref s", "product s", "time x", "distill s", "best/ran")  # fmt: skip
+              "ref s", "product s", "time x", "distill s", "best/ran", "by seed")  # fmt: skip
     print("  ".join(f"{h:>9}" for h in header))
     for r in rows:
         ratio = r["product"] / r["reference"] if r["reference"] else float("nan")
@@ -197,7 +229,9 @@ def main() -> None:
                  f"{r['reference']:.3f}", f"{r['product']:.3f}", f"{ratio:.2f}",
                  f"{r['reference_s']:.0f}", f"{r['product_train_s']:.0f}",
                  f"{r['product_train_s'] / r['reference_s']:.2f}",
-                 f"{r['distill_s']:.0f}", r["epochs"])  # fmt: skip
+                 f"{r['distill_s']:.0f}", r["epochs"],
+                 " ".join(f"{run['reference']:.3f}/{run['product']:.3f}"
+                          for run in r["runs"]))  # fmt: skip
         print("  ".join(f"{c:>9}" for c in cells))
     # The bar (issue #26): at least the reference's score in at most 1.5x its training time.
     short = [
