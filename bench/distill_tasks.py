@@ -7,7 +7,7 @@ from scratch by `distillery student create`; then, from that same student and da
 with default settings.  Every model is scored the same way, greedy decoding on
 held-out prompts that were never captured, and a table is printed:
 
-    python bench/distill_tasks.py                       # the full run (~1.5 h on 2 cores)
+    python bench/distill_tasks.py                       # the full run (~1.7 h on 2 cores)
     python bench/distill_tasks.py --tasks dates --calls 300 --heldout 50 --ref-epochs 8
 
 Each side trains ``--seeds`` times on the same data (seeds 0, 1, ...; the product's first

@@ -51,4 +51,3 @@ def test_the_distillation_benchmark_runs_on_its_smallest_setting(tmp_path: Path)
     assert row["runs"][0]["product_train_s"] <= row["distill_s"] == row["runs"][0]["product_s"]
     for key in ("reference", "product", "reference_s", "product_train_s"):
         assert row[key] == pytest.approx(sum(run[key] for run in row["runs"]) / 2)
-    assert row["runs"][0]["product_train_s"] != row["runs"][1]["product_train_s"]
