@@ -166,6 +166,7 @@ def run_task(task: Task, args: argparse.Namespace, work: Path) -> dict[str, Any]
         trained = json.loads((Path(job["fine_tuned_model"]) / "manifest.json").read_text())
         runs.append({
             "seed": seed,
+            "product_seed": trained["settings"]["seed"],  # as the product's trainer ran it
             "reference": exact(reference, task, held_out),
             "product": exact(Path(job["fine_tuned_model"]), task, held_out),
             "reference_s": reference_seconds,

@@ -48,6 +48,7 @@ def test_the_distillation_benchmark_runs_on_its_smallest_setting(tmp_path: Path)
     # Two training seeds a side, the second product run a `finetune create --seed 1`; the
     # task's numbers are their means.
     assert [run["seed"] for run in row["runs"]] == [0, 1]
+    assert [run["product_seed"] for run in row["runs"]] == [0, 1]  # its own job each time
     assert row["runs"][0]["product_train_s"] <= row["distill_s"] == row["runs"][0]["product_s"]
     for key in ("reference", "product", "reference_s", "product_train_s"):
         assert row[key] == pytest.approx(sum(run[key] for run in row["runs"]) / 2)
