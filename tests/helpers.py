@@ -27,7 +27,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from distillery.core.config import Settings
 from distillery.proxy.app import Extension, make_app
-from distillery.proxy.http import ProxyRunner
+from distillery.proxy.http import ProxyRunner, close_loop
 from distillery.store import Store, open_store
 from distillery.store.db import create_engine
 from distillery.store.records import CaptureRecord
@@ -130,11 +130,13 @@ class ServerThread:
             self.call(runner.cleanup())
 
     def close(self) -> None:
+        if self.loop.is_closed():
+            return
         for runner in list(self.runners):
             self.stop(runner)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
-        self.loop.close()
+        close_loop(self.loop)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
